@@ -1,0 +1,124 @@
+package ingest
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"time"
+
+	"github.com/citypulse/citypulse/devices"
+)
+
+// Devices is what the gateways need of the device registry.
+type Devices interface {
+	Get(id string) (devices.Device, bool)
+	Authenticate(id, secret string) (devices.Device, bool)
+}
+
+// Config is the ingest section of the server config.
+type Config struct {
+	// MaxPast and MaxFuture bound a reading's timestamp relative to the server's clock.
+	MaxPast   time.Duration `mapstructure:"max_past" yaml:"max_past"`
+	MaxFuture time.Duration `mapstructure:"max_future" yaml:"max_future"`
+
+	MQTT     MQTTConfig     `mapstructure:"mqtt" yaml:"mqtt"`
+	External ExternalConfig `mapstructure:"external" yaml:"external"`
+	CoAP     CoAPConfig     `mapstructure:"coap" yaml:"coap"`
+}
+
+// MQTTConfig configures the embedded broker.
+type MQTTConfig struct {
+	Enabled bool   `mapstructure:"enabled" yaml:"enabled"`
+	Addr    string `mapstructure:"addr" yaml:"addr"` // TCP listen address
+	// MaxConnections bounds concurrent client connections (0: unlimited).
+	MaxConnections int `mapstructure:"max_connections" yaml:"max_connections"`
+}
+
+// ExternalConfig configures external-broker mode: CityPulse subscribes to a
+// broker the city already runs.
+type ExternalConfig struct {
+	Enabled  bool   `mapstructure:"enabled" yaml:"enabled"`
+	URL      string `mapstructure:"url" yaml:"url"` // tcp://host:1883
+	ClientID string `mapstructure:"client_id" yaml:"client_id"`
+	Username string `mapstructure:"username" yaml:"username"`
+	Password string `mapstructure:"password" yaml:"password"`
+	// Topic is the subscription; the device id is the topic level after "devices/".
+	Topic string `mapstructure:"topic" yaml:"topic"`
+	QoS   byte   `mapstructure:"qos" yaml:"qos"`
+}
+
+// CoAPConfig configures the CoAP gateway.
+type CoAPConfig struct {
+	Enabled  bool   `mapstructure:"enabled" yaml:"enabled"`
+	Addr     string `mapstructure:"addr" yaml:"addr"`           // UDP listen address
+	DTLSAddr string `mapstructure:"dtls_addr" yaml:"dtls_addr"` // DTLS-PSK listen address; empty disables DTLS
+	// AllowUnauthenticated lets plain-UDP requests in with only the device id from
+	// the path. When false (the default) a plain-UDP request must carry the
+	// device's secret as the URI query "key=<secret>"; DTLS is always authenticated.
+	AllowUnauthenticated bool `mapstructure:"allow_unauthenticated" yaml:"allow_unauthenticated"`
+}
+
+// Default returns the embedded defaults.
+func Default() Config {
+	return Config{
+		MaxPast:   7 * 24 * time.Hour,
+		MaxFuture: 10 * time.Minute,
+		MQTT:      MQTTConfig{Enabled: true, Addr: ":1883", MaxConnections: 100000},
+		External: ExternalConfig{
+			ClientID: "citypulse",
+			Topic:    "$share/citypulse/devices/+/readings",
+			QoS:      1,
+		},
+		CoAP: CoAPConfig{Enabled: true, Addr: ":5683", DTLSAddr: ":5684"},
+	}
+}
+
+// Validate checks the section; messages name the offending key.
+func (c Config) Validate() error {
+	var errs []error
+	if c.MaxPast <= 0 {
+		errs = append(errs, fmt.Errorf("ingest.max_past must be > 0, got %v", c.MaxPast))
+	}
+	if c.MaxFuture <= 0 {
+		errs = append(errs, fmt.Errorf("ingest.max_future must be > 0, got %v", c.MaxFuture))
+	}
+	if c.MQTT.Enabled {
+		errs = append(errs, checkAddr("ingest.mqtt.addr", c.MQTT.Addr))
+	}
+	if c.MQTT.MaxConnections < 0 {
+		errs = append(errs, fmt.Errorf("ingest.mqtt.max_connections must be >= 0"))
+	}
+	if c.External.Enabled {
+		u, err := url.Parse(c.External.URL)
+		if err != nil || u.Host == "" || (u.Scheme != "tcp" && u.Scheme != "mqtt" && u.Scheme != "ssl" && u.Scheme != "tls") {
+			errs = append(errs, fmt.Errorf("ingest.external.url %q: want tcp://host:port or ssl://host:port", c.External.URL))
+		}
+		if c.External.Topic == "" {
+			errs = append(errs, errors.New("ingest.external.topic must not be empty"))
+		}
+		if c.External.QoS > 1 {
+			errs = append(errs, fmt.Errorf("ingest.external.qos must be 0 or 1, got %d", c.External.QoS))
+		}
+		if c.External.ClientID == "" {
+			errs = append(errs, errors.New("ingest.external.client_id must not be empty"))
+		}
+	}
+	if c.CoAP.Enabled {
+		errs = append(errs, checkAddr("ingest.coap.addr", c.CoAP.Addr))
+		if c.CoAP.DTLSAddr != "" {
+			errs = append(errs, checkAddr("ingest.coap.dtls_addr", c.CoAP.DTLSAddr))
+		}
+	}
+	if !c.MQTT.Enabled && !c.External.Enabled && !c.CoAP.Enabled {
+		errs = append(errs, errors.New("ingest: enable at least one of ingest.mqtt, ingest.external, ingest.coap"))
+	}
+	return errors.Join(errs...)
+}
+
+func checkAddr(key, addr string) error {
+	if _, _, err := net.SplitHostPort(addr); err != nil {
+		return fmt.Errorf("%s %q: want host:port (e.g. \":1883\"): %v", key, addr, err)
+	}
+	return nil
+}

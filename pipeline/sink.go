@@ -1,0 +1,30 @@
+package pipeline
+
+import (
+	"context"
+	"errors"
+)
+
+// Batch is a group of journaled readings handed to a sink. The sink must not keep
+// Readings after Write returns: the slice is reused.
+type Batch struct {
+	Shard    int
+	Readings []Reading
+}
+
+// Sink writes batches to a store. Write returns only when the batch is durable in
+// the store, or with an error saying why not. The pipeline retries a batch (with
+// backoff) until Write succeeds, unless the error wraps ErrPermanent, in which case
+// the batch is counted as dropped by that sink and logged.
+//
+// Readings are delivered at least once: after a crash, a batch whose cursor was not
+// yet committed is written again, so Write must be idempotent for identical
+// readings (the Prometheus TSDB is: a repeated identical sample is a no-op).
+type Sink interface {
+	Name() string
+	Write(ctx context.Context, b Batch) error
+}
+
+// ErrPermanent marks a sink error that retrying cannot fix (e.g. the store rejects
+// the data itself). Wrap it: fmt.Errorf("...: %w", pipeline.ErrPermanent).
+var ErrPermanent = errors.New("permanent sink error")
