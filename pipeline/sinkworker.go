@@ -1,0 +1,222 @@
+package pipeline
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"time"
+)
+
+// sinkState is one sink's progress over all shards.
+type sinkState struct {
+	sink   Sink
+	name   string
+	policy BatchPolicy
+	cursor cursorFile
+
+	mu          sync.Mutex
+	pos         []uint64 // per shard: everything before it has been written to the sink
+	saved       []uint64 // per shard: the positions last persisted
+	written     uint64
+	batches     uint64
+	errors      uint64
+	lastErr     string
+	lastErrTime time.Time
+	lastWrite   time.Time
+	failSince   time.Time
+	lastFailLog time.Time
+}
+
+func (st *sinkState) advance(shard int, pos uint64, n int) {
+	st.mu.Lock()
+	st.pos[shard] = pos
+	st.written += uint64(n)
+	st.batches++
+	st.lastWrite = time.Now()
+	st.failSince = time.Time{}
+	st.mu.Unlock()
+}
+
+// save persists the positions if they moved.
+func (st *sinkState) save() error {
+	st.mu.Lock()
+	pos := append([]uint64(nil), st.pos...)
+	same := true
+	for i := range pos {
+		same = same && pos[i] == st.saved[i]
+	}
+	st.mu.Unlock()
+	if same {
+		return nil
+	}
+	if err := st.cursor.save(st.name, pos); err != nil {
+		return err
+	}
+	st.mu.Lock()
+	st.saved = pos
+	st.mu.Unlock()
+	return nil
+}
+
+// sinkWorker feeds one sink from one shard's journal: read from the cursor,
+// batch by the policy, write (retrying with backoff), advance the cursor.
+type sinkWorker struct {
+	p     *Pipeline
+	st    *sinkState
+	s     *shard
+	r     *journalReader
+	batch []Reading
+}
+
+func (w *sinkWorker) run(ctx context.Context, shardsDone <-chan struct{}) error {
+	defer w.r.close()
+	w.st.mu.Lock()
+	pos := w.st.pos[w.s.id]
+	w.st.mu.Unlock()
+	policy := w.st.policy
+	var age *time.Timer
+	defer func() {
+		if age != nil {
+			age.Stop()
+		}
+	}()
+	for {
+		w.batch = w.batch[:0]
+		readPos, size := pos, 0
+		var first time.Time
+		for {
+			changed := w.s.j.changed()
+			var n int
+			var err error
+			w.batch, readPos, n, err = w.r.read(readPos, w.batch, policy.MaxReadings, max(policy.MaxBytes-size, 0))
+			if err != nil {
+				w.p.log.Error("pipeline: reading the journal for a sink failed; retrying", "sink", w.st.name, "shard", w.s.id, "err", err)
+				if !sleep(ctx, time.Second) {
+					return nil
+				}
+				continue
+			}
+			size += n
+			if len(w.batch) > 0 && first.IsZero() {
+				first = time.Now()
+			}
+			if policy.Full(len(w.batch), size) {
+				break
+			}
+			caughtUp := readPos >= w.s.j.written.Load()
+			if !caughtUp {
+				continue
+			}
+			stopping := isClosed(shardsDone)
+			if len(w.batch) > 0 && (stopping || policy.Due(first, time.Now())) {
+				break
+			}
+			if stopping {
+				return nil // caught up with everything the shard will ever write
+			}
+			var due <-chan time.Time
+			if len(w.batch) > 0 {
+				if age == nil {
+					age = time.NewTimer(time.Until(first.Add(policy.MaxAge)))
+				} else {
+					age.Reset(time.Until(first.Add(policy.MaxAge)))
+				}
+				due = age.C
+			}
+			select {
+			case <-changed:
+			case <-due:
+			case <-shardsDone:
+			case <-ctx.Done():
+				return nil
+			}
+		}
+		if !w.write(ctx) {
+			return nil
+		}
+		pos = readPos
+		w.st.advance(w.s.id, pos, len(w.batch))
+		w.p.m.sinkWritten.WithLabelValues(w.st.name).Add(float64(len(w.batch)))
+		w.p.m.sinkBatches.WithLabelValues(w.st.name).Inc()
+	}
+}
+
+// write writes the batch, retrying with exponential backoff and jitter until it
+// succeeds, the sink says the error is permanent, or ctx is done (false).
+func (w *sinkWorker) write(ctx context.Context) bool {
+	backoff := w.p.cfg.RetryMin
+	for {
+		err := w.st.sink.Write(ctx, Batch{Shard: w.s.id, Readings: w.batch})
+		if err == nil {
+			return true
+		}
+		if ctx.Err() != nil {
+			return false
+		}
+		w.p.m.sinkErrors.WithLabelValues(w.st.name).Inc()
+		if errors.Is(err, ErrPermanent) {
+			w.p.m.sinkDropped.WithLabelValues(w.st.name).Add(float64(len(w.batch)))
+			w.p.log.Error("sink refused a batch permanently; its readings stay in the journal until the segment is deleted but are not retried",
+				"sink", w.st.name, "shard", w.s.id, "readings", len(w.batch), "err", err)
+			w.st.fail(err, false)
+			return true
+		}
+		if w.st.fail(err, true) {
+			w.p.log.Error(fmt.Sprintf("sink %s is failing: %v. Ingest continues and its backlog (%s) is kept in the journal and replayed when it recovers, until the journal reaches pipeline.journal_max_bytes (%s)",
+				w.st.name, err, byteSize(w.p.lagBytes(w.st)), byteSize(w.p.cfg.JournalMaxBytes)),
+				"sink", w.st.name, "failing_for", time.Since(w.st.failingSince()).Round(time.Second))
+		}
+		jitter := time.Duration(rand.Int64N(int64(backoff)/2 + 1))
+		if !sleep(ctx, backoff/2+jitter) {
+			return false
+		}
+		backoff = min(backoff*2, w.p.cfg.RetryMax)
+	}
+}
+
+// fail records an error; it reports whether it is time to log it again (every
+// 10 s at most per sink).
+func (st *sinkState) fail(err error, retrying bool) bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	now := time.Now()
+	st.errors++
+	st.lastErr = err.Error()
+	st.lastErrTime = now
+	if retrying && st.failSince.IsZero() {
+		st.failSince = now
+	}
+	if now.Sub(st.lastFailLog) < 10*time.Second {
+		return false
+	}
+	st.lastFailLog = now
+	return true
+}
+
+func (st *sinkState) failingSince() time.Time {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.failSince
+}
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+func isClosed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
