@@ -1,0 +1,55 @@
+# CityPulse. `make run` starts the server on its embedded defaults; `make test`
+# installs what the tests need (mosquitto) and runs every test, integration
+# tests included.
+
+GO          ?= go
+BIN         := bin
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+FUZZTIME    ?= 10s
+# Debian packages the integration tests start themselves (apt-get does not start services).
+APT_DEPS    := mosquitto
+
+.PHONY: all build run test test-short deps bench fuzz lint clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/citypulse ./cmd/citypulse
+
+run: build
+	./$(BIN)/citypulse serve --config configs/citypulse.yaml
+
+# deps installs the servers the integration tests run (as root, as on CI).
+deps:
+	@missing=""; for p in $(APT_DEPS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: deps
+	$(GO) test -count=1 -timeout 15m ./...
+
+# test-short skips the tests that start real servers.
+test-short:
+	$(GO) test -count=1 -short ./...
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./pipeline/ ./ingest/... ./storage/
+
+# fuzz runs every fuzz target for FUZZTIME each.
+fuzz:
+	@for pkg in $$($(GO) list ./...); do \
+		for f in $$($(GO) test -list '^Fuzz' $$pkg 2>/dev/null | grep '^Fuzz'); do \
+			echo "== $$pkg $$f"; \
+			$(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+		done; \
+	done
+
+lint:
+	@test -z "$$(gofmt -l .)" || (echo "gofmt needed:"; gofmt -l .; exit 1)
+	$(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
+
+clean:
+	rm -rf $(BIN)

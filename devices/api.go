@@ -1,0 +1,114 @@
+package devices
+
+import (
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"time"
+)
+
+// API serves the device registry over HTTP:
+//
+//	GET    /api/v1/devices        list (secrets never included)
+//	GET    /api/v1/devices/{id}   one device
+//	POST   /api/v1/devices        add: {"id","kind","district","interval":"10s","secret"}
+//	DELETE /api/v1/devices/{id}   remove
+//
+// Authorisation is the caller's (the server wraps the changing routes with the
+// admin token).
+type API struct {
+	reg *Registry
+	log *slog.Logger
+}
+
+// NewAPI returns the device API over reg.
+func NewAPI(reg *Registry, log *slog.Logger) *API {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &API{reg: reg, log: log}
+}
+
+// List handles GET /api/v1/devices.
+func (a *API) List(w http.ResponseWriter, _ *http.Request) {
+	list := a.reg.List()
+	out := make([]PublicDevice, len(list))
+	for i, d := range list {
+		out[i] = d.Public()
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"status": "success", "data": out})
+}
+
+// Get handles GET /api/v1/devices/{id}.
+func (a *API) Get(w http.ResponseWriter, r *http.Request) {
+	d, ok := a.reg.Get(r.PathValue("id"))
+	if !ok {
+		writeError(w, http.StatusNotFound, "unknown device "+r.PathValue("id"))
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"status": "success", "data": d.Public()})
+}
+
+type addRequest struct {
+	ID       string `json:"id"`
+	Kind     Kind   `json:"kind"`
+	District string `json:"district"`
+	Interval string `json:"interval"`
+	Secret   string `json:"secret"`
+}
+
+// Add handles POST /api/v1/devices.
+func (a *API) Add(w http.ResponseWriter, r *http.Request) {
+	dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
+	dec.DisallowUnknownFields()
+	var req addRequest
+	if err := dec.Decode(&req); err != nil {
+		writeError(w, http.StatusBadRequest, "decode device: "+err.Error())
+		return
+	}
+	iv, err := time.ParseDuration(req.Interval)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "interval: want a duration such as \"10s\"")
+		return
+	}
+	d := Device{ID: req.ID, Kind: req.Kind, District: req.District, Interval: iv, Secret: req.Secret}
+	switch err := a.reg.Add(d); {
+	case errors.Is(err, ErrDuplicate):
+		writeError(w, http.StatusConflict, err.Error())
+	case err != nil && d.Validate() != nil:
+		writeError(w, http.StatusBadRequest, err.Error())
+	case err != nil:
+		a.log.Error("add device", "device", d.ID, "err", err)
+		writeError(w, http.StatusInternalServerError, err.Error())
+	default:
+		a.log.Info("device added", "device", d.ID, "kind", d.Kind, "district", d.District)
+		writeJSON(w, http.StatusCreated, map[string]any{"status": "success", "data": d.Public()})
+	}
+}
+
+// Remove handles DELETE /api/v1/devices/{id}.
+func (a *API) Remove(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	switch err := a.reg.Remove(id); {
+	case errors.Is(err, ErrUnknownDevice):
+		writeError(w, http.StatusNotFound, err.Error())
+	case err != nil:
+		a.log.Error("remove device", "device", id, "err", err)
+		writeError(w, http.StatusInternalServerError, err.Error())
+	default:
+		a.log.Info("device removed", "device", id)
+		w.WriteHeader(http.StatusNoContent)
+	}
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func writeError(w http.ResponseWriter, code int, msg string) {
+	writeJSON(w, code, map[string]string{"status": "error", "error": msg})
+}
