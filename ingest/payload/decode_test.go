@@ -1,0 +1,295 @@
+package payload
+
+import (
+	"encoding/json"
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fxamacker/cbor/v2"
+	"github.com/stretchr/testify/require"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files")
+
+var testNow = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+
+const goldenDir = "../../testdata/payload"
+
+// cborFixtures are SenML CBOR inputs (RFC 8428 §6 integer labels), written to
+// testdata as .senml.cbor files with -update.
+var cborFixtures = map[string]any{
+	"base-fields.senml.cbor": []map[int]any{
+		{-2: "urn:dev:pipe-0001:", -3: 1767225600, -4: "kPa", 0: "pressure", 2: 412.5},
+		{0: "pressure", 6: 10, 2: 409},
+		{0: "leak", 4: true},
+	},
+	"state-string.senml.cbor": []map[int]any{{0: "state", 3: "flashing"}},
+}
+
+type goldenOutput struct {
+	Records []Record `json:"records"`
+	Rejects []struct {
+		Index  int    `json:"index"`
+		Reason string `json:"reason"`
+		Error  string `json:"error"`
+	} `json:"rejects"`
+	Error string `json:"error,omitempty"`
+}
+
+func formatOf(name string) Format {
+	switch {
+	case strings.HasSuffix(name, ".senml.json"):
+		return SenMLJSON
+	case strings.HasSuffix(name, ".senml.cbor"):
+		return SenMLCBOR
+	case strings.HasSuffix(name, ".plain.json"):
+		return JSON
+	}
+	return Unknown
+}
+
+func TestDecodeGolden(t *testing.T) {
+	if *update {
+		for name, v := range cborFixtures {
+			b, err := cbor.Marshal(v)
+			require.NoError(t, err)
+			require.NoError(t, os.WriteFile(filepath.Join(goldenDir, name), b, 0o644))
+		}
+	}
+	inputs, err := filepath.Glob(filepath.Join(goldenDir, "*.*.*"))
+	require.NoError(t, err)
+	n := 0
+	for _, in := range inputs {
+		f := formatOf(in)
+		if f == Unknown {
+			continue
+		}
+		n++
+		t.Run(filepath.Base(in), func(t *testing.T) {
+			b, err := os.ReadFile(in)
+			require.NoError(t, err)
+			recs, rejects, err := Decode(f, b, "pipe-0001", testNow)
+			var out goldenOutput
+			out.Records = recs
+			for _, r := range rejects {
+				out.Rejects = append(out.Rejects, struct {
+					Index  int    `json:"index"`
+					Reason string `json:"reason"`
+					Error  string `json:"error"`
+				}{r.Index, r.Reason, r.Err.Error()})
+			}
+			if err != nil {
+				out.Error = err.Error()
+			}
+			got, err := json.MarshalIndent(out, "", "  ")
+			require.NoError(t, err)
+			golden := in + ".golden"
+			if *update {
+				require.NoError(t, os.WriteFile(golden, append(got, '\n'), 0o644))
+			}
+			want, err := os.ReadFile(golden)
+			require.NoError(t, err, "run go test ./ingest/payload -update to create the golden file")
+			require.JSONEq(t, string(want), string(got))
+		})
+	}
+	require.GreaterOrEqual(t, n, 8, "golden inputs present")
+}
+
+func TestDecodeResolvesNames(t *testing.T) {
+	tests := []struct {
+		name    string
+		payload string
+		metric  string
+		reason  string
+	}{
+		{"a bare metric name", `[{"n":"pressure","v":1}]`, "pressure", ""},
+		{"a urn:dev base name of this device", `[{"bn":"urn:dev:pipe-0001:","n":"pressure","v":1}]`, "pressure", ""},
+		{"a device/ base name of this device", `[{"bn":"pipe-0001/","n":"pressure","v":1}]`, "pressure", ""},
+		{"a urn:dev name of another device is refused", `[{"n":"urn:dev:pipe-0002:pressure","v":1}]`, "", ReasonForeignDevice},
+		{"a path name of another device is refused", `[{"bn":"pipe-0002/","n":"pressure","v":1}]`, "", ReasonForeignDevice},
+		{"a record without a value is refused", `[{"n":"pressure"}]`, "", ReasonBadRecord},
+		{"an unsupported version is refused", `[{"bver":99,"n":"pressure","v":1}]`, "", ReasonBadRecord},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			recs, rejects, err := Decode(SenMLJSON, []byte(tc.payload), "pipe-0001", testNow)
+			require.NoError(t, err)
+			if tc.reason != "" {
+				require.Empty(t, recs)
+				require.Len(t, rejects, 1)
+				require.Equal(t, tc.reason, rejects[0].Reason)
+				return
+			}
+			require.Empty(t, rejects)
+			require.Len(t, recs, 1)
+			require.Equal(t, tc.metric, recs[0].Metric)
+		})
+	}
+}
+
+func TestDecodeTimes(t *testing.T) {
+	tests := []struct {
+		name    string
+		f       Format
+		payload string
+		want    time.Time
+	}{
+		{"an absent SenML time is now", SenMLJSON, `[{"n":"p","v":1}]`, testNow},
+		{"a small SenML time is relative to now", SenMLJSON, `[{"n":"p","v":1,"t":-90}]`, testNow.Add(-90 * time.Second)},
+		{"base time plus time", SenMLJSON, `[{"bt":1767225600.5,"n":"p","v":1,"t":1}]`, time.Unix(1767225601, 5e8)},
+		{"plain JSON unix seconds", JSON, `{"time":1767225600,"p":1}`, time.Unix(1767225600, 0)},
+		{"plain JSON unix milliseconds", JSON, `{"time":1767225600123,"p":1}`, time.Unix(1767225600, 123e6)},
+		{"plain JSON unix nanoseconds", JSON, `{"time":1767225600123456789,"p":1}`, time.Unix(1767225600, 123456789)},
+		{"plain JSON fractional seconds", JSON, `{"time":1767225600.25,"p":1}`, time.Unix(1767225600, 25e7)},
+		{"plain JSON RFC 3339", JSON, `{"time":"2026-01-01T00:00:01.5Z","p":1}`, time.Unix(1767225601, 5e8)},
+		{"plain JSON without time is now", JSON, `{"p":1}`, testNow},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			recs, rejects, err := Decode(tc.f, []byte(tc.payload), "pipe-0001", testNow)
+			require.NoError(t, err)
+			require.Empty(t, rejects)
+			require.Len(t, recs, 1)
+			require.Equal(t, tc.want.UnixNano(), recs[0].Time)
+		})
+	}
+}
+
+func TestDecodeRefusesUnusableMessages(t *testing.T) {
+	huge := "[" + strings.Repeat(`{"n":"p","v":1},`, MaxRecords) + `{"n":"p","v":1}]`
+	tests := []struct {
+		name    string
+		f       Format
+		payload []byte
+		reason  string
+	}{
+		{"truncated SenML JSON", SenMLJSON, []byte(`[{"n":"p","v":`), ReasonMalformed},
+		{"an empty SenML pack", SenMLJSON, []byte(`[]`), ReasonMalformed},
+		{"invalid UTF-8", SenMLJSON, []byte("[{\"n\":\"p\xff\",\"v\":1}]"), ReasonMalformed},
+		{"too many records", SenMLJSON, []byte(huge), ReasonTooManyRecords},
+		{"an oversized payload", JSON, make([]byte, MaxPayloadBytes+1), ReasonTooLarge},
+		{"garbage CBOR", SenMLCBOR, []byte{0x9f, 0xff, 0x00}, ReasonMalformed},
+		{"a plain JSON array", JSON, []byte(`[1,2]`), ReasonMalformed},
+		{"a plain JSON bad time", JSON, []byte(`{"time":"yesterday","p":1}`), ReasonMalformed},
+		{"an unknown format", Unknown, []byte(`x`), ReasonMalformed},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, _, err := Decode(tc.f, tc.payload, "pipe-0001", testNow)
+			var pe *Error
+			require.ErrorAs(t, err, &pe)
+			require.Equal(t, tc.reason, pe.Reason)
+		})
+	}
+}
+
+func TestFormatDetection(t *testing.T) {
+	require.Equal(t, SenMLJSON, FromContentType("application/senml+json"))
+	require.Equal(t, SenMLCBOR, FromContentType("Application/SenML+CBOR"))
+	require.Equal(t, JSON, FromContentType("application/json; charset=utf-8"))
+	require.Equal(t, Unknown, FromContentType("text/plain"))
+	require.Equal(t, SenMLJSON, FromCoAP(110))
+	require.Equal(t, SenMLCBOR, FromCoAP(112))
+	require.Equal(t, JSON, FromCoAP(50))
+	require.Equal(t, Unknown, FromCoAP(0))
+	require.Equal(t, SenMLJSON, Sniff([]byte(" \n[{}]")))
+	require.Equal(t, JSON, Sniff([]byte(`{"a":1}`)))
+	require.Equal(t, SenMLCBOR, Sniff([]byte{0x81, 0xa0}))
+	require.Equal(t, Unknown, Sniff(nil))
+}
+
+func fuzzSeeds(f *testing.F, suffix string) {
+	files, _ := filepath.Glob(filepath.Join(goldenDir, "*"+suffix))
+	for _, p := range files {
+		if b, err := os.ReadFile(p); err == nil {
+			f.Add(b)
+		}
+	}
+}
+
+func fuzzDecode(f *testing.F, format Format) {
+	f.Fuzz(func(t *testing.T, b []byte) {
+		recs, rejects, err := Decode(format, b, "pipe-0001", testNow)
+		if err != nil {
+			if recs != nil || rejects != nil {
+				t.Fatal("an error comes with no records")
+			}
+			return
+		}
+		if len(recs)+len(rejects) > MaxRecords {
+			t.Fatalf("%d records over the limit", len(recs)+len(rejects))
+		}
+		for _, r := range recs {
+			if r.Metric == "" {
+				t.Fatal("a record without a metric")
+			}
+		}
+	})
+}
+
+func FuzzDecodeSenMLJSON(f *testing.F) {
+	fuzzSeeds(f, ".senml.json")
+	fuzzDecode(f, SenMLJSON)
+}
+
+func FuzzDecodeSenMLCBOR(f *testing.F) {
+	fuzzSeeds(f, ".senml.cbor")
+	fuzzDecode(f, SenMLCBOR)
+}
+
+func FuzzDecodePlainJSON(f *testing.F) {
+	fuzzSeeds(f, ".plain.json")
+	fuzzDecode(f, JSON)
+}
+
+func benchDecode(b *testing.B, f Format, payload []byte) {
+	b.ReportAllocs()
+	b.SetBytes(int64(len(payload)))
+	for b.Loop() {
+		recs, _, err := Decode(f, payload, "pipe-0001", testNow)
+		if err != nil || len(recs) != 10 {
+			b.Fatal(err, len(recs))
+		}
+	}
+	b.ReportMetric(float64(b.N)*10/b.Elapsed().Seconds(), "readings/s")
+}
+
+func tenRecords() []map[string]any {
+	var recs []map[string]any
+	for i := 0; i < 10; i++ {
+		r := map[string]any{"n": "pressure", "v": 400 + i, "t": i}
+		if i == 0 {
+			r["bn"] = "urn:dev:pipe-0001:"
+			r["bt"] = 1767225600
+		}
+		recs = append(recs, r)
+	}
+	return recs
+}
+
+func BenchmarkDecodeSenMLJSON(b *testing.B) {
+	p, _ := json.Marshal(tenRecords())
+	benchDecode(b, SenMLJSON, p)
+}
+
+func BenchmarkDecodeSenMLCBOR(b *testing.B) {
+	var recs []map[int]any
+	for i := 0; i < 10; i++ {
+		recs = append(recs, map[int]any{-2: "urn:dev:pipe-0001:", -3: 1767225600, 0: "pressure", 2: 400 + i, 6: i})
+	}
+	p, _ := cbor.Marshal(recs)
+	benchDecode(b, SenMLCBOR, p)
+}
+
+func BenchmarkDecodePlainJSON(b *testing.B) {
+	m := map[string]any{"time": 1767225600}
+	for i := 0; i < 10; i++ {
+		m["m"+string(rune('a'+i))] = i
+	}
+	p, _ := json.Marshal(m)
+	benchDecode(b, JSON, p)
+}
