@@ -1,0 +1,78 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+func writeConfig(t *testing.T, s string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "c.yaml")
+	require.NoError(t, os.WriteFile(p, []byte(s), 0o600))
+	return p
+}
+
+func TestTheShippedConfigIsTheDefault(t *testing.T) {
+	c, err := loadConfig("../../configs/citypulse.yaml", nil)
+	require.NoError(t, err)
+	require.Equal(t, DefaultConfig(), c, "configs/citypulse.yaml documents the defaults: keep them equal")
+}
+
+func TestEnvironmentOverridesEveryKey(t *testing.T) {
+	t.Setenv("CITYPULSE_INGEST_MQTT_ADDR", "127.0.0.1:11883")
+	t.Setenv("CITYPULSE_PIPELINE_FSYNC_INTERVAL", "250ms")
+	t.Setenv("CITYPULSE_PIPELINE_BATCH_MAX_READINGS", "77")
+	t.Setenv("CITYPULSE_DATA_DIR", "/tmp/x")
+	c, err := loadConfig(writeConfig(t, "ingest:\n  mqtt:\n    addr: \":2883\"\n"), nil)
+	require.NoError(t, err)
+	require.Equal(t, "127.0.0.1:11883", c.Ingest.MQTT.Addr, "env beats the file")
+	require.Equal(t, 250*time.Millisecond, c.Pipeline.FsyncInterval)
+	require.Equal(t, 77, c.Pipeline.Batch.MaxReadings)
+	require.Equal(t, "/tmp/x", c.DataDir)
+}
+
+func TestFlagsBeatEnvironmentAndFile(t *testing.T) {
+	t.Setenv("CITYPULSE_HTTP_ADDR", ":9999")
+	c, err := loadConfig("", map[string]any{"http.addr": "127.0.0.1:18080"})
+	require.NoError(t, err)
+	require.Equal(t, "127.0.0.1:18080", c.HTTP.Addr)
+}
+
+func TestBadConfigIsRejectedWithTheKeyNamed(t *testing.T) {
+	tests := []struct {
+		name string
+		yaml string
+		env  map[string]string
+		want string
+	}{
+		{"an unknown key", "ingest:\n  mqtt:\n    adress: \":1\"\n", nil, "adress"},
+		{"an unknown section", "alerting:\n  x: 1\n", nil, "alerting"},
+		{"an unknown environment variable", "", map[string]string{"CITYPULSE_INGEST_MQTT_ADRESS": "x"}, "CITYPULSE_INGEST_MQTT_ADRESS"},
+		{"an invalid fsync policy", "pipeline:\n  fsync: sometimes\n", nil, "pipeline.fsync"},
+		{"a bad duration", "pipeline:\n  fsync_interval: soon\n", nil, "fsync_interval"},
+		{"a short admin token", "http:\n  admin_token: abc\n", nil, "http.admin_token"},
+		{"an address without a port", "ingest:\n  coap:\n    addr: localhost\n", nil, "ingest.coap.addr"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			_, err := loadConfig(writeConfig(t, tc.yaml), nil)
+			require.ErrorContains(t, err, tc.want)
+		})
+	}
+}
+
+func TestPrintConfigMasksSecrets(t *testing.T) {
+	c := DefaultConfig()
+	c.HTTP.AdminToken = "super-secret-admin-token"
+	var b syncBuffer
+	require.NoError(t, printConfig(&b, c))
+	require.NotContains(t, b.String(), "super-secret")
+	require.Contains(t, b.String(), "********")
+}

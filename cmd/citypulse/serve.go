@@ -1,0 +1,277 @@
+package main
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sync/errgroup"
+	"gopkg.in/yaml.v3"
+
+	"github.com/citypulse/citypulse/devices"
+	"github.com/citypulse/citypulse/ingest"
+	"github.com/citypulse/citypulse/pipeline"
+	"github.com/citypulse/citypulse/storage"
+)
+
+// runner is a component with a lifetime: it works until ctx is done.
+type runner interface {
+	Run(ctx context.Context) error
+}
+
+func newLogger(c LogConfig, w io.Writer) *slog.Logger {
+	var lvl slog.Level
+	_ = lvl.UnmarshalText([]byte(c.Level))
+	opts := &slog.HandlerOptions{Level: lvl}
+	if c.Format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// serve builds every component from cfg, runs them until ctx is done, then
+// shuts down in order: gateways stop accepting, the pipeline journals what was
+// queued and drains to the sinks, the store is closed.
+func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
+	log := newLogger(cfg.Log, logOut)
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	list, err := devices.LoadFile(cfg.Devices.File)
+	if err != nil {
+		return err
+	}
+	registry, err := devices.NewRegistry(list, filepath.Join(cfg.DataDir, "devices-overlay.json"))
+	if err != nil {
+		return err
+	}
+	db, err := storage.OpenTSDB(filepath.Join(cfg.DataDir, "tsdb"), cfg.Storage.TSDB, log.With("component", "tsdb"), reg)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	pipe, err := pipeline.New(pipeline.Options{
+		Config:     cfg.Pipeline,
+		Dir:        cfg.DataDir,
+		Sinks:      []pipeline.SinkSpec{{Sink: db}},
+		Logger:     log.With("component", "pipeline"),
+		Registerer: reg,
+	})
+	if err != nil {
+		return err
+	}
+	h := ingest.NewHandler(pipe, ingest.HandlerOptions{
+		MaxPast: cfg.Ingest.MaxPast, MaxFuture: cfg.Ingest.MaxFuture,
+		Logger: log.With("component", "ingest"), Registerer: reg,
+	})
+
+	// Gateways bind their sockets here, so a port in use fails start-up at once.
+	var gateways []runner
+	closeAll := func() {}
+	if cfg.Ingest.MQTT.Enabled {
+		b, err := ingest.NewBroker(cfg.Ingest.MQTT, registry, h, log.With("component", "mqtt"), reg)
+		if err != nil {
+			return fmt.Errorf("embedded MQTT broker: %w", err)
+		}
+		prev := closeAll
+		closeAll = func() { b.Close(); prev() }
+		gateways = append(gateways, b)
+		log.Info("embedded MQTT broker listening", "addr", b.Addr().String())
+	}
+	if cfg.Ingest.External.Enabled {
+		x, err := ingest.NewExternal(cfg.Ingest.External, registry, h, log.With("component", "external-mqtt"), reg)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("external MQTT broker: %w", err)
+		}
+		gateways = append(gateways, x)
+		log.Info("subscribing to external MQTT broker", "url", cfg.Ingest.External.URL, "topic", cfg.Ingest.External.Topic)
+	}
+	if cfg.Ingest.CoAP.Enabled {
+		c, err := ingest.NewCoAP(cfg.Ingest.CoAP, registry, h, log.With("component", "coap"), reg)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("CoAP gateway: %w", err)
+		}
+		prev := closeAll
+		closeAll = func() { c.Close(); prev() }
+		gateways = append(gateways, c)
+		attrs := []any{"udp", c.Addr().String()}
+		if d := c.DTLSAddr(); d != nil {
+			attrs = append(attrs, "dtls", d.String())
+		}
+		log.Info("CoAP gateway listening", attrs...)
+	}
+	defer closeAll()
+
+	var ready atomic.Bool
+	mux := http.NewServeMux()
+	routes(mux, cfg.HTTP, registry, db, pipe, reg, &ready, log)
+	ln, err := net.Listen("tcp", cfg.HTTP.Addr)
+	if err != nil {
+		return fmt.Errorf("http.addr %s: %w", cfg.HTTP.Addr, err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	log.Info("HTTP API listening", "addr", ln.Addr().String())
+
+	pipeCtx, stopPipe := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopPipe()
+	gwCtx, stopGateways := context.WithCancel(ctx)
+	defer stopGateways()
+
+	var pg errgroup.Group
+	pg.Go(func() error { return pipe.Run(pipeCtx) })
+
+	gg, gctx := errgroup.WithContext(gwCtx)
+	for _, g := range gateways {
+		gg.Go(func() error { return g.Run(gctx) })
+	}
+	httpErr := make(chan error, 1)
+	go func() { httpErr <- srv.Serve(ln) }()
+	ready.Store(true)
+	log.Info("citypulse is ready", "devices", registry.Len(), "data_dir", cfg.DataDir)
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down: no longer accepting readings")
+	case <-gctx.Done():
+		runErr = errors.New("a gateway stopped unexpectedly")
+	case err := <-httpErr:
+		runErr = fmt.Errorf("HTTP server: %w", err)
+	}
+	ready.Store(false)
+	stopGateways()
+	if err := gg.Wait(); err != nil {
+		runErr = errors.Join(runErr, err)
+	}
+	log.Info("gateways stopped; draining the pipeline")
+	stopPipe()
+	if err := pg.Wait(); err != nil {
+		runErr = errors.Join(runErr, fmt.Errorf("pipeline: %w", err))
+	}
+	shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = srv.Shutdown(shutCtx)
+	if err := db.Close(); err != nil {
+		runErr = errors.Join(runErr, fmt.Errorf("close store: %w", err))
+	}
+	if runErr == nil {
+		log.Info("citypulse stopped cleanly")
+	}
+	return runErr
+}
+
+// routes mounts the HTTP API.
+func routes(mux *http.ServeMux, c HTTPConfig, registry *devices.Registry, db *storage.TSDB, pipe *pipeline.Pipeline,
+	reg *prometheus.Registry, ready *atomic.Bool, log *slog.Logger) {
+	read := requireRead(c.ReadToken, c.AdminToken)
+	admin := requireAdmin(c.AdminToken)
+
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !ready.Load() {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+
+	dapi := devices.NewAPI(registry, log.With("component", "devices-api"))
+	mux.Handle("GET /api/v1/devices", read(http.HandlerFunc(dapi.List)))
+	mux.Handle("GET /api/v1/devices/{id}", read(http.HandlerFunc(dapi.Get)))
+	mux.Handle("POST /api/v1/devices", admin(http.HandlerFunc(dapi.Add)))
+	mux.Handle("DELETE /api/v1/devices/{id}", admin(http.HandlerFunc(dapi.Remove)))
+	mux.Handle("GET /api/v1/sinks", read(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]any{"status": "success", "data": pipe.Status()})
+	})))
+
+	qmux := http.NewServeMux()
+	storage.NewAPI(db, storage.APIOptions{Logger: log.With("component", "query-api")}).Register(qmux)
+	mux.Handle("/api/v1/", read(qmux))
+}
+
+// requireRead guards the read endpoints: open when no read token is set,
+// otherwise the read or the admin token ("Authorization: Bearer <token>").
+func requireRead(readToken, adminToken string) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		if readToken == "" {
+			return next
+		}
+		want := []string{readToken}
+		if adminToken != "" {
+			want = append(want, adminToken)
+		}
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if !hasToken(r, want) {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="citypulse"`)
+				http.Error(w, "missing or wrong bearer token", http.StatusUnauthorized)
+				return
+			}
+			next.ServeHTTP(w, r)
+		})
+	}
+}
+
+// requireAdmin guards changes; with no admin token configured they are disabled.
+func requireAdmin(token string) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if token == "" {
+				http.Error(w, "changes are disabled: set http.admin_token (CITYPULSE_HTTP_ADMIN_TOKEN) to enable them", http.StatusForbidden)
+				return
+			}
+			if !hasToken(r, []string{token}) {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="citypulse"`)
+				http.Error(w, "missing or wrong admin bearer token", http.StatusUnauthorized)
+				return
+			}
+			next.ServeHTTP(w, r)
+		})
+	}
+}
+
+func hasToken(r *http.Request, want []string) bool {
+	got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok {
+		return false
+	}
+	match := 0
+	for _, t := range want {
+		match |= subtle.ConstantTimeCompare([]byte(got), []byte(t))
+	}
+	return match == 1
+}
+
+// printConfig writes the effective config as YAML with secrets masked.
+func printConfig(w io.Writer, c Config) error {
+	mask := func(s *string) {
+		if *s != "" {
+			*s = "********"
+		}
+	}
+	mask(&c.HTTP.AdminToken)
+	mask(&c.HTTP.ReadToken)
+	mask(&c.Ingest.External.Password)
+	b, err := yaml.Marshal(c)
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(b)
+	return err
+}

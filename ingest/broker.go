@@ -1,0 +1,230 @@
+package ingest
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/citypulse/citypulse/ingest/payload"
+	"github.com/citypulse/citypulse/pipeline"
+)
+
+// Broker is the embedded MQTT broker (mochi-mqtt). Devices connect with
+// username = device id and password = secret, and may publish only to
+// devices/<their id>/readings; everything else is denied.
+//
+// Acknowledgement: mochi runs the OnPublish hook synchronously in the client's
+// read loop before it writes the PUBACK (server.go, processPublish), so the hook
+// blocks until the pipeline has journaled the readings: a PUBACK means durable.
+type Broker struct {
+	srv    *mqtt.Server
+	ln     net.Listener
+	log    *slog.Logger
+	m      *brokerMetrics
+	h      *Handler
+	devs   Devices
+	runCtx context.Context
+	stop   context.CancelFunc
+	once   sync.Once
+}
+
+// Time a v3.1.1 publish is held (not acknowledged) while the journal is full,
+// before the client is disconnected so that it re-sends later.
+const backpressureHold = 30 * time.Second
+
+type brokerMetrics struct {
+	connects *prometheus.CounterVec
+	messages *prometheus.CounterVec
+	clients  prometheus.GaugeFunc
+}
+
+// NewBroker builds the broker and binds its TCP listener on cfg.Addr (so a port
+// in use fails here, and Addr is known); it starts no goroutines.
+func NewBroker(cfg MQTTConfig, devs Devices, h *Handler, log *slog.Logger, reg prometheus.Registerer) (*Broker, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	caps := mqtt.NewDefaultServerCapabilities()
+	caps.MaximumPacketSize = payload.MaxPayloadBytes + 4096
+	caps.MaximumQos = 1
+	caps.RetainAvailable = 0
+	if cfg.MaxConnections > 0 {
+		caps.MaximumClients = int64(cfg.MaxConnections)
+	}
+	srv := mqtt.New(&mqtt.Options{Capabilities: caps, Logger: log, InlineClient: false})
+	ctx, cancel := context.WithCancel(context.Background())
+	b := &Broker{srv: srv, log: log, h: h, devs: devs, runCtx: ctx, stop: cancel}
+	b.m = &brokerMetrics{
+		connects: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "citypulse_mqtt_connects_total", Help: "MQTT connection attempts to the embedded broker, by result."}, []string{"result"}),
+		messages: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "citypulse_mqtt_messages_total", Help: "MQTT publishes handled by the embedded broker, by result."}, []string{"result"}),
+		clients: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "citypulse_mqtt_clients", Help: "Clients connected to the embedded broker."},
+			func() float64 { return float64(srv.Clients.Len()) }),
+	}
+	if reg != nil {
+		reg.MustRegister(b.m.connects, b.m.messages, b.m.clients)
+	}
+	if err := srv.AddHook(&brokerHook{b: b}, nil); err != nil {
+		cancel()
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", cfg.Addr)
+	if err != nil {
+		cancel()
+		return nil, fmt.Errorf("ingest.mqtt.addr %s: %w", cfg.Addr, err)
+	}
+	b.ln = ln
+	if err := srv.AddListener(listeners.NewNet("mqtt", ln)); err != nil {
+		ln.Close()
+		cancel()
+		return nil, err
+	}
+	return b, nil
+}
+
+// Addr returns the bound address.
+func (b *Broker) Addr() net.Addr { return b.ln.Addr() }
+
+// Run serves until ctx is done, then disconnects every client and stops.
+func (b *Broker) Run(ctx context.Context) error {
+	if err := b.srv.Serve(); err != nil {
+		return fmt.Errorf("start MQTT broker: %w", err)
+	}
+	<-ctx.Done()
+	return b.Close()
+}
+
+// Close stops the broker; it is idempotent.
+func (b *Broker) Close() error {
+	var err error
+	b.once.Do(func() {
+		b.stop() // releases publishes held by backpressure
+		err = b.srv.Close()
+	})
+	return err
+}
+
+// brokerHook authenticates devices, enforces the topic ACL and hands readings
+// to the Handler.
+type brokerHook struct {
+	mqtt.HookBase
+	b *Broker
+}
+
+func (hk *brokerHook) ID() string { return "citypulse-devices" }
+
+func (hk *brokerHook) Provides(b byte) bool {
+	return bytes.Contains([]byte{mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnPublish}, []byte{b})
+}
+
+// OnConnectAuthenticate: username = device id, password = secret; no anonymous access.
+func (hk *brokerHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	id := string(pk.Connect.Username)
+	if id == "" {
+		hk.b.m.connects.WithLabelValues("anonymous").Inc()
+		hk.b.h.Reject(ReasonUnauthorized, 1, "transport", "mqtt", "remote", cl.Net.Remote, "err", "anonymous connect refused")
+		return false
+	}
+	if _, known := hk.b.devs.Get(id); !known {
+		hk.b.m.connects.WithLabelValues("unknown_device").Inc()
+		hk.b.h.Reject(ReasonUnknownDevice, 1, "transport", "mqtt", "device", id, "remote", cl.Net.Remote)
+		return false
+	}
+	if _, ok := hk.b.devs.Authenticate(id, string(pk.Connect.Password)); !ok {
+		hk.b.m.connects.WithLabelValues("bad_credentials").Inc()
+		hk.b.h.Reject(ReasonUnauthorized, 1, "transport", "mqtt", "device", id, "remote", cl.Net.Remote, "err", "wrong password")
+		return false
+	}
+	hk.b.m.connects.WithLabelValues("ok").Inc()
+	return true
+}
+
+// OnACLCheck lets a device publish to devices/<its id>/readings and nothing else.
+func (hk *brokerHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
+	if write && topic == "devices/"+string(cl.Properties.Username)+"/readings" {
+		return true
+	}
+	hk.b.m.messages.WithLabelValues("forbidden").Inc()
+	what := "subscribe to"
+	if write {
+		what = "publish to"
+	}
+	hk.b.h.Reject(ReasonForbidden, 1, "transport", "mqtt", "device", string(cl.Properties.Username),
+		"err", fmt.Sprintf("a device may not %s %q", what, topic))
+	return false
+}
+
+// OnPublish journals the readings before mochi writes the PUBACK.
+func (hk *brokerHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	b := hk.b
+	id := string(cl.Properties.Username)
+	dev, ok := b.devs.Get(id)
+	if !ok || !strings.HasPrefix(pk.TopicName, "devices/"+id+"/") {
+		// Removed since it connected: refuse and drop the connection.
+		b.h.Reject(ReasonUnknownDevice, 1, "transport", "mqtt", "device", id)
+		b.m.messages.WithLabelValues("unknown_device").Inc()
+		_ = b.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
+		return pk, packets.ErrRejectPacket
+	}
+	format := payload.FromContentType(pk.Properties.ContentType)
+	v5 := cl.Properties.ProtocolVersion == 5
+	deadline := time.Now().Add(backpressureHold)
+	wait := 10 * time.Millisecond
+	for {
+		_, err := b.h.Handle(b.runCtx, dev, format, pk.Payload)
+		var pe *payload.Error
+		switch {
+		case err == nil:
+			b.m.messages.WithLabelValues("accepted").Inc()
+			// Acknowledged; readings are not forwarded to MQTT subscribers (the
+			// query API and sinks are the way out), which keeps device data private.
+			return pk, packets.CodeSuccessIgnore
+		case errors.As(err, &pe):
+			b.m.messages.WithLabelValues("bad_payload").Inc()
+			if v5 && pk.FixedHeader.Qos > 0 {
+				return pk, packets.ErrPayloadFormatInvalid // negative PUBACK 0x99
+			}
+			// v3.1.1 has no negative PUBACK: acknowledge (re-sending a malformed
+			// message helps no one); the reject is counted and logged.
+			return pk, packets.CodeSuccessIgnore
+		case errors.Is(err, pipeline.ErrBackpressure):
+			b.m.messages.WithLabelValues("backpressure").Inc()
+			if v5 && pk.FixedHeader.Qos > 0 {
+				return pk, packets.ErrQuotaExceeded // negative PUBACK 0x97: the client retries
+			}
+			if pk.FixedHeader.Qos > 0 && time.Now().Before(deadline) && b.runCtx.Err() == nil {
+				// v3.1.1: the only signal is not to acknowledge. Hold the PUBACK
+				// (this blocks only this client's reader: TCP backpressure) and retry.
+				time.Sleep(wait)
+				wait = min(wait*2, time.Second)
+				continue
+			}
+			return pk, hk.reject(cl)
+		default:
+			// Shutting down (ErrClosed or the context): not acknowledged, so the
+			// device re-sends after reconnecting.
+			b.m.messages.WithLabelValues("not_acknowledged").Inc()
+			return pk, hk.reject(cl)
+		}
+	}
+}
+
+// reject drops the packet without acknowledgement and disconnects the client,
+// so that it re-sends the message when it reconnects.
+func (hk *brokerHook) reject(cl *mqtt.Client) error {
+	_ = hk.b.srv.DisconnectClient(cl, packets.ErrServerBusy)
+	return packets.ErrRejectPacket
+}
