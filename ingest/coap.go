@@ -112,6 +112,7 @@ func NewCoAP(cfg CoAPConfig, devs Devices, h *Handler, log *slog.Logger, reg pro
 		options.WithErrors(func(err error) { log.Debug("coap", "err", err) }))
 	if s.dtlsL != nil {
 		s.dtlsS = dtls.NewServer(options.WithMux(router), options.WithMaxMessageSize(payload.MaxPayloadBytes+1024),
+			options.WithDTLSHandshakeTimeout(10*time.Second),
 			options.WithErrors(func(err error) { log.Debug("coap-dtls", "err", err) }))
 	}
 	return s, nil
