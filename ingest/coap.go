@@ -50,6 +50,8 @@ type CoAPServer struct {
 	runCtx context.Context
 	cancel context.CancelFunc
 	once   sync.Once
+	// runners are go-coap's periodic checks, owned by this server.
+	runners sync.WaitGroup
 }
 
 // Max-Age (seconds) sent with 5.03 under backpressure: when to retry.
@@ -85,20 +87,20 @@ func NewCoAP(cfg CoAPConfig, devs Devices, h *Handler, log *slog.Logger, reg pro
 	}
 	s.udpL = l
 	if cfg.DTLSAddr != "" {
-		dl, err := coapnet.NewDTLSListener("udp", cfg.DTLSAddr, &piondtls.Config{
-			PSK: func(identity []byte) ([]byte, error) {
+		dl, err := coapnet.NewDTLSListener("udp", cfg.DTLSAddr, coapnet.NewDTLSServerOptions(
+			piondtls.WithPSK(func(identity []byte) ([]byte, error) {
 				d, ok := devs.Get(string(identity))
 				if !ok {
 					h.Reject(ReasonUnknownDevice, 1, "transport", "coap-dtls", "identity", string(identity))
 					return nil, fmt.Errorf("unknown device %q", identity)
 				}
 				return []byte(d.Secret), nil
-			},
-			CipherSuites: []piondtls.CipherSuiteID{
+			}),
+			piondtls.WithCipherSuites(
 				piondtls.TLS_PSK_WITH_AES_128_CCM_8, // CoAP's mandatory suite (RFC 7252 §9.1.3.1)
 				piondtls.TLS_PSK_WITH_AES_128_GCM_SHA256,
-			},
-		})
+			),
+		))
 		if err != nil {
 			l.Close()
 			cancel()
@@ -106,13 +108,14 @@ func NewCoAP(cfg CoAPConfig, devs Devices, h *Handler, log *slog.Logger, reg pro
 		}
 		s.dtlsL = dl
 	}
+	runner := options.WithPeriodicRunner(ownedRunner(ctx, &s.runners))
 	router := mux.NewRouter()
 	router.DefaultHandle(mux.HandlerFunc(s.serve))
-	s.udpS = udp.NewServer(options.WithMux(router), options.WithMaxMessageSize(payload.MaxPayloadBytes+1024),
+	s.udpS = udp.NewServer(options.WithMux(router), options.WithMaxMessageSize(payload.MaxPayloadBytes+1024), runner,
 		options.WithErrors(func(err error) { log.Debug("coap", "err", err) }))
 	if s.dtlsL != nil {
 		s.dtlsS = dtls.NewServer(options.WithMux(router), options.WithMaxMessageSize(payload.MaxPayloadBytes+1024),
-			options.WithDTLSHandshakeTimeout(10*time.Second),
+			options.WithDTLSHandshakeTimeout(10*time.Second), runner,
 			options.WithErrors(func(err error) { log.Debug("coap-dtls", "err", err) }))
 	}
 	return s, nil
@@ -146,6 +149,7 @@ func (s *CoAPServer) Run(ctx context.Context) error {
 	}
 	s.Close()
 	wg.Wait()
+	s.runners.Wait()
 	if err != nil && !errors.Is(err, net.ErrClosed) {
 		return fmt.Errorf("coap: %w", err)
 	}
@@ -269,6 +273,30 @@ func (s *CoAPServer) authenticate(w mux.ResponseWriter, r *mux.Message, id strin
 		return devices.Device{}, codes.Unauthorized, "missing or wrong key (URI query key=<secret>, or use DTLS)"
 	}
 	return dev, 0, ""
+}
+
+// ownedRunner replaces go-coap's default periodic runner (a goroutine that
+// sleeps 4 s between checks and so outlives Stop) with one that stops with ctx
+// and is waited for through wg.
+func ownedRunner(ctx context.Context, wg *sync.WaitGroup) func(f func(time.Time) bool) {
+	return func(f func(time.Time) bool) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			t := time.NewTicker(time.Second)
+			defer t.Stop()
+			for {
+				select {
+				case now := <-t.C:
+					if !f(now) {
+						return
+					}
+				case <-ctx.Done():
+					return
+				}
+			}
+		}()
+	}
 }
 
 // deviceOfPath returns the id of devices/<id>/readings.

@@ -19,7 +19,6 @@ type shard struct {
 
 	batch []*request
 	buf   []byte
-	seen  []Reading
 }
 
 const maxGroup = 1024 // submissions per group commit

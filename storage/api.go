@@ -374,7 +374,7 @@ func (a *API) labelNames(w http.ResponseWriter, r *http.Request) {
 
 func (a *API) labelValues(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("name")
-	if !model.LabelName(name).IsValid() {
+	if !model.UTF8Validation.IsValidLabelName(name) {
 		writeErr(w, badData(fmt.Errorf("invalid label name: %q", name)))
 		return
 	}

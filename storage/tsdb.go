@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/common/model"
 	"github.com/prometheus/prometheus/model/labels"
 	promstorage "github.com/prometheus/prometheus/storage"
 	"github.com/prometheus/prometheus/tsdb"
@@ -118,7 +119,7 @@ func (t *TSDB) Write(ctx context.Context, b pipeline.Batch) error {
 		e := cache[k]
 		if e == nil {
 			e = &seriesEntry{lset: labels.FromStrings(
-				labels.MetricName, r.Kind+"_"+r.Metric,
+				model.MetricNameLabel, r.Kind+"_"+r.Metric,
 				"device", r.Device,
 				"district", r.District,
 				"kind", r.Kind,

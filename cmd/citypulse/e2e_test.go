@@ -177,15 +177,15 @@ func TestCoAPOverUDPAndDTLS(t *testing.T) {
 		require.Equal(t, codes.BadRequest, resp.Code(), "a malformed payload is a bad request")
 	})
 
-	dtlsConfig := func(id, key string) *piondtls.Config {
-		return &piondtls.Config{
-			PSK:             func([]byte) ([]byte, error) { return []byte(key), nil },
-			PSKIdentityHint: []byte(id),
-			CipherSuites:    []piondtls.CipherSuiteID{piondtls.TLS_PSK_WITH_AES_128_CCM_8},
+	dtlsOpts := func(id, key string) []piondtls.ClientOption {
+		return []piondtls.ClientOption{
+			piondtls.WithPSK(func([]byte) ([]byte, error) { return []byte(key), nil }),
+			piondtls.WithPSKIdentityHint([]byte(id)),
+			piondtls.WithCipherSuites(piondtls.TLS_PSK_WITH_AES_128_CCM_8),
 		}
 	}
 	t.Run("DTLS-PSK with the device identity", func(t *testing.T) {
-		co, err := dtls.Dial(s.dtls, dtlsConfig("pipe-0002", "secret-pipe-0002"))
+		co, err := dtls.Dial(s.dtls, dtls.NewDTLSClientOptions(dtlsOpts("pipe-0002", "secret-pipe-0002")...))
 		require.NoError(t, err)
 		defer co.Close()
 		cborBody := mustCBOR(t, []map[int]any{{0: "pressure", 2: 277.0}})
@@ -209,7 +209,7 @@ func TestCoAPOverUDPAndDTLS(t *testing.T) {
 		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
 		require.NoError(t, err)
 		defer pc.Close()
-		conn, err := piondtls.Client(pc, raddr, dtlsConfig("pipe-0002", "not-the-key"))
+		conn, err := piondtls.ClientWithOptions(pc, raddr, dtlsOpts("pipe-0002", "not-the-key")...)
 		require.NoError(t, err)
 		defer conn.Close()
 		// A wrong PSK surfaces as a failed or timed-out handshake, never a session.
@@ -280,7 +280,7 @@ func TestExternalBrokerMode(t *testing.T) {
 // acknowledged (device, seq) is in the store.
 func TestAcknowledgedReadingsSurviveSIGKILL(t *testing.T) {
 	skipShort(t)
-	kills := 5
+	kills := 20
 	if v, err := strconv.Atoi(os.Getenv("CITYPULSE_TEST_KILLS")); err == nil {
 		kills = v
 	}

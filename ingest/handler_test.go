@@ -1,0 +1,129 @@
+package ingest
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/stretchr/testify/require"
+
+	"github.com/citypulse/citypulse/devices"
+	"github.com/citypulse/citypulse/ingest/payload"
+	"github.com/citypulse/citypulse/pipeline"
+)
+
+// recorder is a test double of the pipeline: it records submissions, can push
+// back, and can hold a submission until released.
+type recorder struct {
+	mu       sync.Mutex
+	got      []pipeline.Reading
+	calls    int
+	pushBack int           // return ErrBackpressure for this many calls
+	hold     chan struct{} // when set, Submit waits for it to be closed
+}
+
+func (r *recorder) Submit(ctx context.Context, rs []pipeline.Reading) error {
+	r.mu.Lock()
+	hold := r.hold
+	r.calls++
+	if r.pushBack > 0 {
+		r.pushBack--
+		r.mu.Unlock()
+		return fmt.Errorf("%w: test", pipeline.ErrBackpressure)
+	}
+	r.mu.Unlock()
+	if hold != nil {
+		select {
+		case <-hold:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.got = append(r.got, rs...)
+	return nil
+}
+
+func (r *recorder) readings() []pipeline.Reading {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]pipeline.Reading(nil), r.got...)
+}
+
+var now = time.Date(2026, 6, 1, 12, 0, 0, 0, time.UTC)
+
+func testRegistry(t *testing.T) *devices.Registry {
+	t.Helper()
+	r, err := devices.NewRegistry([]devices.Device{
+		{ID: "pipe-0001", Kind: devices.KindPipe, District: "gulou", Interval: 10 * time.Second, Secret: "secret-pipe-0001"},
+		{ID: "pipe-0002", Kind: devices.KindPipe, District: "xuanwu", Interval: 10 * time.Second, Secret: "secret-pipe-0002"},
+		{ID: "tl-0001", Kind: devices.KindTrafficLight, District: "gulou", Interval: 5 * time.Second, Secret: "secret-tl-0001"},
+	}, "")
+	require.NoError(t, err)
+	return r
+}
+
+func TestHandlerValidatesEveryReadingAndCountsRejects(t *testing.T) {
+	tests := []struct {
+		name     string
+		device   string
+		payload  string
+		accepted int
+		reason   string
+	}{
+		{"a valid reading is accepted", "pipe-0001", `[{"n":"pressure","v":400}]`, 1, ""},
+		{"an unknown metric is rejected", "pipe-0001", `[{"n":"voltage","v":230}]`, 0, ReasonUnknownMetric},
+		{"an out-of-range value is rejected", "pipe-0001", `[{"n":"pressure","v":-5}]`, 0, ReasonOutOfRange},
+		{"a state name maps to its index", "tl-0001", `[{"n":"state","vs":"amber"}]`, 1, ""},
+		{"an unknown state is rejected", "tl-0001", `[{"n":"state","vs":"purple"}]`, 0, ReasonBadState},
+		{"a reading from the far past is rejected", "pipe-0001", `[{"n":"pressure","v":1,"t":1000000000}]`, 0, ReasonTooOld},
+		{"a reading from the future is rejected", "pipe-0001", `[{"n":"pressure","v":1,"t":3600}]`, 0, ReasonTooNew},
+		{"a foreign name is rejected", "pipe-0001", `[{"n":"pipe-0002/pressure","v":1}]`, 0, payload.ReasonForeignDevice},
+		{"the valid rest of a message is kept", "pipe-0001", `[{"n":"pressure","v":1},{"n":"bogus","v":1},{"n":"flow","v":2}]`, 2, ReasonUnknownMetric},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			reg := prometheus.NewRegistry()
+			rec := &recorder{}
+			h := NewHandler(rec, HandlerOptions{Registerer: reg, Now: func() time.Time { return now }})
+			dev, _ := testRegistry(t).Get(tc.device)
+			res, err := h.Handle(context.Background(), dev, payload.SenMLJSON, []byte(tc.payload))
+			require.NoError(t, err)
+			require.Equal(t, tc.accepted, res.Accepted)
+			require.Len(t, rec.readings(), tc.accepted)
+			if tc.reason != "" {
+				require.Equal(t, float64(1), testutil.ToFloat64(h.m.rejected.WithLabelValues(tc.reason)))
+			}
+			for _, r := range rec.readings() {
+				require.Equal(t, dev.District, r.District)
+				require.Equal(t, string(dev.Kind), r.Kind)
+			}
+		})
+	}
+}
+
+func TestHandlerRejectsNonFiniteCBORValues(t *testing.T) {
+	rec := &recorder{}
+	h := NewHandler(rec, HandlerOptions{Now: func() time.Time { return now }})
+	dev, _ := testRegistry(t).Get("pipe-0001")
+	// [{0: "pressure", 2: NaN}] in CBOR: a float64 NaN.
+	msg := []byte{0x81, 0xa2, 0x00, 0x68, 'p', 'r', 'e', 's', 's', 'u', 'r', 'e', 0x02, 0xfb, 0x7f, 0xf8, 0, 0, 0, 0, 0, 0}
+	res, err := h.Handle(context.Background(), dev, payload.SenMLCBOR, msg)
+	require.NoError(t, err)
+	require.Zero(t, res.Accepted)
+	require.Equal(t, float64(1), testutil.ToFloat64(h.m.rejected.WithLabelValues(ReasonNotFinite)))
+}
+
+func TestHandlerReportsAnUnusableMessage(t *testing.T) {
+	h := NewHandler(&recorder{}, HandlerOptions{})
+	dev, _ := testRegistry(t).Get("pipe-0001")
+	_, err := h.Handle(context.Background(), dev, payload.Unknown, []byte("not a payload"))
+	var pe *payload.Error
+	require.ErrorAs(t, err, &pe)
+	require.Equal(t, float64(1), testutil.ToFloat64(h.m.rejected.WithLabelValues(payload.ReasonMalformed)))
+}
