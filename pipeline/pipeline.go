@@ -99,7 +99,7 @@ func New(o Options) (*Pipeline, error) {
 			o.Logger.Warn("journal recovered with damage: records after the damage were dropped",
 				"shard", i, "damaged_segments", st.Damaged, "dropped_bytes", st.DroppedBytes, "kept_records", st.Records)
 		}
-		p.shards = append(p.shards, &shard{id: i, p: p, j: j, q: make(chan *request, o.Config.QueueSize), done: make(chan struct{})})
+		p.shards = append(p.shards, &shard{id: i, p: p, j: j, q: newQueue(o.Config.QueueSize), done: make(chan struct{})})
 	}
 	names := map[string]bool{}
 	for _, s := range o.Sinks {
@@ -217,25 +217,23 @@ func (p *Pipeline) Submit(ctx context.Context, rs []Reading) error {
 	}
 	req := p.pool.Get().(*request)
 	req.rs = rs
-	select {
-	case s.q <- req:
-	default:
-		// The shard loop is behind: wait a little, then push back.
-		t := time.NewTimer(time.Second)
-		select {
-		case s.q <- req:
-			t.Stop()
-		case <-t.C:
-			p.pool.Put(req)
-			p.m.backpressure.WithLabelValues("queue_full").Inc()
-			return fmt.Errorf("%w: shard %d queue stayed full for 1s", ErrBackpressure, s.id)
-		case <-ctx.Done():
-			t.Stop()
-			p.pool.Put(req)
-			return ctx.Err()
-		case <-s.done:
-			t.Stop()
-			return ErrClosed
+	if !s.q.put(req) {
+		// The shard loop is behind: retry for a little while, then push back.
+		deadline := time.Now().Add(time.Second)
+		for !s.q.put(req) {
+			if time.Now().After(deadline) {
+				p.pool.Put(req)
+				p.m.backpressure.WithLabelValues("queue_full").Inc()
+				return fmt.Errorf("%w: shard %d queue stayed full for 1s", ErrBackpressure, s.id)
+			}
+			if ctx.Err() != nil {
+				p.pool.Put(req)
+				return ctx.Err()
+			}
+			if isClosed(s.done) {
+				return ErrClosed
+			}
+			time.Sleep(100 * time.Microsecond)
 		}
 	}
 	select {

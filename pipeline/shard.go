@@ -14,14 +14,12 @@ type shard struct {
 	id   int
 	p    *Pipeline
 	j    *journal
-	q    chan *request
+	q    *queue
 	done chan struct{} // closed when the loop has exited
 
 	batch []*request
 	buf   []byte
 }
-
-const maxGroup = 1024 // submissions per group commit
 
 func (s *shard) run(ctx context.Context) {
 	defer close(s.done)
@@ -32,25 +30,16 @@ func (s *shard) run(ctx context.Context) {
 		tick = t.C
 	}
 	for {
+		if s.takeAndCommit() {
+			continue
+		}
 		select {
-		case r := <-s.q:
-			s.batch = append(s.batch[:0], r)
-			s.collect()
-			s.commit()
+		case <-s.q.wake:
 		case <-tick:
 			s.sync()
 		case <-ctx.Done():
 			// Journal what was already queued: its submitters are waiting.
-			for {
-				select {
-				case r := <-s.q:
-					s.batch = append(s.batch[:0], r)
-					s.collect()
-					s.commit()
-					continue
-				default:
-				}
-				break
+			for s.takeAndCommit() {
 			}
 			s.sync()
 			return
@@ -58,16 +47,15 @@ func (s *shard) run(ctx context.Context) {
 	}
 }
 
-// collect takes what else is waiting, without blocking.
-func (s *shard) collect() {
-	for len(s.batch) < maxGroup {
-		select {
-		case r := <-s.q:
-			s.batch = append(s.batch, r)
-		default:
-			return
-		}
+// takeAndCommit journals every waiting submission as one group commit; it
+// reports whether there were any.
+func (s *shard) takeAndCommit() bool {
+	s.batch = s.q.take(s.batch)
+	if len(s.batch) == 0 {
+		return false
 	}
+	s.commit()
+	return true
 }
 
 func (s *shard) commit() {
@@ -101,9 +89,8 @@ func (s *shard) commit() {
 			}
 		}
 	}
-	for i, r := range s.batch {
+	for _, r := range s.batch {
 		r.done <- err
-		s.batch[i] = nil
 	}
 }
 

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/citypulse/citypulse/pipeline"
 )
 
 // TSDBConfig configures the embedded store.
@@ -18,13 +20,15 @@ type TSDBConfig struct {
 	QueryTimeout time.Duration `mapstructure:"query_timeout" yaml:"query_timeout"`
 	// QueryMaxSamples bounds the samples one query may load into memory.
 	QueryMaxSamples int `mapstructure:"query_max_samples" yaml:"query_max_samples"`
+	// Batch overrides pipeline.batch for this sink when max_readings is set.
+	Batch pipeline.BatchPolicy `mapstructure:"batch" yaml:"batch"`
 }
 
 // DefaultTSDB returns the defaults.
 func DefaultTSDB() TSDBConfig {
 	return TSDBConfig{
 		Retention:        30 * 24 * time.Hour,
-		OutOfOrderWindow: 24 * time.Hour,
+		OutOfOrderWindow: 7 * 24 * time.Hour,
 		QueryTimeout:     2 * time.Minute,
 		QueryMaxSamples:  50_000_000,
 	}
@@ -45,5 +49,17 @@ func (c TSDBConfig) Validate() error {
 	if c.QueryMaxSamples < 1000 {
 		errs = append(errs, fmt.Errorf("storage.tsdb.query_max_samples must be at least 1000, got %d", c.QueryMaxSamples))
 	}
+	if c.Batch != (pipeline.BatchPolicy{}) {
+		errs = append(errs, c.Batch.Validate("storage.tsdb.batch"))
+	}
 	return errors.Join(errs...)
+}
+
+// BatchPolicy returns the sink's own batch policy, or nil to use the pipeline's.
+func (c TSDBConfig) BatchPolicy() *pipeline.BatchPolicy {
+	if c.Batch == (pipeline.BatchPolicy{}) {
+		return nil
+	}
+	b := c.Batch
+	return &b
 }

@@ -185,8 +185,8 @@ func TestLateReadingsWithinTheWindowAreKeptAndOlderOnesCounted(t *testing.T) {
 	ctx := context.Background()
 	require.NoError(t, db.Write(ctx, pipeline.Batch{Readings: []pipeline.Reading{rd("pipe-0001", "gulou", "pipe", "pressure", 1, t0)}}))
 	late := pipeline.Batch{Readings: []pipeline.Reading{
-		rd("pipe-0001", "gulou", "pipe", "pressure", 2, t0.Add(-time.Hour)),      // within the 24h window
-		rd("pipe-0001", "gulou", "pipe", "pressure", 3, t0.Add(-48*time.Hour)),   // beyond it
+		rd("pipe-0001", "gulou", "pipe", "pressure", 2, t0.Add(-time.Hour)),      // within the 7-day window
+		rd("pipe-0001", "gulou", "pipe", "pressure", 3, t0.Add(-200*time.Hour)),  // beyond it
 		rd("pipe-0002", "gulou", "pipe", "pressure", 4, t0.Add(-30*time.Minute)), // a new series, late
 	}}
 	require.NoError(t, db.Write(ctx, late), "a too-old sample is skipped, not a failed batch")

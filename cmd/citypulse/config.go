@@ -98,6 +98,11 @@ func (c Config) Validate() error {
 		errs = append(errs, errors.New("devices.file must not be empty"))
 	}
 	errs = append(errs, c.Ingest.Validate(), c.Pipeline.Validate(), c.Storage.TSDB.Validate())
+	if c.Ingest.MaxPast > c.Storage.TSDB.OutOfOrderWindow {
+		// Such a reading would be acknowledged, then refused by the store.
+		errs = append(errs, fmt.Errorf("ingest.max_past (%v) must not exceed storage.tsdb.out_of_order_window (%v): readings the gateways accept must be storable",
+			c.Ingest.MaxPast, c.Storage.TSDB.OutOfOrderWindow))
+	}
 	return errors.Join(errs...)
 }
 

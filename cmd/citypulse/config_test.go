@@ -56,6 +56,8 @@ func TestBadConfigIsRejectedWithTheKeyNamed(t *testing.T) {
 		{"a bad duration", "pipeline:\n  fsync_interval: soon\n", nil, "fsync_interval"},
 		{"a short admin token", "http:\n  admin_token: abc\n", nil, "http.admin_token"},
 		{"an address without a port", "ingest:\n  coap:\n    addr: localhost\n", nil, "ingest.coap.addr"},
+		{"an ingest window the store cannot hold", "ingest:\n  max_past: 400h\n", nil, "ingest.max_past"},
+		{"a bad sink batch policy", "storage:\n  tsdb:\n    batch:\n      max_readings: 10\n", nil, "storage.tsdb.batch.max_age"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -66,7 +66,7 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 	pipe, err := pipeline.New(pipeline.Options{
 		Config:     cfg.Pipeline,
 		Dir:        cfg.DataDir,
-		Sinks:      []pipeline.SinkSpec{{Sink: db}},
+		Sinks:      []pipeline.SinkSpec{{Sink: db, Batch: cfg.Storage.TSDB.BatchPolicy()}},
 		Logger:     log.With("component", "pipeline"),
 		Registerer: reg,
 	})
