@@ -34,8 +34,13 @@ test: deps
 test-short:
 	$(GO) test -count=1 -short ./...
 
+# bench runs the hot-path benchmarks (BenchmarkPipelineTSDB for 10 s: the
+# sustained figure) and prints a summary table; raw output in bench.out.
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./pipeline/ ./ingest/... ./storage/
+	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./pipeline/ ./ingest/... > bench.out
+	$(GO) test -run '^$$' -bench 'BenchmarkTSDBWrite|BenchmarkActiveSeriesHeap' -benchmem -benchtime 2s ./storage/ >> bench.out
+	$(GO) test -run '^$$' -bench 'BenchmarkPipelineTSDB' -benchmem -benchtime 10s ./storage/ >> bench.out
+	@awk -f .ci/benchtable.awk bench.out
 
 # fuzz runs every fuzz target for FUZZTIME each.
 fuzz:
