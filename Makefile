@@ -1,13 +1,17 @@
 # CityPulse. `make run` starts the server on its embedded defaults; `make test`
-# installs what the tests need (mosquitto) and runs every test, integration
+# installs what the tests need (mosquitto, VictoriaMetrics, influxd) and runs every test, integration
 # tests included.
 
 GO          ?= go
 BIN         := bin
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 FUZZTIME    ?= 10s
-# Debian packages the integration tests start themselves (apt-get does not start services).
-APT_DEPS    := mosquitto
+# Servers the integration tests start themselves (apt-get does not start services):
+# mosquitto (external-broker mode) and VictoriaMetrics (InfluxDB v2 write API) from
+# Debian, and InfluxDB 1.8.10 (also serves /api/v2/write) built with go install.
+APT_DEPS    := mosquitto victoria-metrics
+INFLUXD     := github.com/influxdata/influxdb/cmd/influxd@v1.8.10
+GOBIN       := $(shell $(GO) env GOPATH)/bin
 
 .PHONY: all build run test test-short deps bench fuzz lint clean
 
@@ -26,6 +30,8 @@ deps:
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+	@test -x $(GOBIN)/influxd || command -v influxd >/dev/null 2>&1 || \
+		(echo "installing: influxd 1.8.10 (go install, about a minute)"; GOFLAGS= $(GO) install $(INFLUXD))
 
 test: deps
 	$(GO) test -count=1 -timeout 15m ./...

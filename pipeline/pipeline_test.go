@@ -199,7 +199,11 @@ func TestAFailingSinkDelaysNeitherIngestNorOtherSinks(t *testing.T) {
 	const devices, n = 8, 2000
 	submitAll(t, r.p, devices, n, 10)
 	waitFor(t, "the healthy sink", func() bool { return len(fast.readings()) == devices*n })
-	time.Sleep(2 * time.Second) // the failing sink keeps failing for a while
+	outage := 30 * time.Second
+	if testing.Short() {
+		outage = 2 * time.Second
+	}
+	time.Sleep(outage) // the failing sink keeps failing while nothing else waits for it
 	require.Empty(t, slow.readings())
 	require.Positive(t, r.p.Status()[0].LagBytes)
 	require.NotEmpty(t, r.p.Status()[0].LastError)
@@ -208,8 +212,8 @@ func TestAFailingSinkDelaysNeitherIngestNorOtherSinks(t *testing.T) {
 	slow.failing.Store(false)
 	waitFor(t, "the backlog to drain", func() bool { return len(slow.readings()) == devices*n })
 	elapsed := time.Since(t0)
-	t.Logf("backlog of %d readings drained in %v (%.0f readings/s, including the retry backoff)",
-		devices*n, elapsed.Round(time.Millisecond), float64(devices*n)/elapsed.Seconds())
+	t.Logf("sink failed for %v; its backlog of %d readings drained in %v (%.0f readings/s, including the retry backoff)",
+		outage, devices*n, elapsed.Round(time.Millisecond), float64(devices*n)/elapsed.Seconds())
 	r.stop(t)
 	requireAllInOrder(t, slow.readings(), devices, n)
 	requireAllInOrder(t, fast.readings(), devices, n)

@@ -344,7 +344,7 @@ func TestAcknowledgedReadingsSurviveSIGKILL(t *testing.T) {
 		}
 	}
 	// Final run: everything acknowledged must be queryable.
-	lost, dup := 0, 0
+	lost, dup, unexpectedTotal := 0, 0, 0
 	for _, d := range devs {
 		want := acked[d]
 		var times map[int]int
@@ -385,10 +385,12 @@ func TestAcknowledgedReadingsSurviveSIGKILL(t *testing.T) {
 				unexpected++
 			}
 		}
-		require.Zero(t, unexpected, "%s: readings that were never sent", d)
+		unexpectedTotal += unexpected
 	}
-	t.Logf("SIGKILL test: %d kills, %d acknowledged readings, lost %d, duplicated %d", kills, total.Load(), lost, dup)
-	require.Zero(t, lost)
+	t.Logf("SIGKILL test: %d kills, %d acknowledged readings: lost %d, duplicated %d, unexpected %d (the TSDB stores a replayed identical sample once, so duplicates cannot show here)",
+		kills, total.Load(), lost, dup, unexpectedTotal)
+	require.Zero(t, lost, "acknowledged readings lost")
+	require.Zero(t, unexpectedTotal, "readings in the store that were never sent")
 	s.stop()
 }
 

@@ -63,10 +63,21 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 		return err
 	}
 	defer db.Close()
+	sinks := []pipeline.SinkSpec{{Sink: db, Batch: cfg.Storage.TSDB.BatchPolicy()}}
+	if cfg.Storage.Influx.Enabled {
+		ix, err := storage.OpenInflux(cfg.Storage.Influx, filepath.Join(cfg.DataDir, "deadletter", "influx.lp"),
+			log.With("component", "influx"), reg)
+		if err != nil {
+			return err
+		}
+		defer ix.Close()
+		sinks = append(sinks, pipeline.SinkSpec{Sink: ix, Batch: &cfg.Storage.Influx.Batch})
+		log.Info("writing to an InfluxDB-compatible store", "url", cfg.Storage.Influx.URL, "bucket", cfg.Storage.Influx.Bucket)
+	}
 	pipe, err := pipeline.New(pipeline.Options{
 		Config:     cfg.Pipeline,
 		Dir:        cfg.DataDir,
-		Sinks:      []pipeline.SinkSpec{{Sink: db, Batch: cfg.Storage.TSDB.BatchPolicy()}},
+		Sinks:      sinks,
 		Logger:     log.With("component", "pipeline"),
 		Registerer: reg,
 	})
@@ -268,6 +279,7 @@ func printConfig(w io.Writer, c Config) error {
 	mask(&c.HTTP.AdminToken)
 	mask(&c.HTTP.ReadToken)
 	mask(&c.Ingest.External.Password)
+	mask(&c.Storage.Influx.Token)
 	b, err := yaml.Marshal(c)
 	if err != nil {
 		return err

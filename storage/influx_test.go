@@ -1,0 +1,116 @@
+package storage
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/citypulse/citypulse/pipeline"
+)
+
+func TestLineProtocolGroupsADevicesReadingsAtOneTime(t *testing.T) {
+	rs := []pipeline.Reading{
+		rd("pipe-0001", "gulou", "pipe", "pressure", 412.5, t0),
+		rd("pipe-0001", "gulou", "pipe", "flow", 33, t0),
+		rd("pipe-0001", "gulou", "pipe", "pressure", 409, t0.Add(time.Second)),
+		rd("tl-0001", "my district", "traffic_light", "state", 3, t0),
+		rd("tl-0001", "my district", "traffic_light", "state", 2, t0), // same metric twice: a new line
+	}
+	require.Equal(t, []string{
+		"pipe,device=pipe-0001,district=gulou pressure=412.5,flow=33 1767225600000000000",
+		"pipe,device=pipe-0001,district=gulou pressure=409 1767225601000000000",
+		`traffic_light,device=tl-0001,district=my\ district state=3 1767225600000000000`,
+		`traffic_light,device=tl-0001,district=my\ district state=2 1767225600000000000`,
+	}, appendLines(nil, rs))
+}
+
+// fakeWriteAPI answers /api/v2/write: lines containing "bad" make the whole
+// request fail with 400 (as InfluxDB does for a type conflict), and the first
+// `throttle` requests get 429 with Retry-After.
+type fakeWriteAPI struct {
+	mu       sync.Mutex
+	lines    []string
+	requests int
+	throttle int
+}
+
+func (f *fakeWriteAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	b, _ := io.ReadAll(r.Body)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.requests++
+	if f.throttle > 0 {
+		f.throttle--
+		w.Header().Set("Retry-After", "7")
+		w.WriteHeader(http.StatusTooManyRequests)
+		return
+	}
+	if strings.Contains(string(b), "bad") {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusBadRequest)
+		_, _ = w.Write([]byte(`{"code":"invalid","message":"field type conflict"}`))
+		return
+	}
+	f.lines = append(f.lines, strings.Split(strings.TrimSpace(string(b)), "\n")...)
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func newTestInflux(t *testing.T, f *fakeWriteAPI) (*Influx, string) {
+	t.Helper()
+	srv := httptest.NewServer(f)
+	t.Cleanup(srv.Close)
+	cfg := DefaultInflux()
+	cfg.URL = srv.URL
+	dead := filepath.Join(t.TempDir(), "influx.lp")
+	x, err := OpenInflux(cfg, dead, nil, nil)
+	require.NoError(t, err)
+	t.Cleanup(x.Close)
+	return x, dead
+}
+
+func TestABadLineIsBisectedIntoTheDeadLetterFile(t *testing.T) {
+	f := &fakeWriteAPI{}
+	x, dead := newTestInflux(t, f)
+	var rs []pipeline.Reading
+	for i := 0; i < 16; i++ {
+		metric := "pressure"
+		if i == 11 {
+			metric = "bad"
+		}
+		rs = append(rs, rd("pipe-0001", "gulou", "pipe", metric, float64(i), t0.Add(time.Duration(i)*time.Second)))
+	}
+	require.NoError(t, x.Write(context.Background(), pipeline.Batch{Readings: rs}))
+	require.Len(t, f.lines, 15, "every good line is written")
+	b, err := os.ReadFile(dead)
+	require.NoError(t, err)
+	require.Contains(t, string(b), "pipe,device=pipe-0001,district=gulou bad=11 ")
+	require.Contains(t, string(b), "field type conflict")
+	require.LessOrEqual(t, f.requests, 1+2*4, "bisection costs O(log n) requests per bad line")
+}
+
+func TestThrottlingHonoursRetryAfterThenFails(t *testing.T) {
+	f := &fakeWriteAPI{throttle: 1}
+	x, _ := newTestInflux(t, f)
+	var slept time.Duration
+	x.sleep = func(_ context.Context, d time.Duration) bool { slept = d; return true }
+	err := x.Write(context.Background(), pipeline.Batch{Readings: fixture().Readings})
+	require.Error(t, err, "the pipeline retries the batch")
+	require.Equal(t, 7*time.Second, slept)
+	require.NoError(t, x.Write(context.Background(), pipeline.Batch{Readings: fixture().Readings}))
+}
+
+func TestInfluxConfigValidateNamesTheKey(t *testing.T) {
+	c := DefaultInflux()
+	require.NoError(t, c.Validate(), "a disabled sink needs no URL")
+	c.Enabled = true
+	require.ErrorContains(t, c.Validate(), "storage.influx.url")
+}
