@@ -54,8 +54,9 @@ type DevicesConfig struct {
 
 // StorageConfig configures the stores.
 type StorageConfig struct {
-	TSDB   storage.TSDBConfig   `mapstructure:"tsdb" yaml:"tsdb"`
-	Influx storage.InfluxConfig `mapstructure:"influx" yaml:"influx"`
+	TSDB    storage.TSDBConfig    `mapstructure:"tsdb" yaml:"tsdb"`
+	Influx  storage.InfluxConfig  `mapstructure:"influx" yaml:"influx"`
+	Archive storage.ArchiveConfig `mapstructure:"archive" yaml:"archive"`
 }
 
 // DefaultConfig returns the embedded defaults: every gateway on its standard
@@ -68,7 +69,7 @@ func DefaultConfig() Config {
 		Devices:  DevicesConfig{File: "configs/devices.yaml"},
 		Ingest:   ingest.Default(),
 		Pipeline: pipeline.Default(),
-		Storage:  StorageConfig{TSDB: storage.DefaultTSDB(), Influx: storage.DefaultInflux()},
+		Storage:  StorageConfig{TSDB: storage.DefaultTSDB(), Influx: storage.DefaultInflux(), Archive: storage.DefaultArchive()},
 	}
 }
 
@@ -98,7 +99,7 @@ func (c Config) Validate() error {
 	if c.Devices.File == "" {
 		errs = append(errs, errors.New("devices.file must not be empty"))
 	}
-	errs = append(errs, c.Ingest.Validate(), c.Pipeline.Validate(), c.Storage.TSDB.Validate(), c.Storage.Influx.Validate())
+	errs = append(errs, c.Ingest.Validate(), c.Pipeline.Validate(), c.Storage.TSDB.Validate(), c.Storage.Influx.Validate(), c.Storage.Archive.Validate())
 	if c.Ingest.MaxPast > c.Storage.TSDB.OutOfOrderWindow {
 		// Such a reading would be acknowledged, then refused by the store.
 		errs = append(errs, fmt.Errorf("ingest.max_past (%v) must not exceed storage.tsdb.out_of_order_window (%v): readings the gateways accept must be storable",

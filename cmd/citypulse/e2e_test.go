@@ -451,3 +451,24 @@ func TestDevicesCanBeAddedAtRuntimeWithTheAdminToken(t *testing.T) {
 	sort.Strings(names)
 	require.NotEmpty(t, names)
 }
+
+func TestArchiveExportThroughTheServer(t *testing.T) {
+	skipShort(t)
+	s := newServer(t, "storage:\n  archive:\n    enabled: true\n")
+	s.start()
+	defer s.stop()
+	c, err := mqttConnect(s.mqtt, "pipe-0001", "secret-pipe-0001", false)
+	require.NoError(t, err)
+	publish(t, c, "devices/pipe-0001/readings", 1, []byte(`[{"n":"pressure","v":433.5,"t":-60}]`))
+	c.Disconnect(100)
+	eventually(t, 10*time.Second, func() error {
+		body := get(t, "http://"+s.http+"/api/v1/export?kind=pipe&format=csv")
+		if !strings.Contains(body, ",pipe-0001,gulou,pressure,433.5,kPa,") {
+			return fmt.Errorf("export: %q", body)
+		}
+		return nil
+	})
+	coarse := get(t, "http://"+s.http+"/api/v1/export?kind=pipe&format=csv&coarsen=district")
+	require.Contains(t, coarse, ",gulou,pressure,433.5,433.5,433.5,1")
+	require.NotContains(t, coarse, "pipe-0001")
+}

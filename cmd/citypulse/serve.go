@@ -74,6 +74,15 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 		sinks = append(sinks, pipeline.SinkSpec{Sink: ix, Batch: &cfg.Storage.Influx.Batch})
 		log.Info("writing to an InfluxDB-compatible store", "url", cfg.Storage.Influx.URL, "bucket", cfg.Storage.Influx.Bucket)
 	}
+	var archive *storage.Archive
+	if cfg.Storage.Archive.Enabled {
+		archive, err = storage.OpenArchive(filepath.Join(cfg.DataDir, "archive"), cfg.Storage.Archive, log.With("component", "archive"), reg)
+		if err != nil {
+			return err
+		}
+		defer archive.Close()
+		sinks = append(sinks, pipeline.SinkSpec{Sink: archive, Batch: &cfg.Storage.Archive.Batch})
+	}
 	pipe, err := pipeline.New(pipeline.Options{
 		Config:     cfg.Pipeline,
 		Dir:        cfg.DataDir,
@@ -130,7 +139,7 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 
 	var ready atomic.Bool
 	mux := http.NewServeMux()
-	routes(mux, cfg.HTTP, registry, db, pipe, reg, &ready, log)
+	routes(mux, cfg.HTTP, registry, db, archive, pipe, reg, &ready, log)
 	ln, err := net.Listen("tcp", cfg.HTTP.Addr)
 	if err != nil {
 		return fmt.Errorf("http.addr %s: %w", cfg.HTTP.Addr, err)
@@ -180,6 +189,11 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 	if err := db.Close(); err != nil {
 		runErr = errors.Join(runErr, fmt.Errorf("close store: %w", err))
 	}
+	if archive != nil {
+		if err := archive.Close(); err != nil {
+			runErr = errors.Join(runErr, fmt.Errorf("close archive: %w", err))
+		}
+	}
 	if runErr == nil {
 		log.Info("citypulse stopped cleanly")
 	}
@@ -187,7 +201,7 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 }
 
 // routes mounts the HTTP API.
-func routes(mux *http.ServeMux, c HTTPConfig, registry *devices.Registry, db *storage.TSDB, pipe *pipeline.Pipeline,
+func routes(mux *http.ServeMux, c HTTPConfig, registry *devices.Registry, db *storage.TSDB, archive *storage.Archive, pipe *pipeline.Pipeline,
 	reg *prometheus.Registry, ready *atomic.Bool, log *slog.Logger) {
 	read := requireRead(c.ReadToken, c.AdminToken)
 	admin := requireAdmin(c.AdminToken)
@@ -212,6 +226,13 @@ func routes(mux *http.ServeMux, c HTTPConfig, registry *devices.Registry, db *st
 		_ = json.NewEncoder(w).Encode(map[string]any{"status": "success", "data": pipe.Status()})
 	})))
 
+	if archive != nil {
+		mux.Handle("GET /api/v1/export", read(archive.ExportHandler()))
+	} else {
+		mux.Handle("GET /api/v1/export", read(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+			http.Error(w, "the archive is off: set storage.archive.enabled", http.StatusNotFound)
+		})))
+	}
 	qmux := http.NewServeMux()
 	storage.NewAPI(db, storage.APIOptions{Logger: log.With("component", "query-api")}).Register(qmux)
 	mux.Handle("/api/v1/", read(qmux))
