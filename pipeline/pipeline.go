@@ -23,6 +23,16 @@ type Observer interface {
 	Observe(shard int, rs []Reading)
 }
 
+// Observers fans readings out to several observers, in order.
+type Observers []Observer
+
+// Observe calls every observer.
+func (os Observers) Observe(shard int, rs []Reading) {
+	for _, o := range os {
+		o.Observe(shard, rs)
+	}
+}
+
 // SinkSpec is a sink and its batch policy.
 type SinkSpec struct {
 	Sink Sink
@@ -191,7 +201,7 @@ func shardOf(device string, n int) int {
 	return int(h % uint32(n))
 }
 
-// Submit journals the readings of one device and returns when they are durable
+// Submit journals the readings of one device (one kind, one district) and returns when they are durable
 // by the fsync policy: then, and only then, may the device be acknowledged. It
 // returns ErrBackpressure (wrapped) when the journal is at its bound or cannot
 // be written, ErrClosed when the pipeline is stopping, or ctx's error. rs may be
@@ -200,10 +210,13 @@ func (p *Pipeline) Submit(ctx context.Context, rs []Reading) error {
 	if len(rs) == 0 {
 		return nil
 	}
-	dev := rs[0].Device
+	// A journal record stores device, kind and district once: a submission is
+	// the readings of one device in one district.
+	dev, kind, district := rs[0].Device, rs[0].Kind, rs[0].District
 	for i := 1; i < len(rs); i++ {
-		if rs[i].Device != dev {
-			return fmt.Errorf("pipeline: a submission must hold one device's readings (got %s and %s)", dev, rs[i].Device)
+		if rs[i].Device != dev || rs[i].Kind != kind || rs[i].District != district {
+			return fmt.Errorf("pipeline: a submission must hold one device's readings with one kind and district (got %s/%s/%s and %s/%s/%s)",
+				dev, kind, district, rs[i].Device, rs[i].Kind, rs[i].District)
 		}
 	}
 	if p.closing.Load() {

@@ -262,6 +262,10 @@ func TestSubmitRejectsMixedDevices(t *testing.T) {
 	defer r.stop(t)
 	err := r.p.Submit(context.Background(), []Reading{reading("pipe-0001", 1), reading("pipe-0002", 1)})
 	require.ErrorContains(t, err, "one device")
+	other := reading("pipe-0001", 2)
+	other.District = "xuanwu"
+	err = r.p.Submit(context.Background(), []Reading{reading("pipe-0001", 1), other})
+	require.ErrorContains(t, err, "one kind and district", "the record format stores the district once")
 }
 
 func TestChangingTheShardCountIsRefused(t *testing.T) {

@@ -118,12 +118,7 @@ func (t *TSDB) Write(ctx context.Context, b pipeline.Batch) error {
 		k := seriesKey{r.Device, r.District, r.Metric}
 		e := cache[k]
 		if e == nil {
-			e = &seriesEntry{lset: labels.FromStrings(
-				model.MetricNameLabel, r.Kind+"_"+r.Metric,
-				"device", r.Device,
-				"district", r.District,
-				"kind", r.Kind,
-			)}
+			e = &seriesEntry{lset: seriesLabels(r)}
 			cache[k] = e
 		}
 		ref, err := app.Append(e.ref, e.lset, r.Time/int64(time.Millisecond), r.Value)
@@ -146,6 +141,20 @@ func (t *TSDB) Write(ctx context.Context, b pipeline.Batch) error {
 	}
 	t.m.appended.Add(float64(appended))
 	return nil
+}
+
+// seriesLabels names a reading's series: <kind>_<metric>{device, district,
+// kind}, or for a city roll-up (kind "city") city_<name>{district}.
+func seriesLabels(r *pipeline.Reading) labels.Labels {
+	if r.Kind == "city" {
+		return labels.FromStrings(model.MetricNameLabel, "city_"+r.Metric, "district", r.District)
+	}
+	return labels.FromStrings(
+		model.MetricNameLabel, r.Kind+"_"+r.Metric,
+		"device", r.Device,
+		"district", r.District,
+		"kind", r.Kind,
+	)
 }
 
 // Close flushes and closes the store; it is idempotent.

@@ -14,6 +14,7 @@ import (
 
 	"github.com/citypulse/citypulse/ingest"
 	"github.com/citypulse/citypulse/pipeline"
+	"github.com/citypulse/citypulse/rules"
 	"github.com/citypulse/citypulse/storage"
 )
 
@@ -21,13 +22,14 @@ import (
 // its own defaults and Validate.
 type Config struct {
 	// DataDir holds the journal, the embedded store and runtime state.
-	DataDir  string          `mapstructure:"data_dir" yaml:"data_dir"`
-	Log      LogConfig       `mapstructure:"log" yaml:"log"`
-	HTTP     HTTPConfig      `mapstructure:"http" yaml:"http"`
-	Devices  DevicesConfig   `mapstructure:"devices" yaml:"devices"`
-	Ingest   ingest.Config   `mapstructure:"ingest" yaml:"ingest"`
-	Pipeline pipeline.Config `mapstructure:"pipeline" yaml:"pipeline"`
-	Storage  StorageConfig   `mapstructure:"storage" yaml:"storage"`
+	DataDir  string             `mapstructure:"data_dir" yaml:"data_dir"`
+	Log      LogConfig          `mapstructure:"log" yaml:"log"`
+	HTTP     HTTPConfig         `mapstructure:"http" yaml:"http"`
+	Devices  DevicesConfig      `mapstructure:"devices" yaml:"devices"`
+	Ingest   ingest.Config      `mapstructure:"ingest" yaml:"ingest"`
+	Pipeline pipeline.Config    `mapstructure:"pipeline" yaml:"pipeline"`
+	Storage  StorageConfig      `mapstructure:"storage" yaml:"storage"`
+	Vitals   rules.VitalsConfig `mapstructure:"vitals" yaml:"vitals"`
 }
 
 // LogConfig configures the structured log.
@@ -69,6 +71,7 @@ func DefaultConfig() Config {
 		Devices:  DevicesConfig{File: "configs/devices.yaml"},
 		Ingest:   ingest.Default(),
 		Pipeline: pipeline.Default(),
+		Vitals:   rules.DefaultVitals(),
 		Storage:  StorageConfig{TSDB: storage.DefaultTSDB(), Influx: storage.DefaultInflux(), Archive: storage.DefaultArchive()},
 	}
 }
@@ -99,7 +102,7 @@ func (c Config) Validate() error {
 	if c.Devices.File == "" {
 		errs = append(errs, errors.New("devices.file must not be empty"))
 	}
-	errs = append(errs, c.Ingest.Validate(), c.Pipeline.Validate(), c.Storage.TSDB.Validate(), c.Storage.Influx.Validate(), c.Storage.Archive.Validate())
+	errs = append(errs, c.Ingest.Validate(), c.Pipeline.Validate(), c.Storage.TSDB.Validate(), c.Storage.Influx.Validate(), c.Storage.Archive.Validate(), c.Vitals.Validate())
 	if c.Ingest.MaxPast > c.Storage.TSDB.OutOfOrderWindow {
 		// Such a reading would be acknowledged, then refused by the store.
 		errs = append(errs, fmt.Errorf("ingest.max_past (%v) must not exceed storage.tsdb.out_of_order_window (%v): readings the gateways accept must be storable",

@@ -472,3 +472,29 @@ func TestArchiveExportThroughTheServer(t *testing.T) {
 	require.Contains(t, coarse, ",gulou,pressure,433.5,433.5,433.5,1")
 	require.NotContains(t, coarse, "pipe-0001")
 }
+
+func TestVitalSignsAreComputedAndQueryable(t *testing.T) {
+	skipShort(t)
+	s := newServer(t, "vitals:\n  interval: 1s\n")
+	s.start()
+	defer s.stop()
+	for dev, p := range map[string]float64{"pipe-0001": 420, "pipe-0002": 180} {
+		c, err := mqttConnect(s.mqtt, dev, "secret-"+dev, false)
+		require.NoError(t, err)
+		publish(t, c, "devices/"+dev+"/readings", 1, fmt.Appendf(nil, `{"pressure":%g}`, p))
+		c.Disconnect(100)
+	}
+	eventually(t, 15*time.Second, func() error {
+		v, err := latest(t, s.http, `city_pipe_pressure_min{district="city"}`)
+		if err == nil && v != 180 {
+			err = fmt.Errorf("city-wide minimum pressure %v, want 180", v)
+		}
+		return err
+	})
+	v, err := latest(t, s.http, `city_pipe_pressure_min{district="gulou"}`)
+	require.NoError(t, err)
+	require.Equal(t, 420.0, v)
+	v, err = latest(t, s.http, `city_fleet_traffic_light_silent{district="gulou"}`)
+	require.NoError(t, err)
+	require.Equal(t, 1.0, v, "tl-0001 never reported")
+}

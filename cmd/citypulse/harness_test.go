@@ -139,7 +139,8 @@ func (s *server) start() {
 	t.Helper()
 	s.cmd = exec.Command(binPath, "serve", "--config", s.cfgPath,
 		"--mqtt-addr", s.mqtt, "--coap-addr", s.coap, "--dtls-addr", s.dtls, "--http-addr", s.http)
-	s.cmd.Env = append(os.Environ(), s.extraEnv...)
+	vitals, _ := filepath.Abs("../../configs/vitals.yaml")
+	s.cmd.Env = append(append(os.Environ(), "CITYPULSE_VITALS_FILE="+vitals), s.extraEnv...)
 	if s.logs == nil {
 		s.logs = &syncBuffer{}
 	}

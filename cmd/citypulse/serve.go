@@ -24,6 +24,7 @@ import (
 	"github.com/citypulse/citypulse/devices"
 	"github.com/citypulse/citypulse/ingest"
 	"github.com/citypulse/citypulse/pipeline"
+	"github.com/citypulse/citypulse/rules"
 	"github.com/citypulse/citypulse/storage"
 )
 
@@ -83,10 +84,21 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 		defer archive.Close()
 		sinks = append(sinks, pipeline.SinkSpec{Sink: archive, Batch: &cfg.Storage.Archive.Batch})
 	}
+	var observers pipeline.Observers
+	var vitals *rules.Vitals
+	if cfg.Vitals.Enabled {
+		defs, err := rules.LoadRollups(cfg.Vitals.File)
+		if err != nil {
+			return err
+		}
+		vitals = rules.NewVitals(cfg.Vitals, defs, registry, cfg.Pipeline.Shards, log.With("component", "vitals"), reg)
+		observers = append(observers, vitals)
+	}
 	pipe, err := pipeline.New(pipeline.Options{
 		Config:     cfg.Pipeline,
 		Dir:        cfg.DataDir,
 		Sinks:      sinks,
+		Observer:   observers,
 		Logger:     log.With("component", "pipeline"),
 		Registerer: reg,
 	})
@@ -99,7 +111,12 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 	})
 
 	// Gateways bind their sockets here, so a port in use fails start-up at once.
+	// The vital-sign ticker runs with them: it stops before the pipeline drains.
 	var gateways []runner
+	if vitals != nil {
+		vitals.SetSubmitter(pipe)
+		gateways = append(gateways, vitals)
+	}
 	closeAll := func() {}
 	if cfg.Ingest.MQTT.Enabled {
 		b, err := ingest.NewBroker(cfg.Ingest.MQTT, registry, h, log.With("component", "mqtt"), reg)

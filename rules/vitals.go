@@ -1,0 +1,391 @@
+package rules
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"os"
+	"regexp"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"gopkg.in/yaml.v3"
+
+	"github.com/citypulse/citypulse/devices"
+	"github.com/citypulse/citypulse/pipeline"
+)
+
+// CityKind and CityDevice mark roll-up readings: stored as
+// city_<name>{district} (district "city" is the city-wide value).
+const (
+	CityKind     = "city"
+	CityDevice   = "city"
+	CityDistrict = "city"
+)
+
+// VitalsConfig configures the vital-sign roll-ups.
+type VitalsConfig struct {
+	Enabled bool `mapstructure:"enabled" yaml:"enabled"`
+	// Interval is how often the roll-ups are computed.
+	Interval time.Duration `mapstructure:"interval" yaml:"interval"`
+	// StaleFactor: a device silent for more than StaleFactor × its declared
+	// interval is excluded from the roll-ups and counted as silent.
+	StaleFactor float64 `mapstructure:"stale_factor" yaml:"stale_factor"`
+	// File holds the roll-up definitions (configs/vitals.yaml).
+	File string `mapstructure:"file" yaml:"file"`
+}
+
+// DefaultVitals returns the defaults.
+func DefaultVitals() VitalsConfig {
+	return VitalsConfig{Enabled: true, Interval: 10 * time.Second, StaleFactor: 3, File: "configs/vitals.yaml"}
+}
+
+// Validate checks the section; messages name the key.
+func (c VitalsConfig) Validate() error {
+	if !c.Enabled {
+		return nil
+	}
+	var errs []error
+	if c.Interval < time.Second {
+		errs = append(errs, fmt.Errorf("vitals.interval must be at least 1s, got %v", c.Interval))
+	}
+	if c.StaleFactor < 1 {
+		errs = append(errs, fmt.Errorf("vitals.stale_factor must be >= 1, got %v", c.StaleFactor))
+	}
+	if c.File == "" {
+		errs = append(errs, errors.New("vitals.file must not be empty"))
+	}
+	return errors.Join(errs...)
+}
+
+// Rollup defines one vital sign: an aggregation of the latest value of one
+// metric over the reporting devices of a kind, per district and city-wide.
+type Rollup struct {
+	Name   string  `yaml:"name"` // series city_<name>
+	Kind   string  `yaml:"kind"`
+	Metric string  `yaml:"metric"`
+	Agg    string  `yaml:"agg"`   // min, max, mean, sum, count, quantile, count_eq, share_outside, max_abs_dev
+	Q      float64 `yaml:"q"`     // quantile: 0..1
+	Value  float64 `yaml:"value"` // count_eq: the value counted; max_abs_dev: the reference
+	Lo     float64 `yaml:"lo"`    // share_outside: the acceptable range
+	Hi     float64 `yaml:"hi"`
+	Help   string  `yaml:"help"`
+}
+
+var nameRE = regexp.MustCompile(`^[a-z][a-z0-9_]*$`)
+
+func (r Rollup) validate() error {
+	if !nameRE.MatchString(r.Name) {
+		return fmt.Errorf("rollup name %q: want [a-z][a-z0-9_]*", r.Name)
+	}
+	s, ok := devices.SchemaOf(devices.Kind(r.Kind))
+	if !ok {
+		return fmt.Errorf("rollup %s: unknown kind %q", r.Name, r.Kind)
+	}
+	if _, ok := s.Metric(r.Metric); !ok {
+		return fmt.Errorf("rollup %s: kind %s has no metric %q", r.Name, r.Kind, r.Metric)
+	}
+	switch r.Agg {
+	case "min", "max", "mean", "sum", "count", "count_eq", "max_abs_dev":
+	case "quantile":
+		if r.Q < 0 || r.Q > 1 {
+			return fmt.Errorf("rollup %s: q must be in [0, 1], got %v", r.Name, r.Q)
+		}
+	case "share_outside":
+		if r.Lo > r.Hi {
+			return fmt.Errorf("rollup %s: lo %v > hi %v", r.Name, r.Lo, r.Hi)
+		}
+	default:
+		return fmt.Errorf("rollup %s: unknown agg %q (want min, max, mean, sum, count, quantile, count_eq, share_outside, max_abs_dev)", r.Name, r.Agg)
+	}
+	return nil
+}
+
+// LoadRollups reads and validates the roll-up definitions.
+func LoadRollups(path string) ([]Rollup, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read vital-sign definitions: %w", err)
+	}
+	var f struct {
+		Rollups []Rollup `yaml:"rollups"`
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	if err := dec.Decode(&f); err != nil {
+		return nil, fmt.Errorf("parse %s: %w", path, err)
+	}
+	seen := map[string]bool{}
+	for i, r := range f.Rollups {
+		if err := r.validate(); err != nil {
+			return nil, fmt.Errorf("%s: rollups[%d]: %w", path, i, err)
+		}
+		if seen[r.Name] || r.Name == "fleet" {
+			return nil, fmt.Errorf("%s: rollups[%d]: name %q is used twice", path, i, r.Name)
+		}
+		seen[r.Name] = true
+	}
+	return f.Rollups, nil
+}
+
+// DeviceLister is what the roll-ups need of the registry.
+type DeviceLister interface {
+	List() []devices.Device
+}
+
+// Submitter journals readings (the pipeline).
+type Submitter interface {
+	Submit(ctx context.Context, rs []pipeline.Reading) error
+}
+
+// Vitals keeps the latest value of every series (updated by the shard loops)
+// and computes the roll-ups on an interval, submitting them back into the
+// pipeline as city_* series so that every sink and the rules see them.
+type Vitals struct {
+	cfg    VitalsConfig
+	defs   []Rollup
+	devs   DeviceLister
+	sub    Submitter
+	log    *slog.Logger
+	m      *vitalsMetrics
+	shards []*latestShard
+}
+
+type latestShard struct {
+	mu     sync.Mutex
+	series map[seriesKey]float64
+	seen   map[string]int64 // device → last received (unix ns)
+}
+
+type seriesKey struct{ device, metric string }
+
+type vitalsMetrics struct {
+	duration prometheus.Histogram
+	series   prometheus.Gauge
+	silent   prometheus.Gauge
+}
+
+// NewVitals returns the roll-up engine for a pipeline of shards shards.
+func NewVitals(cfg VitalsConfig, defs []Rollup, devs DeviceLister, shards int, log *slog.Logger, reg prometheus.Registerer) *Vitals {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	v := &Vitals{cfg: cfg, defs: defs, devs: devs, log: log, m: &vitalsMetrics{
+		duration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "citypulse_vitals_compute_duration_seconds", Help: "Time to compute all vital-sign roll-ups.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 9)}),
+		series: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "citypulse_vitals_series_tracked", Help: "Series whose latest value the roll-ups keep."}),
+		silent: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "citypulse_vitals_devices_silent", Help: "Devices silent for more than stale_factor × their interval."}),
+	}}
+	if reg != nil {
+		reg.MustRegister(v.m.duration, v.m.series, v.m.silent)
+	}
+	for i := 0; i < shards; i++ {
+		v.shards = append(v.shards, &latestShard{series: map[seriesKey]float64{}, seen: map[string]int64{}})
+	}
+	return v
+}
+
+// SetSubmitter sets where the roll-ups go (the pipeline is built after the
+// observers it calls).
+func (v *Vitals) SetSubmitter(s Submitter) { v.sub = s }
+
+// Observe records the latest values; it runs in the shard loop.
+func (v *Vitals) Observe(shard int, rs []pipeline.Reading) {
+	if len(rs) == 0 || rs[0].Kind == CityKind {
+		return
+	}
+	s := v.shards[shard%len(v.shards)]
+	s.mu.Lock()
+	for i := range rs {
+		s.series[seriesKey{rs[i].Device, rs[i].Metric}] = rs[i].Value
+		if rs[i].Received > s.seen[rs[i].Device] {
+			s.seen[rs[i].Device] = rs[i].Received
+		}
+	}
+	s.mu.Unlock()
+}
+
+// snapshot copies the latest values of the devices in want.
+func (v *Vitals) snapshot() (map[seriesKey]float64, map[string]int64) {
+	series := map[seriesKey]float64{}
+	seen := map[string]int64{}
+	for _, s := range v.shards {
+		s.mu.Lock()
+		for k, x := range s.series {
+			series[k] = x
+		}
+		for k, x := range s.seen {
+			seen[k] = x
+		}
+		s.mu.Unlock()
+	}
+	return series, seen
+}
+
+// Compute returns the roll-up readings at now.
+func (v *Vitals) Compute(now time.Time) []pipeline.Reading {
+	start := time.Now()
+	series, seen := v.snapshot()
+	v.m.series.Set(float64(len(series)))
+	type group struct{ kind, district string }
+	reporting := map[group][]devices.Device{}
+	silent := map[group]int{}
+	districts := map[string]bool{}
+	totalSilent := 0
+	for _, d := range v.devs.List() {
+		districts[d.District] = true
+		limit := int64(v.cfg.StaleFactor * float64(d.Interval))
+		for _, g := range []group{{string(d.Kind), d.District}, {string(d.Kind), CityDistrict}} {
+			if last, ok := seen[d.ID]; ok && now.UnixNano()-last <= limit {
+				reporting[g] = append(reporting[g], d)
+			} else {
+				silent[g]++
+			}
+		}
+		if last, ok := seen[d.ID]; !ok || now.UnixNano()-last > limit {
+			totalSilent++
+		}
+	}
+	v.m.silent.Set(float64(totalSilent))
+	ds := make([]string, 0, len(districts)+1)
+	for d := range districts {
+		ds = append(ds, d)
+	}
+	sort.Strings(ds)
+	ds = append(ds, CityDistrict)
+
+	var out []pipeline.Reading
+	emit := func(district, name string, value float64) {
+		out = append(out, pipeline.Reading{Device: CityDevice, Kind: CityKind, District: district, Metric: name,
+			Value: value, Time: now.UnixNano(), Received: now.UnixNano()})
+	}
+	var vals []float64
+	for _, def := range v.defs {
+		for _, district := range ds {
+			g := group{def.Kind, district}
+			if len(reporting[g])+silent[g] == 0 {
+				continue // no devices of this kind here: nothing to say, not zero
+			}
+			vals = vals[:0]
+			for _, d := range reporting[g] {
+				if x, ok := series[seriesKey{d.ID, def.Metric}]; ok {
+					vals = append(vals, x)
+				}
+			}
+			if x, ok := aggregate(def, vals); ok {
+				emit(district, def.Name, x)
+			}
+		}
+	}
+	for _, k := range devices.Kinds() {
+		for _, district := range ds {
+			g := group{string(k), district}
+			if len(reporting[g])+silent[g] == 0 {
+				continue
+			}
+			emit(district, "fleet_"+string(k)+"_reporting", float64(len(reporting[g])))
+			emit(district, "fleet_"+string(k)+"_silent", float64(silent[g]))
+		}
+	}
+	sort.SliceStable(out, func(i, j int) bool { return out[i].District < out[j].District })
+	v.m.duration.Observe(time.Since(start).Seconds())
+	return out
+}
+
+// aggregate applies def's aggregation; ok is false when there is no value to
+// report (a min of nothing is not zero).
+func aggregate(def Rollup, vals []float64) (float64, bool) {
+	n := float64(len(vals))
+	switch def.Agg {
+	case "count":
+		return n, true
+	case "sum":
+		s := 0.0
+		for _, x := range vals {
+			s += x
+		}
+		return s, true
+	case "count_eq":
+		c := 0.0
+		for _, x := range vals {
+			if x == def.Value {
+				c++
+			}
+		}
+		return c, true
+	}
+	if len(vals) == 0 {
+		return 0, false
+	}
+	switch def.Agg {
+	case "min":
+		return slices.Min(vals), true
+	case "max":
+		return slices.Max(vals), true
+	case "mean":
+		s := 0.0
+		for _, x := range vals {
+			s += x
+		}
+		return s / n, true
+	case "max_abs_dev":
+		m := 0.0
+		for _, x := range vals {
+			m = math.Max(m, math.Abs(x-def.Value))
+		}
+		return m, true
+	case "share_outside":
+		c := 0.0
+		for _, x := range vals {
+			if x < def.Lo || x > def.Hi {
+				c++
+			}
+		}
+		return c / n, true
+	case "quantile":
+		s := slices.Clone(vals)
+		slices.Sort(s)
+		pos := def.Q * (n - 1)
+		lo := int(math.Floor(pos))
+		hi := int(math.Ceil(pos))
+		return s[lo] + (s[hi]-s[lo])*(pos-float64(lo)), true
+	}
+	return 0, false
+}
+
+// Run computes and submits the roll-ups every interval until ctx is done.
+func (v *Vitals) Run(ctx context.Context) error {
+	if v.sub == nil {
+		return errors.New("vitals: no submitter")
+	}
+	t := time.NewTicker(v.cfg.Interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case now := <-t.C:
+			rs := v.Compute(now)
+			// One submission per district: a journal record carries one district.
+			for len(rs) > 0 {
+				n := 1
+				for n < len(rs) && rs[n].District == rs[0].District {
+					n++
+				}
+				if err := v.sub.Submit(ctx, rs[:n]); err != nil && ctx.Err() == nil {
+					v.log.Warn("vitals: roll-ups not journaled; the next interval recomputes them", "district", rs[0].District, "err", err)
+				}
+				rs = rs[n:]
+			}
+		}
+	}
+}
