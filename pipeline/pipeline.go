@@ -354,6 +354,8 @@ func (p *Pipeline) Run(ctx context.Context) error {
 func (p *Pipeline) housekeeping(ctx context.Context) {
 	t := time.NewTicker(250 * time.Millisecond)
 	defer t.Stop()
+	rates := time.NewTicker(5 * time.Second)
+	defer rates.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -361,6 +363,10 @@ func (p *Pipeline) housekeeping(ctx context.Context) {
 		case <-t.C:
 			p.saveCursorsAndTrim()
 			p.updateGauges()
+		case now := <-rates.C:
+			for _, st := range p.sinks {
+				st.updateRate(now)
+			}
 		}
 	}
 }
@@ -415,6 +421,7 @@ type SinkStatus struct {
 	Written       uint64    `json:"readings_written"`
 	Batches       uint64    `json:"batches"`
 	Errors        uint64    `json:"errors"`
+	RatePerSecond float64   `json:"readings_per_second"` // over the last 5 s
 	LastError     string    `json:"last_error,omitempty"`
 	LastErrorTime time.Time `json:"last_error_time,omitzero"`
 	LastWriteTime time.Time `json:"last_write_time,omitzero"`
@@ -426,7 +433,7 @@ func (p *Pipeline) Status() []SinkStatus {
 	for _, st := range p.sinks {
 		lag := p.lagBytes(st)
 		st.mu.Lock()
-		out = append(out, SinkStatus{Name: st.name, LagBytes: lag, Written: st.written, Batches: st.batches,
+		out = append(out, SinkStatus{Name: st.name, LagBytes: lag, Written: st.written, Batches: st.batches, RatePerSecond: st.rate,
 			Errors: st.errors, LastError: st.lastErr, LastErrorTime: st.lastErrTime, LastWriteTime: st.lastWrite})
 		st.mu.Unlock()
 	}

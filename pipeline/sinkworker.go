@@ -27,6 +27,22 @@ type sinkState struct {
 	lastWrite   time.Time
 	failSince   time.Time
 	lastFailLog time.Time
+	// rate is readings/s written over the last housekeeping period.
+	rate        float64
+	rateWritten uint64
+	rateAt      time.Time
+}
+
+// updateRate recomputes the write rate.
+func (st *sinkState) updateRate(now time.Time) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if !st.rateAt.IsZero() {
+		if d := now.Sub(st.rateAt).Seconds(); d > 0 {
+			st.rate = float64(st.written-st.rateWritten) / d
+		}
+	}
+	st.rateWritten, st.rateAt = st.written, now
 }
 
 func (st *sinkState) advance(shard int, pos uint64, n int) {

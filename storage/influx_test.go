@@ -2,6 +2,7 @@ package storage
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -113,4 +114,36 @@ func TestInfluxConfigValidateNamesTheKey(t *testing.T) {
 	require.NoError(t, c.Validate(), "a disabled sink needs no URL")
 	c.Enabled = true
 	require.ErrorContains(t, c.Validate(), "storage.influx.url")
+}
+
+// BenchmarkInfluxWrite writes batches of 5000 readings (10 metrics of 500
+// devices at one time, so 500 lines) to a real store at
+// $CITYPULSE_BENCH_INFLUX_URL (e.g. a local VictoriaMetrics); skipped without it.
+func BenchmarkInfluxWrite(b *testing.B) {
+	u := os.Getenv("CITYPULSE_BENCH_INFLUX_URL")
+	if u == "" {
+		b.Skip("set CITYPULSE_BENCH_INFLUX_URL to a store that speaks the InfluxDB v2 write API")
+	}
+	cfg := DefaultInflux()
+	cfg.URL = u
+	x, err := OpenInflux(cfg, filepath.Join(b.TempDir(), "dead.lp"), nil, nil)
+	require.NoError(b, err)
+	defer x.Close()
+	metrics := []string{"pressure", "flow", "leak", "gas_concentration", "temperature", "m5", "m6", "m7", "m8", "m9"}
+	rs := make([]pipeline.Reading, 0, 5000)
+	n := 0
+	b.ReportAllocs()
+	for b.Loop() {
+		rs = rs[:0]
+		at := t0.Add(time.Duration(n) * time.Second)
+		for d := 0; d < 500; d++ {
+			for _, m := range metrics {
+				rs = append(rs, rd(fmt.Sprintf("pipe-%04d", d), "gulou", "pipe", m, float64(n%1000), at))
+			}
+		}
+		n++
+		require.NoError(b, x.Write(context.Background(), pipeline.Batch{Readings: rs}))
+	}
+	b.ReportMetric(float64(n*5000)/b.Elapsed().Seconds(), "readings/s")
+	b.ReportMetric(float64(n*500)/b.Elapsed().Seconds(), "lines/s")
 }
