@@ -1,0 +1,310 @@
+package rules
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/citypulse/citypulse/devices"
+	"github.com/citypulse/citypulse/pipeline"
+)
+
+func mustRule(t testing.TB, y string) *Rule {
+	t.Helper()
+	rs, err := ParseRules([]byte("rules:\n- "+y+"\n"), "test")
+	require.NoError(t, err)
+	return rs[0]
+}
+
+type step struct {
+	at   time.Duration // since t0
+	v    float64
+	tick bool // advance with time only (no reading)
+	want []string
+}
+
+var t0 = time.Date(2026, 6, 1, 12, 0, 0, 0, time.UTC)
+
+func run(t *testing.T, r *Rule, steps []step, flap FlapPolicy) *State {
+	t.Helper()
+	var s State
+	for i, st := range steps {
+		now := t0.Add(st.at)
+		var tr []Transition
+		if st.tick {
+			tr = s.Advance(r, now, flap)
+		} else {
+			bad, delta := r.condition(&s, st.v, now)
+			s.Value, s.Delta = st.v, delta
+			tr = s.Step(r, bad, now, flap)
+		}
+		var got []string
+		for _, x := range tr {
+			got = append(got, x.Kind)
+		}
+		require.Equal(t, st.want, got, "step %d (t=%v v=%v)", i, st.at, st.v)
+	}
+	return &s
+}
+
+func TestEvaluator(t *testing.T) {
+	noFlap := FlapPolicy{}
+	tests := []struct {
+		name  string
+		rule  string
+		steps []step
+	}{
+		{"above fires at once without for, and resolves below the threshold",
+			"{name: hot, type: threshold, above: 100}", []step{
+				{0, 90, false, nil}, {1 * time.Second, 101, false, []string{"firing"}},
+				{2 * time.Second, 100, false, nil}, // equal: no change either way
+				{3 * time.Second, 99, false, []string{"resolved"}},
+			}},
+		{"hysteresis: it clears only below the clear threshold",
+			"{name: low_pressure, type: threshold, below: 150, clear: 180}", []step{
+				{0, 149, false, []string{"firing"}}, {time.Second, 170, false, nil}, {2 * time.Second, 180, false, nil},
+				{3 * time.Second, 181, false, []string{"resolved"}}, {4 * time.Second, 160, false, nil},
+				{5 * time.Second, 149.9, false, []string{"firing"}},
+			}},
+		{"hold-off: a blip shorter than for is never notified",
+			"{name: x, type: threshold, above: 10, for: 30s}", []step{
+				{0, 11, false, nil}, {10 * time.Second, 12, false, nil}, {20 * time.Second, 5, false, nil},
+				{40 * time.Second, 0, true, nil},
+			}},
+		{"hold-off: it fires once the condition held for the whole duration, on a tick",
+			"{name: x, type: threshold, above: 10, for: 30s, clear_for: 10s}", []step{
+				{0, 11, false, nil}, {29 * time.Second, 0, true, nil}, {30 * time.Second, 0, true, []string{"firing"}},
+				{31 * time.Second, 5, false, nil}, {40 * time.Second, 0, true, nil}, {41 * time.Second, 0, true, []string{"resolved"}},
+			}},
+		{"clear_for: a dip during the clear hold-off keeps it firing",
+			"{name: x, type: threshold, above: 10, clear_for: 10s}", []step{
+				{0, 11, false, []string{"firing"}}, {5 * time.Second, 9, false, nil}, {10 * time.Second, 12, false, nil},
+				{25 * time.Second, 12, false, nil},
+			}},
+		{"outside a range, with a narrower range to clear into",
+			"{name: ph, type: threshold, outside: [6.5, 8.5], clear_in: [6.8, 8.2]}", []step{
+				{0, 7, false, nil}, {time.Second, 8.6, false, []string{"firing"}}, {2 * time.Second, 8.4, false, nil},
+				{3 * time.Second, 8.1, false, []string{"resolved"}}, {4 * time.Second, 6.4, false, []string{"firing"}},
+			}},
+		{"rate: a drop of more than 80 within 60 s is a burst main",
+			"{name: burst, type: rate, drop: 80, window: 60s}", []step{
+				{0, 420, false, nil}, {20 * time.Second, 410, false, nil}, {40 * time.Second, 330, false, []string{"firing"}},
+				{70 * time.Second, 320, false, nil},                   // 410 still in the window
+				{110 * time.Second, 330, false, []string{"resolved"}}, // the high points left the window
+				{111 * time.Second, 250, false, nil},                  // a drop of 80 exactly: not more
+				{112 * time.Second, 249, false, []string{"firing"}},
+			}},
+		{"repeat_interval re-notifies while firing",
+			"{name: x, type: threshold, above: 10, repeat_interval: 1m}", []step{
+				{0, 11, false, []string{"firing"}}, {59 * time.Second, 0, true, nil}, {60 * time.Second, 0, true, []string{"repeat"}},
+				{90 * time.Second, 0, true, nil}, {120 * time.Second, 0, true, []string{"repeat"}},
+			}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			run(t, mustRule(t, tc.rule), tc.steps, noFlap)
+		})
+	}
+}
+
+func TestStateRules(t *testing.T) {
+	dark := mustRule(t, "{name: dark, type: state, select: {kind: traffic_light, metric: state}, equals: \"off\", for: 30s}")
+	run(t, dark, []step{
+		{0, 3, false, nil}, {time.Second, 0, false, nil}, {31 * time.Second, 0, false, []string{"firing"}},
+		{32 * time.Second, 3, false, []string{"resolved"}},
+	}, FlapPolicy{})
+
+	flashing := mustRule(t, "{name: flashing, type: state, select: {kind: traffic_light, metric: state}, equals: flashing, outside_hours: [22, 6]}")
+	var s State
+	night := time.Date(2026, 6, 1, 23, 0, 0, 0, time.Local)
+	bad, _ := flashing.condition(&s, 4, night)
+	require.False(t, bad, "flashing at 23:00 is normal")
+	day := time.Date(2026, 6, 1, 14, 0, 0, 0, time.Local)
+	bad, _ = flashing.condition(&s, 4, day)
+	require.True(t, bad, "flashing at 14:00 is a fault")
+
+	_, err := ParseRules([]byte("rules:\n- {name: x, type: state, select: {kind: traffic_light, metric: state}, equals: purple}\n"), "t")
+	require.ErrorContains(t, err, "equals")
+}
+
+func TestFlappingBecomesOneNotice(t *testing.T) {
+	r := mustRule(t, "{name: x, type: threshold, above: 10}")
+	flap := FlapPolicy{Window: time.Minute, Max: 4}
+	var steps []step
+	want := [][]string{{"firing"}, {"resolved"}, {"firing"}, {"resolved"}, {"flapping"}, nil, nil, nil, nil, nil}
+	for i := 0; i < 10; i++ {
+		v := 11.0
+		if i%2 == 1 {
+			v = 9
+		}
+		steps = append(steps, step{at: time.Duration(i) * time.Second, v: v, want: want[i]})
+	}
+	// Quiet for a whole window: the truth is told once more (last reading was 9: resolved).
+	steps = append(steps, step{at: 9*time.Second + time.Minute, tick: true, want: []string{"resolved"}})
+	s := run(t, r, steps, flap)
+	require.False(t, s.Flapping)
+}
+
+func TestParseRulesRejectsBadRules(t *testing.T) {
+	tests := []struct{ name, rule, want string }{
+		{"two thresholds", "{name: x, type: threshold, above: 1, below: 0}", "exactly one"},
+		{"a clear on the wrong side", "{name: x, type: threshold, above: 100, clear: 120}", "hysteresis"},
+		{"a rate without a window", "{name: x, type: rate, drop: 5}", "window"},
+		{"an unknown type", "{name: x, type: magic}", "type"},
+		{"an unknown severity", "{name: x, type: threshold, above: 1, severity: panic}", "severity"},
+		{"a bad template", "{name: x, type: threshold, above: 1, annotations: {summary: \"{{.Nope\"}}", "annotation"},
+		{"an unknown key", "{name: x, type: threshold, above: 1, colour: red}", "colour"},
+		{"a fleet rule without a ratio", "{name: x, type: fleet}", "silent_ratio"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := ParseRules([]byte("rules:\n- "+tc.rule+"\n"), "t")
+			require.ErrorContains(t, err, tc.want)
+		})
+	}
+}
+
+func TestTheShippedRulesLoad(t *testing.T) {
+	rs, err := LoadRules("../configs/rules.yaml")
+	require.NoError(t, err)
+	require.NotEmpty(t, rs)
+}
+
+// recorder collects events.
+type recorder struct {
+	mu  sync.Mutex
+	evs []Event
+}
+
+func (r *recorder) Enqueue(ev Event) { r.mu.Lock(); r.evs = append(r.evs, ev); r.mu.Unlock() }
+func (r *recorder) kinds() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []string
+	for _, e := range r.evs {
+		out = append(out, e.Labels["alertname"]+":"+e.Kind)
+	}
+	return out
+}
+
+func reading(dev, kind, district, metric string, v float64, at time.Time) pipeline.Reading {
+	return pipeline.Reading{Device: dev, Kind: kind, District: district, Metric: metric, Value: v, Time: at.UnixNano(), Received: at.UnixNano()}
+}
+
+// TestEngineTimersInABubble runs the engine's ticker in a synctest bubble: the
+// hold-off fires on the tick (no further reading), deadman and fleet rules
+// fire when devices fall silent, and a restart restores the firing alert
+// without notifying it again.
+func TestEngineTimersInABubble(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		rules, err := ParseRules([]byte(`rules:
+- {name: low_pressure, type: threshold, select: {kind: pipe, metric: pressure}, below: 150, clear: 180, for: 30s,
+   annotations: {summary: "Pressure at {{.Device}} ({{.District}}) is {{.Value}} kPa"}}
+- {name: silent, type: deadman, select: {kind: power}, factor: 3}
+- {name: outage, type: fleet, select: {kind: power}, silent_ratio: 0.5, factor: 3}
+`), "t")
+		require.NoError(t, err)
+		fleet := fleet{
+			dev("pipe-0001", devices.KindPipe, "gulou", 10*time.Second),
+			dev("power-0001", devices.KindPower, "gulou", 10*time.Second),
+			dev("power-0002", devices.KindPower, "gulou", 10*time.Second),
+		}
+		rec := &recorder{}
+		statePath := t.TempDir() + "/state.json"
+		e := NewEngine(Default(), rules, fleetView{fleet}, 2, rec, statePath, nil, nil)
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- e.Run(ctx) }()
+
+		now := time.Now()
+		e.Observe(e.shardOf("pipe-0001"), []pipeline.Reading{reading("pipe-0001", "pipe", "gulou", "pressure", 120, now)})
+		e.Observe(e.shardOf("power-0001"), []pipeline.Reading{reading("power-0001", "power", "gulou", "voltage", 230, now)})
+		e.Observe(e.shardOf("power-0002"), []pipeline.Reading{reading("power-0002", "power", "gulou", "voltage", 230, now)})
+		time.Sleep(29 * time.Second)
+		synctest.Wait()
+		require.Empty(t, rec.kinds(), "nothing before the hold-off")
+		// After 31 s the hold-off has passed (fired on the tick, with no new
+		// reading) and the power meters have been silent for more than 3 × 10 s:
+		// each is dead, and so is more than half of gulou's power fleet.
+		time.Sleep(2 * time.Second)
+		synctest.Wait()
+		require.ElementsMatch(t, []string{"low_pressure:firing", "silent:firing", "silent:firing", "outage:firing"}, rec.kinds())
+		for _, ev := range rec.evs {
+			if ev.Labels["alertname"] == "low_pressure" {
+				require.Equal(t, "Pressure at pipe-0001 (gulou) is 120 kPa", ev.Annotations["summary"])
+			}
+		}
+		cancel()
+		require.NoError(t, <-done)
+
+		// A restart keeps the firing alert and does not notify it again.
+		rec2 := &recorder{}
+		e2 := NewEngine(Default(), rules, fleetView{fleet}, 2, rec2, statePath, nil, nil)
+		ctx2, cancel2 := context.WithCancel(context.Background())
+		go func() { done <- e2.Run(ctx2) }()
+		time.Sleep(2 * time.Second)
+		synctest.Wait()
+		require.Empty(t, rec2.kinds(), "no re-notification after a restart")
+		var firing int
+		for _, a := range e2.Alerts() {
+			if a.State == "firing" {
+				firing++
+			}
+		}
+		require.GreaterOrEqual(t, firing, 3)
+		// Pressure recovers above the clear threshold: resolved once the clear hold-off passed.
+		e2.Observe(e2.shardOf("pipe-0001"), []pipeline.Reading{reading("pipe-0001", "pipe", "gulou", "pressure", 190, time.Now())})
+		time.Sleep(2 * time.Second)
+		synctest.Wait()
+		require.Contains(t, rec2.kinds(), "low_pressure:resolved")
+		// A power meter reports again: its deadman alert resolves.
+		e2.Observe(e2.shardOf("power-0001"), []pipeline.Reading{reading("power-0001", "power", "gulou", "voltage", 230, time.Now())})
+		require.Contains(t, rec2.kinds(), "silent:resolved")
+		cancel2()
+		require.NoError(t, <-done)
+	})
+}
+
+type fleetView struct{ fleet }
+
+func (f fleetView) Get(id string) (devices.Device, bool) {
+	for _, d := range f.fleet {
+		if d.ID == id {
+			return d, true
+		}
+	}
+	return devices.Device{}, false
+}
+
+// BenchmarkRuleEvaluation: one reading against 200 loaded rules (of which a
+// handful select its kind and metric), as the shard loop does it.
+func BenchmarkRuleEvaluation(b *testing.B) {
+	var y string
+	for i := 0; i < 200; i++ {
+		kinds := []string{"pipe", "power", "water", "traffic_light", "parking"}
+		metrics := map[string]string{"pipe": "pressure", "power": "voltage", "water": "ph", "traffic_light": "queue_length", "parking": "available_spot_number"}
+		k := kinds[i%5]
+		y += "- {name: r" + itoa(i) + ", type: threshold, select: {kind: " + k + ", metric: " + metrics[k] + ", district: \"d" + itoa(i%40) + "\"}, above: 1000000}\n"
+	}
+	rules, err := ParseRules([]byte("rules:\n"+y), "bench")
+	require.NoError(b, err)
+	e := NewEngine(Default(), rules, nil, 1, &recorder{}, "", nil, nil)
+	rs := []pipeline.Reading{reading("pipe-0001", "pipe", "d7", "pressure", 400, t0)}
+	b.ReportAllocs()
+	for b.Loop() {
+		e.Observe(0, rs)
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N), "ns/reading")
+}
+
+func itoa(i int) string {
+	const d = "0123456789"
+	if i < 10 {
+		return d[i : i+1]
+	}
+	return itoa(i/10) + d[i%10:i%10+1]
+}
