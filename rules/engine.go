@@ -99,7 +99,7 @@ type ruleShard struct {
 	alerts   map[alertKey]*alert
 	lastSeen map[string]time.Time
 	gen      uint64
-	cand     map[[2]string][]*Rule // (kind, metric) → rules that may match
+	cand     map[[3]string][]*Rule // (kind, metric, district) → rules that may match
 }
 
 // Engine evaluates the rules on every reading (in the shard loops) and on a
@@ -211,7 +211,7 @@ func (e *Engine) Observe(shard int, rs []pipeline.Reading) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if g := e.gen.Load(); s.cand == nil || s.gen != g {
-		s.cand, s.gen = map[[2]string][]*Rule{}, g
+		s.cand, s.gen = map[[3]string][]*Rule{}, g
 	}
 	rules := e.Rules()
 	for i := range rs {
@@ -220,18 +220,22 @@ func (e *Engine) Observe(shard int, rs []pipeline.Reading) {
 		if r.Kind != CityKind {
 			s.lastSeen[r.Device] = t
 		}
-		ck := [2]string{r.Kind, r.Metric}
+		ck := [3]string{r.Kind, r.Metric, r.District}
 		cand, ok := s.cand[ck]
 		if !ok {
 			for _, rule := range rules {
-				if rule.Type != TypeFleet && globMatch(rule.Select.Kind, r.Kind) && (rule.Type == TypeDeadman || globMatch(rule.Select.Metric, r.Metric)) {
+				if rule.Type != TypeFleet && globMatch(rule.Select.Kind, r.Kind) && globMatch(rule.Select.District, r.District) &&
+					(rule.Type == TypeDeadman || globMatch(rule.Select.Metric, r.Metric)) {
 					cand = append(cand, rule)
 				}
+			}
+			if len(s.cand) > 1<<16 {
+				clear(s.cand) // bounded: many districts × metrics
 			}
 			s.cand[ck] = cand
 		}
 		for _, rule := range cand {
-			if !globMatch(rule.Select.District, r.District) || !globMatch(rule.Select.Device, r.Device) {
+			if rule.Select.Device != "" && !globMatch(rule.Select.Device, r.Device) {
 				continue
 			}
 			e.m.evals.Inc()

@@ -148,6 +148,9 @@ func NewOutbox(cfg NotifyConfig, dir string, log *slog.Logger, reg prometheus.Re
 		reg.MustRegister(o.m.deliveries, o.m.dropped)
 	}
 	for _, r := range cfg.Receivers {
+		if err := o.checkHost(r); err != nil {
+			return nil, err
+		}
 		for _, sub := range []string{"pending", "dead"} {
 			if err := os.MkdirAll(filepath.Join(dir, sub, r.Name), 0o755); err != nil {
 				return nil, fmt.Errorf("create outbox: %w", err)
@@ -473,6 +476,9 @@ func (o *Outbox) guard(_, address string, _ syscall.RawConn) error {
 		return nil
 	}
 	for _, a := range o.cfg.AllowHosts {
+		if a == "localhost" && ip.IsLoopback() {
+			return nil
+		}
 		if p, err := netip.ParsePrefix(a); err == nil && p.Contains(ip) {
 			return nil
 		}
@@ -481,6 +487,29 @@ func (o *Outbox) guard(_, address string, _ syscall.RawConn) error {
 		}
 	}
 	return fmt.Errorf("refusing to send a webhook to %s: loopback, link-local and private addresses need rules.notify.allow_hosts (SSRF guard)", ip)
+}
+
+// checkHost refuses, at start-up, a receiver whose host resolves to an
+// address the guard would refuse (the dialer checks again on every connect).
+func (o *Outbox) checkHost(r ReceiverConfig) error {
+	u, _ := url.Parse(r.URL)
+	host := u.Hostname()
+	for _, a := range o.cfg.AllowHosts {
+		if a == host {
+			return nil
+		}
+	}
+	addrs, err := net.DefaultResolver.LookupNetIP(context.Background(), "ip", host)
+	if err != nil {
+		o.log.Warn("notify: cannot resolve a receiver now; it is checked again on every delivery", "receiver", r.Name, "err", err)
+		return nil
+	}
+	for _, ip := range addrs {
+		if err := o.guard("tcp", net.JoinHostPort(ip.String(), "0"), nil); err != nil {
+			return fmt.Errorf("rules.notify receiver %s (%s): %w", r.Name, r.URL, err)
+		}
+	}
+	return nil
 }
 
 // OutboxStatus lists pending and dead-letter notifications.

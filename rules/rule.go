@@ -41,6 +41,9 @@ func globMatch(pattern, s string) bool {
 	if pattern == "" || pattern == "*" {
 		return true
 	}
+	if !strings.ContainsAny(pattern, `*?[\`) {
+		return pattern == s
+	}
 	ok, _ := path.Match(pattern, s)
 	return ok
 }

@@ -1,0 +1,207 @@
+package rules
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+const secret = "0123456789abcdef-receiver"
+
+// receiver is a real HTTP receiver on loopback that verifies signatures.
+type receiver struct {
+	srv      *httptest.Server
+	mu       sync.Mutex
+	got      []webhookMessage
+	keys     map[string]int
+	fail     atomic.Int64 // answer 500 to this many requests
+	status   atomic.Int64 // if set, answer this status
+	hang     atomic.Bool
+	badSigs  atomic.Int64
+	requests atomic.Int64
+	release  chan struct{}
+}
+
+func newReceiver(t *testing.T) *receiver {
+	r := &receiver{keys: map[string]int{}, release: make(chan struct{})}
+	r.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		r.requests.Add(1)
+		if r.hang.Load() {
+			select { // accepts the request and never answers
+			case <-req.Context().Done():
+			case <-r.release:
+			}
+			return
+		}
+		body, _ := io.ReadAll(req.Body)
+		if VerifySignature(secret, req.Header.Get("X-CityPulse-Signature"), body, time.Now(), 5*time.Minute) != nil {
+			r.badSigs.Add(1)
+		}
+		if r.fail.Load() > 0 {
+			r.fail.Add(-1)
+			w.WriteHeader(http.StatusInternalServerError)
+			return
+		}
+		if s := r.status.Load(); s != 0 {
+			w.WriteHeader(int(s))
+			return
+		}
+		var m webhookMessage
+		_ = json.Unmarshal(body, &m)
+		r.mu.Lock()
+		r.got = append(r.got, m)
+		r.keys[req.Header.Get("Idempotency-Key")]++
+		r.mu.Unlock()
+	}))
+	t.Cleanup(func() { r.hang.Store(false); close(r.release); r.srv.CloseClientConnections(); r.srv.Close() })
+	return r
+}
+
+func (r *receiver) count() int { r.mu.Lock(); defer r.mu.Unlock(); return len(r.got) }
+
+func testNotify(rs ...*receiver) NotifyConfig {
+	c := DefaultNotify()
+	c.RetryMin, c.RetryMax = 10*time.Millisecond, 50*time.Millisecond
+	c.AllowHosts = []string{"127.0.0.1"}
+	for i, r := range rs {
+		c.Receivers = append(c.Receivers, ReceiverConfig{Name: "r" + itoa(i), Type: "webhook", URL: r.srv.URL + "/hook", Secret: secret, Timeout: 300 * time.Millisecond})
+	}
+	return c
+}
+
+func startOutbox(t *testing.T, cfg NotifyConfig, dir string) (*Outbox, func()) {
+	t.Helper()
+	o, err := NewOutbox(cfg, dir, nil, nil)
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- o.Run(ctx) }()
+	return o, func() { cancel(); require.NoError(t, <-done) }
+}
+
+func event(kind string) Event {
+	l := map[string]string{"alertname": "burst_main", "device": "pipe-0042", "district": "gulou", "severity": "critical"}
+	at := time.Now()
+	return Event{Kind: kind, At: at, Labels: l, Annotations: map[string]string{"summary": "Pressure at pipe-0042 (gulou) fell 96 kPa in 1m0s"},
+		StartsAt: at, Fingerprint: Fingerprint(l), Key: Fingerprint(l) + "-" + kind}
+}
+
+func waitUntil(t *testing.T, what string, f func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !f() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out: %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestWebhookIsSignedAlertmanagerJSON(t *testing.T) {
+	rcv := newReceiver(t)
+	o, stop := startOutbox(t, testNotify(rcv), t.TempDir())
+	defer stop()
+	o.Enqueue(event(NotifyFiring))
+	o.Enqueue(event(NotifyResolved))
+	waitUntil(t, "two deliveries", func() bool { return rcv.count() == 2 })
+	require.Zero(t, rcv.badSigs.Load())
+	m := rcv.got[0]
+	require.Equal(t, "4", m.Version)
+	require.Equal(t, "firing", m.Status)
+	require.Equal(t, "burst_main", m.Alerts[0].Labels["alertname"])
+	require.NotEmpty(t, m.Alerts[0].Fingerprint)
+	require.Equal(t, "resolved", rcv.got[1].Status)
+	require.Len(t, rcv.keys, 2, "an idempotency key per (alert, transition)")
+}
+
+func TestRetriesUntilTheReceiverRecovers(t *testing.T) {
+	rcv := newReceiver(t)
+	rcv.fail.Store(3)
+	o, stop := startOutbox(t, testNotify(rcv), t.TempDir())
+	defer stop()
+	o.Enqueue(event(NotifyFiring))
+	waitUntil(t, "delivery after 500s", func() bool { return rcv.count() == 1 })
+	require.Equal(t, int64(4), rcv.requests.Load())
+	for _, n := range rcv.keys {
+		require.Equal(t, 1, n, "delivered once")
+	}
+}
+
+func TestA4xxGoesToTheDeadLetters(t *testing.T) {
+	rcv := newReceiver(t)
+	rcv.status.Store(http.StatusBadRequest)
+	o, stop := startOutbox(t, testNotify(rcv), t.TempDir())
+	defer stop()
+	o.Enqueue(event(NotifyFiring))
+	waitUntil(t, "dead letter", func() bool { st := o.Status(); return len(st[0].Dead) == 1 })
+	require.Equal(t, int64(1), rcv.requests.Load(), "a 4xx is not retried")
+	require.Contains(t, o.Status()[0].Dead[0].LastErr, "HTTP 400")
+}
+
+func TestAHungReceiverDelaysNoOther(t *testing.T) {
+	hung, fine := newReceiver(t), newReceiver(t)
+	hung.hang.Store(true)
+	o, stop := startOutbox(t, testNotify(hung, fine), t.TempDir())
+	defer stop()
+	for i := 0; i < 5; i++ {
+		o.Enqueue(event(NotifyFiring))
+	}
+	waitUntil(t, "the healthy receiver", func() bool { return fine.count() == 5 })
+	require.Len(t, o.Status()[0].Pending, 5, "the hung receiver's notifications wait on disk")
+}
+
+func TestPendingNotificationsSurviveARestart(t *testing.T) {
+	rcv := newReceiver(t)
+	rcv.hang.Store(true)
+	dir := t.TempDir()
+	o, stop := startOutbox(t, testNotify(rcv), dir)
+	o.Enqueue(event(NotifyFiring))
+	waitUntil(t, "on disk", func() bool { return len(o.Status()[0].Pending) == 1 })
+	stop()
+	rcv.hang.Store(false)
+	_, stop2 := startOutbox(t, testNotify(rcv), dir)
+	defer stop2()
+	waitUntil(t, "delivered after restart", func() bool { return rcv.count() == 1 })
+	files, _ := filepath.Glob(filepath.Join(dir, "pending", "r0", "*.json"))
+	waitUntil(t, "removed", func() bool {
+		files, _ = filepath.Glob(filepath.Join(dir, "pending", "r0", "*.json"))
+		return len(files) == 0
+	})
+}
+
+func TestSSRFGuardRefusesPrivateAddresses(t *testing.T) {
+	rcv := newReceiver(t)
+	cfg := testNotify(rcv)
+	cfg.AllowHosts = nil
+	_, err := NewOutbox(cfg, t.TempDir(), nil, nil)
+	require.ErrorContains(t, err, "SSRF")
+	o := &Outbox{cfg: cfg}
+	for _, addr := range []string{"127.0.0.1:80", "10.1.2.3:443", "192.168.0.1:80", "169.254.169.254:80", "[::1]:80", "0.0.0.0:80"} {
+		require.Error(t, o.guard("tcp", addr, nil), addr)
+	}
+	require.NoError(t, o.guard("tcp", "93.184.216.34:443", nil), "a public address is fine")
+	o.cfg.AllowHosts = []string{"10.0.0.0/8"}
+	require.NoError(t, o.guard("tcp", "10.1.2.3:443", nil), "allow-listed by CIDR")
+}
+
+func TestSignatureVerification(t *testing.T) {
+	body := []byte(`{"version":"4"}`)
+	now := time.Unix(1767225600, 0)
+	sig := Signature(secret, now, body)
+	require.NoError(t, VerifySignature(secret, sig, body, now.Add(time.Minute), 5*time.Minute))
+	require.ErrorContains(t, VerifySignature(secret, sig, body, now.Add(time.Hour), 5*time.Minute), "replay")
+	require.ErrorContains(t, VerifySignature(secret, sig, []byte(`{}`), now, 5*time.Minute), "mismatch")
+	require.ErrorContains(t, VerifySignature("another-secret-0000", sig, body, now, 5*time.Minute), "mismatch")
+	require.Error(t, VerifySignature(secret, "garbage", body, now, time.Minute))
+	_ = os.Getpid
+}
