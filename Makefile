@@ -7,9 +7,10 @@ BIN         := bin
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 FUZZTIME    ?= 10s
 # Servers the integration tests start themselves (apt-get does not start services):
-# mosquitto (external-broker mode) and VictoriaMetrics (InfluxDB v2 write API) from
-# Debian, and InfluxDB 1.8.10 (also serves /api/v2/write) built with go install.
-APT_DEPS    := mosquitto victoria-metrics
+# mosquitto (external-broker mode), VictoriaMetrics (InfluxDB v2 write API) and
+# Alertmanager from Debian, and InfluxDB 1.8.10 (also serves /api/v2/write) built
+# with go install.
+APT_DEPS    := mosquitto victoria-metrics prometheus-alertmanager
 INFLUXD     := github.com/influxdata/influxdb/cmd/influxd@v1.8.10
 GOBIN       := $(shell $(GO) env GOPATH)/bin
 
@@ -25,7 +26,7 @@ run: build
 
 # deps installs the servers the integration tests run (as root, as on CI).
 deps:
-	@missing=""; for p in $(APT_DEPS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(APT_DEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

@@ -30,6 +30,7 @@ type Config struct {
 	Pipeline pipeline.Config    `mapstructure:"pipeline" yaml:"pipeline"`
 	Storage  StorageConfig      `mapstructure:"storage" yaml:"storage"`
 	Vitals   rules.VitalsConfig `mapstructure:"vitals" yaml:"vitals"`
+	Rules    rules.Config       `mapstructure:"rules" yaml:"rules"`
 }
 
 // LogConfig configures the structured log.
@@ -72,6 +73,7 @@ func DefaultConfig() Config {
 		Ingest:   ingest.Default(),
 		Pipeline: pipeline.Default(),
 		Vitals:   rules.DefaultVitals(),
+		Rules:    rules.Default(),
 		Storage:  StorageConfig{TSDB: storage.DefaultTSDB(), Influx: storage.DefaultInflux(), Archive: storage.DefaultArchive()},
 	}
 }
@@ -102,7 +104,7 @@ func (c Config) Validate() error {
 	if c.Devices.File == "" {
 		errs = append(errs, errors.New("devices.file must not be empty"))
 	}
-	errs = append(errs, c.Ingest.Validate(), c.Pipeline.Validate(), c.Storage.TSDB.Validate(), c.Storage.Influx.Validate(), c.Storage.Archive.Validate(), c.Vitals.Validate())
+	errs = append(errs, c.Ingest.Validate(), c.Pipeline.Validate(), c.Storage.TSDB.Validate(), c.Storage.Influx.Validate(), c.Storage.Archive.Validate(), c.Vitals.Validate(), c.Rules.Validate())
 	if c.Ingest.MaxPast > c.Storage.TSDB.OutOfOrderWindow {
 		// Such a reading would be acknowledged, then refused by the store.
 		errs = append(errs, fmt.Errorf("ingest.max_past (%v) must not exceed storage.tsdb.out_of_order_window (%v): readings the gateways accept must be storable",

@@ -140,7 +140,8 @@ func (s *server) start() {
 	s.cmd = exec.Command(binPath, "serve", "--config", s.cfgPath,
 		"--mqtt-addr", s.mqtt, "--coap-addr", s.coap, "--dtls-addr", s.dtls, "--http-addr", s.http)
 	vitals, _ := filepath.Abs("../../configs/vitals.yaml")
-	s.cmd.Env = append(append(os.Environ(), "CITYPULSE_VITALS_FILE="+vitals), s.extraEnv...)
+	rulesFile, _ := filepath.Abs("../../configs/rules.yaml")
+	s.cmd.Env = append(append(os.Environ(), "CITYPULSE_VITALS_FILE="+vitals, "CITYPULSE_RULES_FILE="+rulesFile), s.extraEnv...)
 	if s.logs == nil {
 		s.logs = &syncBuffer{}
 	}

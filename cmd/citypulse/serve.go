@@ -10,9 +10,12 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -94,6 +97,21 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 		vitals = rules.NewVitals(cfg.Vitals, defs, registry, cfg.Pipeline.Shards, log.With("component", "vitals"), reg)
 		observers = append(observers, vitals)
 	}
+	var engine *rules.Engine
+	var outbox *rules.Outbox
+	if cfg.Rules.Enabled {
+		rs, err := rules.LoadRules(cfg.Rules.File)
+		if err != nil {
+			return err
+		}
+		outbox, err = rules.NewOutbox(cfg.Rules.Notify, filepath.Join(cfg.DataDir, "outbox"), log.With("component", "notify"), reg)
+		if err != nil {
+			return err
+		}
+		engine = rules.NewEngine(cfg.Rules, rs, registry, cfg.Pipeline.Shards, outbox,
+			filepath.Join(cfg.DataDir, "rules-state.json"), log.With("component", "rules"), reg)
+		observers = append(observers, engine)
+	}
 	pipe, err := pipeline.New(pipeline.Options{
 		Config:     cfg.Pipeline,
 		Dir:        cfg.DataDir,
@@ -154,9 +172,36 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 	}
 	defer closeAll()
 
+	reload := func() error {
+		if engine == nil {
+			return errors.New("rules are off (rules.enabled: false)")
+		}
+		rs, err := rules.LoadRules(cfg.Rules.File)
+		if err != nil {
+			log.Error("rules reload failed; the previous rules stay in force", "err", err)
+			return err
+		}
+		engine.Reload(rs)
+		return nil
+	}
 	var ready atomic.Bool
 	mux := http.NewServeMux()
 	routes(mux, cfg.HTTP, registry, db, archive, pipe, reg, &ready, log)
+	if engine != nil {
+		engine.SetShardFunc(pipe.ShardOf)
+		rapi := rules.NewAPI(engine, outbox, cfg.Rules.File)
+		read := requireRead(cfg.HTTP.ReadToken, cfg.HTTP.AdminToken)
+		mux.Handle("GET /api/v1/rules", read(http.HandlerFunc(rapi.Rules)))
+		mux.Handle("GET /api/v1/alerts", read(http.HandlerFunc(rapi.Alerts)))
+		mux.Handle("GET /api/v1/outbox", read(http.HandlerFunc(rapi.Outbox)))
+	}
+	mux.Handle("POST /-/reload", requireAdmin(cfg.HTTP.AdminToken)(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		if err := reload(); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		fmt.Fprintln(w, "reloaded")
+	})))
 	ln, err := net.Listen("tcp", cfg.HTTP.Addr)
 	if err != nil {
 		return fmt.Errorf("http.addr %s: %w", cfg.HTTP.Addr, err)
@@ -171,6 +216,30 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 
 	var pg errgroup.Group
 	pg.Go(func() error { return pipe.Run(pipeCtx) })
+	// The rules engine and the outbox stop after the pipeline: transitions seen
+	// while it drains are still saved and delivered.
+	lateCtx, stopLate := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopLate()
+	var lg errgroup.Group
+	if engine != nil {
+		lg.Go(func() error { return engine.Run(lateCtx) })
+		lg.Go(func() error { return outbox.Run(lateCtx) })
+	}
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for {
+			select {
+			case <-hup:
+				if err := reload(); err == nil {
+					log.Info("rules reloaded on SIGHUP")
+				}
+			case <-lateCtx.Done():
+				return
+			}
+		}
+	}()
 
 	gg, gctx := errgroup.WithContext(gwCtx)
 	for _, g := range gateways {
@@ -199,6 +268,10 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 	stopPipe()
 	if err := pg.Wait(); err != nil {
 		runErr = errors.Join(runErr, fmt.Errorf("pipeline: %w", err))
+	}
+	stopLate()
+	if err := lg.Wait(); err != nil {
+		runErr = errors.Join(runErr, fmt.Errorf("rules: %w", err))
 	}
 	shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
