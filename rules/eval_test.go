@@ -308,3 +308,20 @@ func itoa(i int) string {
 	}
 	return itoa(i/10) + d[i%10:i%10+1]
 }
+
+func TestReloadKeepsTheStateOfRulesThatStay(t *testing.T) {
+	a := mustRule(t, "{name: hot, type: threshold, select: {kind: pipe, metric: pressure}, above: 100}")
+	b := mustRule(t, "{name: cold, type: threshold, select: {kind: pipe, metric: pressure}, below: 0}")
+	rec := &recorder{}
+	e := NewEngine(Default(), []*Rule{a, b}, nil, 1, rec, "", nil, nil)
+	e.Observe(0, []pipeline.Reading{reading("pipe-0001", "pipe", "gulou", "pressure", 150, t0)})
+	require.Equal(t, []string{"hot:firing"}, rec.kinds())
+
+	a2 := mustRule(t, "{name: hot, type: threshold, select: {kind: pipe, metric: pressure}, above: 120}")
+	e.Reload([]*Rule{a2})
+	e.Observe(0, []pipeline.Reading{reading("pipe-0001", "pipe", "gulou", "pressure", 140, t0.Add(time.Second))})
+	require.Equal(t, []string{"hot:firing"}, rec.kinds(), "still firing after the reload: not notified again")
+	require.Len(t, e.Alerts(), 1)
+	e.Observe(0, []pipeline.Reading{reading("pipe-0001", "pipe", "gulou", "pressure", 110, t0.Add(2*time.Second))})
+	require.Equal(t, []string{"hot:firing", "hot:resolved"}, rec.kinds(), "the new threshold applies")
+}
