@@ -330,29 +330,15 @@ func (a *API) matchers(r *http.Request) ([][]*labels.Matcher, *apiError) {
 }
 
 func (a *API) series(w http.ResponseWriter, r *http.Request) {
-	sets, aerr := a.matchers(r)
-	if aerr == nil && len(sets) == 0 {
-		aerr = badData(errors.New("no match[] parameter provided"))
-	}
-	if aerr != nil {
-		writeErr(w, aerr)
-		return
-	}
-	mint, maxt, aerr := timeRange(r)
-	if aerr != nil {
-		writeErr(w, aerr)
-		return
-	}
-	q, err := a.q.Querier(mint, maxt)
-	if err != nil {
-		writeErr(w, &apiError{"internal", http.StatusInternalServerError, err})
+	q, ok := a.querier(w, r, true)
+	if !ok {
 		return
 	}
 	defer q.Close()
 	seen := map[uint64]bool{}
 	out := []map[string]string{}
-	for _, ms := range sets {
-		ss := q.Select(r.Context(), false, &promstorage.SelectHints{Start: mint, End: maxt, Func: "series"}, ms...)
+	for _, ms := range q.sets {
+		ss := q.Select(r.Context(), false, &promstorage.SelectHints{Start: q.mint, End: q.maxt, Func: "series"}, ms...)
 		for ss.Next() {
 			l := ss.At().Labels()
 			if h := l.Hash(); !seen[h] {
@@ -366,6 +352,34 @@ func (a *API) series(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	writeSuccess(w, out)
+}
+
+// querier parses match[], start and end and opens a querier over that range;
+// on bad input it has answered and returns false.
+func (a *API) querier(w http.ResponseWriter, r *http.Request, needMatch bool) (*selection, bool) {
+	sets, aerr := a.matchers(r)
+	if aerr == nil && needMatch && len(sets) == 0 {
+		aerr = badData(errors.New("no match[] parameter provided"))
+	}
+	if aerr == nil {
+		var mint, maxt int64
+		if mint, maxt, aerr = timeRange(r); aerr == nil {
+			q, err := a.q.Querier(mint, maxt)
+			if err == nil {
+				return &selection{Querier: q, sets: sets, mint: mint, maxt: maxt}, true
+			}
+			aerr = &apiError{"internal", http.StatusInternalServerError, err}
+		}
+	}
+	writeErr(w, aerr)
+	return nil, false
+}
+
+// selection is a querier over a time range with the request's matcher sets.
+type selection struct {
+	promstorage.Querier
+	sets       [][]*labels.Matcher
+	mint, maxt int64
 }
 
 func (a *API) labelNames(w http.ResponseWriter, r *http.Request) {
@@ -383,28 +397,19 @@ func (a *API) labelValues(w http.ResponseWriter, r *http.Request) {
 
 // labels answers label names (name == "") or the values of one label.
 func (a *API) labels(w http.ResponseWriter, r *http.Request, name string) {
-	sets, aerr := a.matchers(r)
-	if aerr != nil {
-		writeErr(w, aerr)
-		return
-	}
-	mint, maxt, aerr := timeRange(r)
-	if aerr != nil {
-		writeErr(w, aerr)
-		return
-	}
-	q, err := a.q.Querier(mint, maxt)
-	if err != nil {
-		writeErr(w, &apiError{"internal", http.StatusInternalServerError, err})
+	q, ok := a.querier(w, r, false)
+	if !ok {
 		return
 	}
 	defer q.Close()
+	sets := q.sets
 	if len(sets) == 0 {
 		sets = [][]*labels.Matcher{nil}
 	}
 	set := map[string]bool{}
 	for _, ms := range sets {
 		var vals []string
+		var err error
 		if name == "" {
 			vals, _, err = q.LabelNames(r.Context(), nil, ms...)
 		} else {
