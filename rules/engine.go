@@ -508,26 +508,10 @@ func (e *Engine) save() error {
 		}
 		s.mu.Unlock()
 	}
-	b, err := json.Marshal(f)
-	if err != nil {
+	if err := os.MkdirAll(filepath.Dir(e.statePath), 0o755); err != nil {
 		return err
 	}
-	tmp := e.statePath + ".tmp"
-	if err := os.MkdirAll(filepath.Dir(tmp), 0o755); err != nil {
-		return err
-	}
-	fh, err := os.Create(tmp)
-	if err != nil {
-		return err
-	}
-	_, err = fh.Write(b)
-	if err == nil {
-		err = fh.Sync()
-	}
-	if err := errors.Join(err, fh.Close()); err != nil {
-		return err
-	}
-	return os.Rename(tmp, e.statePath)
+	return writeJSONDurable(e.statePath, f)
 }
 
 // load restores the states saved by save.
