@@ -1,0 +1,232 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"maps"
+	"net"
+	"net/http"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/citypulse/citypulse/rules"
+)
+
+// alertBook pairs the incidents the harness injected with the alerts the
+// server sent to its webhook receiver.
+type alertBook struct {
+	mu       sync.Mutex
+	expected map[string]*expectation // alert|who|occurrence
+	latest   map[string]string       // alert|who -> key of the latest occurrence
+	hists    map[string]*Histogram   // per alertname: incident -> webhook
+	all      Histogram
+	received int64
+	firing   int64
+	resolved int64
+	repeats  int64 // firing notifications for an occurrence already seen
+	other    map[string]int64 // firing alerts no injected incident explains, by alertname
+	badSig   int64
+}
+
+type expectation struct {
+	at      time.Time
+	matched bool
+}
+
+func newAlertBook() *alertBook {
+	return &alertBook{expected: map[string]*expectation{}, latest: map[string]string{}, hists: map[string]*Histogram{},
+		other: map[string]int64{}}
+}
+
+func (b *alertBook) note(alert, who string, occ int, at time.Time) {
+	key := fmt.Sprintf("%s|%s|%d", alert, who, occ)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, ok := b.expected[key]; ok {
+		return
+	}
+	b.expected[key] = &expectation{at: at}
+	b.latest[alert+"|"+who] = key
+}
+
+// expect records the first incident reading of occurrence k for dev: the
+// moment the alert's latency counts from. Per-device alerts match the device,
+// district alerts (fleet rules, roll-ups) the district.
+func (b *alertBook) expect(in Incident, idx, k int, dev *simDevice, at time.Time) {
+	if in.Alert == "" {
+		return
+	}
+	who := "device=" + dev.ID
+	if in.Per == "district" {
+		who = "district=" + districtName(dev.District)
+	}
+	b.note(in.Alert, who, idx*1_000_000+k, at)
+}
+
+// scheduleSilence records substation trips as they start: the devices go
+// silent, so there is no reading to time the alert from.
+func (b *alertBook) scheduleSilence(ctx context.Context, start time.Time, in Incident, idx, districts int) {
+	for k := 0; ; k++ {
+		at := start.Add(in.At + time.Duration(k)*in.Every)
+		t := time.NewTimer(time.Until(at))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		b.note(in.Alert, "district="+districtName(k%districts), idx*1_000_000+k, at)
+		if in.Every == 0 {
+			return
+		}
+	}
+}
+
+// webhookMessage is the part of an Alertmanager v4 webhook the harness reads.
+type webhookMessage struct {
+	Alerts []struct {
+		Status string            `json:"status"`
+		Labels map[string]string `json:"labels"`
+	} `json:"alerts"`
+}
+
+// receive books one webhook arriving at t.
+func (b *alertBook) receive(msg webhookMessage, t time.Time) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.received++
+	for _, a := range msg.Alerts {
+		if a.Status != "firing" {
+			b.resolved++
+			continue
+		}
+		b.firing++
+		name := a.Labels["alertname"]
+		key, ok := b.latest[name+"|district="+a.Labels["district"]]
+		if dev := a.Labels["device"]; dev != "" {
+			key, ok = b.latest[name+"|device="+dev]
+		}
+		e := b.expected[key]
+		switch {
+		case !ok || e == nil:
+			b.other[name]++
+		case e.matched:
+			b.repeats++
+		default:
+			e.matched = true
+			lat := t.Sub(e.at)
+			h := b.hists[name]
+			if h == nil {
+				h = &Histogram{}
+				b.hists[name] = h
+			}
+			h.Record(lat)
+			b.all.Record(lat)
+		}
+	}
+}
+
+// AlertReport is what the receiver saw.
+type AlertReport struct {
+	Webhooks     int64              `json:"webhooks"`
+	Firing       int64              `json:"firing"`
+	Resolved     int64              `json:"resolved"`
+	Matched      int64              `json:"matched"`
+	Expected     int64              `json:"expected"`
+	Repeats      int64              `json:"repeats"`
+	Unexplained  map[string]int64   `json:"unexplained"`
+	BadSignature int64              `json:"bad_signature"`
+	Latency      Summary            `json:"latency"`
+	ByAlert      map[string]Summary `json:"by_alert"`
+}
+
+func (b *alertBook) report() AlertReport {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	r := AlertReport{Webhooks: b.received, Firing: b.firing, Resolved: b.resolved, Repeats: b.repeats,
+		Unexplained: maps.Clone(b.other), BadSignature: b.badSig, Latency: b.all.Summary(), ByAlert: map[string]Summary{}}
+	for _, e := range b.expected {
+		r.Expected++
+		if e.matched {
+			r.Matched++
+		}
+	}
+	for name, h := range b.hists {
+		r.ByAlert[name] = h.Summary()
+	}
+	return r
+}
+
+// receiver is the harness's signed-webhook endpoint.
+type receiver struct {
+	book   *alertBook
+	secret string
+	log    *slog.Logger
+	srv    *http.Server
+	ln     net.Listener
+}
+
+func newReceiver(addr, secret string, book *alertBook, log *slog.Logger) (*receiver, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("webhook receiver: %w", err)
+	}
+	rc := &receiver{book: book, secret: secret, log: log, ln: ln}
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /hook", rc.hook)
+	rc.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	return rc, nil
+}
+
+func (rc *receiver) hook(w http.ResponseWriter, r *http.Request) {
+	at := time.Now()
+	body, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	if err := rules.VerifySignature(rc.secret, r.Header.Get("X-CityPulse-Signature"), body, at, 5*time.Minute); err != nil {
+		rc.book.mu.Lock()
+		rc.book.badSig++
+		rc.book.mu.Unlock()
+		rc.log.Warn("webhook with a bad signature", "err", err)
+		http.Error(w, "bad signature", http.StatusUnauthorized)
+		return
+	}
+	var msg webhookMessage
+	if err := json.Unmarshal(body, &msg); err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	rc.book.receive(msg, at)
+	w.WriteHeader(http.StatusOK)
+}
+
+// Run serves until ctx ends.
+func (rc *receiver) Run(ctx context.Context) error {
+	errc := make(chan error, 1)
+	go func() { errc <- rc.srv.Serve(rc.ln) }()
+	<-ctx.Done()
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = rc.srv.Shutdown(sctx)
+	if err := <-errc; !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// sortedKeys returns m's keys in order.
+func sortedKeys[V any](m map[string]V) []string {
+	ks := make([]string, 0, len(m))
+	for k := range m {
+		ks = append(ks, k)
+	}
+	sort.Strings(ks)
+	return ks
+}

@@ -1,0 +1,376 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// api talks to a CityPulse HTTP API: device provisioning, the Prometheus
+// query API and /metrics.
+type api struct {
+	base  string
+	read  string
+	admin string
+	hc    *http.Client
+}
+
+func newAPI(t Target) *api {
+	return &api{base: "http://" + t.HTTP, read: t.ReadToken, admin: t.AdminToken, hc: &http.Client{Timeout: 60 * time.Second}}
+}
+
+func (a *api) do(ctx context.Context, method, path, token string, body io.Reader, ctype string) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, method, a.base+path, body)
+	if err != nil {
+		return nil, err
+	}
+	if ctype != "" {
+		req.Header.Set("Content-Type", ctype)
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	return a.hc.Do(req)
+}
+
+// provision registers the fleet; devices that exist already are left alone.
+func (a *api) provision(ctx context.Context, fleet []*simDevice, interval time.Duration) (added, existing int, err error) {
+	for _, d := range fleet {
+		b, _ := json.Marshal(map[string]string{"id": d.ID, "kind": string(d.Kind), "district": districtName(d.District),
+			"interval": interval.String(), "secret": d.Secret})
+		resp, err := a.do(ctx, http.MethodPost, "/api/v1/devices", a.admin, bytes.NewReader(b), "application/json")
+		if err != nil {
+			return added, existing, fmt.Errorf("provision %s: %w", d.ID, err)
+		}
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		resp.Body.Close()
+		switch resp.StatusCode {
+		case http.StatusCreated:
+			added++
+		case http.StatusConflict:
+			existing++
+		default:
+			return added, existing, fmt.Errorf("provision %s: %s: %s", d.ID, resp.Status, strings.TrimSpace(string(msg)))
+		}
+	}
+	return added, existing, nil
+}
+
+// deprovision removes the fleet again, so that its silence after the run
+// raises no deadman or fleet alerts and the registry does not grow run by run.
+func (a *api) deprovision(ctx context.Context, fleet []*simDevice) error {
+	for _, d := range fleet {
+		resp, err := a.do(ctx, http.MethodDelete, "/api/v1/devices/"+url.PathEscape(d.ID), a.admin, nil, "")
+		if err != nil {
+			return fmt.Errorf("remove %s: %w", d.ID, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusNoContent && resp.StatusCode != http.StatusNotFound {
+			return fmt.Errorf("remove %s: %s", d.ID, resp.Status)
+		}
+	}
+	return nil
+}
+
+// sample is one stored sample: unix ms and value.
+type sample struct {
+	ts int64
+	v  float64
+}
+
+// rangeQuery evaluates a range-vector selector at time at and returns the raw
+// samples per device.
+func (a *api) rangeQuery(ctx context.Context, q string, at time.Time) (map[string][]sample, error) {
+	form := url.Values{"query": {q}, "time": {strconv.FormatFloat(float64(at.UnixMilli())/1000, 'f', 3, 64)}}
+	resp, err := a.do(ctx, http.MethodPost, "/api/v1/query", a.read, strings.NewReader(form.Encode()), "application/x-www-form-urlencoded")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var out struct {
+		Status string `json:"status"`
+		Error  string `json:"error"`
+		Data   struct {
+			ResultType string `json:"resultType"`
+			Result     []struct {
+				Metric map[string]string `json:"metric"`
+				Values [][2]any          `json:"values"`
+			} `json:"result"`
+		} `json:"data"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
+		return nil, fmt.Errorf("query %s: %s: %w", q, resp.Status, err)
+	}
+	if out.Status != "success" {
+		return nil, fmt.Errorf("query %s: %s: %s", q, resp.Status, out.Error)
+	}
+	res := map[string][]sample{}
+	for _, s := range out.Data.Result {
+		dev := s.Metric["device"]
+		for _, v := range s.Values {
+			t, _ := v[0].(float64)
+			str, _ := v[1].(string)
+			f, err := strconv.ParseFloat(str, 64)
+			if err != nil {
+				return nil, fmt.Errorf("query %s: sample value %q: %w", q, str, err)
+			}
+			res[dev] = append(res[dev], sample{ts: int64(t*1000 + 0.5), v: f})
+		}
+	}
+	return res, nil
+}
+
+// rejects scrapes citypulse_readings_rejected_total by reason.
+func (a *api) rejects(ctx context.Context) (map[string]float64, error) {
+	resp, err := a.do(ctx, http.MethodGet, "/metrics", a.read, nil, "")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("/metrics: %s", resp.Status)
+	}
+	out := map[string]float64{}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	const prefix = `citypulse_readings_rejected_total{reason="`
+	for sc.Scan() {
+		line := sc.Text()
+		rest, ok := strings.CutPrefix(line, prefix)
+		if !ok {
+			continue
+		}
+		reason, val, ok := strings.Cut(rest, `"} `)
+		if !ok {
+			continue
+		}
+		f, err := strconv.ParseFloat(val, 64)
+		if err == nil {
+			out[reason] = f
+		}
+	}
+	return out, sc.Err()
+}
+
+// probe is a reading whose arrival in the store the harness times.
+type probe struct {
+	series string // selector of the device's series
+	ts     int64
+	sentAt time.Time
+}
+
+func (r *runner) enqueueProbe(m *pubMsg, sentAt time.Time) {
+	rd := m.dev.readings[m.first]
+	p := probe{series: fmt.Sprintf(`%s_%s{device=%q}`, m.dev.Kind, m.dev.metrics[rd.metric].Name, m.dev.ID), ts: rd.ts, sentAt: sentAt}
+	select {
+	case r.probes <- p:
+	default:
+		r.probesDropped.Add(1)
+	}
+}
+
+// probeLoop polls the query API for each probe until its reading is visible,
+// timing publish -> queryable.
+func (r *runner) probeLoop(ctx context.Context, a *api) {
+	for {
+		var p probe
+		select {
+		case <-ctx.Done():
+			return
+		case p = <-r.probes:
+		}
+		at := time.UnixMilli(p.ts).Add(time.Minute)
+		q := p.series + "[2m]"
+		deadline := p.sentAt.Add(30 * time.Second)
+		for ctx.Err() == nil {
+			got, err := a.rangeQuery(ctx, q, at)
+			if err == nil && hasSample(got, p.ts) {
+				r.queryable.Record(time.Since(p.sentAt))
+				break
+			}
+			if time.Now().After(deadline) {
+				r.countErr(fmt.Errorf("probe: reading not queryable within 30s"))
+				break
+			}
+			sleepCtx(ctx, r.sc.Measure.QueryablePoll)
+		}
+	}
+}
+
+func hasSample(got map[string][]sample, ts int64) bool {
+	for _, ss := range got {
+		for _, s := range ss {
+			if s.ts == ts {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+}
+
+// StoreCheck is the verdict on what reached the store.
+type StoreCheck struct {
+	Checked bool `json:"checked"`
+	// Expected are the generated readings; Acked those in an acknowledged message.
+	Expected int64 `json:"expected"`
+	Acked    int64 `json:"acked"`
+	Found    int64 `json:"found"`
+	// Lost are acknowledged readings missing from the store: any fails the run.
+	Lost int64 `json:"lost"`
+	// UnackedMissing are missing readings that were never acknowledged (QoS 0,
+	// refused, cut off): not a loss, a measurement.
+	UnackedMissing int64 `json:"unacked_missing"`
+	UnackedStored  int64 `json:"unacked_stored"`
+	// Duplicated are extra samples for one (device, seq); Unexpected are
+	// samples no simulated device sent (or with another value).
+	Duplicated  int64    `json:"duplicated"`
+	Unexpected  int64    `json:"unexpected"`
+	Examples    []string `json:"examples"`
+	SettledIn   float64  `json:"settled_in_s"`
+	Error       string   `json:"error,omitempty"`
+	QueriesMade int      `json:"queries"`
+}
+
+// check compares every generated reading with the store, retrying until
+// nothing acknowledged is missing or settle runs out.
+func (r *runner) check(ctx context.Context, a *api) StoreCheck {
+	t0 := time.Now()
+	deadline := t0.Add(r.sc.Settle)
+	for {
+		c := r.checkOnce(ctx, a)
+		c.SettledIn = time.Since(t0).Seconds()
+		if (c.Error == "" && c.Lost == 0) || time.Now().After(deadline) || ctx.Err() != nil {
+			return c
+		}
+		sleepCtx(ctx, time.Second)
+	}
+}
+
+func (r *runner) checkOnce(ctx context.Context, a *api) StoreCheck {
+	c := StoreCheck{Checked: true, Examples: []string{}}
+	minTS, maxTS := int64(1<<62), int64(0)
+	byID := map[string]*simDevice{}
+	for _, d := range r.fleet {
+		byID[d.ID] = d
+		for _, rd := range d.readings {
+			minTS, maxTS = min(minTS, rd.ts), max(maxTS, rd.ts)
+		}
+	}
+	if maxTS == 0 {
+		return c
+	}
+	at := time.UnixMilli(maxTS + 1000)
+	window := time.Duration(maxTS-minTS+2000) * time.Millisecond
+	// seen[device][reading index] counts the samples that match it
+	seen := map[*simDevice][]uint16{}
+	index := map[*simDevice]map[[2]int64]int{}
+	for _, d := range r.fleet {
+		seen[d] = make([]uint16, len(d.readings))
+		idx := make(map[[2]int64]int, len(d.readings))
+		for i, rd := range d.readings {
+			idx[[2]int64{int64(rd.metric), rd.ts}] = i
+		}
+		index[d] = idx
+	}
+	example := func(format string, args ...any) {
+		if len(c.Examples) < 10 {
+			c.Examples = append(c.Examples, fmt.Sprintf(format, args...))
+		}
+	}
+	for kind, metrics := range kindMetrics(r.fleet) {
+		for _, metric := range metrics {
+			for d := range r.sc.Fleet.Districts {
+				q := fmt.Sprintf(`%s_%s{device=~"%s-.*",district=%q}[%dms]`, kind, metric, r.sc.Fleet.Prefix, districtName(d), window.Milliseconds())
+				got, err := a.rangeQuery(ctx, q, at)
+				c.QueriesMade++
+				if err != nil {
+					c.Error = err.Error()
+					return c
+				}
+				for id, samples := range got {
+					dev := byID[id]
+					if dev == nil {
+						c.Unexpected += int64(len(samples))
+						example("unexpected series of device %s", id)
+						continue
+					}
+					mi := metricIndex(dev, metric)
+					for _, s := range samples {
+						i, ok := index[dev][[2]int64{int64(mi), s.ts}]
+						if !ok || mi < 0 {
+							c.Unexpected++
+							example("unexpected sample %s %s @%d = %g", id, metric, s.ts, s.v)
+							continue
+						}
+						if dev.readings[i].value != s.v {
+							c.Unexpected++
+							example("sample %s %s @%d = %g, sent %g", id, metric, s.ts, s.v, dev.readings[i].value)
+							continue
+						}
+						seen[dev][i]++
+					}
+				}
+			}
+		}
+	}
+	for _, d := range r.fleet {
+		for i, rd := range d.readings {
+			c.Expected++
+			acked := rd.msg.status.Load() == msgAcked
+			if acked {
+				c.Acked++
+			}
+			n := seen[d][i]
+			switch {
+			case n > 0:
+				c.Found++
+				c.Duplicated += int64(n - 1)
+				if !acked {
+					c.UnackedStored++
+				}
+			case acked:
+				c.Lost++
+				example("lost: %s %s @%d (acknowledged)", d.ID, d.metrics[rd.metric].Name, rd.ts)
+			default:
+				c.UnackedMissing++
+			}
+		}
+	}
+	return c
+}
+
+func metricIndex(d *simDevice, name string) int {
+	for i, m := range d.metrics {
+		if m.Name == name {
+			return i
+		}
+	}
+	return -1
+}
+
+// devicesYAML renders the fleet as a CityPulse devices file.
+func devicesYAML(fleet []*simDevice, interval time.Duration) []byte {
+	var b bytes.Buffer
+	b.WriteString("# generated by loadtest devices; secrets derive from the scenario seed\ndevices:\n")
+	for _, d := range fleet {
+		fmt.Fprintf(&b, "  - {id: %s, kind: %s, district: %s, interval: %s, secret: %q}\n", d.ID, d.Kind, districtName(d.District), interval, d.Secret)
+	}
+	return b.Bytes()
+}
