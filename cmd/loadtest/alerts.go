@@ -28,7 +28,7 @@ type alertBook struct {
 	received int64
 	firing   int64
 	resolved int64
-	repeats  int64 // firing notifications for an occurrence already seen
+	repeats  int64            // firing notifications for an occurrence already seen
 	other    map[string]int64 // firing alerts no injected incident explains, by alertname
 	badSig   int64
 }

@@ -10,7 +10,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/fxamacker/cbor/v2"
@@ -257,16 +256,21 @@ func encode(f string, rs []encReading) ([]byte, error) {
 		}
 		return json.Marshal(obj)
 	case "senml-json":
-		var b strings.Builder
-		b.WriteByte('[')
+		b := make([]byte, 0, 48*len(rs)+2)
+		b = append(b, '[')
 		for i, r := range rs {
 			if i > 0 {
-				b.WriteByte(',')
+				b = append(b, ',')
 			}
-			fmt.Fprintf(&b, `{"n":%q,"t":%s,"v":%s}`, r.name, senmlTime(r.ts), strconv.FormatFloat(r.v, 'g', -1, 64))
+			b = append(b, `{"n":`...)
+			b = strconv.AppendQuote(b, r.name)
+			b = append(b, `,"t":`...)
+			b = strconv.AppendFloat(b, float64(r.ts)/1000+4e-7, 'f', 7, 64)
+			b = append(b, `,"v":`...)
+			b = strconv.AppendFloat(b, r.v, 'g', -1, 64)
+			b = append(b, '}')
 		}
-		b.WriteByte(']')
-		return []byte(b.String()), nil
+		return append(b, ']'), nil
 	case "senml-cbor":
 		recs := make([]map[int]any, len(rs))
 		for i, r := range rs {
@@ -275,10 +279,6 @@ func encode(f string, rs []encReading) ([]byte, error) {
 		return cbor.Marshal(recs)
 	}
 	return nil, fmt.Errorf("unknown format %q", f)
-}
-
-func senmlTime(ms int64) string {
-	return strconv.FormatFloat(float64(ms)/1000+4e-7, 'f', 7, 64)
 }
 
 // malformed returns the i-th kind of garbage a broken device sends.

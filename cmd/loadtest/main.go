@@ -22,6 +22,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"syscall"
 	"time"
 )
@@ -102,6 +103,8 @@ type runFlags struct {
 	compare  string
 	quiet    bool
 	verbose  bool
+	// cpuprofile profiles the harness itself (is the load generator the bottleneck?)
+	cpuprofile string
 }
 
 func newRunFlags(name string, stderr io.Writer) (*runFlags, func(*Scenario)) {
@@ -114,6 +117,7 @@ func newRunFlags(name string, stderr io.Writer) (*runFlags, func(*Scenario)) {
 	fs.StringVar(&f.compare, "compare", "", "print the deltas against this earlier JSON report")
 	fs.BoolVar(&f.quiet, "quiet", false, "no live progress line")
 	fs.BoolVar(&f.verbose, "v", false, "debug logging")
+	fs.StringVar(&f.cpuprofile, "cpuprofile", "", "write the harness's own CPU profile here")
 	rate := fs.Float64("rate", -1, "target messages/s over the fleet (0 = open loop)")
 	dur := fs.Duration("duration", 0, "run length")
 	maxMsg := fs.Int64("max-messages", -1, "stop after this many messages")
@@ -191,13 +195,13 @@ func newRunFlags(name string, stderr io.Writer) (*runFlags, func(*Scenario)) {
 		if *noCheck {
 			sc.Measure.Check = false
 		}
-		if v := os.Getenv("CITYPULSE_LOADTEST_ADMIN_TOKEN"); v != "" {
+		if v := os.Getenv("LOADTEST_ADMIN_TOKEN"); v != "" {
 			sc.Target.AdminToken = v
 		}
-		if v := os.Getenv("CITYPULSE_LOADTEST_READ_TOKEN"); v != "" {
+		if v := os.Getenv("LOADTEST_READ_TOKEN"); v != "" {
 			sc.Target.ReadToken = v
 		}
-		if v := os.Getenv("CITYPULSE_LOADTEST_WEBHOOK_SECRET"); v != "" {
+		if v := os.Getenv("LOADTEST_WEBHOOK_SECRET"); v != "" {
 			sc.Measure.WebhookSecret = v
 		}
 		if sc.Target.HTTP == "" {
@@ -238,6 +242,17 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) (int, 
 	sc, _, err := f.load(args, apply)
 	if err != nil {
 		return exitSetup, err
+	}
+	if f.cpuprofile != "" {
+		pf, err := os.Create(f.cpuprofile)
+		if err != nil {
+			return exitSetup, err
+		}
+		defer pf.Close()
+		if err := pprof.StartCPUProfile(pf); err != nil {
+			return exitSetup, err
+		}
+		defer pprof.StopCPUProfile()
 	}
 	var progress io.Writer
 	if !f.quiet {

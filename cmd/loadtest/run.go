@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sync/errgroup"
+
 	"github.com/citypulse/citypulse/devices"
 )
 
@@ -187,8 +189,6 @@ func (r *runner) build(dev *simDevice, now time.Time, in incidentState, late boo
 // publish sends m (or, for a duplicate, sends it again) and records the outcome.
 func (r *runner) publish(ctx context.Context, c conn, m *pubMsg, body []byte) {
 	t0 := time.Now()
-	r.sent.Add(1)
-	r.readingsSent.Add(int64(m.n))
 	err := c.send(ctx, m.dev, body, func(acked bool, err error) {
 		lat := time.Since(t0)
 		switch {
@@ -210,7 +210,11 @@ func (r *runner) publish(ctx context.Context, c conn, m *pubMsg, body []byte) {
 			r.unackedOK.Add(1)
 		}
 	})
-	if err != nil && ctx.Err() == nil {
+	switch {
+	case err == nil:
+		r.sent.Add(1)
+		r.readingsSent.Add(int64(m.n))
+	case ctx.Err() == nil:
 		r.countErr(err)
 	}
 }
@@ -247,12 +251,9 @@ func (r *runner) connLoop(ctx context.Context, c conn, devs []*simDevice, rate f
 		if interval > 0 {
 			next = next.Add(interval)
 			if d := time.Until(next); d > 0 {
-				t := time.NewTimer(d)
-				select {
-				case <-ctx.Done():
-					t.Stop()
-					return
-				case <-t.C:
+				sleepCtx(ctx, d)
+				if ctx.Err() != nil {
+					break
 				}
 			} else if d < -time.Second {
 				next = time.Now() // far behind: do not burst to catch up
@@ -273,7 +274,7 @@ func (r *runner) connLoop(ctx context.Context, c conn, devs []*simDevice, rate f
 			continue // a tripped substation's meters are silent
 		}
 		if budget.Add(-1) < 0 {
-			return
+			break
 		}
 		if dev.offline && el >= h.OfflineAt && el < h.OfflineAt+h.OfflineFor {
 			m, body, err := r.build(dev, now, in, false)
@@ -371,14 +372,24 @@ func ms(us int64) float64 { return float64(us) / 1000 }
 func (r *runner) Run(ctx context.Context) error {
 	groups := r.partition()
 	conns := make([]conn, len(groups))
-	var err error
-	for i, g := range groups {
-		if conns[i], err = r.dial(ctx, r.sc, g, i); err != nil {
-			for _, c := range conns[:i] {
+	// dial in parallel: a thousand sequential DTLS handshakes take long
+	// enough for the server to count the first devices silent
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(32)
+	for i, devs := range groups {
+		g.Go(func() error {
+			c, err := r.dial(gctx, r.sc, devs, i)
+			conns[i] = c
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		for _, c := range conns {
+			if c != nil {
 				c.close()
 			}
-			return err
 		}
+		return err
 	}
 	budget := &atomic.Int64{}
 	budget.Store(1 << 62)

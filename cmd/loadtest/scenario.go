@@ -87,7 +87,7 @@ type Target struct {
 	// provisioning, queryable latency and the store check (a bare broker).
 	HTTP string `yaml:"http" json:"http"`
 	// AdminToken registers the fleet through POST /api/v1/devices; ReadToken
-	// queries. Both may come from CITYPULSE_LOADTEST_ADMIN_TOKEN / _READ_TOKEN.
+	// queries. Both may come from LOADTEST_ADMIN_TOKEN / _READ_TOKEN.
 	AdminToken string `yaml:"admin_token" json:"-"`
 	ReadToken  string `yaml:"read_token" json:"-"`
 	// Provision registers the fleet before the run (needs the admin token).
@@ -190,6 +190,7 @@ func LoadScenario(path string) (Scenario, error) {
 	if err != nil {
 		return sc, err
 	}
+	sc.Fleet.PerDistrict = nil // a file's fleet replaces the default one, not merges into it
 	dec := yaml.NewDecoder(bytes.NewReader(b))
 	dec.KnownFields(true)
 	if err := dec.Decode(&sc); err != nil {
@@ -201,6 +202,9 @@ func LoadScenario(path string) (Scenario, error) {
 
 // fillDefaults completes what a scenario may leave out.
 func (s *Scenario) fillDefaults() {
+	if s.Fleet.PerDistrict == nil {
+		s.Fleet.PerDistrict = DefaultScenario().Fleet.PerDistrict
+	}
 	for i := range s.Incidents {
 		if s.Incidents[i].Per == "" {
 			s.Incidents[i].Per = defaultPer[s.Incidents[i].Type]

@@ -14,6 +14,7 @@ import (
 	"github.com/plgd-dev/go-coap/v3/dtls"
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
+	"github.com/plgd-dev/go-coap/v3/options"
 	"github.com/plgd-dev/go-coap/v3/udp"
 )
 
@@ -49,7 +50,12 @@ type mqttConn struct {
 	client mqtt.Client
 	window chan struct{}
 	wg     sync.WaitGroup
+	// lastDial paces reconnects after the server went away: one try per
+	// redialEvery, the messages in between fail as "not connected".
+	lastDial time.Time
 }
+
+const redialEvery = 500 * time.Millisecond
 
 func dialMQTT(ctx context.Context, sc Scenario, devs []*simDevice, n int) (conn, error) {
 	c := &mqttConn{sc: sc, user: devs[0], id: fmt.Sprintf("%s-conn-%d", sc.Fleet.Prefix, n),
@@ -92,6 +98,14 @@ func (c *mqttConn) send(ctx context.Context, dev *simDevice, body []byte, done f
 	c.mu.Lock()
 	cl := c.client
 	c.mu.Unlock()
+	if (cl == nil || !cl.IsConnectionOpen()) && time.Since(c.lastDial) > redialEvery {
+		c.lastDial = time.Now()
+		if err := c.reconnect(ctx); err == nil {
+			c.mu.Lock()
+			cl = c.client
+			c.mu.Unlock()
+		}
+	}
 	if cl == nil || !cl.IsConnectionOpen() {
 		<-c.window
 		err := errors.New("mqtt: not connected")
@@ -165,12 +179,15 @@ func (c *coapConn) connect(ctx context.Context) error {
 	if c.sc.Transport.Confirmable {
 		typ = message.Confirmable
 	}
+	// go-coap clients send one request at a time unless told otherwise
+	n := int64(c.sc.Transport.InFlight)
+	par, parEP := options.WithLimitClientParallelRequest(n), options.WithLimitClientEndpointParallelRequest(n)
 	if c.sc.Transport.DTLS {
 		key := c.user.Secret
 		co, err := dtls.Dial(c.sc.Target.CoAP, dtls.NewDTLSClientOptions(
 			piondtls.WithPSK(func([]byte) ([]byte, error) { return []byte(key), nil }),
 			piondtls.WithPSKIdentityHint([]byte(c.user.ID)),
-			piondtls.WithCipherSuites(piondtls.TLS_PSK_WITH_AES_128_CCM_8)))
+			piondtls.WithCipherSuites(piondtls.TLS_PSK_WITH_AES_128_CCM_8)), par, parEP)
 		if err != nil {
 			return fmt.Errorf("dtls dial %s as %s: %w", c.sc.Target.CoAP, c.user.ID, err)
 		}
@@ -188,7 +205,7 @@ func (c *coapConn) connect(ctx context.Context) error {
 		}, func() { _ = co.Close() })
 		return nil
 	}
-	co, err := udp.Dial(c.sc.Target.CoAP)
+	co, err := udp.Dial(c.sc.Target.CoAP, par, parEP)
 	if err != nil {
 		return fmt.Errorf("coap dial %s: %w", c.sc.Target.CoAP, err)
 	}

@@ -1,0 +1,189 @@
+// Package servertest runs the real citypulse binary on free loopback ports for
+// the integration tests of the commands.
+package servertest
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Build compiles ./cmd/citypulse into dir and returns the binary's path.
+func Build(dir string) (string, error) {
+	_, file, _, _ := runtime.Caller(0)
+	pkg := filepath.Join(filepath.Dir(file), "..", "..", "citypulse")
+	bin := filepath.Join(dir, "citypulse")
+	out, err := exec.Command("go", "build", "-o", bin, pkg).CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("build citypulse: %v\n%s", err, out)
+	}
+	return bin, nil
+}
+
+// Root is the repository root (for configs/).
+func Root() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "..", "..")
+}
+
+// FreePort returns a loopback port that was free a moment ago.
+func FreePort(t testing.TB, network string) int {
+	t.Helper()
+	if network == "udp" {
+		c, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		return c.LocalAddr().(*net.UDPAddr).Port
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// Server is one run of the binary.
+type Server struct {
+	t                      testing.TB
+	bin                    string
+	MQTT, CoAP, DTLS, HTTP string   // host:port
+	Dir                    string   // holds the config and the data dir
+	Env                    []string // extra environment
+	cmd                    *exec.Cmd
+	logs                   *syncBuffer
+	exited                 chan error
+}
+
+// New prepares a server in a fresh directory with config as its config file;
+// "{{data}}" in config is replaced by the data directory.
+func New(t testing.TB, bin, config string, env ...string) *Server {
+	t.Helper()
+	s := &Server{t: t, bin: bin, Dir: t.TempDir(), Env: env,
+		MQTT: fmt.Sprintf("127.0.0.1:%d", FreePort(t, "tcp")),
+		CoAP: fmt.Sprintf("127.0.0.1:%d", FreePort(t, "udp")),
+		DTLS: fmt.Sprintf("127.0.0.1:%d", FreePort(t, "udp")),
+		HTTP: fmt.Sprintf("127.0.0.1:%d", FreePort(t, "tcp")),
+	}
+	s.SetConfig(config)
+	t.Cleanup(func() {
+		if s.cmd != nil && s.cmd.ProcessState == nil {
+			_ = s.cmd.Process.Kill()
+			<-s.exited
+		}
+		if t.Failed() && s.logs != nil {
+			t.Logf("server log:\n%s", s.Logs())
+		}
+	})
+	return s
+}
+
+// SetConfig rewrites the config file (and moves the data dir to a new one).
+func (s *Server) SetConfig(config string) {
+	data, err := os.MkdirTemp(s.Dir, "data")
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	config = string(bytes.ReplaceAll([]byte(config), []byte("{{data}}"), []byte(data)))
+	if err := os.WriteFile(filepath.Join(s.Dir, "citypulse.yaml"), []byte(config), 0o600); err != nil {
+		s.t.Fatal(err)
+	}
+}
+
+// Start runs the binary and waits until /readyz answers.
+func (s *Server) Start() {
+	t := s.t
+	t.Helper()
+	s.cmd = exec.Command(s.bin, "serve", "--config", filepath.Join(s.Dir, "citypulse.yaml"),
+		"--mqtt-addr", s.MQTT, "--coap-addr", s.CoAP, "--dtls-addr", s.DTLS, "--http-addr", s.HTTP)
+	s.cmd.Env = append(os.Environ(), s.Env...)
+	if s.logs == nil {
+		s.logs = &syncBuffer{}
+	}
+	s.cmd.Stdout, s.cmd.Stderr = s.logs, s.logs
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	s.exited = make(chan error, 1)
+	go func() { s.exited <- s.cmd.Wait() }()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		select {
+		case err := <-s.exited:
+			t.Fatalf("server exited during start-up: %v\n%s", err, s.Logs())
+		default:
+		}
+		resp, err := http.Get("http://" + s.HTTP + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("server not ready after 60s\n%s", s.Logs())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Stop sends SIGTERM and requires a clean exit within 30 s.
+func (s *Server) Stop() {
+	s.t.Helper()
+	if err := s.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		s.t.Fatal(err)
+	}
+	select {
+	case err := <-s.exited:
+		if err != nil {
+			s.t.Fatalf("a graceful shutdown exits 0, got %v\n%s", err, s.Logs())
+		}
+	case <-time.After(30 * time.Second):
+		s.t.Fatalf("server did not stop within 30s after SIGTERM\n%s", s.Logs())
+	}
+}
+
+// Kill sends SIGKILL: no chance to flush anything.
+func (s *Server) Kill() {
+	s.t.Helper()
+	if err := s.cmd.Process.Kill(); err != nil {
+		s.t.Fatal(err)
+	}
+	<-s.exited
+}
+
+// Logs is what the server wrote so far.
+func (s *Server) Logs() string {
+	if s.logs == nil {
+		return ""
+	}
+	return s.logs.String()
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
