@@ -20,6 +20,7 @@ all: build
 
 build:
 	$(GO) build -o $(BIN)/citypulse ./cmd/citypulse
+	$(GO) build -o $(BIN)/loadtest ./cmd/loadtest
 
 run: build
 	./$(BIN)/citypulse serve --config configs/citypulse.yaml

@@ -71,7 +71,6 @@ func findMax(ctx context.Context, sc Scenario, start, limit float64, p99Limit ti
 		mr.Steps = append(mr.Steps, st)
 		fmt.Fprintf(out, "rate %8.0f msg/s: acked %8.0f msg/s (%9.0f readings/s), p50 %6.2f ms, p99 %7.2f ms, errors %.4f  %s %s\n",
 			rate, st.Achieved, st.Readings, st.AckP50, st.AckP99, st.ErrorRate, okWord(st.OK), st.Why)
-		sc.Target.Provision = false // once is enough
 		return st, nil
 	}
 	good, bad := 0.0, 0.0
