@@ -200,6 +200,17 @@ func (hk *brokerHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pac
 			// v3.1.1 has no negative PUBACK: acknowledge (re-sending a malformed
 			// message helps no one); the reject is counted and logged.
 			return pk, packets.CodeSuccessIgnore
+		case errors.Is(err, ErrRateLimited):
+			b.m.messages.WithLabelValues("rate_limited").Inc()
+			if v5 && pk.FixedHeader.Qos > 0 {
+				return pk, packets.ErrQuotaExceeded // negative PUBACK 0x97: back off
+			}
+			if pk.FixedHeader.Qos == 0 {
+				return pk, packets.ErrRejectPacket // counted; QoS 0 has no acknowledgement to withhold
+			}
+			// v3.1.1: no PUBACK and a disconnect; the device re-sends after
+			// reconnecting, which is its back-off.
+			return pk, hk.reject(cl)
 		case errors.Is(err, pipeline.ErrBackpressure):
 			b.m.messages.WithLabelValues("backpressure").Inc()
 			if v5 && pk.FixedHeader.Qos > 0 {

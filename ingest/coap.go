@@ -33,7 +33,8 @@ import (
 // DTLS-PSK (identity = device id, key = its secret). It answers 2.04 Changed
 // only after the pipeline has journaled the readings; 4.00 for a bad payload,
 // 4.01 for unknown devices or bad credentials, 4.03 when an authenticated device
-// posts for another, 5.03 with Max-Age under backpressure.
+// posts for another, 4.29 with Max-Age over the device's rate limit, 5.03 with
+// Max-Age under backpressure.
 //
 // Plain UDP carries no credentials of its own: unless AllowUnauthenticated, a
 // request must carry the device's secret as the URI query "key=<secret>".
@@ -223,6 +224,15 @@ func (s *CoAPServer) handle(w mux.ResponseWriter, r *mux.Message) (codes.Code, s
 		return codes.Changed, "", nil
 	case errors.As(err, &pe):
 		return codes.BadRequest, truncate(pe.Error(), 200), nil
+	case errors.Is(err, ErrRateLimited):
+		var rl *RateLimitError
+		errors.As(err, &rl)
+		if rl == nil || rl.RetryAfter > time.Hour {
+			return codes.RequestEntityTooLarge, "message larger than the device's rate-limit burst", nil
+		}
+		secs := min(255, int(rl.RetryAfter/time.Second)+1)
+		return codes.TooManyRequests, "rate limit: retry after Max-Age seconds",
+			[]message.Option{{ID: message.MaxAge, Value: []byte{byte(secs)}}}
 	case errors.Is(err, pipeline.ErrBackpressure):
 		return codes.ServiceUnavailable, "journal full, retry later",
 			[]message.Option{{ID: message.MaxAge, Value: []byte{backpressureMaxAge}}}

@@ -22,9 +22,21 @@ type Config struct {
 	MaxPast   time.Duration `mapstructure:"max_past" yaml:"max_past"`
 	MaxFuture time.Duration `mapstructure:"max_future" yaml:"max_future"`
 
+	// RateLimit bounds what one device may send.
+	RateLimit RateLimitConfig `mapstructure:"rate_limit" yaml:"rate_limit"`
+
 	MQTT     MQTTConfig     `mapstructure:"mqtt" yaml:"mqtt"`
 	External ExternalConfig `mapstructure:"external" yaml:"external"`
 	CoAP     CoAPConfig     `mapstructure:"coap" yaml:"coap"`
+}
+
+// RateLimitConfig is a token bucket per device, in readings.
+type RateLimitConfig struct {
+	// ReadingsPerSecond is the sustained rate (0: no limit).
+	ReadingsPerSecond float64 `mapstructure:"readings_per_second" yaml:"readings_per_second"`
+	// Burst is how many readings a device may send at once (a backfill after
+	// an outage); at least ReadingsPerSecond.
+	Burst int `mapstructure:"burst" yaml:"burst"`
 }
 
 // MQTTConfig configures the embedded broker.
@@ -64,6 +76,7 @@ func Default() Config {
 	return Config{
 		MaxPast:   7 * 24 * time.Hour,
 		MaxFuture: 10 * time.Minute,
+		RateLimit: RateLimitConfig{ReadingsPerSecond: 1000, Burst: 20000},
 		MQTT:      MQTTConfig{Enabled: true, Addr: ":1883", MaxConnections: 100000},
 		External: ExternalConfig{
 			ClientID: "citypulse",
@@ -82,6 +95,12 @@ func (c Config) Validate() error {
 	}
 	if c.MaxFuture <= 0 {
 		errs = append(errs, fmt.Errorf("ingest.max_future must be > 0, got %v", c.MaxFuture))
+	}
+	if c.RateLimit.ReadingsPerSecond < 0 {
+		errs = append(errs, fmt.Errorf("ingest.rate_limit.readings_per_second must be >= 0 (0: no limit), got %g", c.RateLimit.ReadingsPerSecond))
+	}
+	if c.RateLimit.ReadingsPerSecond > 0 && float64(c.RateLimit.Burst) < c.RateLimit.ReadingsPerSecond {
+		errs = append(errs, fmt.Errorf("ingest.rate_limit.burst (%d) must be at least readings_per_second (%g)", c.RateLimit.Burst, c.RateLimit.ReadingsPerSecond))
 	}
 	if c.MQTT.Enabled {
 		errs = append(errs, checkAddr("ingest.mqtt.addr", c.MQTT.Addr))

@@ -124,6 +124,12 @@ func (x *External) handle(_ paho.Client, msg paho.Message) {
 			x.m.messages.WithLabelValues("bad_payload").Inc()
 			msg.Ack() // counted and logged; re-delivery would not fix it
 			return
+		case errors.Is(err, ErrRateLimited):
+			// The city's broker acknowledged it to the device already; holding
+			// it back would stall every other device behind this subscription.
+			x.m.messages.WithLabelValues("rate_limited").Inc()
+			msg.Ack() // counted (rate_limited) and logged
+			return
 		case errors.Is(err, pipeline.ErrBackpressure):
 			x.m.messages.WithLabelValues("backpressure").Inc()
 			t := time.NewTimer(wait)

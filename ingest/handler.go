@@ -35,6 +35,7 @@ const (
 	ReasonTooOld        = "too_old"        // older than ingest.max_past
 	ReasonTooNew        = "too_new"        // later than now + ingest.max_future
 	ReasonBackpressure  = "backpressure"   // journal full: not acknowledged, the device retries
+	ReasonRateLimited   = "rate_limited"   // over the device's rate limit: not acknowledged, the device backs off
 )
 
 // HandlerOptions configures a Handler.
@@ -47,6 +48,10 @@ type HandlerOptions struct {
 	Registerer prometheus.Registerer
 	// Now returns the current time; nil means time.Now.
 	Now func() time.Time
+	// RateLimit bounds each device's readings per second (0: no limit), with
+	// bursts of up to RateBurst readings.
+	RateLimit float64
+	RateBurst int
 }
 
 // Result counts what became of one message.
@@ -66,6 +71,7 @@ type Handler struct {
 	now     func() time.Time
 	lastLog atomic.Int64 // unix ns of the last reject logged (sampling)
 	pool    sync.Pool
+	limit   *limiter
 }
 
 type handlerMetrics struct {
@@ -110,7 +116,8 @@ func NewHandler(sub Submitter, opts HandlerOptions) *Handler {
 	if now == nil {
 		now = time.Now
 	}
-	h := &Handler{sub: sub, opts: opts, log: opts.Logger, m: newHandlerMetrics(opts.Registerer), now: now}
+	h := &Handler{sub: sub, opts: opts, log: opts.Logger, m: newHandlerMetrics(opts.Registerer), now: now,
+		limit: newLimiter(opts.RateLimit, opts.RateBurst)}
 	h.pool.New = func() any { s := make([]pipeline.Reading, 0, 64); return &s }
 	return h
 }
@@ -192,6 +199,11 @@ func (h *Handler) Handle(ctx context.Context, dev devices.Device, f payload.Form
 	}
 	if len(rs) == 0 {
 		return res, nil
+	}
+	if ok, wait := h.limit.allow(dev.ID, len(rs), now); !ok {
+		h.Reject(ReasonRateLimited, len(rs), "device", dev.ID)
+		res.Rejected += len(rs)
+		return res, &RateLimitError{RetryAfter: wait}
 	}
 	if err := h.sub.Submit(ctx, rs); err != nil {
 		if errors.Is(err, pipeline.ErrBackpressure) {

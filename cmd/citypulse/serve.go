@@ -126,6 +126,7 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 	}
 	h := ingest.NewHandler(pipe, ingest.HandlerOptions{
 		MaxPast: cfg.Ingest.MaxPast, MaxFuture: cfg.Ingest.MaxFuture,
+		RateLimit: cfg.Ingest.RateLimit.ReadingsPerSecond, RateBurst: cfg.Ingest.RateLimit.Burst,
 		Logger: log.With("component", "ingest"), Registerer: reg,
 	})
 
