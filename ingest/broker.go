@@ -3,6 +3,7 @@ package ingest
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -30,6 +31,7 @@ import (
 type Broker struct {
 	srv    *mqtt.Server
 	ln     net.Listener
+	tlsLn  net.Listener // nil when MQTT over TLS is off
 	log    *slog.Logger
 	m      *brokerMetrics
 	h      *Handler
@@ -92,11 +94,44 @@ func NewBroker(cfg MQTTConfig, devs Devices, h *Handler, log *slog.Logger, reg p
 		cancel()
 		return nil, err
 	}
+	if cfg.TLSAddr != "" {
+		if err := b.listenTLS(cfg); err != nil {
+			ln.Close()
+			cancel()
+			return nil, err
+		}
+	}
 	return b, nil
+}
+
+// listenTLS binds the MQTT-over-TLS listener (TLS 1.2 or later).
+func (b *Broker) listenTLS(cfg MQTTConfig) error {
+	cert, err := tls.LoadX509KeyPair(cfg.CertFile, cfg.KeyFile)
+	if err != nil {
+		return fmt.Errorf("ingest.mqtt.cert_file/key_file: %w", err)
+	}
+	raw, err := net.Listen("tcp", cfg.TLSAddr)
+	if err != nil {
+		return fmt.Errorf("ingest.mqtt.tls_addr %s: %w", cfg.TLSAddr, err)
+	}
+	b.tlsLn = tls.NewListener(raw, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
+	if err := b.srv.AddListener(listeners.NewNet("mqtts", b.tlsLn)); err != nil {
+		b.tlsLn.Close()
+		return err
+	}
+	return nil
 }
 
 // Addr returns the bound address.
 func (b *Broker) Addr() net.Addr { return b.ln.Addr() }
+
+// TLSAddr returns the bound MQTT-over-TLS address, or nil when it is off.
+func (b *Broker) TLSAddr() net.Addr {
+	if b.tlsLn == nil {
+		return nil
+	}
+	return b.tlsLn.Addr()
+}
 
 // Run serves until ctx is done, then disconnects every client and stops.
 func (b *Broker) Run(ctx context.Context) error {

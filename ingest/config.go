@@ -45,6 +45,11 @@ type MQTTConfig struct {
 	Addr    string `mapstructure:"addr" yaml:"addr"` // TCP listen address
 	// MaxConnections bounds concurrent client connections (0: unlimited).
 	MaxConnections int `mapstructure:"max_connections" yaml:"max_connections"`
+	// TLSAddr is the MQTT-over-TLS listen address (":8883"); empty disables it.
+	// CertFile and KeyFile are the server's PEM certificate chain and key.
+	TLSAddr  string `mapstructure:"tls_addr" yaml:"tls_addr"`
+	CertFile string `mapstructure:"cert_file" yaml:"cert_file"`
+	KeyFile  string `mapstructure:"key_file" yaml:"key_file"`
 }
 
 // ExternalConfig configures external-broker mode: CityPulse subscribes to a
@@ -101,6 +106,12 @@ func (c Config) Validate() error {
 	}
 	if c.RateLimit.ReadingsPerSecond > 0 && float64(c.RateLimit.Burst) < c.RateLimit.ReadingsPerSecond {
 		errs = append(errs, fmt.Errorf("ingest.rate_limit.burst (%d) must be at least readings_per_second (%g)", c.RateLimit.Burst, c.RateLimit.ReadingsPerSecond))
+	}
+	if c.MQTT.Enabled && c.MQTT.TLSAddr != "" {
+		errs = append(errs, checkAddr("ingest.mqtt.tls_addr", c.MQTT.TLSAddr))
+		if c.MQTT.CertFile == "" || c.MQTT.KeyFile == "" {
+			errs = append(errs, errors.New("ingest.mqtt.tls_addr needs ingest.mqtt.cert_file and ingest.mqtt.key_file"))
+		}
 	}
 	if c.MQTT.Enabled {
 		errs = append(errs, checkAddr("ingest.mqtt.addr", c.MQTT.Addr))

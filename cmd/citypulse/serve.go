@@ -147,6 +147,9 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 		closeAll = func() { b.Close(); prev() }
 		gateways = append(gateways, b)
 		log.Info("embedded MQTT broker listening", "addr", b.Addr().String())
+		if a := b.TLSAddr(); a != nil {
+			log.Info("embedded MQTT broker listening over TLS", "addr", a.String())
+		}
 	}
 	if cfg.Ingest.External.Enabled {
 		x, err := ingest.NewExternal(cfg.Ingest.External, registry, h, log.With("component", "external-mqtt"), reg)
