@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"testing"
 	"time"
 
@@ -230,5 +231,53 @@ measure: {queryable_sample: 0, check: true}
 	require.Equal(t, "fail", rep.Verdict)
 	require.Positive(t, rep.Store.Lost, "the readings acknowledged by the first server are gone")
 	require.Contains(t, stdout.String(), "acknowledged readings lost")
+	s.Stop()
+}
+
+// envOr reads a knob of the long tests (make test-long sets them).
+func envOr(t *testing.T, name string, def float64) float64 {
+	t.Helper()
+	v := os.Getenv(name)
+	if v == "" {
+		return def
+	}
+	f, err := strconv.ParseFloat(v, 64)
+	require.NoError(t, err, name)
+	return f
+}
+
+// Bad input at rate: malformed messages mixed with good traffic. The server
+// stays up, every malformed message is counted by reason, nothing good is
+// lost, and the good messages' ack latency is printed against a baseline run
+// (a figure, not an assertion: these machines are shared and noisy). Quick
+// form 1,000 malformed/s for 10 s; make test-long: 10,000/s for 60 s.
+func TestBadInputAtRate(t *testing.T) {
+	skipShort(t)
+	good := envOr(t, "LOADTEST_GOOD_RATE", 500)
+	bad := envOr(t, "LOADTEST_BAD_RATE", 1000)
+	dur := time.Duration(envOr(t, "LOADTEST_BAD_SECONDS", 10)) * time.Second
+	hook := fmt.Sprintf("127.0.0.1:%d", servertest.FreePort(t, "tcp"))
+	s := startServer(t, hook, "")
+	run := func(malformed float64) Report {
+		sc := testScenario(t, s, hook)
+		sc.Incidents = nil
+		sc.Hostile = Hostile{Malformed: malformed}
+		sc.Rate = good / (1 - malformed)
+		sc.Duration = dur
+		sc.Transport.InFlight = 64
+		rep, err := execute(t.Context(), sc, quietLog(t), nil)
+		require.NoError(t, err)
+		require.Equal(t, "pass", rep.Verdict, rep.ExitReason)
+		return rep
+	}
+	base := run(0)
+	mixed := run(bad / (good + bad))
+	requireClean(t, mixed)
+	t.Logf("bad input at rate: %.0f malformed msg/s (%d sent) with %.0f good msg/s for %v", float64(mixed.Totals.Malformed)/mixed.Duration,
+		mixed.Totals.Malformed, float64(mixed.Totals.Messages)/mixed.Duration, dur)
+	t.Logf("good ack latency: baseline p50 %.2f ms p99 %.2f ms; with bad input p50 %.2f ms p99 %.2f ms; ratio p50 %.2fx p99 %.2fx",
+		ms(base.Ack.P50), ms(base.Ack.P99), ms(mixed.Ack.P50), ms(mixed.Ack.P99),
+		float64(mixed.Ack.P50)/float64(max(1, base.Ack.P50)), float64(mixed.Ack.P99)/float64(max(1, base.Ack.P99)))
+	t.Logf("server rejects by reason: %v", mixed.Rejects)
 	s.Stop()
 }
