@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -141,7 +142,7 @@ func (s *server) start() {
 		"--mqtt-addr", s.mqtt, "--coap-addr", s.coap, "--dtls-addr", s.dtls, "--http-addr", s.http)
 	vitals, _ := filepath.Abs("../../configs/vitals.yaml")
 	rulesFile, _ := filepath.Abs("../../configs/rules.yaml")
-	s.cmd.Env = append(append(os.Environ(), "CITYPULSE_VITALS_FILE="+vitals, "CITYPULSE_RULES_FILE="+rulesFile), s.extraEnv...)
+	s.cmd.Env = append(append(serverEnv(), "CITYPULSE_VITALS_FILE="+vitals, "CITYPULSE_RULES_FILE="+rulesFile), s.extraEnv...)
 	if s.logs == nil {
 		s.logs = &syncBuffer{}
 	}
@@ -168,6 +169,18 @@ func (s *server) start() {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// serverEnv is the test's environment without the tests' own knobs
+// (CITYPULSE_TEST_*), which the server would reject as unknown config keys.
+func serverEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "CITYPULSE_TEST_") {
+			env = append(env, kv)
+		}
+	}
+	return env
 }
 
 // stop sends SIGTERM and requires a clean exit.

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -107,7 +108,12 @@ func (s *Server) Start() {
 	t.Helper()
 	s.cmd = exec.Command(s.bin, "serve", "--config", filepath.Join(s.Dir, "citypulse.yaml"),
 		"--mqtt-addr", s.MQTT, "--coap-addr", s.CoAP, "--dtls-addr", s.DTLS, "--http-addr", s.HTTP)
-	s.cmd.Env = append(os.Environ(), s.Env...)
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "CITYPULSE_TEST_") { // test knobs, not config keys
+			s.cmd.Env = append(s.cmd.Env, kv)
+		}
+	}
+	s.cmd.Env = append(s.cmd.Env, s.Env...)
 	if s.logs == nil {
 		s.logs = &syncBuffer{}
 	}
