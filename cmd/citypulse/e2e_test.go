@@ -272,6 +272,64 @@ func TestExternalBrokerMode(t *testing.T) {
 		}
 		return err
 	})
+
+	// The broker goes away and comes back on the same port: CityPulse
+	// reconnects and subscribes again by itself, and nothing published after
+	// the broker is back is missed.
+	pub.Disconnect(50)
+	require.NoError(t, mq.Process.Kill())
+	_ = mq.Wait()
+	cut := time.Now()
+	eventually(t, 10*time.Second, func() error {
+		if !strings.Contains(get(t, "http://"+s.http+"/metrics"), "citypulse_external_mqtt_connected 0") {
+			return fmt.Errorf("CityPulse has not noticed the broker is gone")
+		}
+		return nil
+	})
+	mq = exec.Command(bin, "-c", conf)
+	mq.Stdout, mq.Stderr = &mqLog, &mqLog
+	require.NoError(t, mq.Start())
+	back := time.Now()
+	eventually(t, 30*time.Second, func() error {
+		if !strings.Contains(get(t, "http://"+s.http+"/metrics"), "citypulse_external_mqtt_connected 1") {
+			return fmt.Errorf("not reconnected yet")
+		}
+		return nil
+	})
+	t.Logf("external broker cut for %v and restored: CityPulse reconnected %v after it came back",
+		back.Sub(cut).Round(time.Millisecond), time.Since(back).Round(time.Millisecond))
+	eventually(t, 10*time.Second, func() error {
+		c, err := net.Dial("tcp", broker)
+		if err == nil {
+			c.Close()
+		}
+		return err
+	})
+	pub = mqtt.NewClient(mqtt.NewClientOptions().AddBroker("tcp://" + broker).SetClientID("field-gateway"))
+	tok = pub.Connect()
+	require.True(t, tok.WaitTimeout(5*time.Second))
+	require.NoError(t, tok.Error())
+	defer pub.Disconnect(100)
+	// the subscription is renewed asynchronously on reconnect: wait until a
+	// probe reading arrives, then publish the checked batch
+	eventually(t, 15*time.Second, func() error {
+		publish(t, pub, "devices/pipe-0001/readings", 1, []byte(`[{"n":"pressure","v":654}]`))
+		v, err := latest(t, s.http, `pipe_pressure{device="pipe-0001"}`)
+		if err == nil && v != 654 {
+			err = fmt.Errorf("got %v", v)
+		}
+		return err
+	})
+	for i := 0; i < 100; i++ {
+		publish(t, pub, "devices/pipe-0002/readings", 1, fmt.Appendf(nil, `{"time":%d,"pressure":%d}`, time.Now().Add(-time.Duration(100-i)*time.Second-500*time.Millisecond).UnixNano(), 300+i))
+	}
+	eventually(t, 15*time.Second, func() error {
+		v, err := latest(t, s.http, `count_over_time(pipe_pressure{device="pipe-0002"}[10m])`)
+		if err == nil && v != 200 {
+			err = fmt.Errorf("got %v samples, want the 200 published while the broker was up", v)
+		}
+		return err
+	})
 }
 
 // TestAcknowledgedReadingsSurviveSIGKILL publishes QoS 1 readings with a
