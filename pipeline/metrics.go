@@ -17,6 +17,7 @@ type metrics struct {
 	sinkErrors    *prometheus.CounterVec
 	sinkDropped   *prometheus.CounterVec
 	sinkLag       *prometheus.GaugeVec
+	sinkReplay    *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -51,11 +52,15 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "citypulse_sink_readings_dropped_total", Help: "Readings a sink refused permanently (ErrPermanent)."}, []string{"sink"}),
 		sinkLag: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "citypulse_sink_lag_bytes", Help: "Journal bytes a sink has yet to write, summed over shards."}, []string{"sink"}),
+		sinkReplay: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "citypulse_sink_replay_bytes_total",
+			Help: "Journal bytes a sink re-reads at start-up from its saved cursor: after a crash, an upper bound on what it may write a second time (the stores keep one copy)."},
+			[]string{"sink"}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.submitted, m.records, m.groupCommits, m.fsyncs, m.backpressure, m.journalBytes,
 			m.recoveredRecs, m.droppedBytes, m.segmentsFreed, m.sinkWritten, m.sinkBatches, m.sinkErrors,
-			m.sinkDropped, m.sinkLag)
+			m.sinkDropped, m.sinkLag, m.sinkReplay)
 	}
 	return m
 }

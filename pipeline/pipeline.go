@@ -137,6 +137,13 @@ func New(o Options) (*Pipeline, error) {
 			o.Logger.Warn("pipeline: "+err.Error(), "sink", name)
 		}
 		p.sinks = append(p.sinks, &sinkState{sink: s.Sink, name: name, policy: policy, cursor: cf, pos: pos, saved: append([]uint64(nil), pos...)})
+		var replay uint64
+		for i, sh := range p.shards {
+			if end := sh.j.written.Load(); end > pos[i] {
+				replay += end - pos[i]
+			}
+		}
+		p.m.sinkReplay.WithLabelValues(name).Add(float64(replay))
 	}
 	p.updateGauges()
 	return p, nil

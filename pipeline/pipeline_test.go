@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 )
@@ -487,4 +489,39 @@ func TestShardOfIsStable(t *testing.T) {
 	}
 	sort.Ints(keys)
 	require.Equal(t, []int{0, 1, 2, 3}, keys, "devices spread over every shard")
+}
+
+// The re-read at start-up is counted: what a sink had not confirmed before a
+// stop is replayed (an upper bound on what it may receive twice), and after a
+// clean catch-up nothing is.
+func TestReplayAtStartIsCounted(t *testing.T) {
+	dir := t.TempDir()
+	sink := &collectSink{name: "collect"}
+	sink.failing.Store(true)
+	r := start(t, dir, testConfig(), sink)
+	submitAll(t, r.p, 4, 100, 10)
+	r.stop(t)
+
+	replayed := func(sinks ...Sink) float64 {
+		specs := make([]SinkSpec, len(sinks))
+		for i, s := range sinks {
+			specs[i] = SinkSpec{Sink: s}
+		}
+		reg := prometheus.NewRegistry()
+		p, err := New(Options{Config: testConfig(), Dir: dir, Sinks: specs, DrainTimeout: 500 * time.Millisecond, Registerer: reg})
+		require.NoError(t, err)
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- p.Run(ctx) }()
+		waitFor(t, "catch-up", func() bool {
+			c, ok := sinks[0].(*collectSink)
+			return !ok || len(c.readings()) == 400
+		})
+		cancel()
+		require.NoError(t, <-done)
+		return testutil.ToFloat64(p.m.sinkReplay.WithLabelValues("collect"))
+	}
+	first := replayed(&collectSink{name: "collect"})
+	require.Positive(t, first, "the unconfirmed journal is re-read")
+	require.Zero(t, replayed(&collectSink{name: "collect-other"}, &collectSink{name: "collect"}), "nothing after a clean catch-up")
 }
