@@ -118,6 +118,9 @@ type Engine struct {
 	now       func() time.Time
 	flap      FlapPolicy
 	started   time.Time
+	// saveSoon asks Run to save the states now: a transition was notified, and
+	// a crash before the next periodic save would notify it again.
+	saveSoon chan struct{}
 }
 
 type devicesView interface {
@@ -137,7 +140,7 @@ func NewEngine(cfg Config, rules []*Rule, devs devicesView, shards int, n Notifi
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	e := &Engine{cfg: cfg, log: log, devs: devs, notifier: n, statePath: statePath, now: time.Now,
+	e := &Engine{cfg: cfg, log: log, devs: devs, notifier: n, statePath: statePath, now: time.Now, saveSoon: make(chan struct{}, 1),
 		flap: FlapPolicy{Window: cfg.FlapWindow, Max: cfg.FlapMax}}
 	e.rules.Store(&rules)
 	for i := 0; i < shards; i++ {
@@ -401,6 +404,12 @@ func Fingerprint(l map[string]string) string {
 }
 
 func (e *Engine) emit(a *alert, r *Rule, trs []Transition) {
+	if len(trs) > 0 {
+		select {
+		case e.saveSoon <- struct{}{}:
+		default:
+		}
+	}
 	for _, tr := range trs {
 		labels := a.labels(r)
 		if tr.Kind == NotifyFlapping {
@@ -545,7 +554,7 @@ func (e *Engine) load() error {
 }
 
 // Run restores the saved state, then ticks until ctx is done, saving the
-// state every few seconds and at the end.
+// state after every notified transition, every few seconds and at the end.
 func (e *Engine) Run(ctx context.Context) error {
 	if err := e.load(); err != nil {
 		e.log.Warn("rules: "+err.Error(), "file", e.statePath)
@@ -558,6 +567,11 @@ func (e *Engine) Run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return e.save()
+		case <-e.saveSoon:
+			if err := e.save(); err != nil {
+				e.log.Error("rules: cannot save alert state", "err", err)
+			}
+			lastSave = time.Now()
 		case <-t.C:
 			e.Tick(e.now())
 			if time.Since(lastSave) >= 5*time.Second {

@@ -282,3 +282,68 @@ func TestPublishToWebhookLatency(t *testing.T) {
 	t.Logf("publish → webhook over loopback, %d transitions: p50 %v, p99 %v, max %v",
 		len(lat), lat[len(lat)/2].Round(10*time.Microsecond), lat[len(lat)*99/100].Round(10*time.Microsecond), lat[len(lat)-1].Round(10*time.Microsecond))
 }
+
+// SIGKILL right after an alert was notified: the restarted server neither
+// forgets it (no second firing while the condition holds) nor loses the
+// resolution; killed again right after the resolution, it does not re-send
+// that either.
+func TestAlertsSurviveSIGKILL(t *testing.T) {
+	skipShort(t)
+	ops := newOpsCentre(t)
+	rulesFile := filepath.Join(t.TempDir(), "rules.yaml")
+	require.NoError(t, os.WriteFile(rulesFile, []byte(`rules:
+  - name: pressure_low
+    type: threshold
+    select: {kind: pipe, metric: pressure}
+    below: 150
+    clear: 180
+    severity: critical
+`), 0o644))
+	s := newServer(t, fmt.Sprintf(`rules:
+  tick: 100ms
+  notify:
+    receivers:
+      - {name: ops, type: webhook, url: %s/hook, secret: %q, timeout: 500ms}
+    allow_hosts: ["127.0.0.1"]
+    retry_min: 50ms
+    retry_max: 300ms
+`, ops.srv.URL, hookSecret), "CITYPULSE_RULES_FILE="+rulesFile)
+	send := func(p float64) {
+		c, err := mqttConnect(s.mqtt, "pipe-0001", "secret-pipe-0001", false)
+		require.NoError(t, err)
+		publish(t, c, "devices/pipe-0001/readings", 1, fmt.Appendf(nil, `{"pressure":%g}`, p))
+		c.Disconnect(50)
+	}
+	waitEvents := func(n int) {
+		t.Helper()
+		eventually(t, 15*time.Second, func() error {
+			if g := ops.got(); len(g) != n {
+				return fmt.Errorf("got %v, want %d notifications", g, n)
+			}
+			return nil
+		})
+	}
+	s.start()
+	send(120)
+	waitEvents(1)
+	s.kill() // within a tick of the notification
+	s.start()
+	for range 5 {
+		send(110) // still low: still the same alert
+		time.Sleep(200 * time.Millisecond)
+	}
+	send(200)
+	waitEvents(2)
+	s.kill()
+	s.start()
+	for range 5 {
+		send(210) // still fine
+		time.Sleep(200 * time.Millisecond)
+	}
+	time.Sleep(time.Second) // a re-sent notification would arrive now
+	s.stop()
+	require.Equal(t, []string{"pressure_low:firing", "pressure_low:resolved"}, ops.got())
+	for k, n := range ops.byKey {
+		require.Equal(t, 1, n, "idempotency key %s delivered once", k)
+	}
+}
