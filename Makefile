@@ -14,7 +14,7 @@ APT_DEPS    := mosquitto victoria-metrics prometheus-alertmanager
 INFLUXD     := github.com/influxdata/influxdb/cmd/influxd@v1.8.10
 GOBIN       := $(shell $(GO) env GOPATH)/bin
 
-.PHONY: all build run test test-short deps bench fuzz lint clean
+.PHONY: all build run test test-short test-long deps bench fuzz lint clean
 
 all: build
 
@@ -37,6 +37,14 @@ deps:
 
 test: deps
 	$(GO) test -count=1 -timeout 15m ./...
+
+# test-long runs the long forms of the reliability tests (docs/reliability.md):
+# 100 SIGKILLs, 10,000 idle MQTT connections, a store outage of 2 minutes,
+# 10,000 malformed messages/s for a minute.
+LONG_ENV := CITYPULSE_TEST_KILLS=100 CITYPULSE_TEST_CONNS=10000 CITYPULSE_TEST_OUTAGE=2m \
+	LOADTEST_BAD_RATE=10000 LOADTEST_BAD_SECONDS=60
+test-long: deps
+	$(LONG_ENV) $(GO) test -count=1 -timeout 60m ./...
 
 # test-short skips the tests that start real servers.
 test-short:

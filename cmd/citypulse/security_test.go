@@ -10,8 +10,9 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// Secrets (device keys, tokens, webhook secrets, the external broker's
-// password) never appear in the server's logs, metrics or API answers, not
+// Roles: without a token nothing is readable, the read token reads but
+// changes nothing, the admin token does both. Secrets (device keys, tokens,
+// webhook secrets) never appear in the server's logs, metrics or API answers, not
 // even when a device presents a wrong one or an admin adds a device.
 func TestSecretsNeverLeak(t *testing.T) {
 	skipShort(t)
@@ -56,6 +57,19 @@ func TestSecretsNeverLeak(t *testing.T) {
 		}
 		return b.String()
 	}
+	// roles: no token, read-only, admin
+	status := func(method, path, token string) string {
+		return do(method, path, token, `{"id":"pipe-0200","kind":"pipe","district":"gulou","interval":"10s","secret":"role-test-secret-0200"}`)[:3]
+	}
+	require.Equal(t, "401", status("GET", "/api/v1/devices", ""), "reading needs a token")
+	require.Equal(t, "401", status("GET", "/api/v1/query?query=up", ""), "so does the query API")
+	require.Equal(t, "200", status("GET", "/api/v1/devices", read))
+	require.Equal(t, "200", status("GET", "/api/v1/devices", admin), "admin can read")
+	require.Equal(t, "401", status("POST", "/api/v1/devices", read), "the read token cannot change anything")
+	require.Equal(t, "401", status("POST", "/-/reload", read))
+	require.Equal(t, "401", status("GET", "/debug/pprof/", read), "profiles are for admins")
+	require.Equal(t, "200", status("GET", "/healthz", ""), "liveness stays open")
+
 	added := do("POST", "/api/v1/devices", admin, fmt.Sprintf(`{"id":"pipe-0100","kind":"pipe","district":"gulou","interval":"10s","secret":%q}`, newKey))
 	require.Contains(t, added, "201")
 	do("POST", "/api/v1/devices", "not-the-admin-token-000000", `{}`)
