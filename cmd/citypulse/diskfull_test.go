@@ -58,7 +58,7 @@ func TestJournalDiskFull(t *testing.T) {
 	require.True(t, full, "the journal filled its 256 KiB disk")
 	t.Logf("disk full after %d acknowledged posts", len(acked))
 	require.Eventually(t, func() bool {
-		return strings.Contains(s.logs.String(), "journal write failed") && strings.Contains(s.logs.String(), "check the disk")
+		return strings.Contains(s.Logs(), "journal write failed") && strings.Contains(s.Logs(), "check the disk")
 	}, 5*time.Second, 50*time.Millisecond, "the operator is told what happened and where")
 	require.Equal(t, codes.ServiceUnavailable, post(i), "still full: still refused")
 	i++
@@ -98,7 +98,7 @@ func TestJournalDiskFull(t *testing.T) {
 	eventually(t, 20*time.Second, storeHasAll)
 	s.stop()
 	s.start()
-	require.NotContains(t, s.logs.String(), "cut a damaged or torn segment", "no corruption")
+	require.NotContains(t, s.Logs(), "cut a damaged or torn segment", "no corruption")
 	eventually(t, 20*time.Second, storeHasAll)
 	s.stop()
 }

@@ -130,7 +130,7 @@ func TestMQTTRefusesWrongCredentialsAndForeignTopics(t *testing.T) {
 	metrics := get(t, "http://"+s.http+"/metrics")
 	require.Contains(t, metrics, `citypulse_readings_rejected_total{reason="unauthorized"}`)
 	require.Contains(t, metrics, `citypulse_readings_rejected_total{reason="forbidden"}`)
-	require.NotContains(t, s.logs.String(), "secret-pipe-0001", "secrets never reach the log")
+	require.NotContains(t, s.Logs(), "secret-pipe-0001", "secrets never reach the log")
 }
 
 func get(t *testing.T, u string) string {

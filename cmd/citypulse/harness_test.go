@@ -6,21 +6,19 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 	"github.com/stretchr/testify/require"
+
+	"github.com/citypulse/citypulse/cmd/internal/servertest"
 )
 
 // The end-to-end tests run the real citypulse binary on free loopback ports.
@@ -32,10 +30,8 @@ func TestMain(m *testing.M) {
 	if err != nil {
 		panic(err)
 	}
-	binPath = filepath.Join(dir, "citypulse")
-	out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "build citypulse: %v\n%s", err, out)
+	if binPath, err = servertest.Build(dir); err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
 	code := m.Run()
@@ -51,19 +47,7 @@ func skipShort(t *testing.T) {
 }
 
 // freePort returns a loopback port that was free a moment ago.
-func freePort(t *testing.T, network string) int {
-	t.Helper()
-	if network == "udp" {
-		c, err := net.ListenPacket("udp", "127.0.0.1:0")
-		require.NoError(t, err)
-		defer c.Close()
-		return c.LocalAddr().(*net.UDPAddr).Port
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
+func freePort(t *testing.T, network string) int { return servertest.FreePort(t, network) }
 
 const testDevices = `devices:
   - {id: pipe-0001, kind: pipe, district: gulou, interval: 10s, secret: "secret-pipe-0001"}
@@ -72,19 +56,12 @@ const testDevices = `devices:
   - {id: bay-0001, kind: parking, district: qinhuai, interval: 30s, secret: "secret-bay-0001"}
 `
 
-// server is one run of the binary.
+// server is one run of the binary (servertest.Server) with the test fleet.
 type server struct {
-	t        *testing.T
-	dir      string
-	mqtt     string // host:port
-	coap     string
-	dtls     string
-	http     string
-	cfgPath  string
-	extraEnv []string
-	cmd      *exec.Cmd
-	logs     *syncBuffer
-	exited   chan error
+	*servertest.Server
+	t                      *testing.T
+	dir                    string
+	mqtt, coap, dtls, http string
 }
 
 type syncBuffer struct {
@@ -105,102 +82,23 @@ func (s *syncBuffer) String() string {
 }
 
 // newServer prepares a data dir, a device list and free ports; config is
-// extra YAML appended to the config file.
+// extra YAML appended to the config file, env extra environment.
 func newServer(t *testing.T, config string, env ...string) *server {
 	t.Helper()
-	dir := t.TempDir()
-	s := &server{
-		t:        t,
-		dir:      dir,
-		mqtt:     fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp")),
-		coap:     fmt.Sprintf("127.0.0.1:%d", freePort(t, "udp")),
-		dtls:     fmt.Sprintf("127.0.0.1:%d", freePort(t, "udp")),
-		http:     fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp")),
-		cfgPath:  filepath.Join(dir, "citypulse.yaml"),
-		extraEnv: env,
-	}
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "devices.yaml"), []byte(testDevices), 0o600))
-	cfg := fmt.Sprintf("data_dir: %s\ndevices:\n  file: %s\n%s", filepath.Join(dir, "data"), filepath.Join(dir, "devices.yaml"), config)
-	require.NoError(t, os.WriteFile(s.cfgPath, []byte(cfg), 0o600))
-	t.Cleanup(func() {
-		if s.cmd != nil && s.cmd.ProcessState == nil {
-			_ = s.cmd.Process.Kill()
-			<-s.exited
-		}
-		if t.Failed() && s.logs != nil {
-			t.Logf("server log:\n%s", s.logs.String())
-		}
-	})
+	vitals, _ := filepath.Abs("../../configs/vitals.yaml")
+	rulesFile, _ := filepath.Abs("../../configs/rules.yaml")
+	env = append([]string{"CITYPULSE_VITALS_FILE=" + vitals, "CITYPULSE_RULES_FILE=" + rulesFile}, env...)
+	srv := servertest.New(t, binPath, env...)
+	s := &server{Server: srv, t: t, dir: srv.Dir, mqtt: srv.MQTT, coap: srv.CoAP, dtls: srv.DTLS, http: srv.HTTP}
+	devicesFile := filepath.Join(s.dir, "devices.yaml")
+	require.NoError(t, os.WriteFile(devicesFile, []byte(testDevices), 0o600))
+	srv.SetConfig(fmt.Sprintf("data_dir: {{data}}\ndevices:\n  file: %s\n%s", devicesFile, config))
 	return s
 }
 
-// start runs the binary and waits until /readyz answers.
-func (s *server) start() {
-	t := s.t
-	t.Helper()
-	s.cmd = exec.Command(binPath, "serve", "--config", s.cfgPath,
-		"--mqtt-addr", s.mqtt, "--coap-addr", s.coap, "--dtls-addr", s.dtls, "--http-addr", s.http)
-	vitals, _ := filepath.Abs("../../configs/vitals.yaml")
-	rulesFile, _ := filepath.Abs("../../configs/rules.yaml")
-	s.cmd.Env = append(append(serverEnv(), "CITYPULSE_VITALS_FILE="+vitals, "CITYPULSE_RULES_FILE="+rulesFile), s.extraEnv...)
-	if s.logs == nil {
-		s.logs = &syncBuffer{}
-	}
-	s.cmd.Stdout, s.cmd.Stderr = s.logs, s.logs
-	require.NoError(t, s.cmd.Start())
-	s.exited = make(chan error, 1)
-	go func() { s.exited <- s.cmd.Wait() }()
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		select {
-		case err := <-s.exited:
-			t.Fatalf("server exited during start-up: %v\n%s", err, s.logs.String())
-		default:
-		}
-		resp, err := http.Get("http://" + s.http + "/readyz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("server not ready after 60s\n%s", s.logs.String())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-// serverEnv is the test's environment without the tests' own knobs
-// (CITYPULSE_TEST_*), which the server would reject as unknown config keys.
-func serverEnv() []string {
-	var env []string
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "CITYPULSE_TEST_") {
-			env = append(env, kv)
-		}
-	}
-	return env
-}
-
-// stop sends SIGTERM and requires a clean exit.
-func (s *server) stop() {
-	s.t.Helper()
-	require.NoError(s.t, s.cmd.Process.Signal(syscall.SIGTERM))
-	select {
-	case err := <-s.exited:
-		require.NoError(s.t, err, "a graceful shutdown exits 0")
-	case <-time.After(30 * time.Second):
-		s.t.Fatalf("server did not stop within 30s after SIGTERM\n%s", s.logs.String())
-	}
-}
-
-// kill sends SIGKILL: no chance to flush anything.
-func (s *server) kill() {
-	s.t.Helper()
-	require.NoError(s.t, s.cmd.Process.Kill())
-	<-s.exited
-}
+func (s *server) start() { s.t.Helper(); s.Start() }
+func (s *server) stop()  { s.t.Helper(); s.Stop() }
+func (s *server) kill()  { s.t.Helper(); s.Kill() }
 
 // mqttConnect connects a paho client to addr as device id.
 func mqttConnect(addr, id, secret string, v5 bool) (mqtt.Client, error) {

@@ -82,7 +82,7 @@ func TestIdleConnectionFloodMemory(t *testing.T) {
 	require.NoError(t, os.WriteFile(filepath.Join(s.dir, "devices.yaml"), []byte(devs.String()), 0o600))
 	s.start()
 	defer s.stop()
-	pid := s.cmd.Process.Pid
+	pid := s.Pid()
 	time.Sleep(time.Second) // let start-up settle
 	before := rssKiB(t, pid)
 

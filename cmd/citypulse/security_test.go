@@ -82,7 +82,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 	answers.WriteString(added)
 	time.Sleep(200 * time.Millisecond) // let the log catch up
 	s.stop()
-	logs := s.logs.String()
+	logs := s.Logs()
 	require.Contains(t, logs, "pipe-0002", "the refused login is logged (by device id)")
 	for _, secret := range []string{admin, read, hook, wrongKey, newKey, "secret-pipe-0001", "secret-pipe-0002"} {
 		require.NotContains(t, logs, secret, "the log holds a secret")

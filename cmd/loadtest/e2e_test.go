@@ -78,7 +78,8 @@ func startServer(t *testing.T, hook, devicesFile string) *servertest.Server {
 	}
 	cfg := fmt.Sprintf(serverTempl, adminToken, readToken, devicesFile, filepath.Join(root, "configs/vitals.yaml"),
 		filepath.Join(root, "configs/loadtest/rules.yaml"), hook, hookSecret)
-	s := servertest.New(t, serverBin, cfg)
+	s := servertest.New(t, serverBin)
+	s.SetConfig(cfg)
 	s.Start()
 	return s
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/options"
 	"github.com/plgd-dev/go-coap/v3/udp"
+	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
 )
 
 // conn is one connection of the simulated fleet: an MQTT client or a CoAP
@@ -182,36 +183,28 @@ func (c *coapConn) connect(ctx context.Context) error {
 	// go-coap clients send one request at a time unless told otherwise
 	n := int64(c.sc.Transport.InFlight)
 	par, parEP := options.WithLimitClientParallelRequest(n), options.WithLimitClientEndpointParallelRequest(n)
+	var co *udpclient.Conn
+	var err error
+	withKey := true // plain UDP carries the device's key in the URI query
 	if c.sc.Transport.DTLS {
 		key := c.user.Secret
-		co, err := dtls.Dial(c.sc.Target.CoAP, dtls.NewDTLSClientOptions(
+		co, err = dtls.Dial(c.sc.Target.CoAP, dtls.NewDTLSClientOptions(
 			piondtls.WithPSK(func([]byte) ([]byte, error) { return []byte(key), nil }),
 			piondtls.WithPSKIdentityHint([]byte(c.user.ID)),
 			piondtls.WithCipherSuites(piondtls.TLS_PSK_WITH_AES_128_CCM_8)), par, parEP)
-		if err != nil {
-			return fmt.Errorf("dtls dial %s as %s: %w", c.sc.Target.CoAP, c.user.ID, err)
-		}
-		c.set(func(ctx context.Context, dev *simDevice, body []byte) (codes.Code, error) {
-			req, err := co.NewPostRequest(ctx, "/devices/"+dev.ID+"/readings", cf, bytes.NewReader(body))
-			if err != nil {
-				return 0, err
-			}
-			req.SetType(typ)
-			resp, err := co.Do(req)
-			if err != nil {
-				return 0, err
-			}
-			return resp.Code(), nil
-		}, func() { _ = co.Close() })
-		return nil
+		withKey = false
+	} else {
+		co, err = udp.Dial(c.sc.Target.CoAP, par, parEP)
 	}
-	co, err := udp.Dial(c.sc.Target.CoAP, par, parEP)
 	if err != nil {
-		return fmt.Errorf("coap dial %s: %w", c.sc.Target.CoAP, err)
+		return fmt.Errorf("coap dial %s as %s (dtls %v): %w", c.sc.Target.CoAP, c.user.ID, c.sc.Transport.DTLS, err)
 	}
 	c.set(func(ctx context.Context, dev *simDevice, body []byte) (codes.Code, error) {
-		req, err := co.NewPostRequest(ctx, "/devices/"+dev.ID+"/readings", cf, bytes.NewReader(body),
-			message.Option{ID: message.URIQuery, Value: []byte("key=" + dev.Secret)})
+		var opts []message.Option
+		if withKey {
+			opts = append(opts, message.Option{ID: message.URIQuery, Value: []byte("key=" + dev.Secret)})
+		}
+		req, err := co.NewPostRequest(ctx, "/devices/"+dev.ID+"/readings", cf, bytes.NewReader(body), opts...)
 		if err != nil {
 			return 0, err
 		}

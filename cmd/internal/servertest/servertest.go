@@ -65,11 +65,12 @@ type Server struct {
 	cmd                    *exec.Cmd
 	logs                   *syncBuffer
 	exited                 chan error
+	configured             bool
 }
 
-// New prepares a server in a fresh directory with config as its config file;
-// "{{data}}" in config is replaced by the data directory.
-func New(t testing.TB, bin, config string, env ...string) *Server {
+// New prepares a server in a fresh directory on free loopback ports, with env
+// added to its environment; SetConfig writes its config before Start.
+func New(t testing.TB, bin string, env ...string) *Server {
 	t.Helper()
 	s := &Server{t: t, bin: bin, Dir: t.TempDir(), Env: env,
 		MQTT: fmt.Sprintf("127.0.0.1:%d", FreePort(t, "tcp")),
@@ -77,7 +78,6 @@ func New(t testing.TB, bin, config string, env ...string) *Server {
 		DTLS: fmt.Sprintf("127.0.0.1:%d", FreePort(t, "udp")),
 		HTTP: fmt.Sprintf("127.0.0.1:%d", FreePort(t, "tcp")),
 	}
-	s.SetConfig(config)
 	t.Cleanup(func() {
 		if s.cmd != nil && s.cmd.ProcessState == nil {
 			_ = s.cmd.Process.Kill()
@@ -90,17 +90,26 @@ func New(t testing.TB, bin, config string, env ...string) *Server {
 	return s
 }
 
-// SetConfig rewrites the config file (and moves the data dir to a new one).
+// SetConfig writes the config file; "{{data}}" in it becomes the data
+// directory: <Dir>/data the first time, a new empty one on every later call
+// (a server that lost its disk).
 func (s *Server) SetConfig(config string) {
-	data, err := os.MkdirTemp(s.Dir, "data")
-	if err != nil {
-		s.t.Fatal(err)
+	data := filepath.Join(s.Dir, "data")
+	if s.configured {
+		var err error
+		if data, err = os.MkdirTemp(s.Dir, "data"); err != nil {
+			s.t.Fatal(err)
+		}
 	}
-	config = string(bytes.ReplaceAll([]byte(config), []byte("{{data}}"), []byte(data)))
+	s.configured = true
+	config = strings.ReplaceAll(config, "{{data}}", data)
 	if err := os.WriteFile(filepath.Join(s.Dir, "citypulse.yaml"), []byte(config), 0o600); err != nil {
 		s.t.Fatal(err)
 	}
 }
+
+// Pid is the running server's process id.
+func (s *Server) Pid() int { return s.cmd.Process.Pid }
 
 // Start runs the binary and waits until /readyz answers.
 func (s *Server) Start() {
