@@ -86,7 +86,7 @@ func TestJournalDiskFull(t *testing.T) {
 	// every acknowledged reading is in the store, none that was refused; and
 	// so after a restart, which replays the journal that once hit the wall
 	storeHasAll := func() error {
-		v, err := latest(t, s.http, fmt.Sprintf(`count_over_time(pipe_pressure{device="pipe-0001"}[3h])`))
+		v, err := latest(t, s.http, `count_over_time(pipe_pressure{device="pipe-0001"}[3h])`)
 		if err != nil {
 			return err
 		}
