@@ -83,23 +83,31 @@ func NewBroker(cfg MQTTConfig, devs Devices, h *Handler, log *slog.Logger, reg p
 		cancel()
 		return nil, err
 	}
-	ln, err := net.Listen("tcp", cfg.Addr)
-	if err != nil {
-		cancel()
-		return nil, fmt.Errorf("ingest.mqtt.addr %s: %w", cfg.Addr, err)
-	}
-	b.ln = ln
-	if err := srv.AddListener(listeners.NewNet("mqtt", ln)); err != nil {
-		ln.Close()
-		cancel()
-		return nil, err
-	}
-	if cfg.TLSAddr != "" {
-		if err := b.listenTLS(cfg); err != nil {
+	if cfg.Addr != "" {
+		ln, err := net.Listen("tcp", cfg.Addr)
+		if err != nil {
+			cancel()
+			return nil, fmt.Errorf("ingest.mqtt.addr %s: %w", cfg.Addr, err)
+		}
+		b.ln = ln
+		if err := srv.AddListener(listeners.NewNet("mqtt", ln)); err != nil {
 			ln.Close()
 			cancel()
 			return nil, err
 		}
+	}
+	if cfg.TLSAddr != "" {
+		if err := b.listenTLS(cfg); err != nil {
+			if b.ln != nil {
+				b.ln.Close()
+			}
+			cancel()
+			return nil, err
+		}
+	}
+	if b.ln == nil && b.tlsLn == nil {
+		cancel()
+		return nil, errors.New("ingest.mqtt: neither addr nor tls_addr is set")
 	}
 	return b, nil
 }
@@ -122,8 +130,13 @@ func (b *Broker) listenTLS(cfg MQTTConfig) error {
 	return nil
 }
 
-// Addr returns the bound address.
-func (b *Broker) Addr() net.Addr { return b.ln.Addr() }
+// Addr returns the bound plain-MQTT address, or nil when only TLS is on.
+func (b *Broker) Addr() net.Addr {
+	if b.ln == nil {
+		return nil
+	}
+	return b.ln.Addr()
+}
 
 // TLSAddr returns the bound MQTT-over-TLS address, or nil when it is off.
 func (b *Broker) TLSAddr() net.Addr {

@@ -42,7 +42,7 @@ type RateLimitConfig struct {
 // MQTTConfig configures the embedded broker.
 type MQTTConfig struct {
 	Enabled bool   `mapstructure:"enabled" yaml:"enabled"`
-	Addr    string `mapstructure:"addr" yaml:"addr"` // TCP listen address
+	Addr    string `mapstructure:"addr" yaml:"addr"` // TCP listen address; "" with TLSAddr set: TLS only
 	// MaxConnections bounds concurrent client connections (0: unlimited).
 	MaxConnections int `mapstructure:"max_connections" yaml:"max_connections"`
 	// TLSAddr is the MQTT-over-TLS listen address (":8883"); empty disables it.
@@ -113,7 +113,8 @@ func (c Config) Validate() error {
 			errs = append(errs, errors.New("ingest.mqtt.tls_addr needs ingest.mqtt.cert_file and ingest.mqtt.key_file"))
 		}
 	}
-	if c.MQTT.Enabled {
+	if c.MQTT.Enabled && (c.MQTT.Addr != "" || c.MQTT.TLSAddr == "") {
+		// addr may be empty only when TLS is on: MQTT over TLS alone
 		errs = append(errs, checkAddr("ingest.mqtt.addr", c.MQTT.Addr))
 	}
 	if c.MQTT.MaxConnections < 0 {

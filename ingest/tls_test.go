@@ -91,6 +91,30 @@ func TestBrokerOverTLS(t *testing.T) {
 	})
 }
 
+// With addr empty the broker speaks MQTT over TLS only.
+func TestBrokerTLSOnly(t *testing.T) {
+	cert, key, pool := selfSigned(t)
+	rec := &recorder{}
+	b, err := NewBroker(MQTTConfig{Enabled: true, TLSAddr: "127.0.0.1:0", CertFile: cert, KeyFile: key},
+		testRegistry(t), NewHandler(rec, HandlerOptions{}), nil, nil)
+	require.NoError(t, err)
+	runGateway(t, b)
+	require.Nil(t, b.Addr(), "no plain listener")
+	o := paho.NewClientOptions().AddBroker("ssl://" + b.TLSAddr().String()).SetClientID("pipe-0001").
+		SetUsername("pipe-0001").SetPassword("secret-pipe-0001").SetAutoReconnect(false).
+		SetTLSConfig(&tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12})
+	c := paho.NewClient(o)
+	tok := c.Connect()
+	require.True(t, tok.WaitTimeout(5*time.Second))
+	require.NoError(t, tok.Error())
+	defer c.Disconnect(50)
+	cfg := Default()
+	cfg.MQTT.Addr, cfg.MQTT.TLSAddr, cfg.MQTT.CertFile, cfg.MQTT.KeyFile = "", ":8883", cert, key
+	require.NoError(t, cfg.Validate(), "TLS only is a valid config")
+	cfg.MQTT.TLSAddr = ""
+	require.ErrorContains(t, cfg.Validate(), "ingest.mqtt.addr", "but not neither")
+}
+
 func TestBrokerTLSNeedsAUsableCertificate(t *testing.T) {
 	_, err := NewBroker(MQTTConfig{Enabled: true, Addr: "127.0.0.1:0", TLSAddr: "127.0.0.1:0", CertFile: "/nonexistent", KeyFile: "/nonexistent"},
 		testRegistry(t), NewHandler(&recorder{}, HandlerOptions{}), nil, nil)

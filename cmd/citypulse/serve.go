@@ -146,7 +146,9 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 		prev := closeAll
 		closeAll = func() { b.Close(); prev() }
 		gateways = append(gateways, b)
-		log.Info("embedded MQTT broker listening", "addr", b.Addr().String())
+		if a := b.Addr(); a != nil {
+			log.Info("embedded MQTT broker listening", "addr", a.String())
+		}
 		if a := b.TLSAddr(); a != nil {
 			log.Info("embedded MQTT broker listening over TLS", "addr", a.String())
 		}
