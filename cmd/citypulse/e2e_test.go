@@ -248,35 +248,42 @@ func TestExternalBrokerMode(t *testing.T) {
 	s.start()
 	defer s.stop()
 
-	pub := mqtt.NewClient(mqtt.NewClientOptions().AddBroker("tcp://" + broker).SetClientID("field-gateway"))
-	tok := pub.Connect()
-	require.True(t, tok.WaitTimeout(5*time.Second))
-	require.NoError(t, tok.Error())
-	defer pub.Disconnect(100)
-	// The subscription is made asynchronously after start-up: publish until seen.
-	eventually(t, 15*time.Second, func() error {
-		publish(t, pub, "devices/pipe-0001/readings", 1, []byte(`[{"n":"pressure","v":321}]`))
-		v, err := latest(t, s.http, `pipe_pressure{device="pipe-0001"}`)
-		if err == nil && v != 321 {
-			err = fmt.Errorf("got %v", v)
+	// round publishes through the broker: a probe until the (asynchronous)
+	// subscription delivers it, then 100 readings of pipe-0002 that must all
+	// arrive; want is the count expected in the store afterwards.
+	round := func(probe float64, base int, want float64) {
+		t.Helper()
+		pub := mqtt.NewClient(mqtt.NewClientOptions().AddBroker("tcp://" + broker).SetClientID("field-gateway"))
+		tok := pub.Connect()
+		require.True(t, tok.WaitTimeout(5*time.Second))
+		require.NoError(t, tok.Error())
+		defer pub.Disconnect(100)
+		eventually(t, 15*time.Second, func() error {
+			publish(t, pub, "devices/pipe-0001/readings", 1, fmt.Appendf(nil, `[{"n":"pressure","v":%g}]`, probe))
+			v, err := latest(t, s.http, `pipe_pressure{device="pipe-0001"}`)
+			if err == nil && v != probe {
+				err = fmt.Errorf("got %v", v)
+			}
+			return err
+		})
+		for i := 0; i < 100; i++ {
+			// base shifts the times so that the two rounds never share one
+			at := time.Now().Add(-time.Duration(100-i)*time.Second - time.Duration(base)*time.Millisecond)
+			publish(t, pub, "devices/pipe-0002/readings", 1, fmt.Appendf(nil, `{"time":%d,"pressure":%d}`, at.UnixNano(), base+i))
 		}
-		return err
-	})
-	for i := 0; i < 100; i++ {
-		publish(t, pub, "devices/pipe-0002/readings", 1, fmt.Appendf(nil, `{"time":%d,"pressure":%d}`, time.Now().Add(-time.Duration(100-i)*time.Second).UnixNano(), 200+i))
+		eventually(t, 15*time.Second, func() error {
+			v, err := latest(t, s.http, `count_over_time(pipe_pressure{device="pipe-0002"}[10m])`)
+			if err == nil && v != want {
+				err = fmt.Errorf("got %v samples, want %v", v, want)
+			}
+			return err
+		})
 	}
-	eventually(t, 15*time.Second, func() error {
-		v, err := latest(t, s.http, `count_over_time(pipe_pressure{device="pipe-0002"}[10m])`)
-		if err == nil && v != 100 {
-			err = fmt.Errorf("got %v samples", v)
-		}
-		return err
-	})
+	round(321, 200, 100)
 
 	// The broker goes away and comes back on the same port: CityPulse
 	// reconnects and subscribes again by itself, and nothing published after
 	// the broker is back is missed.
-	pub.Disconnect(50)
 	require.NoError(t, mq.Process.Kill())
 	_ = mq.Wait()
 	cut := time.Now()
@@ -305,31 +312,7 @@ func TestExternalBrokerMode(t *testing.T) {
 		}
 		return err
 	})
-	pub = mqtt.NewClient(mqtt.NewClientOptions().AddBroker("tcp://" + broker).SetClientID("field-gateway"))
-	tok = pub.Connect()
-	require.True(t, tok.WaitTimeout(5*time.Second))
-	require.NoError(t, tok.Error())
-	defer pub.Disconnect(100)
-	// the subscription is renewed asynchronously on reconnect: wait until a
-	// probe reading arrives, then publish the checked batch
-	eventually(t, 15*time.Second, func() error {
-		publish(t, pub, "devices/pipe-0001/readings", 1, []byte(`[{"n":"pressure","v":654}]`))
-		v, err := latest(t, s.http, `pipe_pressure{device="pipe-0001"}`)
-		if err == nil && v != 654 {
-			err = fmt.Errorf("got %v", v)
-		}
-		return err
-	})
-	for i := 0; i < 100; i++ {
-		publish(t, pub, "devices/pipe-0002/readings", 1, fmt.Appendf(nil, `{"time":%d,"pressure":%d}`, time.Now().Add(-time.Duration(100-i)*time.Second-500*time.Millisecond).UnixNano(), 300+i))
-	}
-	eventually(t, 15*time.Second, func() error {
-		v, err := latest(t, s.http, `count_over_time(pipe_pressure{device="pipe-0002"}[10m])`)
-		if err == nil && v != 200 {
-			err = fmt.Errorf("got %v samples, want the 200 published while the broker was up", v)
-		}
-		return err
-	})
+	round(654, 300, 200)
 }
 
 // TestAcknowledgedReadingsSurviveSIGKILL publishes QoS 1 readings with a

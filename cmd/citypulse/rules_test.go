@@ -77,6 +77,19 @@ func newOpsCentre(t *testing.T) *opsCentre {
 	return o
 }
 
+// config is the server's rules section with o as its only receiver.
+func (o *opsCentre) config(tick string) string {
+	return fmt.Sprintf(`rules:
+  tick: %s
+  notify:
+    receivers:
+      - {name: ops, type: webhook, url: %s/hook, secret: %q, timeout: 500ms}
+    allow_hosts: ["127.0.0.1"]
+    retry_min: 50ms
+    retry_max: 300ms
+`, tick, o.srv.URL, hookSecret)
+}
+
 func (o *opsCentre) got() []string {
 	o.mu.Lock()
 	defer o.mu.Unlock()
@@ -98,15 +111,7 @@ func TestBurstMainNotifiesOnceFiringAndOnceResolved(t *testing.T) {
     annotations:
       summary: 'Pressure at {{.Device}} ({{.District}}) fell {{printf "%.0f" .Delta}} kPa in {{.Window}}'
 `), 0o644))
-	s := newServer(t, fmt.Sprintf(`rules:
-  tick: 200ms
-  notify:
-    receivers:
-      - {name: ops, type: webhook, url: %s/hook, secret: %q, timeout: 500ms}
-    allow_hosts: ["127.0.0.1"]
-    retry_min: 50ms
-    retry_max: 300ms
-`, ops.srv.URL, hookSecret), "CITYPULSE_RULES_FILE="+rulesFile)
+	s := newServer(t, ops.config("200ms"), "CITYPULSE_RULES_FILE="+rulesFile)
 	s.start()
 
 	send := func(p float64) {
@@ -299,15 +304,7 @@ func TestAlertsSurviveSIGKILL(t *testing.T) {
     clear: 180
     severity: critical
 `), 0o644))
-	s := newServer(t, fmt.Sprintf(`rules:
-  tick: 100ms
-  notify:
-    receivers:
-      - {name: ops, type: webhook, url: %s/hook, secret: %q, timeout: 500ms}
-    allow_hosts: ["127.0.0.1"]
-    retry_min: 50ms
-    retry_max: 300ms
-`, ops.srv.URL, hookSecret), "CITYPULSE_RULES_FILE="+rulesFile)
+	s := newServer(t, ops.config("100ms"), "CITYPULSE_RULES_FILE="+rulesFile)
 	send := func(p float64) {
 		c, err := mqttConnect(s.mqtt, "pipe-0001", "secret-pipe-0001", false)
 		require.NoError(t, err)
