@@ -490,20 +490,6 @@ func TestDevicesCanBeAddedAtRuntimeWithTheAdminToken(t *testing.T) {
 	require.Equal(t, http.StatusUnauthorized, add("wrong-token-0123456789"))
 	require.Equal(t, http.StatusCreated, add(token))
 
-	// profiles are for admins only
-	pprofStatus := func(tok string) int {
-		req, _ := http.NewRequest("GET", "http://"+s.http+"/debug/pprof/", nil)
-		if tok != "" {
-			req.Header.Set("Authorization", "Bearer "+tok)
-		}
-		resp, err := http.DefaultClient.Do(req)
-		require.NoError(t, err)
-		resp.Body.Close()
-		return resp.StatusCode
-	}
-	require.Equal(t, http.StatusUnauthorized, pprofStatus(""))
-	require.Equal(t, http.StatusOK, pprofStatus(token))
-
 	c, err := mqttConnect(s.mqtt, "lot-0009", "secret-lot-0009", false)
 	require.NoError(t, err, "a device added at runtime can connect at once")
 	publish(t, c, "devices/lot-0009/readings", 1, []byte(`{"available_spot_number":41,"total_spot_number":120}`))

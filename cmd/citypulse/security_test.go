@@ -68,6 +68,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 	require.Equal(t, "401", status("POST", "/api/v1/devices", read), "the read token cannot change anything")
 	require.Equal(t, "401", status("POST", "/-/reload", read))
 	require.Equal(t, "401", status("GET", "/debug/pprof/", read), "profiles are for admins")
+	require.Equal(t, "200", status("GET", "/debug/pprof/", admin))
 	require.Equal(t, "200", status("GET", "/healthz", ""), "liveness stays open")
 
 	added := do("POST", "/api/v1/devices", admin, fmt.Sprintf(`{"id":"pipe-0100","kind":"pipe","district":"gulou","interval":"10s","secret":%q}`, newKey))

@@ -31,6 +31,16 @@ type conn interface {
 	close()
 }
 
+// acquire takes a slot of an in-flight window, or gives up when ctx ends.
+func acquire(ctx context.Context, window chan struct{}) error {
+	select {
+	case window <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 // dialer opens the connections of a scenario.
 type dialer func(ctx context.Context, sc Scenario, devs []*simDevice, n int) (conn, error)
 
@@ -91,10 +101,8 @@ func (c *mqttConn) connect(ctx context.Context) error {
 }
 
 func (c *mqttConn) send(ctx context.Context, dev *simDevice, body []byte, done func(bool, error)) error {
-	select {
-	case c.window <- struct{}{}:
-	case <-ctx.Done():
-		return ctx.Err()
+	if err := acquire(ctx, c.window); err != nil {
+		return err
 	}
 	c.mu.Lock()
 	cl := c.client
@@ -230,10 +238,8 @@ type coapError struct{ code codes.Code }
 func (e coapError) Error() string { return "coap: " + e.code.String() }
 
 func (c *coapConn) send(ctx context.Context, dev *simDevice, body []byte, done func(bool, error)) error {
-	select {
-	case c.window <- struct{}{}:
-	case <-ctx.Done():
-		return ctx.Err()
+	if err := acquire(ctx, c.window); err != nil {
+		return err
 	}
 	c.mu.Lock()
 	do := c.do

@@ -63,7 +63,7 @@ type Server struct {
 	Dir                    string   // holds the config and the data dir
 	Env                    []string // extra environment
 	cmd                    *exec.Cmd
-	logs                   *syncBuffer
+	logs                   *SyncBuffer
 	exited                 chan error
 	configured             bool
 }
@@ -124,7 +124,7 @@ func (s *Server) Start() {
 	}
 	s.cmd.Env = append(s.cmd.Env, s.Env...)
 	if s.logs == nil {
-		s.logs = &syncBuffer{}
+		s.logs = &SyncBuffer{}
 	}
 	s.cmd.Stdout, s.cmd.Stderr = s.logs, s.logs
 	if err := s.cmd.Start(); err != nil {
@@ -186,18 +186,19 @@ func (s *Server) Logs() string {
 	return s.logs.String()
 }
 
-type syncBuffer struct {
+// SyncBuffer is a bytes.Buffer safe for a process's stdout and a reader at once.
+type SyncBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
 }
 
-func (s *syncBuffer) Write(p []byte) (int, error) {
+func (s *SyncBuffer) Write(p []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.Write(p)
 }
 
-func (s *syncBuffer) String() string {
+func (s *SyncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
