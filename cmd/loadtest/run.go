@@ -23,8 +23,12 @@ type pubMsg struct {
 	dev    *simDevice
 	first  int
 	n      int
-	probe  bool // poll the query API for its first reading
-	status atomic.Uint32
+	// probe, when set, is the series selector and time of its first reading,
+	// polled on the query API once acknowledged (set by the owner goroutine
+	// before the publish, read by the ack callback).
+	probe   string
+	probeTS int64
+	status  atomic.Uint32
 }
 
 const (
@@ -203,7 +207,7 @@ func (r *runner) publish(ctx context.Context, c conn, m *pubMsg, body []byte) {
 				r.acked.Add(1)
 				r.readingsAcked.Add(int64(m.n))
 			}
-			if m.probe {
+			if m.probe != "" {
 				r.enqueueProbe(m, t0)
 			}
 		default:
@@ -305,7 +309,11 @@ func (r *runner) connLoop(ctx context.Context, c conn, devs []*simDevice, rate f
 		if late {
 			r.lateSent.Add(1)
 		} else {
-			m.probe = r.sc.Measure.QueryableSample > 0 && rng.Float64() < r.sc.Measure.QueryableSample
+			if r.sc.Measure.QueryableSample > 0 && rng.Float64() < r.sc.Measure.QueryableSample {
+				rd := dev.readings[m.first]
+				m.probe = fmt.Sprintf(`%s_%s{device=%q}`, dev.Kind, dev.metrics[rd.metric].Name, dev.ID)
+				m.probeTS = rd.ts
+			}
 		}
 		for idx, k := range occ {
 			r.alerts.expect(r.sc.Incidents[idx], idx, k, dev, now)

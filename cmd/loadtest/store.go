@@ -168,8 +168,7 @@ type probe struct {
 }
 
 func (r *runner) enqueueProbe(m *pubMsg, sentAt time.Time) {
-	rd := m.dev.readings[m.first]
-	p := probe{series: fmt.Sprintf(`%s_%s{device=%q}`, m.dev.Kind, m.dev.metrics[rd.metric].Name, m.dev.ID), ts: rd.ts, sentAt: sentAt}
+	p := probe{series: m.probe, ts: m.probeTS, sentAt: sentAt}
 	select {
 	case r.probes <- p:
 	default:
