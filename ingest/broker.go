@@ -250,6 +250,14 @@ func (hk *brokerHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pac
 			return pk, packets.CodeSuccessIgnore
 		case errors.Is(err, ErrRateLimited):
 			b.m.messages.WithLabelValues("rate_limited").Inc()
+			var rl *RateLimitError
+			if errors.As(err, &rl) && rl.Never() {
+				// larger than the burst: no wait helps, so like a bad payload
+				if v5 && pk.FixedHeader.Qos > 0 {
+					return pk, packets.ErrPacketTooLarge
+				}
+				return pk, packets.CodeSuccessIgnore
+			}
 			if v5 && pk.FixedHeader.Qos > 0 {
 				return pk, packets.ErrQuotaExceeded // negative PUBACK 0x97: back off
 			}

@@ -227,7 +227,7 @@ func (s *CoAPServer) handle(w mux.ResponseWriter, r *mux.Message) (codes.Code, s
 	case errors.Is(err, ErrRateLimited):
 		var rl *RateLimitError
 		errors.As(err, &rl)
-		if rl == nil || rl.RetryAfter > time.Hour {
+		if rl == nil || rl.Never() {
 			return codes.RequestEntityTooLarge, "message larger than the device's rate-limit burst", nil
 		}
 		secs := min(255, int(rl.RetryAfter/time.Second)+1)

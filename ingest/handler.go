@@ -143,8 +143,10 @@ func (h *Handler) logSample(msg string, attrs ...any) {
 // Handle decodes, validates and submits one message from dev. Invalid records are
 // rejected and counted while the rest are accepted. The error is non-nil when
 // nothing was journaled: a *payload.Error for an unusable message (answer "bad
-// request"), pipeline.ErrBackpressure when the journal is full (do not
-// acknowledge; the device retries), or the context's error.
+// request"), a *RateLimitError (ErrRateLimited) when the device is over its
+// rate limit (do not acknowledge; the device backs off), pipeline.ErrBackpressure
+// when the journal is full (do not acknowledge; the device retries), or the
+// context's error.
 func (h *Handler) Handle(ctx context.Context, dev devices.Device, f payload.Format, body []byte) (Result, error) {
 	var res Result
 	if f == payload.Unknown {

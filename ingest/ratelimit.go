@@ -21,6 +21,10 @@ func (e *RateLimitError) Error() string {
 	return "device over its rate limit; retry after " + e.RetryAfter.Round(time.Millisecond).String()
 }
 
+// Never reports that the message is larger than the burst: waiting will not
+// help, so gateways treat it like a bad payload rather than ask for a retry.
+func (e *RateLimitError) Never() bool { return e.RetryAfter > time.Hour }
+
 // Is makes errors.Is(err, ErrRateLimited) true.
 func (e *RateLimitError) Is(target error) bool { return target == ErrRateLimited }
 

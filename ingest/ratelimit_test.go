@@ -189,6 +189,8 @@ func TestBrokerRateLimitV5NegativePuback(t *testing.T) {
 		"0x97 quota exceeded: back off")
 	require.Equal(t, packets.ErrPayloadFormatInvalid.Code, c.publish(t, 3, "devices/pipe-0001/readings", []byte(`[{"n":`)),
 		"a malformed payload is 0x99 (before any rate limit)")
+	require.Equal(t, packets.ErrPacketTooLarge.Code, c.publish(t, 4, "devices/pipe-0001/readings",
+		[]byte(`[{"n":"pressure","v":1},{"n":"flow","v":2}]`)), "more readings than the burst: no wait helps")
 	require.Len(t, rec.readings(), 1)
 }
 
