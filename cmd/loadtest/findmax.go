@@ -116,7 +116,7 @@ func cmdFindMax(ctx context.Context, args []string, stdout, stderr io.Writer) (i
 	p99 := f.fs.Duration("p99", 50*time.Millisecond, "ack p99 limit")
 	errLimit := f.fs.Float64("errors", 0.001, "limit on the share of failed messages")
 	step := f.fs.Duration("step", 10*time.Second, "duration of each step")
-	sc, _, err := f.load(args, func(s *Scenario) {
+	sc, err := f.load(args, func(s *Scenario) {
 		apply(s)
 		s.Duration = *step
 		s.Settle = min(s.Settle, 10*time.Second)

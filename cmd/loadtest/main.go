@@ -211,22 +211,22 @@ func newRunFlags(name string, stderr io.Writer) (*runFlags, func(*Scenario)) {
 	return f, apply
 }
 
-func (f *runFlags) load(args []string, apply func(*Scenario)) (Scenario, *slog.Logger, error) {
+func (f *runFlags) load(args []string, apply func(*Scenario)) (Scenario, error) {
 	if err := f.fs.Parse(args); err != nil {
-		return Scenario{}, nil, err
+		return Scenario{}, err
 	}
 	if f.fs.NArg() > 0 {
-		return Scenario{}, nil, fmt.Errorf("unexpected arguments %v", f.fs.Args())
+		return Scenario{}, fmt.Errorf("unexpected arguments %v", f.fs.Args())
 	}
 	sc, err := LoadScenario(f.scenario)
 	if err != nil {
-		return sc, nil, err
+		return sc, err
 	}
 	apply(&sc)
 	if err := sc.Validate(); err != nil {
-		return sc, nil, fmt.Errorf("scenario %s:\n%w", sc.Name, err)
+		return sc, fmt.Errorf("scenario %s:\n%w", sc.Name, err)
 	}
-	return sc, nil, nil
+	return sc, nil
 }
 
 func logger(stderr io.Writer, verbose bool) *slog.Logger {
@@ -239,7 +239,7 @@ func logger(stderr io.Writer, verbose bool) *slog.Logger {
 
 func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) (int, error) {
 	f, apply := newRunFlags("run", stderr)
-	sc, _, err := f.load(args, apply)
+	sc, err := f.load(args, apply)
 	if err != nil {
 		return exitSetup, err
 	}

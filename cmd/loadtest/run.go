@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -20,9 +21,9 @@ import (
 
 // pubMsg is one publish of readings[first:first+n] of dev.
 type pubMsg struct {
-	dev    *simDevice
-	first  int
-	n      int
+	dev   *simDevice
+	first int
+	n     int
 	// probe, when set, is the series selector and time of its first reading,
 	// polled on the query API once acknowledged (set by the owner goroutine
 	// before the publish, read by the ack callback).
@@ -361,16 +362,8 @@ func (r *runner) tick(t int, prev *[4]int64) {
 		frac := min(1, float64(t)/total)
 		bar := int(frac * 30)
 		fmt.Fprintf(r.progress, "\r[%-30s] %3.0f%%  %7d msg/s  %8d readings/s  errors %d  ack p99 %.1f ms   ",
-			string(repeat('=', bar)), frac*100, s.Messages, s.Readings, cur[3], s.AckP99)
+			strings.Repeat("=", bar), frac*100, s.Messages, s.Readings, cur[3], s.AckP99)
 	}
-}
-
-func repeat(c byte, n int) []byte {
-	b := make([]byte, n)
-	for i := range b {
-		b[i] = c
-	}
-	return b
 }
 
 func ms(us int64) float64 { return float64(us) / 1000 }
