@@ -116,6 +116,19 @@ func TestMQTTRefusesWrongCredentialsAndForeignTopics(t *testing.T) {
 		}
 		c.Disconnect(100)
 	}
+	// A device may not subscribe: not to another device's topic, not to "#".
+	spy, err := mqttConnect(s.mqtt, "pipe-0002", "secret-pipe-0002", false)
+	require.NoError(t, err)
+	defer spy.Disconnect(100)
+	var seen atomic.Int64
+	for _, topic := range []string{"devices/pipe-0001/readings", "#"} {
+		tok := spy.Subscribe(topic, 1, func(mqtt.Client, mqtt.Message) { seen.Add(1) })
+		require.True(t, tok.WaitTimeout(5*time.Second))
+		st, ok := tok.(*mqtt.SubscribeToken)
+		require.True(t, ok)
+		require.Equal(t, byte(0x80), st.Result()[topic], "SUBACK refuses %s", topic)
+	}
+
 	// A marker from the right device proves the server processed what came before.
 	c, err := mqttConnect(s.mqtt, "pipe-0001", "secret-pipe-0001", false)
 	require.NoError(t, err)
@@ -126,6 +139,7 @@ func TestMQTTRefusesWrongCredentialsAndForeignTopics(t *testing.T) {
 		return err
 	})
 	require.Empty(t, query(t, s.http, `pipe_pressure{device="pipe-0002"}`), "a device cannot write another device's series")
+	require.Zero(t, seen.Load(), "no device reading reaches a subscriber")
 
 	metrics := get(t, "http://"+s.http+"/metrics")
 	require.Contains(t, metrics, `citypulse_readings_rejected_total{reason="unauthorized"}`)
