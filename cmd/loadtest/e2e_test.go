@@ -211,18 +211,21 @@ measure: {queryable_sample: 0, check: true}
 	s := startServer(t, hook, devFile)
 	t.Setenv("LOADTEST_READ_TOKEN", readToken)
 
-	go func() {
-		time.Sleep(2 * time.Second)
-		s.Kill()
-		// the same server on the same ports, but with an empty data dir
-		cfg, _ := os.ReadFile(filepath.Join(s.Dir, "citypulse.yaml"))
-		s.SetConfig(string(bytes.Replace(cfg, []byte("data_dir: "), []byte("data_dir: {{data}}\n# was: "), 1)))
-		s.Start()
-	}()
 	out := filepath.Join(dir, "report.json")
 	var stdout, stderr bytes.Buffer
-	code := mainCode(context.Background(), []string{"run", "--scenario", scPath, "--quiet", "--json", out,
-		"--mqtt", s.MQTT, "--http", s.HTTP, "--coap", s.CoAP}, &stdout, &stderr)
+	done := make(chan int, 1)
+	go func() { // the harness runs in the background; the test drives the server
+		done <- mainCode(context.Background(), []string{"run", "--scenario", scPath, "--quiet", "--json", out,
+			"--mqtt", s.MQTT, "--http", s.HTTP, "--coap", s.CoAP}, &stdout, &stderr)
+	}()
+	time.Sleep(2 * time.Second)
+	s.Kill()
+	// the same server on the same ports, but with an empty data dir
+	cfg, err := os.ReadFile(filepath.Join(s.Dir, "citypulse.yaml"))
+	require.NoError(t, err)
+	s.SetConfig(string(bytes.Replace(cfg, []byte("data_dir: "), []byte("data_dir: {{data}}\n# was: "), 1)))
+	s.Start()
+	code := <-done
 	t.Logf("stdout:\n%s\nstderr:\n%s", stdout.String(), stderr.String())
 	require.Equal(t, 1, code, "a run that lost acknowledged readings exits 1")
 	var rep Report
