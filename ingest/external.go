@@ -5,11 +5,13 @@ import (
 	"errors"
 	"log/slog"
 	"strings"
+	"sync"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/citypulse/citypulse/devices"
 	"github.com/citypulse/citypulse/ingest/payload"
 	"github.com/citypulse/citypulse/pipeline"
 )
@@ -21,7 +23,10 @@ import (
 // unknown device: counted); under backpressure it is held and retried, so the
 // broker keeps it until it is journaled.
 //
-// Handling is in order (paho's OrderMatters): per-device order holds.
+// Messages are journaled concurrently, up to externalWindow at a time (one
+// at a time would cap the subscriber at one journal commit per message), but
+// those of one device one after the other, and acknowledged strictly in the
+// order they arrived (MQTT 3.1.1 §4.6).
 type External struct {
 	cfg  ExternalConfig
 	devs Devices
@@ -29,6 +34,23 @@ type External struct {
 	log  *slog.Logger
 	m    *externalMetrics
 	ctx  context.Context
+
+	// inflight holds the received messages in arrival order for the acker;
+	// last is each device's latest message (handled by paho's single
+	// delivery goroutine, so it needs no lock); work tracks the handlers.
+	inflight chan *inflightMsg
+	last     map[string]chan struct{}
+	work     sync.WaitGroup
+}
+
+// externalWindow bounds the messages being journaled or waiting for their
+// acknowledgement.
+const externalWindow = 256
+
+// inflightMsg is one received message; ack receives whether to acknowledge it.
+type inflightMsg struct {
+	msg paho.Message
+	ack chan bool
 }
 
 type externalMetrics struct {
@@ -93,24 +115,75 @@ func (x *External) Run(ctx context.Context) error {
 		x.m.reconnects.Inc()
 		x.log.Warn("external broker: connection lost; reconnecting", "url", x.cfg.URL, "err", err)
 	})
+	x.inflight = make(chan *inflightMsg, externalWindow)
+	x.last = map[string]chan struct{}{}
+	ackerDone := make(chan struct{})
+	go func() { defer close(ackerDone); x.acker(ctx) }()
 	c := paho.NewClient(o)
 	c.Connect() // with ConnectRetry it keeps trying in the background
 	<-ctx.Done()
 	c.Disconnect(500)
+	x.work.Wait()
+	<-ackerDone
 	x.m.connected.Set(0)
 	return nil
 }
 
-// handle journals one message, then acknowledges it.
+// acker acknowledges messages in arrival order, each once it is journaled
+// (or rejected for good). Once shutting down it acknowledges nothing more:
+// the broker re-delivers the rest after the next connect.
+func (x *External) acker(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case p := <-x.inflight:
+			if ok := <-p.ack; ok && ctx.Err() == nil {
+				p.msg.Ack()
+			}
+		}
+	}
+}
+
+// handle is paho's message handler (called in arrival order from one
+// goroutine): it queues the message for the acker and journals it in the
+// background, after the device's previous message.
 func (x *External) handle(_ paho.Client, msg paho.Message) {
+	p := &inflightMsg{msg: msg, ack: make(chan bool, 1)}
+	select {
+	case x.inflight <- p: // blocks while the window is full: backpressure to the broker
+	case <-x.ctx.Done():
+		return
+	}
 	id, ok := deviceOfTopic(msg.Topic())
 	dev, known := x.devs.Get(id)
 	if !ok || !known {
 		x.m.messages.WithLabelValues("unknown_device").Inc()
 		x.h.Reject(ReasonUnknownDevice, 1, "transport", "external-mqtt", "topic", msg.Topic())
-		msg.Ack()
+		p.ack <- true
 		return
 	}
+	prev, done := x.last[id], make(chan struct{})
+	x.last[id] = done
+	x.work.Add(1)
+	go func() {
+		defer x.work.Done()
+		defer close(done)
+		if prev != nil {
+			select {
+			case <-prev: // per-device order
+			case <-x.ctx.Done():
+				p.ack <- false
+				return
+			}
+		}
+		p.ack <- x.journal(dev, msg)
+	}()
+}
+
+// journal hands one message to the pipeline, retrying under backpressure; it
+// reports whether the message may be acknowledged.
+func (x *External) journal(dev devices.Device, msg paho.Message) bool {
 	wait := 10 * time.Millisecond
 	for {
 		_, err := x.h.Handle(x.ctx, dev, payload.Unknown, msg.Payload())
@@ -118,18 +191,15 @@ func (x *External) handle(_ paho.Client, msg paho.Message) {
 		switch {
 		case err == nil:
 			x.m.messages.WithLabelValues("accepted").Inc()
-			msg.Ack()
-			return
+			return true
 		case errors.As(err, &pe):
 			x.m.messages.WithLabelValues("bad_payload").Inc()
-			msg.Ack() // counted and logged; re-delivery would not fix it
-			return
+			return true // counted and logged; re-delivery would not fix it
 		case errors.Is(err, ErrRateLimited):
 			// The city's broker acknowledged it to the device already; holding
 			// it back would stall every other device behind this subscription.
 			x.m.messages.WithLabelValues("rate_limited").Inc()
-			msg.Ack() // counted (rate_limited) and logged
-			return
+			return true // counted (rate_limited) and logged
 		case errors.Is(err, pipeline.ErrBackpressure):
 			x.m.messages.WithLabelValues("backpressure").Inc()
 			t := time.NewTimer(wait)
@@ -137,12 +207,12 @@ func (x *External) handle(_ paho.Client, msg paho.Message) {
 			case <-t.C:
 			case <-x.ctx.Done():
 				t.Stop()
-				return // not acknowledged: the broker re-delivers after we reconnect
+				return false // not acknowledged: the broker re-delivers after we reconnect
 			}
 			wait = min(wait*2, 5*time.Second)
 		default:
 			x.m.messages.WithLabelValues("not_acknowledged").Inc()
-			return
+			return false
 		}
 	}
 }
