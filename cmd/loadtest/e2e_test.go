@@ -135,7 +135,9 @@ func requireClean(t *testing.T, rep Report) {
 	for _, n := range rep.Rejects {
 		rejected += n
 	}
-	require.Equal(t, int(rep.Totals.Malformed), rejected, "the server counted a reject for every malformed message")
+	require.LessOrEqual(t, rejected, int(rep.Totals.Malformed), "no reject the harness did not cause")
+	require.GreaterOrEqual(t, rejected, int(rep.Totals.Malformed-rep.Totals.MalformedUnanswered),
+		"the server counted a reject for every malformed message it answered")
 }
 
 func TestRunMQTTAgainstServer(t *testing.T) {

@@ -66,8 +66,11 @@ type Totals struct {
 	Backfilled       int64 `json:"backfilled"`
 	Malformed        int64 `json:"malformed_sent"`
 	MalformedRefused int64 `json:"malformed_refused"`
-	Reconnects       int64 `json:"reconnects"`
-	ProbesDropped    int64 `json:"probes_dropped"`
+	// MalformedUnanswered got no answer (the connection dropped): the server
+	// may or may not have seen them.
+	MalformedUnanswered int64 `json:"malformed_unanswered"`
+	Reconnects          int64 `json:"reconnects"`
+	ProbesDropped       int64 `json:"probes_dropped"`
 }
 
 // Rates are the averages over the run.
@@ -91,7 +94,7 @@ func (r *runner) report(store StoreCheck, rejects map[string]int) Report {
 		Fleet:    FleetInfo{Devices: len(r.fleet), Connections: len(r.partition()), ByKind: byKind},
 		Totals: Totals{Messages: r.sent.Load(), Readings: r.readingsSent.Load(), Acked: r.acked.Load(), ReadingsAcked: r.readingsAcked.Load(),
 			Failed: r.failed.Load(), Unacknowledged: r.unackedOK.Load(), Duplicates: r.dupSent.Load(), OutOfOrder: r.oooSent.Load(),
-			Late: r.lateSent.Load(), Backfilled: r.backfilled.Load(), Malformed: r.malformedSent.Load(), MalformedRefused: r.malformedRefused.Load(),
+			Late: r.lateSent.Load(), Backfilled: r.backfilled.Load(), Malformed: r.malformedSent.Load(), MalformedRefused: r.malformedRefused.Load(), MalformedUnanswered: r.malformedLost.Load(),
 			Reconnects: r.reconnects.Load(), ProbesDropped: r.probesDropped.Load()},
 		Ack: r.ack.Summary(), Queryable: r.queryable.Summary(), Alerts: r.alerts.report(),
 		Store: store, Rejects: rejects, Errors: r.errorList(),

@@ -54,6 +54,7 @@ type runner struct {
 	readingsSent, readingsAcked     atomic.Int64
 	dupSent, oooSent, lateSent      atomic.Int64
 	malformedSent, backfilled       atomic.Int64
+	malformedLost                   atomic.Int64
 	malformedRefused, probesDropped atomic.Int64
 	reconnects                      atomic.Int64
 
@@ -219,20 +220,28 @@ func (r *runner) publish(ctx context.Context, c conn, m *pubMsg, body []byte) {
 	case err == nil:
 		r.sent.Add(1)
 		r.readingsSent.Add(int64(m.n))
-	case ctx.Err() == nil:
+	case ctx.Err() == nil: // not sent, and not because the run ended
+		r.failed.Add(1)
 		r.countErr(err)
+		m.status.CompareAndSwap(msgPending, msgFailed)
 	}
 }
 
 // sendMalformed publishes garbage; the server must refuse or count it.
 func (r *runner) sendMalformed(ctx context.Context, c conn, dev *simDevice, i int) {
 	body, _ := malformed(i)
-	r.malformedSent.Add(1)
-	_ = c.send(ctx, dev, body, func(acked bool, err error) {
-		if err != nil {
-			r.malformedRefused.Add(1)
+	err := c.send(ctx, dev, body, func(acked bool, err error) {
+		var ce coapError
+		switch {
+		case errors.As(err, &ce):
+			r.malformedRefused.Add(1) // the server answered with an error code
+		case err != nil:
+			r.malformedLost.Add(1) // no answer (the connection dropped): it may not have arrived
 		}
 	})
+	if err == nil { // handed over (not cut off by the end of the run)
+		r.malformedSent.Add(1)
+	}
 }
 
 // connLoop drives the devices of one connection until ctx ends or the

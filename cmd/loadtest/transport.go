@@ -21,7 +21,8 @@ import (
 
 // conn is one connection of the simulated fleet: an MQTT client or a CoAP
 // client. send returns once the message is handed over (blocking while the
-// in-flight window is full) and calls done exactly once with the outcome;
+// in-flight window is full) and then calls done exactly once with the outcome
+// (when it returns an error, the message was not sent and done is not called);
 // acked is false where the protocol has no acknowledgement (QoS 0, CoAP NON
 // without a response).
 type conn interface {
@@ -117,9 +118,7 @@ func (c *mqttConn) send(ctx context.Context, dev *simDevice, body []byte, done f
 	}
 	if cl == nil || !cl.IsConnectionOpen() {
 		<-c.window
-		err := errors.New("mqtt: not connected")
-		done(false, err)
-		return err
+		return errors.New("mqtt: not connected") // not sent: done is not called
 	}
 	tok := cl.Publish("devices/"+dev.ID+"/readings", c.sc.Transport.QoS, false, body)
 	c.wg.Add(1)

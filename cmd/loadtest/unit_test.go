@@ -306,7 +306,7 @@ func TestReportSchemaGolden(t *testing.T) {
 		require.NoError(t, os.WriteFile(golden, got, 0o644))
 	}
 	want, err := os.ReadFile(golden)
-	require.NoError(t, err, "run go test ./cmd/loadtest -run TestReportSchemaGolden -update")
+	require.NoError(t, err, "run go test ./cmd/loadtest -run TestReportSchemaGolden -args -update")
 	require.Equal(t, string(want), string(got))
 
 	require.Equal(t, "pass", rep.Verdict)
