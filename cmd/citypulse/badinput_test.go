@@ -1,10 +1,8 @@
 package main
 
 import (
-	"bufio"
 	"fmt"
 	"math"
-	"net/http"
 	"strconv"
 	"strings"
 	"testing"
@@ -16,19 +14,16 @@ import (
 // rejects scrapes citypulse_readings_rejected_total by reason.
 func rejects(t *testing.T, httpAddr string) map[string]float64 {
 	t.Helper()
-	resp, err := http.Get("http://" + httpAddr + "/metrics")
-	require.NoError(t, err)
-	defer resp.Body.Close()
 	out := map[string]float64{}
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 1<<16), 1<<20)
-	for sc.Scan() {
-		rest, ok := strings.CutPrefix(sc.Text(), `citypulse_readings_rejected_total{reason="`)
+	for _, line := range strings.Split(get(t, "http://"+httpAddr+"/metrics"), "\n") {
+		rest, ok := strings.CutPrefix(line, `citypulse_readings_rejected_total{reason="`)
 		if !ok {
 			continue
 		}
 		reason, val, _ := strings.Cut(rest, `"} `)
-		out[reason], _ = strconv.ParseFloat(val, 64)
+		f, err := strconv.ParseFloat(val, 64)
+		require.NoError(t, err)
+		out[reason] = f
 	}
 	return out
 }

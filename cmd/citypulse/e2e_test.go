@@ -250,13 +250,7 @@ func TestExternalBrokerMode(t *testing.T) {
 	require.NoError(t, mq.Start())
 	defer func() { _ = mq.Process.Kill(); _ = mq.Wait() }()
 	broker := fmt.Sprintf("127.0.0.1:%d", port)
-	eventually(t, 10*time.Second, func() error {
-		c, err := net.Dial("tcp", broker)
-		if err == nil {
-			c.Close()
-		}
-		return err
-	})
+	waitListening(t, broker)
 
 	s := newServer(t, "ingest:\n  mqtt:\n    enabled: false\n  external:\n    enabled: true\n    url: tcp://"+broker+"\n")
 	s.start()
@@ -319,13 +313,7 @@ func TestExternalBrokerMode(t *testing.T) {
 	})
 	t.Logf("external broker cut for %v and restored: CityPulse reconnected %v after it came back",
 		back.Sub(cut).Round(time.Millisecond), time.Since(back).Round(time.Millisecond))
-	eventually(t, 10*time.Second, func() error {
-		c, err := net.Dial("tcp", broker)
-		if err == nil {
-			c.Close()
-		}
-		return err
-	})
+	waitListening(t, broker)
 	round(654, 300, 200)
 }
 
@@ -457,6 +445,18 @@ func TestAcknowledgedReadingsSurviveSIGKILL(t *testing.T) {
 	require.Zero(t, lost, "acknowledged readings lost")
 	require.Zero(t, unexpectedTotal, "readings in the store that were never sent")
 	s.stop()
+}
+
+// waitListening waits until something accepts TCP connections on addr.
+func waitListening(t *testing.T, addr string) {
+	t.Helper()
+	eventually(t, 10*time.Second, func() error {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+		}
+		return err
+	})
 }
 
 // metricValue reads one sample of the server's /metrics (0 when absent).

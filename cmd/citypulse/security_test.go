@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -45,17 +46,9 @@ func TestSecretsNeverLeak(t *testing.T) {
 		resp, err := http.DefaultClient.Do(req)
 		require.NoError(t, err)
 		defer resp.Body.Close()
-		var b strings.Builder
-		_, _ = fmt.Fprint(&b, resp.Status)
-		buf := make([]byte, 1<<20)
-		for {
-			n, err := resp.Body.Read(buf)
-			b.Write(buf[:n])
-			if err != nil {
-				break
-			}
-		}
-		return b.String()
+		b, err := io.ReadAll(resp.Body)
+		require.NoError(t, err)
+		return resp.Status + string(b)
 	}
 	// roles: no token, read-only, admin
 	status := func(method, path, token string) string {

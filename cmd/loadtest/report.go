@@ -6,7 +6,6 @@ import (
 	"io"
 	"os"
 	"runtime"
-	"sort"
 	"time"
 )
 
@@ -193,13 +192,8 @@ func printSummary(w io.Writer, r Report) {
 		}
 	}
 	if len(r.Rejects) > 0 {
-		keys := make([]string, 0, len(r.Rejects))
-		for k := range r.Rejects {
-			keys = append(keys, k)
-		}
-		sort.Strings(keys)
 		fmt.Fprint(w, "rejects  ")
-		for _, k := range keys {
+		for _, k := range sortedKeys(r.Rejects) {
 			fmt.Fprintf(w, " %s=%d", k, r.Rejects[k])
 		}
 		fmt.Fprintln(w)

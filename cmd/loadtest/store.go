@@ -247,13 +247,36 @@ type StoreCheck struct {
 	QueriesMade int      `json:"queries"`
 }
 
+// sentIndex finds a generated reading by device and (metric, timestamp); it
+// is built once per check, not once per settle retry.
+type sentIndex struct {
+	byID         map[string]*simDevice
+	idx          map[*simDevice]map[[2]int64]int
+	minTS, maxTS int64
+}
+
+func (r *runner) indexSent() sentIndex {
+	x := sentIndex{byID: map[string]*simDevice{}, idx: map[*simDevice]map[[2]int64]int{}, minTS: 1 << 62}
+	for _, d := range r.fleet {
+		x.byID[d.ID] = d
+		m := make(map[[2]int64]int, len(d.readings))
+		for i, rd := range d.readings {
+			m[[2]int64{int64(rd.metric), rd.ts}] = i
+			x.minTS, x.maxTS = min(x.minTS, rd.ts), max(x.maxTS, rd.ts)
+		}
+		x.idx[d] = m
+	}
+	return x
+}
+
 // check compares every generated reading with the store, retrying until
 // nothing acknowledged is missing or settle runs out.
 func (r *runner) check(ctx context.Context, a *api) StoreCheck {
 	t0 := time.Now()
 	deadline := t0.Add(r.sc.Settle)
+	sent := r.indexSent()
 	for {
-		c := r.checkOnce(ctx, a)
+		c := r.checkOnce(ctx, a, sent)
 		c.SettledIn = time.Since(t0).Seconds()
 		if (c.Error == "" && c.Lost == 0) || time.Now().After(deadline) || ctx.Err() != nil {
 			return c
@@ -262,31 +285,17 @@ func (r *runner) check(ctx context.Context, a *api) StoreCheck {
 	}
 }
 
-func (r *runner) checkOnce(ctx context.Context, a *api) StoreCheck {
+func (r *runner) checkOnce(ctx context.Context, a *api, sent sentIndex) StoreCheck {
 	c := StoreCheck{Checked: true, Examples: []string{}}
-	minTS, maxTS := int64(1<<62), int64(0)
-	byID := map[string]*simDevice{}
-	for _, d := range r.fleet {
-		byID[d.ID] = d
-		for _, rd := range d.readings {
-			minTS, maxTS = min(minTS, rd.ts), max(maxTS, rd.ts)
-		}
-	}
-	if maxTS == 0 {
+	if sent.maxTS == 0 {
 		return c
 	}
-	at := time.UnixMilli(maxTS + 1000)
-	window := time.Duration(maxTS-minTS+2000) * time.Millisecond
+	at := time.UnixMilli(sent.maxTS + 1000)
+	window := time.Duration(sent.maxTS-sent.minTS+2000) * time.Millisecond
 	// seen[device][reading index] counts the samples that match it
 	seen := map[*simDevice][]uint16{}
-	index := map[*simDevice]map[[2]int64]int{}
 	for _, d := range r.fleet {
 		seen[d] = make([]uint16, len(d.readings))
-		idx := make(map[[2]int64]int, len(d.readings))
-		for i, rd := range d.readings {
-			idx[[2]int64{int64(rd.metric), rd.ts}] = i
-		}
-		index[d] = idx
 	}
 	example := func(format string, args ...any) {
 		if len(c.Examples) < 10 {
@@ -304,7 +313,7 @@ func (r *runner) checkOnce(ctx context.Context, a *api) StoreCheck {
 					return c
 				}
 				for id, samples := range got {
-					dev := byID[id]
+					dev := sent.byID[id]
 					if dev == nil {
 						c.Unexpected += int64(len(samples))
 						example("unexpected series of device %s", id)
@@ -312,7 +321,7 @@ func (r *runner) checkOnce(ctx context.Context, a *api) StoreCheck {
 					}
 					mi := metricIndex(dev, metric)
 					for _, s := range samples {
-						i, ok := index[dev][[2]int64{int64(mi), s.ts}]
+						i, ok := sent.idx[dev][[2]int64{int64(mi), s.ts}]
 						if !ok || mi < 0 {
 							c.Unexpected++
 							example("unexpected sample %s %s @%d = %g", id, metric, s.ts, s.v)
