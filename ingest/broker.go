@@ -10,6 +10,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -49,6 +50,7 @@ type brokerMetrics struct {
 	connects *prometheus.CounterVec
 	messages *prometheus.CounterVec
 	clients  prometheus.GaugeFunc
+	accept   prometheus.Counter
 }
 
 // NewBroker builds the broker and binds its TCP listener on cfg.Addr (so a port
@@ -64,7 +66,7 @@ func NewBroker(cfg MQTTConfig, devs Devices, h *Handler, log *slog.Logger, reg p
 	if cfg.MaxConnections > 0 {
 		caps.MaximumClients = int64(cfg.MaxConnections)
 	}
-	srv := mqtt.New(&mqtt.Options{Capabilities: caps, Logger: log, InlineClient: false})
+	srv := mqtt.New(&mqtt.Options{Capabilities: caps, Logger: slog.New(connLogHandler{log.Handler()}), InlineClient: false})
 	ctx, cancel := context.WithCancel(context.Background())
 	b := &Broker{srv: srv, log: log, h: h, devs: devs, runCtx: ctx, stop: cancel}
 	b.m = &brokerMetrics{
@@ -75,9 +77,12 @@ func NewBroker(cfg MQTTConfig, devs Devices, h *Handler, log *slog.Logger, reg p
 		clients: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "citypulse_mqtt_clients", Help: "Clients connected to the embedded broker."},
 			func() float64 { return float64(srv.Clients.Len()) }),
+		accept: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "citypulse_mqtt_accept_errors_total",
+			Help: "Failed accepts on the MQTT listeners (such as running out of file descriptors); the listener retries."}),
 	}
 	if reg != nil {
-		reg.MustRegister(b.m.connects, b.m.messages, b.m.clients)
+		reg.MustRegister(b.m.connects, b.m.messages, b.m.clients, b.m.accept)
 	}
 	if err := srv.AddHook(&brokerHook{b: b}, nil); err != nil {
 		cancel()
@@ -89,8 +94,8 @@ func NewBroker(cfg MQTTConfig, devs Devices, h *Handler, log *slog.Logger, reg p
 			cancel()
 			return nil, fmt.Errorf("ingest.mqtt.addr %s: %w", cfg.Addr, err)
 		}
-		b.ln = ln
-		if err := srv.AddListener(listeners.NewNet("mqtt", ln)); err != nil {
+		b.ln = newEnduringListener(ln, log, b.m.accept)
+		if err := srv.AddListener(listeners.NewNet("mqtt", b.ln)); err != nil {
 			ln.Close()
 			cancel()
 			return nil, err
@@ -109,6 +114,11 @@ func NewBroker(cfg MQTTConfig, devs Devices, h *Handler, log *slog.Logger, reg p
 		cancel()
 		return nil, errors.New("ingest.mqtt: neither addr nor tls_addr is set")
 	}
+	var lim syscall.Rlimit
+	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim) == nil && cfg.MaxConnections > 0 && uint64(cfg.MaxConnections) > lim.Cur {
+		log.Warn("ingest.mqtt.max_connections is above the open-files limit: connections beyond the limit will wait until others close",
+			"max_connections", cfg.MaxConnections, "open_files_limit", lim.Cur)
+	}
 	return b, nil
 }
 
@@ -122,7 +132,7 @@ func (b *Broker) listenTLS(cfg MQTTConfig) error {
 	if err != nil {
 		return fmt.Errorf("ingest.mqtt.tls_addr %s: %w", cfg.TLSAddr, err)
 	}
-	b.tlsLn = tls.NewListener(raw, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
+	b.tlsLn = tls.NewListener(newEnduringListener(raw, b.log, b.m.accept), &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
 	if err := b.srv.AddListener(listeners.NewNet("mqtts", b.tlsLn)); err != nil {
 		b.tlsLn.Close()
 		return err

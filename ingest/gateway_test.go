@@ -34,10 +34,14 @@ func startBroker(t *testing.T, rec *recorder) *Broker {
 	return b
 }
 
+func newClient(addr, id, secret string) paho.Client {
+	return paho.NewClient(paho.NewClientOptions().AddBroker("tcp://" + addr).SetClientID(id).
+		SetUsername(id).SetPassword(secret).SetAutoReconnect(false))
+}
+
 func connect(t *testing.T, addr, id, secret string) paho.Client {
 	t.Helper()
-	c := paho.NewClient(paho.NewClientOptions().AddBroker("tcp://" + addr).SetClientID(id).
-		SetUsername(id).SetPassword(secret).SetAutoReconnect(false))
+	c := newClient(addr, id, secret)
 	tok := c.Connect()
 	require.True(t, tok.WaitTimeout(5*time.Second))
 	require.NoError(t, tok.Error())

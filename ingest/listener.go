@@ -1,0 +1,118 @@
+package ingest
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// enduringListener keeps accepting after errors that pass, such as running out
+// of file descriptors (EMFILE) under a connection flood. mochi's listener
+// returns from its accept loop on the first Accept error, which would leave the
+// broker up but deaf for good; this wrapper waits (5 ms doubling to 1 s, as
+// net/http does), counts the error and tries again. Only closing the listener
+// ends it.
+type enduringListener struct {
+	net.Listener
+	log    *slog.Logger
+	errors prometheus.Counter
+	closed chan struct{}
+	once   sync.Once
+}
+
+func newEnduringListener(ln net.Listener, log *slog.Logger, errs prometheus.Counter) *enduringListener {
+	return &enduringListener{Listener: ln, log: log, errors: errs, closed: make(chan struct{})}
+}
+
+func (l *enduringListener) Accept() (net.Conn, error) {
+	var wait time.Duration
+	for {
+		c, err := l.Listener.Accept()
+		if err == nil {
+			return c, nil
+		}
+		select {
+		case <-l.closed:
+			return nil, err
+		default:
+		}
+		if errors.Is(err, net.ErrClosed) {
+			return nil, err
+		}
+		if wait == 0 {
+			wait = 5 * time.Millisecond
+		} else {
+			wait = min(2*wait, time.Second)
+		}
+		l.errors.Inc()
+		if wait == time.Second || wait == 5*time.Millisecond {
+			// once when the trouble starts, then once a second at most
+			l.log.Error("cannot accept MQTT connections; retrying", "addr", l.Addr().String(),
+				"err", err, "hint", hintFor(err))
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-l.closed:
+			t.Stop()
+			return nil, net.ErrClosed
+		case <-t.C:
+		}
+	}
+}
+
+func (l *enduringListener) Close() error {
+	l.once.Do(func() { close(l.closed) })
+	return l.Listener.Close()
+}
+
+func hintFor(err error) string {
+	if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+		return "out of file descriptors: raise the process's open-files limit (ulimit -n) or lower ingest.mqtt.max_connections"
+	}
+	return ""
+}
+
+// connLogHandler gives mochi's listener messages a meaning. mochi logs every
+// connection that ends with an error as Warn with an empty message; a device
+// closing its connection (EOF, reset) is routine and goes to Debug, anything
+// else stays a Warn, and both read "mqtt connection ended".
+type connLogHandler struct{ slog.Handler }
+
+func (h connLogHandler) Handle(ctx context.Context, r slog.Record) error {
+	if r.Message != "" {
+		return h.Handler.Handle(ctx, r)
+	}
+	routine := false
+	r.Attrs(func(a slog.Attr) bool {
+		if err, ok := a.Value.Any().(error); ok && a.Key == "error" {
+			routine = errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) ||
+				errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+		}
+		return true
+	})
+	level := r.Level
+	if routine {
+		level = slog.LevelDebug
+	}
+	if !h.Handler.Enabled(ctx, level) {
+		return nil
+	}
+	nr := slog.NewRecord(r.Time, level, "mqtt connection ended", r.PC)
+	r.Attrs(func(a slog.Attr) bool { nr.AddAttrs(a); return true })
+	return h.Handler.Handle(ctx, nr)
+}
+
+func (h connLogHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return connLogHandler{h.Handler.WithAttrs(as)}
+}
+
+func (h connLogHandler) WithGroup(name string) slog.Handler {
+	return connLogHandler{h.Handler.WithGroup(name)}
+}

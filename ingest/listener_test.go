@@ -1,0 +1,88 @@
+package ingest
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/stretchr/testify/require"
+)
+
+// Out of file descriptors, the broker cannot accept; once some are free again
+// it must accept the waiting connection (mochi's own accept loop would have
+// returned for good on the first error, leaving a broker that is up but deaf).
+// The exhaustion is real: the test lowers its own open-files limit.
+func TestBrokerKeepsAcceptingAfterRunningOutOfFiles(t *testing.T) {
+	b := startBroker(t, &recorder{})
+	var old syscall.Rlimit
+	require.NoError(t, syscall.Getrlimit(syscall.RLIMIT_NOFILE, &old))
+	low := old
+	low.Cur = 256
+	require.NoError(t, syscall.Setrlimit(syscall.RLIMIT_NOFILE, &low))
+	t.Cleanup(func() { _ = syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old) })
+
+	var held []*os.File
+	release := func() {
+		for _, f := range held {
+			f.Close()
+		}
+		held = nil
+	}
+	t.Cleanup(release)
+	for {
+		f, err := os.Open(os.DevNull)
+		if err != nil {
+			require.True(t, errors.Is(err, syscall.EMFILE), "%v", err)
+			break
+		}
+		held = append(held, f)
+	}
+	// one descriptor for the client's socket; none left for the accept
+	held[len(held)-1].Close()
+	held = held[:len(held)-1]
+
+	c := newClient(b.Addr().String(), "pipe-0001", "secret-pipe-0001")
+	tok := c.Connect()
+	require.False(t, tok.WaitTimeout(300*time.Millisecond), "no CONNACK while the server cannot accept")
+
+	release()
+	require.NoError(t, syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old))
+	require.True(t, tok.WaitTimeout(10*time.Second), "accepted once descriptors are free")
+	require.NoError(t, tok.Error())
+	c.Disconnect(50)
+	require.GreaterOrEqual(t, testutil.ToFloat64(b.m.accept), 1.0, "the failed accepts are counted")
+	t.Logf("accept errors counted while out of descriptors: %v", testutil.ToFloat64(b.m.accept))
+}
+
+// A connection that a device closes is routine (Debug); mochi's empty Warn
+// messages get a text.
+func TestConnLogHandler(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		err   error
+		level slog.Level
+		want  string
+	}{
+		{"device closed", fmt.Errorf("read connection: %w", io.EOF), slog.LevelInfo, ""},
+		{"reset, shown at debug level", &os.SyscallError{Syscall: "read", Err: syscall.ECONNRESET}, slog.LevelDebug, `level=DEBUG msg="mqtt connection ended"`},
+		{"other error", errors.New("read connection: malformed packet"), slog.LevelInfo, `level=WARN msg="mqtt connection ended" error="read connection: malformed packet"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var buf bytes.Buffer
+			log := slog.New(connLogHandler{slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: tc.level})})
+			log.Warn("", "error", tc.err)
+			if tc.want == "" {
+				require.Empty(t, buf.String())
+				return
+			}
+			require.Contains(t, buf.String(), tc.want)
+		})
+	}
+}
