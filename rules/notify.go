@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -26,6 +27,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/citypulse/citypulse/pipeline"
 )
 
 // ReceiverConfig is one destination of notifications.
@@ -97,7 +100,12 @@ func (c NotifyConfig) Validate() error {
 }
 
 // Outbox delivers events to every receiver, durably: an event is written to
-// <dir>/pending/<receiver>/ (fsynced) before delivery and removed after a 2xx.
+// <dir>/pending/<receiver>/ before delivery and removed after a 2xx. The
+// entry is exactly as durable as the readings that raised it (Durability
+// follows pipeline.fsync): with "always" it is fsynced before delivery; with
+// "interval" (the default) delivery starts once write(2) returned, which
+// survives a crash of the process, and a background pass fsyncs what is still
+// pending every interval, which bounds what a power loss can take.
 // Each receiver has its own worker, so a hung receiver delays no other; within
 // a receiver deliveries are in order. Timeouts and 5xx (and 429) are retried
 // with exponential backoff and jitter; a 4xx, or an event older than max_age,
@@ -110,12 +118,14 @@ type Outbox struct {
 	m      *outboxMetrics
 	client *http.Client
 	now    func() time.Time
+	dur    Durability
 
-	mu      sync.Mutex
-	queue   []Event
-	wake    chan struct{}
-	workers map[string]chan struct{}
-	seq     uint64
+	mu       sync.Mutex
+	queue    []Event
+	unsynced []string // pending files written since the last fsync pass
+	wake     chan struct{}
+	workers  map[string]chan struct{}
+	seq      uint64
 }
 
 type outboxMetrics struct {
@@ -125,15 +135,25 @@ type outboxMetrics struct {
 
 const maxQueued = 100_000
 
+// Durability says when the outbox calls fsync(2); serve passes the pipeline's
+// fsync policy and interval. The zero value fsyncs every entry ("always").
+type Durability struct {
+	Fsync    pipeline.FsyncPolicy
+	Interval time.Duration
+}
+
 // NewOutbox builds the outbox in dir; it starts nothing.
-func NewOutbox(cfg NotifyConfig, dir string, log *slog.Logger, reg prometheus.Registerer) (*Outbox, error) {
+func NewOutbox(cfg NotifyConfig, dir string, dur Durability, log *slog.Logger, reg prometheus.Registerer) (*Outbox, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	o := &Outbox{cfg: cfg, dir: dir, log: log, now: time.Now, wake: make(chan struct{}, 1), workers: map[string]chan struct{}{}}
+	if dur.Fsync == pipeline.FsyncInterval && dur.Interval <= 0 {
+		return nil, fmt.Errorf("outbox: fsync interval must be > 0, got %v", dur.Interval)
+	}
+	o := &Outbox{cfg: cfg, dir: dir, dur: dur, log: log, now: time.Now, wake: make(chan struct{}, 1), workers: map[string]chan struct{}{}}
 	o.client = &http.Client{Transport: &http.Transport{
 		DialContext:         (&net.Dialer{Timeout: 10 * time.Second, Control: o.guard}).DialContext,
 		MaxIdleConnsPerHost: 4, IdleConnTimeout: time.Minute,
@@ -195,16 +215,54 @@ func (o *Outbox) Run(ctx context.Context) error {
 		wg.Add(1)
 		go func() { defer wg.Done(); o.deliverLoop(ctx, r) }()
 	}
+	var syncTick <-chan time.Time
+	if o.dur.Fsync == pipeline.FsyncInterval {
+		t := time.NewTicker(o.dur.Interval)
+		defer t.Stop()
+		syncTick = t.C
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			o.persistQueued() // what is queued survives the restart
 			wg.Wait()
+			o.syncPending()
 			return nil
 		case <-o.wake:
 			o.persistQueued()
+		case <-syncTick:
+			o.syncPending()
 		}
 	}
+}
+
+// syncPending fsyncs the pending files written since the last pass (those
+// already delivered and removed need nothing) and their directories.
+func (o *Outbox) syncPending() {
+	o.mu.Lock()
+	paths := o.unsynced
+	o.unsynced = nil
+	o.mu.Unlock()
+	dirs := map[string]bool{}
+	for _, p := range paths {
+		if err := fsyncPath(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			o.log.Error("notify: cannot fsync an outbox file", "file", p, "err", err)
+		}
+		dirs[filepath.Dir(p)] = true
+	}
+	for d := range dirs {
+		if err := fsyncPath(d); err != nil {
+			o.log.Error("notify: cannot fsync the outbox directory", "dir", d, "err", err)
+		}
+	}
+}
+
+func fsyncPath(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	return errors.Join(f.Sync(), f.Close())
 }
 
 func (o *Outbox) persistQueued() {
@@ -217,12 +275,18 @@ func (o *Outbox) persistQueued() {
 			o.seq++
 			name := fmt.Sprintf("%020d-%06d-%s.json", o.now().UnixNano(), o.seq%1e6, safeName(ev.Key))
 			e := outboxEntry{Receiver: r.Name, Event: ev, Queued: o.now()}
-			if err := writeJSONDurable(filepath.Join(o.dir, "pending", r.Name, name), e); err != nil {
+			path := filepath.Join(o.dir, "pending", r.Name, name)
+			if err := o.write(path, e); err != nil {
 				o.log.Error("notify: cannot write the outbox; the event is kept in memory and retried", "err", err)
 				o.mu.Lock()
 				o.queue = append(o.queue, ev)
 				o.mu.Unlock()
 				return
+			}
+			if o.dur.Fsync == pipeline.FsyncInterval {
+				o.mu.Lock()
+				o.unsynced = append(o.unsynced, path)
+				o.mu.Unlock()
 			}
 			select {
 			case o.workers[r.Name] <- struct{}{}:
@@ -241,7 +305,23 @@ func safeName(s string) string {
 	}, s)
 }
 
-func writeJSONDurable(path string, v any) error {
+// write stores an outbox entry by its durability policy.
+func (o *Outbox) write(path string, v any) error {
+	if o.dur.Fsync == pipeline.FsyncInterval || o.dur.Fsync == pipeline.FsyncNever {
+		return storeJSON(path, v, false)
+	}
+	if err := storeJSON(path, v, true); err != nil {
+		return err
+	}
+	return fsyncPath(filepath.Dir(path)) // the rename itself
+}
+
+// writeJSONDurable writes v to path atomically and fsyncs the file.
+func writeJSONDurable(path string, v any) error { return storeJSON(path, v, true) }
+
+// storeJSON writes v to path atomically (a temporary file renamed over it),
+// fsyncing the file first when sync is set.
+func storeJSON(path string, v any, sync bool) error {
 	b, err := json.Marshal(v)
 	if err != nil {
 		return err
@@ -252,7 +332,7 @@ func writeJSONDurable(path string, v any) error {
 		return err
 	}
 	_, err = f.Write(b)
-	if err == nil {
+	if err == nil && sync {
 		err = f.Sync()
 	}
 	if err := errors.Join(err, f.Close()); err != nil {
@@ -316,7 +396,7 @@ func (o *Outbox) deliverLoop(ctx context.Context, r ReceiverConfig) {
 			o.moveDead(r, path, e)
 			continue
 		}
-		_ = writeJSONDurable(path, e) // keep the attempt count and error for the API
+		_ = o.write(path, e) // keep the attempt count and error for the API
 		o.log.Warn("notify: delivery failed; retrying", "receiver", r.Name, "attempt", e.Attempts, "err", e.LastErr, "backoff", backoff)
 		wait := backoff/2 + time.Duration(rand.Int64N(int64(backoff)/2+1))
 		t := time.NewTimer(wait)

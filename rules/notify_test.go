@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/citypulse/citypulse/pipeline"
 )
 
 const secret = "0123456789abcdef-receiver"
@@ -81,7 +83,12 @@ func testNotify(rs ...*receiver) NotifyConfig {
 
 func startOutbox(t *testing.T, cfg NotifyConfig, dir string) (*Outbox, func()) {
 	t.Helper()
-	o, err := NewOutbox(cfg, dir, nil, nil)
+	return startOutboxWith(t, cfg, dir, Durability{})
+}
+
+func startOutboxWith(t *testing.T, cfg NotifyConfig, dir string, dur Durability) (*Outbox, func()) {
+	t.Helper()
+	o, err := NewOutbox(cfg, dir, dur, nil, nil)
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -160,30 +167,42 @@ func TestAHungReceiverDelaysNoOther(t *testing.T) {
 	require.Len(t, o.Status()[0].Pending, 5, "the hung receiver's notifications wait on disk")
 }
 
+// Under every fsync policy an undelivered notification is on disk (at least
+// in the page cache, which survives a crash of the process) and is delivered
+// after a restart.
 func TestPendingNotificationsSurviveARestart(t *testing.T) {
-	rcv := newReceiver(t)
-	rcv.hang.Store(true)
-	dir := t.TempDir()
-	o, stop := startOutbox(t, testNotify(rcv), dir)
-	o.Enqueue(event(NotifyFiring))
-	waitUntil(t, "on disk", func() bool { return len(o.Status()[0].Pending) == 1 })
-	stop()
-	rcv.hang.Store(false)
-	_, stop2 := startOutbox(t, testNotify(rcv), dir)
-	defer stop2()
-	waitUntil(t, "delivered after restart", func() bool { return rcv.count() == 1 })
-	files, _ := filepath.Glob(filepath.Join(dir, "pending", "r0", "*.json"))
-	waitUntil(t, "removed", func() bool {
-		files, _ = filepath.Glob(filepath.Join(dir, "pending", "r0", "*.json"))
-		return len(files) == 0
-	})
+	for _, dur := range []Durability{{Fsync: pipeline.FsyncAlways}, {Fsync: pipeline.FsyncInterval, Interval: 20 * time.Millisecond}, {Fsync: pipeline.FsyncNever}} {
+		t.Run(string(dur.Fsync), func(t *testing.T) {
+			rcv := newReceiver(t)
+			rcv.hang.Store(true)
+			dir := t.TempDir()
+			o, stop := startOutboxWith(t, testNotify(rcv), dir, dur)
+			o.Enqueue(event(NotifyFiring))
+			waitUntil(t, "on disk", func() bool { return len(o.Status()[0].Pending) == 1 })
+			time.Sleep(50 * time.Millisecond) // an fsync pass runs (interval)
+			stop()
+			rcv.hang.Store(false)
+			_, stop2 := startOutboxWith(t, testNotify(rcv), dir, dur)
+			defer stop2()
+			waitUntil(t, "delivered after restart", func() bool { return rcv.count() == 1 })
+			waitUntil(t, "removed", func() bool {
+				files, _ := filepath.Glob(filepath.Join(dir, "pending", "r0", "*.json"))
+				return len(files) == 0
+			})
+		})
+	}
+}
+
+func TestOutboxRefusesAZeroFsyncInterval(t *testing.T) {
+	_, err := NewOutbox(testNotify(newReceiver(t)), t.TempDir(), Durability{Fsync: pipeline.FsyncInterval}, nil, nil)
+	require.ErrorContains(t, err, "fsync interval")
 }
 
 func TestSSRFGuardRefusesPrivateAddresses(t *testing.T) {
 	rcv := newReceiver(t)
 	cfg := testNotify(rcv)
 	cfg.AllowHosts = nil
-	_, err := NewOutbox(cfg, t.TempDir(), nil, nil)
+	_, err := NewOutbox(cfg, t.TempDir(), Durability{}, nil, nil)
 	require.ErrorContains(t, err, "SSRF")
 	o := &Outbox{cfg: cfg}
 	for _, addr := range []string{"127.0.0.1:80", "10.1.2.3:443", "192.168.0.1:80", "169.254.169.254:80", "[::1]:80", "0.0.0.0:80"} {

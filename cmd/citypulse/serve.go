@@ -105,7 +105,8 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 		if err != nil {
 			return err
 		}
-		outbox, err = rules.NewOutbox(cfg.Rules.Notify, filepath.Join(cfg.DataDir, "outbox"), log.With("component", "notify"), reg)
+		outbox, err = rules.NewOutbox(cfg.Rules.Notify, filepath.Join(cfg.DataDir, "outbox"),
+			rules.Durability{Fsync: cfg.Pipeline.Fsync, Interval: cfg.Pipeline.FsyncInterval}, log.With("component", "notify"), reg)
 		if err != nil {
 			return err
 		}
