@@ -106,8 +106,9 @@ func (c NotifyConfig) Validate() error {
 // "interval" (the default) delivery starts once write(2) returned, which
 // survives a crash of the process, and a background pass fsyncs what is still
 // pending every interval, which bounds what a power loss can take.
-// Each receiver has its own worker, so a hung receiver delays no other; within
-// a receiver deliveries are in order. Timeouts and 5xx (and 429) are retried
+// Each receiver has its own worker, so a hung receiver delays no other; a
+// receiver gets up to deliveriesPerReceiver notifications at once, one alert's
+// in order. Timeouts and 5xx (and 429) are retried
 // with exponential backoff and jitter; a 4xx, or an event older than max_age,
 // goes to <dir>/dead/<receiver>/ and is listed by the API. Files left by a crash
 // are delivered after the restart.
@@ -124,13 +125,14 @@ type Outbox struct {
 	queue    []Event
 	unsynced []string // pending files written since the last fsync pass
 	wake     chan struct{}
-	workers  map[string]chan struct{}
+	queues   map[string]*rqueue
 	seq      uint64
 }
 
 type outboxMetrics struct {
 	deliveries *prometheus.CounterVec
 	dropped    prometheus.Counter
+	latency    prometheus.Histogram
 }
 
 const maxQueued = 100_000
@@ -153,19 +155,23 @@ func NewOutbox(cfg NotifyConfig, dir string, dur Durability, log *slog.Logger, r
 	if dur.Fsync == pipeline.FsyncInterval && dur.Interval <= 0 {
 		return nil, fmt.Errorf("outbox: fsync interval must be > 0, got %v", dur.Interval)
 	}
-	o := &Outbox{cfg: cfg, dir: dir, dur: dur, log: log, now: time.Now, wake: make(chan struct{}, 1), workers: map[string]chan struct{}{}}
+	o := &Outbox{cfg: cfg, dir: dir, dur: dur, log: log, now: time.Now, wake: make(chan struct{}, 1), queues: map[string]*rqueue{}}
 	o.client = &http.Client{Transport: &http.Transport{
 		DialContext:         (&net.Dialer{Timeout: 10 * time.Second, Control: o.guard}).DialContext,
-		MaxIdleConnsPerHost: 4, IdleConnTimeout: time.Minute,
+		MaxIdleConnsPerHost: deliveriesPerReceiver, IdleConnTimeout: time.Minute,
 	}}
 	o.m = &outboxMetrics{
 		deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "citypulse_notify_deliveries_total", Help: "Notification delivery attempts, by result."}, []string{"result"}),
 		dropped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "citypulse_notify_events_dropped_total", Help: "Events dropped because the in-memory queue was full (100000)."}),
+		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "citypulse_notify_latency_seconds",
+			Help:    "From the transition (the server's receive time of the reading that caused it, or the tick) to the receiver's 2xx, retries included.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 24)}), // 0.5 ms .. ~70 min
 	}
 	if reg != nil {
-		reg.MustRegister(o.m.deliveries, o.m.dropped)
+		reg.MustRegister(o.m.deliveries, o.m.dropped, o.m.latency)
 	}
 	for _, r := range cfg.Receivers {
 		if err := o.checkHost(r); err != nil {
@@ -176,7 +182,7 @@ func NewOutbox(cfg NotifyConfig, dir string, dur Durability, log *slog.Logger, r
 				return nil, fmt.Errorf("create outbox: %w", err)
 			}
 		}
-		o.workers[r.Name] = make(chan struct{}, 1)
+		o.queues[r.Name] = newRQueue()
 	}
 	return o, nil
 }
@@ -212,8 +218,10 @@ type outboxEntry struct {
 func (o *Outbox) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	for _, r := range o.cfg.Receivers {
+		q := o.queues[r.Name]
+		o.load(r, q)
 		wg.Add(1)
-		go func() { defer wg.Done(); o.deliverLoop(ctx, r) }()
+		go func() { defer wg.Done(); o.deliverLoop(ctx, r, q) }()
 	}
 	var syncTick <-chan time.Time
 	if o.dur.Fsync == pipeline.FsyncInterval {
@@ -288,10 +296,7 @@ func (o *Outbox) persistQueued() {
 				o.unsynced = append(o.unsynced, path)
 				o.mu.Unlock()
 			}
-			select {
-			case o.workers[r.Name] <- struct{}{}:
-			default:
-			}
+			o.queues[r.Name].push(&pending{path: path, e: e})
 		}
 	}
 }
@@ -341,22 +346,74 @@ func storeJSON(path string, v any, sync bool) error {
 	return os.Rename(tmp, path)
 }
 
-// deliverLoop delivers one receiver's pending events, oldest first.
-func (o *Outbox) deliverLoop(ctx context.Context, r ReceiverConfig) {
-	dir := filepath.Join(o.dir, "pending", r.Name)
-	backoff := o.cfg.RetryMin
-	for {
-		files, _ := filepath.Glob(filepath.Join(dir, "*.json"))
-		sort.Strings(files)
-		if len(files) == 0 {
-			select {
-			case <-ctx.Done():
-				return
-			case <-o.workers[r.Name]:
-				continue
-			}
+// deliveriesPerReceiver bounds the notifications in flight to one receiver.
+// Different alerts are delivered concurrently (a burst of incidents is not
+// queued behind one slow request); one alert's notifications (firing, then
+// resolved) are delivered in order.
+const deliveriesPerReceiver = 4
+
+// pending is one notification on disk waiting for delivery.
+type pending struct {
+	path string
+	e    outboxEntry
+}
+
+// rqueue is one receiver's pending notifications in order, with the alerts
+// (fingerprints) that have a delivery in flight.
+type rqueue struct {
+	mu       sync.Mutex
+	items    []*pending
+	inflight map[string]bool
+	wake     chan struct{}
+}
+
+func newRQueue() *rqueue {
+	return &rqueue{inflight: map[string]bool{}, wake: make(chan struct{}, 1)}
+}
+
+func (q *rqueue) push(p *pending) {
+	q.mu.Lock()
+	q.items = append(q.items, p)
+	q.mu.Unlock()
+	q.signal()
+}
+
+func (q *rqueue) signal() {
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+}
+
+// next takes the oldest notification whose alert has none in flight.
+func (q *rqueue) next() *pending {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for i, p := range q.items {
+		fp := p.e.Event.Fingerprint
+		if q.inflight[fp] {
+			continue
 		}
-		path := files[0]
+		q.inflight[fp] = true
+		q.items = append(q.items[:i], q.items[i+1:]...)
+		return p
+	}
+	return nil
+}
+
+func (q *rqueue) done(p *pending) {
+	q.mu.Lock()
+	delete(q.inflight, p.e.Event.Fingerprint)
+	q.mu.Unlock()
+	q.signal()
+}
+
+// load queues what a previous run left in the receiver's pending directory,
+// oldest first; unreadable files go to the dead letters.
+func (o *Outbox) load(r ReceiverConfig, q *rqueue) {
+	files, _ := filepath.Glob(filepath.Join(o.dir, "pending", r.Name, "*.json"))
+	sort.Strings(files)
+	for _, path := range files {
 		var e outboxEntry
 		b, err := os.ReadFile(path)
 		if err == nil {
@@ -367,20 +424,64 @@ func (o *Outbox) deliverLoop(ctx context.Context, r ReceiverConfig) {
 			o.moveDead(r, path, e)
 			continue
 		}
+		q.mu.Lock()
+		q.items = append(q.items, &pending{path: path, e: e})
+		q.mu.Unlock()
+	}
+}
+
+// deliverLoop delivers one receiver's notifications, up to
+// deliveriesPerReceiver at once, until ctx is done; what is undelivered then
+// stays on disk for the next start.
+func (o *Outbox) deliverLoop(ctx context.Context, r ReceiverConfig, q *rqueue) {
+	slots := make(chan struct{}, deliveriesPerReceiver)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		select {
+		case slots <- struct{}{}:
+		case <-ctx.Done():
+			return
+		}
+		p := q.next()
+		for p == nil {
+			select {
+			case <-ctx.Done():
+				return
+			case <-q.wake:
+			}
+			p = q.next()
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			o.deliver(ctx, r, p)
+			q.done(p)
+			<-slots
+		}()
+	}
+}
+
+// deliver sends one notification until it is delivered, refused (4xx), too
+// old (max_age) or ctx is done, retrying with exponential backoff and jitter.
+func (o *Outbox) deliver(ctx context.Context, r ReceiverConfig, p *pending) {
+	backoff := o.cfg.RetryMin
+	e := p.e
+	for {
 		e.Attempts++
 		status, err := o.send(ctx, r, e.Event)
 		switch {
 		case err == nil && status/100 == 2:
 			o.m.deliveries.WithLabelValues("ok").Inc()
-			_ = os.Remove(path)
-			backoff = o.cfg.RetryMin
-			continue
+			o.m.latency.Observe(o.now().Sub(e.Event.At).Seconds())
+			_ = os.Remove(p.path)
+			return
 		case err == nil && status/100 == 4 && status != http.StatusTooManyRequests && status != http.StatusRequestTimeout:
 			o.m.deliveries.WithLabelValues("rejected").Inc()
 			e.LastErr = fmt.Sprintf("HTTP %d (not retried)", status)
 			o.log.Error("notify: receiver refused a notification; it is kept in the dead letters", "receiver", r.Name, "status", status, "alert", e.Event.Labels["alertname"])
-			o.moveDead(r, path, e)
-			continue
+			o.moveDead(r, p.path, e)
+			return
 		}
 		if ctx.Err() != nil {
 			return
@@ -393,10 +494,10 @@ func (o *Outbox) deliverLoop(ctx context.Context, r ReceiverConfig) {
 		}
 		if o.now().Sub(e.Queued) > o.cfg.MaxAge {
 			o.log.Error("notify: undelivered for longer than rules.notify.max_age; moved to the dead letters", "receiver", r.Name, "err", e.LastErr)
-			o.moveDead(r, path, e)
-			continue
+			o.moveDead(r, p.path, e)
+			return
 		}
-		_ = o.write(path, e) // keep the attempt count and error for the API
+		_ = o.write(p.path, e) // keep the attempt count and error for the API
 		o.log.Warn("notify: delivery failed; retrying", "receiver", r.Name, "attempt", e.Attempts, "err", e.LastErr, "backoff", backoff)
 		wait := backoff/2 + time.Duration(rand.Int64N(int64(backoff)/2+1))
 		t := time.NewTimer(wait)

@@ -224,3 +224,52 @@ func TestSignatureVerification(t *testing.T) {
 	require.Error(t, VerifySignature(secret, "garbage", body, now, time.Minute))
 	_ = os.Getpid
 }
+
+func eventFor(device, kind string) Event {
+	ev := event(kind)
+	ev.Labels = map[string]string{"alertname": "burst_main", "device": device, "district": "gulou", "severity": "critical"}
+	ev.Fingerprint = Fingerprint(ev.Labels)
+	ev.Key = ev.Fingerprint + "-" + kind
+	return ev
+}
+
+// A slow delivery of one alert holds back that alert's later notifications
+// (firing before resolved) but not other alerts to the same receiver.
+func TestOneSlowAlertDelaysNoOtherAlert(t *testing.T) {
+	release := make(chan struct{})
+	var mu sync.Mutex
+	var got []string // device/status in the order the receiver finished them
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		var m webhookMessage
+		body, _ := io.ReadAll(req.Body)
+		require.NoError(t, json.Unmarshal(body, &m))
+		dev := m.CommonLabels["device"]
+		if dev == "pipe-slow" && m.Status == "firing" {
+			<-release
+		}
+		mu.Lock()
+		got = append(got, dev+"/"+m.Status)
+		mu.Unlock()
+	}))
+	defer srv.Close()
+	cfg := testNotify()
+	cfg.Receivers = []ReceiverConfig{{Name: "r0", Type: "webhook", URL: srv.URL, Secret: secret, Timeout: 10 * time.Second}}
+	o, stop := startOutbox(t, cfg, t.TempDir())
+	defer stop()
+	var once sync.Once
+	free := func() { once.Do(func() { close(release) }) }
+	defer free() // before stop, also when the test fails
+	order := func() []string { mu.Lock(); defer mu.Unlock(); return append([]string(nil), got...) }
+
+	o.Enqueue(eventFor("pipe-slow", NotifyFiring))
+	o.Enqueue(eventFor("pipe-slow", NotifyResolved))
+	for _, d := range []string{"pipe-a", "pipe-b", "pipe-c"} {
+		o.Enqueue(eventFor(d, NotifyFiring))
+	}
+	waitUntil(t, "the other alerts", func() bool { return len(order()) == 3 })
+	require.ElementsMatch(t, []string{"pipe-a/firing", "pipe-b/firing", "pipe-c/firing"}, order(),
+		"other alerts are delivered while one is slow; the slow alert's resolved waits for its firing")
+	free()
+	waitUntil(t, "the slow alert", func() bool { return len(order()) == 5 })
+	require.Equal(t, []string{"pipe-slow/firing", "pipe-slow/resolved"}, order()[3:], "one alert's notifications in order")
+}

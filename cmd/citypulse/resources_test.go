@@ -1,9 +1,9 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -54,7 +54,7 @@ func connectRaw(addr, id, secret string) (net.Conn, byte, error) {
 		return nil, 0, err
 	}
 	ack := make([]byte, 4) // 0x20 0x02 flags code
-	if _, err := bufio.NewReader(conn).Read(ack); err != nil {
+	if _, err := io.ReadFull(conn, ack); err != nil {
 		conn.Close()
 		return nil, 0, err
 	}

@@ -29,7 +29,11 @@ type pubMsg struct {
 	// before the publish, read by the ack callback).
 	probe   string
 	probeTS int64
-	status  atomic.Uint32
+	// occ holds the incident occurrences (index in the scenario → occurrence)
+	// whose first reading this message carries; their alert latency counts
+	// from the moment the message is handed to the transport.
+	occ    map[int]int
+	status atomic.Uint32
 }
 
 const (
@@ -195,6 +199,9 @@ func (r *runner) build(dev *simDevice, now time.Time, in incidentState, late boo
 // publish sends m (or, for a duplicate, sends it again) and records the outcome.
 func (r *runner) publish(ctx context.Context, c conn, m *pubMsg, body []byte) {
 	t0 := time.Now()
+	for idx, k := range m.occ { // a re-send keeps the first time
+		r.alerts.expect(r.sc.Incidents[idx], idx, k, m.dev, t0)
+	}
 	err := c.send(ctx, m.dev, body, func(acked bool, err error) {
 		lat := time.Since(t0)
 		switch {
@@ -325,9 +332,7 @@ func (r *runner) connLoop(ctx context.Context, c conn, devs []*simDevice, rate f
 				m.probeTS = rd.ts
 			}
 		}
-		for idx, k := range occ {
-			r.alerts.expect(r.sc.Incidents[idx], idx, k, dev, now)
-		}
+		m.occ = occ
 		if swap == nil && h.OutOfOrder > 0 && rng.Float64() < h.OutOfOrder {
 			swap = &held{m, body} // sent after the next one
 			r.oooSent.Add(1)
