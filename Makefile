@@ -1,5 +1,5 @@
 # CityPulse. `make run` starts the server on its embedded defaults; `make test`
-# installs what the tests need (mosquitto, VictoriaMetrics, influxd) and runs every test, integration
+# installs what the tests need (mosquitto, VictoriaMetrics, influxd, chromium) and runs every test, integration
 # tests included.
 
 GO          ?= go
@@ -13,8 +13,8 @@ FUZZMIN     ?= 10x
 # Servers the integration tests start themselves (apt-get does not start services):
 # mosquitto (external-broker mode), VictoriaMetrics (InfluxDB v2 write API) and
 # Alertmanager from Debian, and InfluxDB 1.8.10 (also serves /api/v2/write) built
-# with go install.
-APT_DEPS    := mosquitto victoria-metrics prometheus-alertmanager
+# with go install; Debian's Chromium renders the dashboard headless.
+APT_DEPS    := mosquitto victoria-metrics prometheus-alertmanager chromium
 INFLUXD     := github.com/influxdata/influxdb/cmd/influxd@v1.8.10
 GOBIN       := $(shell $(GO) env GOPATH)/bin
 

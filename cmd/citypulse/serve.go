@@ -30,6 +30,7 @@ import (
 	"github.com/citypulse/citypulse/pipeline"
 	"github.com/citypulse/citypulse/rules"
 	"github.com/citypulse/citypulse/storage"
+	"github.com/citypulse/citypulse/web"
 )
 
 // runner is a component with a lifetime: it works until ctx is done.
@@ -304,6 +305,11 @@ func routes(mux *http.ServeMux, c HTTPConfig, registry *devices.Registry, db *st
 	read := requireRead(c.ReadToken, c.AdminToken)
 	admin := requireAdmin(c.AdminToken)
 
+	// The dashboard page is static and public; the data it shows comes from
+	// the token-guarded API below.
+	dash := web.Handler()
+	mux.Handle("GET /{$}", dash)
+	mux.Handle("GET /ui/", dash)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	// Go profiles for operators (admin token): where a loaded server spends its CPU.
 	mux.Handle("GET /debug/pprof/", admin(http.HandlerFunc(pprof.Index)))
