@@ -1,17 +1,20 @@
 package rules
 
 import (
+	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -115,12 +118,34 @@ type Engine struct {
 	devs      devicesView
 	notifier  Notifier
 	statePath string
+	dur       Durability
 	now       func() time.Time
 	flap      FlapPolicy
 	started   time.Time
-	// saveSoon asks Run to save the states now: a transition was notified, and
-	// a crash before the next periodic save would notify it again.
+	// saveSoon asks Run to log the held transitions and notify them.
 	saveSoon chan struct{}
+	// held are the transitions waiting to be written to the transition log: a
+	// notification goes out only once a restart would remember it, so a crash
+	// right after it cannot make the alert notify again.
+	heldMu sync.Mutex
+	held   []heldTransition
+	seq      atomic.Uint64 // numbers the transitions; the snapshot records the last it holds
+	tlog     *os.File      // the transition log, open while Run runs
+	restored sync.Once
+}
+
+// heldTransition is a notification and its log record (the alert's state
+// right after the transition, encoded in the shard loop that owns it).
+type heldTransition struct {
+	ev     Event
+	record []byte
+}
+
+// logRecord is one line of the transition log.
+type logRecord struct {
+	Seq   uint64   `json:"seq"`
+	Key   alertKey `json:"key"`
+	State State    `json:"state"`
 }
 
 type devicesView interface {
@@ -135,12 +160,14 @@ type engineMetrics struct {
 }
 
 // NewEngine builds the engine for a pipeline of shards shards; statePath is
-// where alert states are persisted ("" for none). It starts nothing.
-func NewEngine(cfg Config, rules []*Rule, devs devicesView, shards int, n Notifier, statePath string, log *slog.Logger, reg prometheus.Registerer) *Engine {
+// where alert states are persisted ("" for none: transitions then go to the
+// notifier at once), written by dur (the pipeline's fsync policy). It starts
+// nothing.
+func NewEngine(cfg Config, rules []*Rule, devs devicesView, shards int, n Notifier, statePath string, dur Durability, log *slog.Logger, reg prometheus.Registerer) *Engine {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	e := &Engine{cfg: cfg, log: log, devs: devs, notifier: n, statePath: statePath, now: time.Now, saveSoon: make(chan struct{}, 1),
+	e := &Engine{cfg: cfg, log: log, devs: devs, notifier: n, statePath: statePath, dur: dur, now: time.Now, saveSoon: make(chan struct{}, 1),
 		flap: FlapPolicy{Window: cfg.FlapWindow, Max: cfg.FlapMax}}
 	e.rules.Store(&rules)
 	for i := 0; i < shards; i++ {
@@ -404,12 +431,16 @@ func Fingerprint(l map[string]string) string {
 }
 
 func (e *Engine) emit(a *alert, r *Rule, trs []Transition) {
-	if len(trs) > 0 {
+	if len(trs) == 0 {
+		return
+	}
+	// after the transitions are held: Run takes them when it sees the signal
+	defer func() {
 		select {
 		case e.saveSoon <- struct{}{}:
 		default:
 		}
-	}
+	}()
 	for _, tr := range trs {
 		labels := a.labels(r)
 		if tr.Kind == NotifyFlapping {
@@ -437,8 +468,18 @@ func (e *Engine) emit(a *alert, r *Rule, trs []Transition) {
 		ev.Fingerprint = Fingerprint(labels)
 		ev.Key = ev.Fingerprint + "-" + tr.Kind + "-" + strconv.FormatInt(tr.At.UnixNano(), 36)
 		e.m.transitions.WithLabelValues(tr.Kind).Inc()
-		if e.notifier != nil {
+		switch {
+		case e.notifier == nil:
+		case e.statePath == "":
 			e.notifier.Enqueue(ev)
+		default:
+			rec, err := json.Marshal(logRecord{Seq: e.seq.Add(1), Key: a.key, State: a.state})
+			if err != nil { // cannot happen for these types; notify all the same
+				e.log.Error("rules: cannot encode a transition", "err", err)
+			}
+			e.heldMu.Lock()
+			e.held = append(e.held, heldTransition{ev: ev, record: rec})
+			e.heldMu.Unlock()
 		}
 	}
 }
@@ -495,6 +536,9 @@ type persisted struct {
 }
 
 type stateFile struct {
+	// Seq is the last transition number the snapshot holds; the transition
+	// log's records after it are replayed on top.
+	Seq      uint64               `json:"seq"`
 	Alerts   []persisted          `json:"alerts"`
 	LastSeen map[string]time.Time `json:"last_seen"`
 }
@@ -506,6 +550,9 @@ func (e *Engine) save() error {
 		return nil
 	}
 	var f stateFile
+	// Read before the scan: every transition numbered up to here changed its
+	// alert (under the shard lock) before it was numbered, so the scan sees it.
+	f.Seq = e.seq.Load()
 	f.LastSeen = map[string]time.Time{}
 	for _, s := range e.shards {
 		s.mu.Lock()
@@ -520,7 +567,54 @@ func (e *Engine) save() error {
 	if err := os.MkdirAll(filepath.Dir(e.statePath), 0o755); err != nil {
 		return err
 	}
-	return writeJSONDurable(e.statePath, f)
+	if err := storeJSON(e.statePath, f, e.durable()); err != nil {
+		return err
+	}
+	// The snapshot holds every logged transition (Run logs the held ones
+	// before it saves, and only Run writes either file).
+	if e.tlog != nil {
+		if err := e.tlog.Truncate(0); err != nil {
+			return fmt.Errorf("truncate the transition log: %w", err)
+		}
+	}
+	return nil
+}
+
+func (e *Engine) durable() bool {
+	return e.dur.Fsync != pipeline.FsyncInterval && e.dur.Fsync != pipeline.FsyncNever
+}
+
+func (e *Engine) logPath() string { return strings.TrimSuffix(e.statePath, ".json") + ".log" }
+
+// logAndNotify appends the held transitions to the transition log (one
+// write(2), fsynced by the policy), then hands them to the notifier. If the
+// log cannot be written they are notified all the same: an alert that might
+// repeat after a crash beats an alert never sent.
+func (e *Engine) logAndNotify() error {
+	e.heldMu.Lock()
+	held := e.held
+	e.held = nil
+	e.heldMu.Unlock()
+	if len(held) == 0 {
+		return nil
+	}
+	var err error
+	if e.tlog != nil {
+		var buf []byte
+		for _, h := range held {
+			buf = append(append(buf, h.record...), '\n')
+		}
+		if _, err = e.tlog.Write(buf); err == nil && e.durable() {
+			err = e.tlog.Sync()
+		}
+	}
+	for _, h := range held {
+		e.notifier.Enqueue(h.ev)
+	}
+	if err != nil {
+		return fmt.Errorf("write the transition log: %w", err)
+	}
+	return nil
 }
 
 // load restores the states saved by save.
@@ -530,7 +624,7 @@ func (e *Engine) load() error {
 	}
 	b, err := os.ReadFile(e.statePath)
 	if errors.Is(err, os.ErrNotExist) {
-		return nil
+		b, err = []byte(`{}`), nil
 	}
 	if err != nil {
 		return err
@@ -545,19 +639,107 @@ func (e *Engine) load() error {
 			owner = p.Key.District
 		}
 		s := e.shards[e.shardOf(owner)%len(e.shards)]
+		s.mu.Lock()
 		s.alerts[p.Key] = &alert{key: p.Key, state: p.State}
+		s.mu.Unlock()
 	}
 	for d, t := range f.LastSeen {
-		e.shards[e.shardOf(d)%len(e.shards)].lastSeen[d] = t
+		s := e.shards[e.shardOf(d)%len(e.shards)]
+		s.mu.Lock()
+		s.lastSeen[d] = t
+		s.mu.Unlock()
 	}
+	e.seq.Store(f.Seq)
 	return nil
 }
 
-// Run restores the saved state, then ticks until ctx is done, saving the
-// state after every notified transition, every few seconds and at the end.
-func (e *Engine) Run(ctx context.Context) error {
+// Restore loads the saved alert states (the snapshot, then the transition log
+// on top); what cannot be read is logged and left out. Call it before the
+// first Observe (serve does, before the pipeline starts); Run calls it if no
+// one did. It runs once.
+func (e *Engine) Restore() { e.restored.Do(e.restore) }
+
+func (e *Engine) restore() {
 	if err := e.load(); err != nil {
 		e.log.Warn("rules: "+err.Error(), "file", e.statePath)
+	}
+	if e.statePath == "" {
+		return
+	}
+	f, err := os.Open(e.logPath())
+	if errors.Is(err, os.ErrNotExist) {
+		return
+	}
+	if err != nil {
+		e.log.Warn("rules: cannot read the transition log", "err", err)
+		return
+	}
+	defer f.Close()
+	applied, skipped := e.replayLog(f)
+	if skipped > 0 {
+		e.log.Warn("rules: the transition log ends in a damaged or torn line; replayed what came before it",
+			"file", e.logPath(), "applied", applied, "skipped_lines", skipped)
+	}
+}
+
+// replayLog applies the transition log's records newer than the snapshot. A
+// line that does not parse (a write torn by a crash, or damage) ends the
+// replay there; the count of lines skipped is returned.
+func (e *Engine) replayLog(r io.Reader) (applied, skipped int) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 0, 64<<10), 16<<20)
+	snap := e.seq.Load()
+	for sc.Scan() {
+		var rec logRecord
+		if err := json.Unmarshal(sc.Bytes(), &rec); err != nil || rec.Key.Rule == "" {
+			skipped++
+			for sc.Scan() {
+				skipped++
+			}
+			break
+		}
+		if rec.Seq <= snap {
+			continue
+		}
+		owner := rec.Key.Device
+		if owner == "" {
+			owner = rec.Key.District
+		}
+		s := e.shards[e.shardOf(owner)%len(e.shards)]
+		s.mu.Lock()
+		s.alerts[rec.Key] = &alert{key: rec.Key, state: rec.State}
+		s.mu.Unlock()
+		if rec.Seq > e.seq.Load() {
+			e.seq.Store(rec.Seq)
+		}
+		applied++
+	}
+	if sc.Err() != nil {
+		skipped++
+	}
+	return applied, skipped
+}
+
+// Run restores the saved state (the snapshot, then the transition log on top),
+// then ticks until ctx is done. Every transition is appended to the log
+// before it is notified; a snapshot of every alert is written every few
+// seconds and at the end, and then the log starts afresh.
+func (e *Engine) Run(ctx context.Context) error {
+	e.Restore()
+	if e.statePath != "" {
+		if err := os.MkdirAll(filepath.Dir(e.statePath), 0o755); err != nil {
+			return err
+		}
+		lf, err := os.OpenFile(e.logPath(), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+		if err != nil {
+			return fmt.Errorf("open the transition log: %w", err)
+		}
+		e.tlog = lf
+		defer func() { lf.Close(); e.tlog = nil }()
+		// start from a snapshot that holds what was replayed
+		if err := e.save(); err != nil {
+			e.log.Error("rules: cannot save alert state", "err", err)
+		}
 	}
 	e.started = e.now()
 	t := time.NewTicker(e.cfg.Tick)
@@ -566,12 +748,11 @@ func (e *Engine) Run(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
-			return e.save()
+			return errors.Join(e.logAndNotify(), e.save())
 		case <-e.saveSoon:
-			if err := e.save(); err != nil {
-				e.log.Error("rules: cannot save alert state", "err", err)
+			if err := e.logAndNotify(); err != nil {
+				e.log.Error("rules: cannot log an alert transition", "err", err)
 			}
-			lastSave = time.Now()
 		case <-t.C:
 			e.Tick(e.now())
 			if time.Since(lastSave) >= 5*time.Second {

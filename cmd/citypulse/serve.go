@@ -112,7 +112,8 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 			return err
 		}
 		engine = rules.NewEngine(cfg.Rules, rs, registry, cfg.Pipeline.Shards, outbox,
-			filepath.Join(cfg.DataDir, "rules-state.json"), log.With("component", "rules"), reg)
+			filepath.Join(cfg.DataDir, "rules-state.json"), rules.Durability{Fsync: cfg.Pipeline.Fsync, Interval: cfg.Pipeline.FsyncInterval}, log.With("component", "rules"), reg)
+		engine.Restore() // the saved alert states, before the first reading is evaluated
 		observers = append(observers, engine)
 	}
 	pipe, err := pipeline.New(pipeline.Options{
@@ -226,12 +227,15 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 	var pg errgroup.Group
 	pg.Go(func() error { return pipe.Run(pipeCtx) })
 	// The rules engine and the outbox stop after the pipeline: transitions seen
-	// while it drains are still saved and delivered.
+	// while it drains are still saved and delivered. The engine stops first: it
+	// hands its last transitions to the outbox, which then writes them to disk.
 	lateCtx, stopLate := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopLate()
-	var lg errgroup.Group
+	engineCtx, stopEngine := context.WithCancel(lateCtx)
+	defer stopEngine()
+	var eg, lg errgroup.Group
 	if engine != nil {
-		lg.Go(func() error { return engine.Run(lateCtx) })
+		eg.Go(func() error { return engine.Run(engineCtx) })
 		lg.Go(func() error { return outbox.Run(lateCtx) })
 	}
 	hup := make(chan os.Signal, 1)
@@ -277,6 +281,10 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 	stopPipe()
 	if err := pg.Wait(); err != nil {
 		runErr = errors.Join(runErr, fmt.Errorf("pipeline: %w", err))
+	}
+	stopEngine()
+	if err := eg.Wait(); err != nil {
+		runErr = errors.Join(runErr, fmt.Errorf("rules: %w", err))
 	}
 	stopLate()
 	if err := lg.Wait(); err != nil {
