@@ -127,8 +127,8 @@ type Engine struct {
 	// held are the transitions waiting to be written to the transition log: a
 	// notification goes out only once a restart would remember it, so a crash
 	// right after it cannot make the alert notify again.
-	heldMu sync.Mutex
-	held   []heldTransition
+	heldMu   sync.Mutex
+	held     []heldTransition
 	seq      atomic.Uint64 // numbers the transitions; the snapshot records the last it holds
 	tlog     *os.File      // the transition log, open while Run runs
 	restored sync.Once
