@@ -634,14 +634,7 @@ func (e *Engine) load() error {
 		return fmt.Errorf("alert state %s is damaged (%v); starting without it", e.statePath, err)
 	}
 	for _, p := range f.Alerts {
-		owner := p.Key.Device
-		if owner == "" {
-			owner = p.Key.District
-		}
-		s := e.shards[e.shardOf(owner)%len(e.shards)]
-		s.mu.Lock()
-		s.alerts[p.Key] = &alert{key: p.Key, state: p.State}
-		s.mu.Unlock()
+		e.putAlert(p.Key, p.State)
 	}
 	for d, t := range f.LastSeen {
 		s := e.shards[e.shardOf(d)%len(e.shards)]
@@ -651,6 +644,19 @@ func (e *Engine) load() error {
 	}
 	e.seq.Store(f.Seq)
 	return nil
+}
+
+// putAlert restores one alert into the shard that owns its device (or, for
+// district alerts, its district).
+func (e *Engine) putAlert(k alertKey, st State) {
+	owner := k.Device
+	if owner == "" {
+		owner = k.District
+	}
+	s := e.shards[e.shardOf(owner)%len(e.shards)]
+	s.mu.Lock()
+	s.alerts[k] = &alert{key: k, state: st}
+	s.mu.Unlock()
 }
 
 // Restore loads the saved alert states (the snapshot, then the transition log
@@ -701,14 +707,7 @@ func (e *Engine) replayLog(r io.Reader) (applied, skipped int) {
 		if rec.Seq <= snap {
 			continue
 		}
-		owner := rec.Key.Device
-		if owner == "" {
-			owner = rec.Key.District
-		}
-		s := e.shards[e.shardOf(owner)%len(e.shards)]
-		s.mu.Lock()
-		s.alerts[rec.Key] = &alert{key: rec.Key, state: rec.State}
-		s.mu.Unlock()
+		e.putAlert(rec.Key, rec.State)
 		if rec.Seq > e.seq.Load() {
 			e.seq.Store(rec.Seq)
 		}
