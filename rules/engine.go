@@ -2,6 +2,7 @@ package rules
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -683,26 +684,26 @@ func (e *Engine) restore() {
 	defer f.Close()
 	applied, skipped := e.replayLog(f)
 	if skipped > 0 {
-		e.log.Warn("rules: the transition log ends in a damaged or torn line; replayed what came before it",
+		e.log.Warn("rules: the transition log has damaged or torn lines; replayed the others",
 			"file", e.logPath(), "applied", applied, "skipped_lines", skipped)
 	}
 }
 
-// replayLog applies the transition log's records newer than the snapshot. A
-// line that does not parse (a write torn by a crash, or damage) ends the
-// replay there; the count of lines skipped is returned.
+// replayLog applies the transition log's records newer than the snapshot, in
+// order. A line that does not parse (a write torn by a crash, or damage) is
+// skipped and counted; empty lines are ignored.
 func (e *Engine) replayLog(r io.Reader) (applied, skipped int) {
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 0, 64<<10), 16<<20)
 	snap := e.seq.Load()
 	for sc.Scan() {
+		if len(bytes.TrimSpace(sc.Bytes())) == 0 {
+			continue
+		}
 		var rec logRecord
 		if err := json.Unmarshal(sc.Bytes(), &rec); err != nil || rec.Key.Rule == "" {
 			skipped++
-			for sc.Scan() {
-				skipped++
-			}
-			break
+			continue
 		}
 		if rec.Seq <= snap {
 			continue
@@ -732,6 +733,13 @@ func (e *Engine) Run(ctx context.Context) error {
 		lf, err := os.OpenFile(e.logPath(), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 		if err != nil {
 			return fmt.Errorf("open the transition log: %w", err)
+		}
+		// A torn last line (a crash mid-write) must not swallow the next record.
+		if st, err := lf.Stat(); err == nil && st.Size() > 0 {
+			if _, err := lf.Write([]byte{'\n'}); err != nil {
+				lf.Close()
+				return fmt.Errorf("open the transition log: %w", err)
+			}
 		}
 		e.tlog = lf
 		defer func() { lf.Close(); e.tlog = nil }()

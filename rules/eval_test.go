@@ -404,7 +404,8 @@ func TestReplayTransitionLog(t *testing.T) {
 		{"last record wins", 0, rec(1, "pipe-1", Firing) + rec(2, "pipe-1", Inactive), 2, 0, nil},
 		{"older than the snapshot", 5, rec(4, "pipe-1", Firing) + rec(6, "pipe-2", Firing), 1, 0, []string{"pipe-2"}},
 		{"torn tail", 0, rec(1, "pipe-1", Firing) + `{"seq":2,"key":{"rule":"lo`, 1, 1, []string{"pipe-1"}},
-		{"damage stops the replay", 0, rec(1, "pipe-1", Firing) + "garbage\n" + rec(3, "pipe-2", Firing), 1, 2, []string{"pipe-1"}},
+		{"a damaged line is skipped", 0, rec(1, "pipe-1", Firing) + "garbage\n" + rec(3, "pipe-2", Firing), 2, 1, []string{"pipe-1", "pipe-2"}},
+		{"a torn line then a new one", 0, `{"seq":1,"key":{"rule":"lo` + "\n" + rec(2, "pipe-2", Firing), 1, 1, []string{"pipe-2"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := NewEngine(Default(), nil, nil, 2, nil, "", Durability{}, nil, nil)
