@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"strings"
 	"sync"
@@ -66,6 +67,13 @@ func NewBroker(cfg MQTTConfig, devs Devices, h *Handler, log *slog.Logger, reg p
 	if cfg.MaxConnections > 0 {
 		caps.MaximumClients = int64(cfg.MaxConnections)
 	}
+	if limit := connectionsAllowedByOpenFiles(); caps.MaximumClients > limit {
+		// Past the open-files limit accept(2) fails and devices wait unanswered;
+		// under it, the broker answers "server unavailable" and they back off.
+		log.Info("ingest.mqtt.max_connections lowered to what the process's open-files limit leaves for connections",
+			"configured", cfg.MaxConnections, "effective", limit)
+		caps.MaximumClients = limit
+	}
 	srv := mqtt.New(&mqtt.Options{Capabilities: caps, Logger: slog.New(connLogHandler{log.Handler()}), InlineClient: false})
 	ctx, cancel := context.WithCancel(context.Background())
 	b := &Broker{srv: srv, log: log, h: h, devs: devs, runCtx: ctx, stop: cancel}
@@ -114,12 +122,19 @@ func NewBroker(cfg MQTTConfig, devs Devices, h *Handler, log *slog.Logger, reg p
 		cancel()
 		return nil, errors.New("ingest.mqtt: neither addr nor tls_addr is set")
 	}
-	var lim syscall.Rlimit
-	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim) == nil && cfg.MaxConnections > 0 && uint64(cfg.MaxConnections) > lim.Cur {
-		log.Warn("ingest.mqtt.max_connections is above the open-files limit: connections beyond the limit will wait until others close",
-			"max_connections", cfg.MaxConnections, "open_files_limit", lim.Cur)
-	}
 	return b, nil
+}
+
+// connectionsAllowedByOpenFiles is the open-files limit less a reserve for
+// the journal, the store, HTTP and outgoing connections: a tenth of the
+// limit, at least 256.
+func connectionsAllowedByOpenFiles() int64 {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil || lim.Cur > math.MaxInt64/2 {
+		return math.MaxInt64
+	}
+	n := int64(lim.Cur)
+	return max(n-max(256, n/10), 1)
 }
 
 // listenTLS binds the MQTT-over-TLS listener (TLS 1.2 or later).

@@ -86,3 +86,35 @@ func TestConnLogHandler(t *testing.T) {
 		})
 	}
 }
+
+// max_connections above what the open-files limit leaves is lowered, so that
+// devices past it are refused (and back off) instead of waiting unanswered.
+func TestMaxConnectionsFollowsTheOpenFilesLimit(t *testing.T) {
+	var old syscall.Rlimit
+	require.NoError(t, syscall.Getrlimit(syscall.RLIMIT_NOFILE, &old))
+	t.Cleanup(func() { _ = syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old) })
+	for _, tc := range []struct {
+		openFiles      uint64
+		configured     int
+		wantMaxClients int64
+	}{
+		{1000, 100000, 744},  // reserve 256
+		{5000, 100000, 4500}, // reserve a tenth
+		{5000, 300, 300},     // under the limit: as configured
+		{5000, 0, 4500},      // 0 (unlimited) is bounded too
+	} {
+		t.Run(fmt.Sprint(tc.openFiles, "/", tc.configured), func(t *testing.T) {
+			lim := old
+			lim.Cur = min(tc.openFiles, old.Max)
+			require.NoError(t, syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim))
+			defer func() { require.NoError(t, syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old)) }()
+			if lim.Cur != tc.openFiles {
+				t.Skipf("hard open-files limit %d is below %d", old.Max, tc.openFiles)
+			}
+			b, err := NewBroker(MQTTConfig{Enabled: true, Addr: "127.0.0.1:0", MaxConnections: tc.configured}, testRegistry(t), NewHandler(&recorder{}, HandlerOptions{}), nil, nil)
+			require.NoError(t, err)
+			defer b.Close()
+			require.Equal(t, tc.wantMaxClients, b.srv.Options.Capabilities.MaximumClients)
+		})
+	}
+}
