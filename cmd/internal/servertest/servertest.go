@@ -5,12 +5,14 @@ package servertest
 import (
 	"bytes"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -39,20 +41,50 @@ func Root() string {
 // FreePort returns a loopback port that was free a moment ago.
 func FreePort(t testing.TB, network string) int {
 	t.Helper()
-	if network == "udp" {
-		c, err := net.ListenPacket("udp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
+	// Below the ephemeral range: a port the kernel hands out for ":0" is
+	// also what it gives the next outgoing connection (the tests open
+	// thousands), so a server started on it a moment later could find it
+	// taken. Ports under the range are never used as source ports.
+	low := ephemeralLow()
+	for range 200 {
+		p := 10000 + rand.IntN(low-10000)
+		if portFree(network, p) {
+			return p
 		}
-		defer c.Close()
-		return c.LocalAddr().(*net.UDPAddr).Port
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	t.Fatalf("no free %s port found in [10000, %d)", network, low)
+	return 0
+}
+
+// ephemeralLow is the first port of the kernel's ephemeral range.
+func ephemeralLow() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if n, err := strconv.Atoi(f[0]); err == nil && n > 11000 {
+				return n
+			}
+		}
+	}
+	return 32768
+}
+
+func portFree(network string, p int) bool {
+	addr := fmt.Sprintf("127.0.0.1:%d", p)
+	if network == "udp" {
+		c, err := net.ListenPacket("udp", addr)
+		if err != nil {
+			return false
+		}
+		c.Close()
+		return true
+	}
+	l, err := net.Listen("tcp", addr)
 	if err != nil {
-		t.Fatal(err)
+		return false
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	return true
 }
 
 // Server is one run of the binary.
