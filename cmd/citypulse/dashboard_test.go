@@ -32,11 +32,24 @@ func dumpDOM(t *testing.T, bin, url string) string {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-		"--disable-background-networking", "--disable-component-update", "--disable-sync",
+		"--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
 		"--user-data-dir="+t.TempDir(), "--virtual-time-budget=3000", "--dump-dom", url)
 	out, err := cmd.Output()
 	require.NoError(t, err, "chromium")
 	return string(out)
+}
+
+// rendered is dumpDOM once the page's first refresh has finished (its status
+// no longer reads "loading…"), trying for up to 20 s on a slow machine.
+func rendered(t *testing.T, bin, url string) string {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		dom := dumpDOM(t, bin, url)
+		if st := status(dom); (st != "" && st != "loading…") || time.Now().After(deadline) {
+			return dom
+		}
+	}
 }
 
 var (
@@ -101,7 +114,7 @@ func TestDashboardInHeadlessChromium(t *testing.T) {
 	var tabs map[string][][]string
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		dom = dumpDOM(t, bin, "http://"+s.http+"/#token="+readToken)
+		dom = rendered(t, bin, "http://"+s.http+"/#token="+readToken)
 		tabs = tables(dom)
 		if strings.HasPrefix(status(dom), "updated") && len(tabs["alerts"]) > 0 && len(tabs["alerts"][0]) == 6 &&
 			strings.Contains(dom, "<td>xuanwu</td>") || time.Now().After(deadline) {
@@ -128,7 +141,7 @@ func TestDashboardInHeadlessChromium(t *testing.T) {
 		{"wrong token", "/#token=not-the-token", "token refused: enter a valid read token"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			dom := dumpDOM(t, bin, "http://"+s.http+tc.url)
+			dom := rendered(t, bin, "http://"+s.http+tc.url)
 			require.Equal(t, tc.want, status(dom))
 			require.NotContains(t, dom, "gas_leak")
 			require.NotContains(t, dom, "420")
