@@ -30,8 +30,8 @@ type pubMsg struct {
 	probe   string
 	probeTS int64
 	// occ holds the incident occurrences (index in the scenario → occurrence)
-	// whose first reading this message carries; their alert latency counts
-	// from the moment the message is handed to the transport.
+	// this message's readings belong to; an alert's latency counts from the
+	// moment the first such message is handed to the transport.
 	occ    map[int]int
 	status atomic.Uint32
 }
