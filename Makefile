@@ -2,6 +2,7 @@
 # installs what the tests need (mosquitto, VictoriaMetrics, influxd, chromium) and runs every test, integration
 # tests included.
 
+SHELL       := /bin/bash
 GO          ?= go
 BIN         := bin
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
@@ -39,8 +40,15 @@ deps:
 	@test -x $(GOBIN)/influxd || command -v influxd >/dev/null 2>&1 || \
 		(echo "installing: influxd 1.8.10 (go install, about a minute)"; GOFLAGS= $(GO) install $(INFLUXD))
 
+# test keeps the whole output in test.out and, on failure, ends with the
+# failing tests and their messages (CI shows only the tail, which is otherwise
+# the failing test's server log).
 test: deps
-	$(GO) test -count=1 -timeout 15m ./...
+	@set -o pipefail; $(GO) test -count=1 -timeout 15m ./... 2>&1 | tee test.out; rc=$$?; \
+	if [ $$rc -ne 0 ]; then \
+		echo "== failed tests (whole output in test.out):"; \
+		grep -E -- '^\s*--- FAIL|^\s+[a-z_]+_test\.go:[0-9]+:|Error:|Messages:|^FAIL|panic:' test.out | head -60; \
+	fi; exit $$rc
 
 # test-long runs the long forms of the reliability tests (docs/reliability.md):
 # 100 SIGKILLs, 10,000 idle MQTT connections, a store outage of 2 minutes,
