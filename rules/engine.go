@@ -565,10 +565,8 @@ func (e *Engine) save() error {
 		}
 		s.mu.Unlock()
 	}
-	if err := os.MkdirAll(filepath.Dir(e.statePath), 0o755); err != nil {
-		return err
-	}
-	if err := storeJSON(e.statePath, f, e.durable()); err != nil {
+	// Run created the directory when it opened the transition log.
+	if err := storeJSON(e.statePath, f, e.dur.fsyncEach()); err != nil {
 		return err
 	}
 	// The snapshot holds every logged transition (Run logs the held ones
@@ -579,10 +577,6 @@ func (e *Engine) save() error {
 		}
 	}
 	return nil
-}
-
-func (e *Engine) durable() bool {
-	return e.dur.Fsync != pipeline.FsyncInterval && e.dur.Fsync != pipeline.FsyncNever
 }
 
 func (e *Engine) logPath() string { return strings.TrimSuffix(e.statePath, ".json") + ".log" }
@@ -605,7 +599,7 @@ func (e *Engine) logAndNotify() error {
 		for _, h := range held {
 			buf = append(append(buf, h.record...), '\n')
 		}
-		if _, err = e.tlog.Write(buf); err == nil && e.durable() {
+		if _, err = e.tlog.Write(buf); err == nil && e.dur.fsyncEach() {
 			err = e.tlog.Sync()
 		}
 	}

@@ -432,32 +432,29 @@ func TestTransitionLogAfterATornWrite(t *testing.T) {
 	dir := t.TempDir()
 	statePath := dir + "/rules-state.json"
 	require.NoError(t, os.WriteFile(dir+"/rules-state.log", []byte(`{"seq":1,"key":{"rule":"lo`), 0o644))
-	run := func(f func(e *Engine)) *recorder {
+	run := func(f func(e *Engine, rec *recorder)) *recorder {
 		rec := &recorder{}
 		e := NewEngine(Default(), rules, nil, 1, rec, statePath, Durability{Fsync: pipeline.FsyncInterval, Interval: time.Second}, nil, nil)
 		e.Restore() // before the first reading, as serve does
 		ctx, cancel := context.WithCancel(context.Background())
 		done := make(chan error, 1)
 		go func() { done <- e.Run(ctx) }()
-		f(e)
+		f(e, rec)
 		cancel()
 		require.NoError(t, <-done)
 		return rec
 	}
-	rec := run(func(e *Engine) {
+	rec := run(func(e *Engine, rec *recorder) {
 		e.Observe(0, []pipeline.Reading{reading("pipe-0001", "pipe", "gulou", "pressure", 120, t0)})
-		require.Eventually(t, func() bool { return len(rec0(e)) == 1 }, 5*time.Second, time.Millisecond)
+		require.Eventually(t, func() bool { return len(rec.kinds()) == 1 }, 5*time.Second, time.Millisecond)
 	})
 	require.Equal(t, []string{"low:firing"}, rec.kinds())
-	rec = run(func(e *Engine) {
+	rec = run(func(e *Engine, _ *recorder) {
 		e.Observe(0, []pipeline.Reading{reading("pipe-0001", "pipe", "gulou", "pressure", 110, t0.Add(time.Second))})
 		time.Sleep(50 * time.Millisecond)
 	})
 	require.Empty(t, rec.kinds(), "still firing after the restart: not notified again")
 }
-
-// rec0 returns the kinds the engine's recorder got.
-func rec0(e *Engine) []string { return e.notifier.(*recorder).kinds() }
 
 func FuzzReplayTransitionLog(f *testing.F) {
 	f.Add([]byte(`{"seq":1,"key":{"rule":"low","device":"pipe-1"},"state":{"phase":2}}` + "\n"))

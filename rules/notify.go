@@ -144,6 +144,12 @@ type Durability struct {
 	Interval time.Duration
 }
 
+// fsyncEach reports whether every write is fsynced before it counts as done:
+// "always" and the zero value; "interval" and "never" leave it to later.
+func (d Durability) fsyncEach() bool {
+	return d.Fsync != pipeline.FsyncInterval && d.Fsync != pipeline.FsyncNever
+}
+
 // NewOutbox builds the outbox in dir; it starts nothing.
 func NewOutbox(cfg NotifyConfig, dir string, dur Durability, log *slog.Logger, reg prometheus.Registerer) (*Outbox, error) {
 	if err := cfg.Validate(); err != nil {
@@ -312,7 +318,7 @@ func safeName(s string) string {
 
 // write stores an outbox entry by its durability policy.
 func (o *Outbox) write(path string, v any) error {
-	if o.dur.Fsync == pipeline.FsyncInterval || o.dur.Fsync == pipeline.FsyncNever {
+	if !o.dur.fsyncEach() {
 		return storeJSON(path, v, false)
 	}
 	if err := storeJSON(path, v, true); err != nil {
@@ -320,9 +326,6 @@ func (o *Outbox) write(path string, v any) error {
 	}
 	return fsyncPath(filepath.Dir(path)) // the rename itself
 }
-
-// writeJSONDurable writes v to path atomically and fsyncs the file.
-func writeJSONDurable(path string, v any) error { return storeJSON(path, v, true) }
 
 // storeJSON writes v to path atomically (a temporary file renamed over it),
 // fsyncing the file first when sync is set.
@@ -408,17 +411,23 @@ func (q *rqueue) done(p *pending) {
 	q.signal()
 }
 
+// readEntry reads one outbox file.
+func readEntry(path string) (outboxEntry, error) {
+	var e outboxEntry
+	b, err := os.ReadFile(path)
+	if err == nil {
+		err = json.Unmarshal(b, &e)
+	}
+	return e, err
+}
+
 // load queues what a previous run left in the receiver's pending directory,
 // oldest first; unreadable files go to the dead letters.
 func (o *Outbox) load(r ReceiverConfig, q *rqueue) {
 	files, _ := filepath.Glob(filepath.Join(o.dir, "pending", r.Name, "*.json"))
 	sort.Strings(files)
 	for _, path := range files {
-		var e outboxEntry
-		b, err := os.ReadFile(path)
-		if err == nil {
-			err = json.Unmarshal(b, &e)
-		}
+		e, err := readEntry(path)
 		if err != nil {
 			o.log.Error("notify: unreadable outbox file moved to the dead letters", "file", path, "err", err)
 			o.moveDead(r, path, e)
@@ -514,7 +523,7 @@ func (o *Outbox) deliver(ctx context.Context, r ReceiverConfig, p *pending) {
 func (o *Outbox) moveDead(r ReceiverConfig, path string, e outboxEntry) {
 	dead := filepath.Join(o.dir, "dead", r.Name, filepath.Base(path))
 	if e.Receiver != "" {
-		_ = writeJSONDurable(path, e)
+		_ = storeJSON(path, e, true)
 	}
 	if err := os.Rename(path, dead); err != nil {
 		o.log.Error("notify: cannot move to the dead letters", "file", path, "err", err)
@@ -712,8 +721,7 @@ func (o *Outbox) Status() []OutboxStatus {
 				files = files[:100]
 			}
 			for _, f := range files {
-				var e outboxEntry
-				if b, err := os.ReadFile(f); err == nil && json.Unmarshal(b, &e) == nil {
+				if e, err := readEntry(f); err == nil {
 					if sub == "pending" {
 						st.Pending = append(st.Pending, e)
 					} else {

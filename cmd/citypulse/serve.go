@@ -106,13 +106,14 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 		if err != nil {
 			return err
 		}
-		outbox, err = rules.NewOutbox(cfg.Rules.Notify, filepath.Join(cfg.DataDir, "outbox"),
-			rules.Durability{Fsync: cfg.Pipeline.Fsync, Interval: cfg.Pipeline.FsyncInterval}, log.With("component", "notify"), reg)
+		// alerts are exactly as durable as the readings that raise them
+		dur := rules.Durability{Fsync: cfg.Pipeline.Fsync, Interval: cfg.Pipeline.FsyncInterval}
+		outbox, err = rules.NewOutbox(cfg.Rules.Notify, filepath.Join(cfg.DataDir, "outbox"), dur, log.With("component", "notify"), reg)
 		if err != nil {
 			return err
 		}
 		engine = rules.NewEngine(cfg.Rules, rs, registry, cfg.Pipeline.Shards, outbox,
-			filepath.Join(cfg.DataDir, "rules-state.json"), rules.Durability{Fsync: cfg.Pipeline.Fsync, Interval: cfg.Pipeline.FsyncInterval}, log.With("component", "rules"), reg)
+			filepath.Join(cfg.DataDir, "rules-state.json"), dur, log.With("component", "rules"), reg)
 		engine.Restore() // the saved alert states, before the first reading is evaluated
 		observers = append(observers, engine)
 	}
