@@ -19,6 +19,11 @@ const (
 	KindParking      Kind = "parking"       // parking bays and lots
 )
 
+// KindCity is the kind of the vital-sign roll-ups (rules.Vitals), which every
+// sink stores as city_<name>{district}. No device has it: it has no Schema,
+// so the registry refuses a device of this kind and Kinds does not list it.
+const KindCity Kind = "city"
+
 // MetricType says how a metric's values behave over time.
 type MetricType int
 

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/citypulse/citypulse/internal/durable"
 )
 
 // Device is one field device.
@@ -236,7 +238,7 @@ func (r *Registry) Remove(id string) error {
 
 func (r *Registry) commit(old map[string]Device, ov overlay, change func(map[string]Device)) error {
 	if r.statePath != "" {
-		if err := writeFileAtomic(r.statePath, ov); err != nil {
+		if err := writeOverlay(r.statePath, ov); err != nil {
 			return fmt.Errorf("persist device change: %w", err)
 		}
 	}
@@ -260,29 +262,15 @@ func without(ids []string, id string) []string {
 	return out
 }
 
-func writeFileAtomic(path string, v any) error {
-	b, err := json.MarshalIndent(v, "", "  ")
+// writeOverlay persists the device overlay, fsynced with its directory: an
+// admin's change is acknowledged only once a power loss cannot undo it.
+func writeOverlay(path string, ov overlay) error {
+	b, err := json.MarshalIndent(ov, "", "  ")
 	if err != nil {
 		return err
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
 	}
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
+	return durable.WriteFile(path, b, 0o600, true)
 }

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+
+	"github.com/citypulse/citypulse/internal/durable"
 )
 
 // cursorFile persists one sink's read position in every shard's journal, so that
@@ -43,6 +45,9 @@ func (c cursorFile) load(shards int) ([]uint64, error) {
 	return st.Positions, nil
 }
 
+// save replaces the cursor file without fsync: it is saved every 250 ms per
+// sink, and a cursor that a power loss takes (or leaves damaged) only makes
+// the sink replay from an older position (at-least-once), which load allows.
 func (c cursorFile) save(sink string, pos []uint64) error {
 	b, err := json.Marshal(cursorState{Sink: sink, Positions: pos})
 	if err != nil {
@@ -51,9 +56,5 @@ func (c cursorFile) save(sink string, pos []uint64) error {
 	if err := os.MkdirAll(filepath.Dir(c.path), 0o755); err != nil {
 		return err
 	}
-	tmp := c.path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, c.path)
+	return durable.WriteFile(c.path, b, 0o644, false)
 }

@@ -196,9 +196,13 @@ func (p *Pipeline) closeJournals() {
 func (p *Pipeline) Shards() int { return len(p.shards) }
 
 // ShardOf returns the shard that owns device.
-func (p *Pipeline) ShardOf(device string) int { return shardOf(device, len(p.shards)) }
+func (p *Pipeline) ShardOf(device string) int { return ShardOf(device, len(p.shards)) }
 
-func shardOf(device string, n int) int {
+// ShardOf returns which of n shards owns device (FNV-1a of the ID, modulo n).
+// Whatever keeps per-device state beside the shard loops (the rules engine)
+// shards it with this function, so that a device's state lives with the loop
+// that evaluates it.
+func ShardOf(device string, n int) int {
 	// FNV-1a, inline: no allocation.
 	h := uint32(2166136261)
 	for i := 0; i < len(device); i++ {
@@ -229,7 +233,7 @@ func (p *Pipeline) Submit(ctx context.Context, rs []Reading) error {
 	if p.closing.Load() {
 		return ErrClosed
 	}
-	s := p.shards[shardOf(dev, len(p.shards))]
+	s := p.shards[ShardOf(dev, len(p.shards))]
 	if limit := p.cfg.JournalMaxBytes / int64(len(p.shards)); s.j.bytes() >= limit {
 		p.m.backpressure.WithLabelValues("journal_full").Inc()
 		p.logBackpressure(s, limit)

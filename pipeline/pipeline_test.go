@@ -479,8 +479,8 @@ func TestShardOfIsStable(t *testing.T) {
 	seen := map[int]bool{}
 	for i := 0; i < 1000; i++ {
 		dev := fmt.Sprintf("pipe-%04d", i)
-		s := shardOf(dev, 4)
-		require.Equal(t, s, shardOf(dev, 4))
+		s := ShardOf(dev, 4)
+		require.Equal(t, s, ShardOf(dev, 4))
 		seen[s] = true
 	}
 	keys := make([]int, 0, len(seen))

@@ -3,8 +3,11 @@ package rules
 import (
 	"encoding/json"
 	"net/http"
+	"sort"
 	"strconv"
 	"time"
+
+	"github.com/citypulse/citypulse/notifier"
 )
 
 // API serves the rules, the alerts and the outbox in the Prometheus API shape,
@@ -15,12 +18,35 @@ import (
 //	GET /api/v1/outbox  pending and dead-letter notifications per receiver
 type API struct {
 	e    *Engine
-	o    *Outbox
+	o    OutboxLister
 	file string
 }
 
-// NewAPI returns the API over e and o (o may be nil).
-func NewAPI(e *Engine, o *Outbox, file string) *API { return &API{e: e, o: o, file: file} }
+// OutboxLister is what the API needs of the outbox (*notifier.Outbox).
+type OutboxLister interface {
+	Status() []notifier.Status
+}
+
+// NewAPI returns the API over e and o (o may be nil: no outbox).
+func NewAPI(e *Engine, o OutboxLister, file string) *API { return &API{e: e, o: o, file: file} }
+
+// Alerts returns the pending and firing alerts.
+func (e *Engine) Alerts() []AlertView {
+	var out []AlertView
+	for _, s := range e.shards {
+		s.mu.Lock()
+		for _, a := range s.alerts {
+			r := e.rule(a.key.Rule)
+			if r == nil || a.state.Phase == Inactive {
+				continue
+			}
+			out = append(out, view(s, a, r))
+		}
+		s.mu.Unlock()
+	}
+	sort.Slice(out, func(i, j int) bool { return Fingerprint(out[i].Labels) < Fingerprint(out[j].Labels) })
+	return out
+}
 
 func writeJSON(w http.ResponseWriter, v any) {
 	w.Header().Set("Content-Type", "application/json")
@@ -85,7 +111,7 @@ func (a *API) Rules(w http.ResponseWriter, _ *http.Request) {
 // Outbox handles GET /api/v1/outbox.
 func (a *API) Outbox(w http.ResponseWriter, _ *http.Request) {
 	if a.o == nil {
-		writeJSON(w, []OutboxStatus{})
+		writeJSON(w, []notifier.Status{})
 		return
 	}
 	writeJSON(w, a.o.Status())

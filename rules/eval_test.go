@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/citypulse/citypulse/devices"
+	"github.com/citypulse/citypulse/notifier"
 	"github.com/citypulse/citypulse/pipeline"
 )
 
@@ -181,10 +182,10 @@ func TestTheShippedRulesLoad(t *testing.T) {
 // recorder collects events.
 type recorder struct {
 	mu  sync.Mutex
-	evs []Event
+	evs []notifier.Event
 }
 
-func (r *recorder) Enqueue(ev Event) { r.mu.Lock(); r.evs = append(r.evs, ev); r.mu.Unlock() }
+func (r *recorder) Enqueue(ev notifier.Event) { r.mu.Lock(); r.evs = append(r.evs, ev); r.mu.Unlock() }
 func (r *recorder) kinds() []string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -219,7 +220,7 @@ func TestEngineTimersInABubble(t *testing.T) {
 		}
 		rec := &recorder{}
 		statePath := t.TempDir() + "/state.json"
-		e := NewEngine(Default(), rules, fleetView{fleet}, 2, rec, statePath, Durability{}, nil, nil)
+		e := NewEngine(Default(), rules, EngineOptions{Shards: 2, Devices: fleetView{fleet}, Notifier: rec, StatePath: statePath, FsyncEach: true})
 		ctx, cancel := context.WithCancel(context.Background())
 		done := make(chan error, 1)
 		go func() { done <- e.Run(ctx) }()
@@ -247,7 +248,7 @@ func TestEngineTimersInABubble(t *testing.T) {
 
 		// A restart keeps the firing alert and does not notify it again.
 		rec2 := &recorder{}
-		e2 := NewEngine(Default(), rules, fleetView{fleet}, 2, rec2, statePath, Durability{}, nil, nil)
+		e2 := NewEngine(Default(), rules, EngineOptions{Shards: 2, Devices: fleetView{fleet}, Notifier: rec2, StatePath: statePath, FsyncEach: true})
 		ctx2, cancel2 := context.WithCancel(context.Background())
 		go func() { done <- e2.Run(ctx2) }()
 		time.Sleep(2 * time.Second)
@@ -297,7 +298,7 @@ func BenchmarkRuleEvaluation(b *testing.B) {
 	}
 	rules, err := ParseRules([]byte("rules:\n"+y), "bench")
 	require.NoError(b, err)
-	e := NewEngine(Default(), rules, nil, 1, &recorder{}, "", Durability{}, nil, nil)
+	e := NewEngine(Default(), rules, EngineOptions{Shards: 1, Notifier: &recorder{}})
 	rs := []pipeline.Reading{reading("pipe-0001", "pipe", "d7", "pressure", 400, t0)}
 	b.ReportAllocs()
 	for b.Loop() {
@@ -318,7 +319,7 @@ func TestReloadKeepsTheStateOfRulesThatStay(t *testing.T) {
 	a := mustRule(t, "{name: hot, type: threshold, select: {kind: pipe, metric: pressure}, above: 100}")
 	b := mustRule(t, "{name: cold, type: threshold, select: {kind: pipe, metric: pressure}, below: 0}")
 	rec := &recorder{}
-	e := NewEngine(Default(), []*Rule{a, b}, nil, 1, rec, "", Durability{}, nil, nil)
+	e := NewEngine(Default(), []*Rule{a, b}, EngineOptions{Shards: 1, Notifier: rec})
 	e.Observe(0, []pipeline.Reading{reading("pipe-0001", "pipe", "gulou", "pressure", 150, t0)})
 	require.Equal(t, []string{"hot:firing"}, rec.kinds())
 
@@ -341,8 +342,8 @@ type stateChecker struct {
 	seen  []string // kind:phase-after-restart
 }
 
-func (c *stateChecker) Enqueue(ev Event) {
-	e2 := NewEngine(Default(), c.rules, nil, 1, nil, c.path, Durability{}, nil, nil)
+func (c *stateChecker) Enqueue(ev notifier.Event) {
+	e2 := NewEngine(Default(), c.rules, EngineOptions{Shards: 1, StatePath: c.path, FsyncEach: true})
 	e2.restore()
 	phase := "unknown"
 	for _, a := range e2.Alerts() {
@@ -366,11 +367,11 @@ func (c *stateChecker) got() []string {
 // restarted server fire again (TestAlertsSurviveSIGKILL shows it end to end,
 // but there it is a race; here it is checked at every notification).
 func TestNotifiedOnlyAfterTheStateIsSaved(t *testing.T) {
-	for _, dur := range []Durability{{Fsync: pipeline.FsyncAlways}, {Fsync: pipeline.FsyncInterval, Interval: 100 * time.Millisecond}} {
-		t.Run(string(dur.Fsync), func(t *testing.T) {
+	for _, fsync := range []pipeline.FsyncPolicy{pipeline.FsyncAlways, pipeline.FsyncInterval} {
+		t.Run(string(fsync), func(t *testing.T) {
 			rules := []*Rule{mustRule(t, "{name: low, type: threshold, select: {kind: pipe, metric: pressure}, below: 150, clear: 180}")}
 			c := &stateChecker{t: t, rules: rules, path: t.TempDir() + "/state.json"}
-			e := NewEngine(Default(), rules, nil, 1, c, c.path, dur, nil, nil)
+			e := NewEngine(Default(), rules, EngineOptions{Shards: 1, Notifier: c, StatePath: c.path, FsyncEach: fsync == pipeline.FsyncAlways})
 			ctx, cancel := context.WithCancel(context.Background())
 			done := make(chan error, 1)
 			go func() { done <- e.Run(ctx) }()
@@ -408,7 +409,7 @@ func TestReplayTransitionLog(t *testing.T) {
 		{"a torn line then a new one", 0, `{"seq":1,"key":{"rule":"lo` + "\n" + rec(2, "pipe-2", Firing), 1, 1, []string{"pipe-2"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			e := NewEngine(Default(), nil, nil, 2, nil, "", Durability{}, nil, nil)
+			e := NewEngine(Default(), nil, EngineOptions{Shards: 2})
 			e.seq.Store(tc.snapSeq)
 			applied, skipped := e.replayLog(strings.NewReader(tc.log))
 			require.Equal(t, tc.applied, applied)
@@ -434,7 +435,7 @@ func TestTransitionLogAfterATornWrite(t *testing.T) {
 	require.NoError(t, os.WriteFile(dir+"/rules-state.log", []byte(`{"seq":1,"key":{"rule":"lo`), 0o644))
 	run := func(f func(e *Engine, rec *recorder)) *recorder {
 		rec := &recorder{}
-		e := NewEngine(Default(), rules, nil, 1, rec, statePath, Durability{Fsync: pipeline.FsyncInterval, Interval: time.Second}, nil, nil)
+		e := NewEngine(Default(), rules, EngineOptions{Shards: 1, Notifier: rec, StatePath: statePath})
 		e.Restore() // before the first reading, as serve does
 		ctx, cancel := context.WithCancel(context.Background())
 		done := make(chan error, 1)
@@ -460,7 +461,7 @@ func FuzzReplayTransitionLog(f *testing.F) {
 	f.Add([]byte(`{"seq":1,"key":{"rule":"low","device":"pipe-1"},"state":{"phase":2}}` + "\n"))
 	f.Add([]byte("{\"seq\":1}\n\n{}"))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		e := NewEngine(Default(), nil, nil, 2, nil, "", Durability{}, nil, nil)
+		e := NewEngine(Default(), nil, EngineOptions{Shards: 2})
 		applied, skipped := e.replayLog(bytes.NewReader(b))
 		require.GreaterOrEqual(t, applied, 0)
 		require.GreaterOrEqual(t, skipped, 0)

@@ -217,11 +217,16 @@ func (r *Rule) compile() error {
 
 // TemplateData is what annotation templates see:
 // "Pressure at {{.Device}} ({{.District}}) fell {{printf \"%.0f\" .Delta}} kPa in {{.Window}}".
+//
+// For a deadman rule .Value is the seconds since the device's last reading;
+// for a device that has not reported since CityPulse started, .NeverSeen is
+// true and .Value is the seconds since the start.
 type TemplateData struct {
 	Rule, Device, District, Kind, Metric string
 	Value, Threshold, Delta              float64
 	Window                               time.Duration
 	Labels                               map[string]string
+	NeverSeen                            bool
 }
 
 func (r *Rule) annotate(d TemplateData) map[string]string {

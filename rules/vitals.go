@@ -24,7 +24,7 @@ import (
 // CityKind and CityDevice mark roll-up readings: stored as
 // city_<name>{district} (district "city" is the city-wide value).
 const (
-	CityKind     = "city"
+	CityKind     = string(devices.KindCity)
 	CityDevice   = "city"
 	CityDistrict = "city"
 )
@@ -151,7 +151,6 @@ type Vitals struct {
 	cfg    VitalsConfig
 	defs   []Rollup
 	devs   DeviceLister
-	sub    Submitter
 	log    *slog.Logger
 	m      *vitalsMetrics
 	shards []*latestShard
@@ -193,10 +192,6 @@ func NewVitals(cfg VitalsConfig, defs []Rollup, devs DeviceLister, shards int, l
 	}
 	return v
 }
-
-// SetSubmitter sets where the roll-ups go (the pipeline is built after the
-// observers it calls).
-func (v *Vitals) SetSubmitter(s Submitter) { v.sub = s }
 
 // Observe records the latest values; it runs in the shard loop.
 func (v *Vitals) Observe(shard int, rs []pipeline.Reading) {
@@ -362,9 +357,10 @@ func aggregate(def Rollup, vals []float64) (float64, bool) {
 	return 0, false
 }
 
-// Run computes and submits the roll-ups every interval until ctx is done.
-func (v *Vitals) Run(ctx context.Context) error {
-	if v.sub == nil {
+// Run computes the roll-ups every interval and submits them to sub (the
+// pipeline, which is built after the observers it calls) until ctx is done.
+func (v *Vitals) Run(ctx context.Context, sub Submitter) error {
+	if sub == nil {
 		return errors.New("vitals: no submitter")
 	}
 	t := time.NewTicker(v.cfg.Interval)
@@ -381,7 +377,7 @@ func (v *Vitals) Run(ctx context.Context) error {
 				for n < len(rs) && rs[n].District == rs[0].District {
 					n++
 				}
-				if err := v.sub.Submit(ctx, rs[:n]); err != nil && ctx.Err() == nil {
+				if err := sub.Submit(ctx, rs[:n]); err != nil && ctx.Err() == nil {
 					v.log.Warn("vitals: roll-ups not journaled; the next interval recomputes them", "district", rs[0].District, "err", err)
 				}
 				rs = rs[n:]

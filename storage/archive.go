@@ -26,6 +26,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/citypulse/citypulse/devices"
+	"github.com/citypulse/citypulse/internal/durable"
 	"github.com/citypulse/citypulse/pipeline"
 )
 
@@ -306,7 +307,7 @@ func (a *Archive) sealOne(p partition, pendingPath string) error {
 		if err := os.Rename(tmp, target); err != nil {
 			return err
 		}
-		syncDir(dir)
+		_ = durable.SyncDir(dir) // best effort: the file itself is complete
 		a.m.sealed.Inc()
 	}
 	return os.Remove(pendingPath)
@@ -415,11 +416,4 @@ func (a *Archive) Close() error {
 	a.closed = true
 	now := a.now()
 	return a.seal(func(p partition) bool { return now.After(time.Unix(p.hour, 0).Add(time.Hour + a.cfg.Grace)) })
-}
-
-func syncDir(dir string) {
-	if d, err := os.Open(dir); err == nil {
-		_ = d.Sync()
-		d.Close()
-	}
 }

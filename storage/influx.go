@@ -18,6 +18,7 @@ import (
 	influxhttp "github.com/influxdata/influxdb-client-go/v2/api/http"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/citypulse/citypulse/internal/backoff"
 	"github.com/citypulse/citypulse/pipeline"
 )
 
@@ -113,7 +114,7 @@ func OpenInflux(cfg InfluxConfig, deadLetterPath string, log *slog.Logger, reg p
 		SetHTTPRequestTimeout(uint(cfg.Timeout / time.Second)).
 		SetMaxRetries(0)
 	client := influxdb2.NewClientWithOptions(cfg.URL, cfg.Token, opts)
-	x := &Influx{cfg: cfg, client: client, write: client.WriteAPIBlocking(cfg.Org, cfg.Bucket), log: log, deadPath: deadLetterPath, sleep: sleepCtx}
+	x := &Influx{cfg: cfg, client: client, write: client.WriteAPIBlocking(cfg.Org, cfg.Bucket), log: log, deadPath: deadLetterPath, sleep: backoff.Sleep}
 	x.pool.New = func() any { return new([]string) }
 	x.m = &influxMetrics{
 		points: prometheus.NewCounter(prometheus.CounterOpts{
@@ -262,15 +263,4 @@ func escape(s string, r *strings.Replacer) string {
 		return s
 	}
 	return r.Replace(s)
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
 }

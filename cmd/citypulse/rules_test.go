@@ -18,7 +18,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/citypulse/citypulse/rules"
+	"github.com/citypulse/citypulse/notifier"
 )
 
 const hookSecret = "ops-centre-webhook-secret"
@@ -50,7 +50,7 @@ func newOpsCentre(t *testing.T) *opsCentre {
 			return
 		}
 		body, _ := io.ReadAll(r.Body)
-		if rules.VerifySignature(hookSecret, r.Header.Get("X-CityPulse-Signature"), body, time.Now(), 5*time.Minute) != nil {
+		if notifier.VerifySignature(hookSecret, r.Header.Get("X-CityPulse-Signature"), body, time.Now(), 5*time.Minute) != nil {
 			o.badSig.Add(1)
 			w.WriteHeader(http.StatusUnauthorized)
 			return

@@ -27,6 +27,7 @@ import (
 
 	"github.com/citypulse/citypulse/devices"
 	"github.com/citypulse/citypulse/ingest"
+	"github.com/citypulse/citypulse/notifier"
 	"github.com/citypulse/citypulse/pipeline"
 	"github.com/citypulse/citypulse/rules"
 	"github.com/citypulse/citypulse/storage"
@@ -37,6 +38,11 @@ import (
 type runner interface {
 	Run(ctx context.Context) error
 }
+
+// runFunc makes a function a runner.
+type runFunc func(ctx context.Context) error
+
+func (f runFunc) Run(ctx context.Context) error { return f(ctx) }
 
 func newLogger(c LogConfig, w io.Writer) *slog.Logger {
 	var lvl slog.Level
@@ -100,20 +106,21 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 		observers = append(observers, vitals)
 	}
 	var engine *rules.Engine
-	var outbox *rules.Outbox
+	var outbox *notifier.Outbox
 	if cfg.Rules.Enabled {
 		rs, err := rules.LoadRules(cfg.Rules.File)
 		if err != nil {
 			return err
 		}
 		// alerts are exactly as durable as the readings that raise them
-		dur := rules.Durability{Fsync: cfg.Pipeline.Fsync, Interval: cfg.Pipeline.FsyncInterval}
-		outbox, err = rules.NewOutbox(cfg.Rules.Notify, filepath.Join(cfg.DataDir, "outbox"), dur, log.With("component", "notify"), reg)
+		dur := notifier.Durability{Fsync: cfg.Pipeline.Fsync, Interval: cfg.Pipeline.FsyncInterval}
+		outbox, err = notifier.NewOutbox(cfg.Rules.Notify, filepath.Join(cfg.DataDir, "outbox"), dur, log.With("component", "notify"), reg)
 		if err != nil {
 			return err
 		}
-		engine = rules.NewEngine(cfg.Rules, rs, registry, cfg.Pipeline.Shards, outbox,
-			filepath.Join(cfg.DataDir, "rules-state.json"), dur, log.With("component", "rules"), reg)
+		engine = rules.NewEngine(cfg.Rules, rs, rules.EngineOptions{Shards: cfg.Pipeline.Shards, Devices: registry, Notifier: outbox,
+			StatePath: filepath.Join(cfg.DataDir, "rules-state.json"), FsyncEach: dur.FsyncEach(),
+			Logger: log.With("component", "rules"), Registerer: reg})
 		engine.Restore() // the saved alert states, before the first reading is evaluated
 		observers = append(observers, engine)
 	}
@@ -138,8 +145,7 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 	// The vital-sign ticker runs with them: it stops before the pipeline drains.
 	var gateways []runner
 	if vitals != nil {
-		vitals.SetSubmitter(pipe)
-		gateways = append(gateways, vitals)
+		gateways = append(gateways, runFunc(func(ctx context.Context) error { return vitals.Run(ctx, pipe) }))
 	}
 	closeAll := func() {}
 	if cfg.Ingest.MQTT.Enabled {
@@ -199,7 +205,6 @@ func serve(ctx context.Context, cfg Config, logOut io.Writer) error {
 	mux := http.NewServeMux()
 	routes(mux, cfg.HTTP, registry, db, archive, pipe, reg, &ready, log)
 	if engine != nil {
-		engine.SetShardFunc(pipe.ShardOf)
 		rapi := rules.NewAPI(engine, outbox, cfg.Rules.File)
 		read := requireRead(cfg.HTTP.ReadToken, cfg.HTTP.AdminToken)
 		mux.Handle("GET /api/v1/rules", read(http.HandlerFunc(rapi.Rules)))

@@ -14,7 +14,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/citypulse/citypulse/rules"
+	"github.com/citypulse/citypulse/notifier"
 )
 
 // alertBook pairs the incidents the harness injected with the alerts the
@@ -190,7 +190,7 @@ func (rc *receiver) hook(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	if err := rules.VerifySignature(rc.secret, r.Header.Get("X-CityPulse-Signature"), body, at, 5*time.Minute); err != nil {
+	if err := notifier.VerifySignature(rc.secret, r.Header.Get("X-CityPulse-Signature"), body, at, 5*time.Minute); err != nil {
 		rc.book.mu.Lock()
 		rc.book.badSig++
 		rc.book.mu.Unlock()

@@ -1,4 +1,4 @@
-package rules
+package notifier
 
 import (
 	"context"
@@ -8,15 +8,19 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
 
 	"github.com/citypulse/citypulse/pipeline"
 )
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 const secret = "0123456789abcdef-receiver"
 
@@ -71,22 +75,22 @@ func newReceiver(t *testing.T) *receiver {
 
 func (r *receiver) count() int { r.mu.Lock(); defer r.mu.Unlock(); return len(r.got) }
 
-func testNotify(rs ...*receiver) NotifyConfig {
-	c := DefaultNotify()
+func testNotify(rs ...*receiver) Config {
+	c := Default()
 	c.RetryMin, c.RetryMax = 10*time.Millisecond, 50*time.Millisecond
 	c.AllowHosts = []string{"127.0.0.1"}
 	for i, r := range rs {
-		c.Receivers = append(c.Receivers, ReceiverConfig{Name: "r" + itoa(i), Type: "webhook", URL: r.srv.URL + "/hook", Secret: secret, Timeout: 300 * time.Millisecond})
+		c.Receivers = append(c.Receivers, ReceiverConfig{Name: "r" + strconv.Itoa(i), Type: "webhook", URL: r.srv.URL + "/hook", Secret: secret, Timeout: 300 * time.Millisecond})
 	}
 	return c
 }
 
-func startOutbox(t *testing.T, cfg NotifyConfig, dir string) (*Outbox, func()) {
+func startOutbox(t *testing.T, cfg Config, dir string) (*Outbox, func()) {
 	t.Helper()
 	return startOutboxWith(t, cfg, dir, Durability{})
 }
 
-func startOutboxWith(t *testing.T, cfg NotifyConfig, dir string, dur Durability) (*Outbox, func()) {
+func startOutboxWith(t *testing.T, cfg Config, dir string, dur Durability) (*Outbox, func()) {
 	t.Helper()
 	o, err := NewOutbox(cfg, dir, dur, nil, nil)
 	require.NoError(t, err)
@@ -100,7 +104,7 @@ func event(kind string) Event {
 	l := map[string]string{"alertname": "burst_main", "device": "pipe-0042", "district": "gulou", "severity": "critical"}
 	at := time.Now()
 	return Event{Kind: kind, At: at, Labels: l, Annotations: map[string]string{"summary": "Pressure at pipe-0042 (gulou) fell 96 kPa in 1m0s"},
-		StartsAt: at, Fingerprint: Fingerprint(l), Key: Fingerprint(l) + "-" + kind}
+		StartsAt: at, Fingerprint: "fp-pipe-0042", Key: "fp-pipe-0042-" + kind}
 }
 
 func waitUntil(t *testing.T, what string, f func() bool) {
@@ -118,8 +122,8 @@ func TestWebhookIsSignedAlertmanagerJSON(t *testing.T) {
 	rcv := newReceiver(t)
 	o, stop := startOutbox(t, testNotify(rcv), t.TempDir())
 	defer stop()
-	o.Enqueue(event(NotifyFiring))
-	o.Enqueue(event(NotifyResolved))
+	o.Enqueue(event(KindFiring))
+	o.Enqueue(event(KindResolved))
 	waitUntil(t, "two deliveries", func() bool { return rcv.count() == 2 })
 	require.Zero(t, rcv.badSigs.Load())
 	m := rcv.got[0]
@@ -136,7 +140,7 @@ func TestRetriesUntilTheReceiverRecovers(t *testing.T) {
 	rcv.fail.Store(3)
 	o, stop := startOutbox(t, testNotify(rcv), t.TempDir())
 	defer stop()
-	o.Enqueue(event(NotifyFiring))
+	o.Enqueue(event(KindFiring))
 	waitUntil(t, "delivery after 500s", func() bool { return rcv.count() == 1 })
 	require.Equal(t, int64(4), rcv.requests.Load())
 	for _, n := range rcv.keys {
@@ -149,7 +153,7 @@ func TestA4xxGoesToTheDeadLetters(t *testing.T) {
 	rcv.status.Store(http.StatusBadRequest)
 	o, stop := startOutbox(t, testNotify(rcv), t.TempDir())
 	defer stop()
-	o.Enqueue(event(NotifyFiring))
+	o.Enqueue(event(KindFiring))
 	waitUntil(t, "dead letter", func() bool { st := o.Status(); return len(st[0].Dead) == 1 })
 	require.Equal(t, int64(1), rcv.requests.Load(), "a 4xx is not retried")
 	require.Contains(t, o.Status()[0].Dead[0].LastErr, "HTTP 400")
@@ -161,7 +165,7 @@ func TestAHungReceiverDelaysNoOther(t *testing.T) {
 	o, stop := startOutbox(t, testNotify(hung, fine), t.TempDir())
 	defer stop()
 	for i := 0; i < 5; i++ {
-		o.Enqueue(event(NotifyFiring))
+		o.Enqueue(event(KindFiring))
 	}
 	waitUntil(t, "the healthy receiver", func() bool { return fine.count() == 5 })
 	require.Len(t, o.Status()[0].Pending, 5, "the hung receiver's notifications wait on disk")
@@ -177,7 +181,7 @@ func TestPendingNotificationsSurviveARestart(t *testing.T) {
 			rcv.hang.Store(true)
 			dir := t.TempDir()
 			o, stop := startOutboxWith(t, testNotify(rcv), dir, dur)
-			o.Enqueue(event(NotifyFiring))
+			o.Enqueue(event(KindFiring))
 			waitUntil(t, "on disk", func() bool { return len(o.Status()[0].Pending) == 1 })
 			time.Sleep(50 * time.Millisecond) // an fsync pass runs (interval)
 			stop()
@@ -228,7 +232,7 @@ func TestSignatureVerification(t *testing.T) {
 func eventFor(device, kind string) Event {
 	ev := event(kind)
 	ev.Labels = map[string]string{"alertname": "burst_main", "device": device, "district": "gulou", "severity": "critical"}
-	ev.Fingerprint = Fingerprint(ev.Labels)
+	ev.Fingerprint = "fp-" + device
 	ev.Key = ev.Fingerprint + "-" + kind
 	return ev
 }
@@ -261,10 +265,10 @@ func TestOneSlowAlertDelaysNoOtherAlert(t *testing.T) {
 	defer free() // before stop, also when the test fails
 	order := func() []string { mu.Lock(); defer mu.Unlock(); return append([]string(nil), got...) }
 
-	o.Enqueue(eventFor("pipe-slow", NotifyFiring))
-	o.Enqueue(eventFor("pipe-slow", NotifyResolved))
+	o.Enqueue(eventFor("pipe-slow", KindFiring))
+	o.Enqueue(eventFor("pipe-slow", KindResolved))
 	for _, d := range []string{"pipe-a", "pipe-b", "pipe-c"} {
-		o.Enqueue(eventFor(d, NotifyFiring))
+		o.Enqueue(eventFor(d, KindFiring))
 	}
 	waitUntil(t, "the other alerts", func() bool { return len(order()) == 3 })
 	require.ElementsMatch(t, []string{"pipe-a/firing", "pipe-b/firing", "pipe-c/firing"}, order(),

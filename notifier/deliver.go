@@ -1,0 +1,122 @@
+package notifier
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/citypulse/citypulse/internal/backoff"
+)
+
+// deliverLoop delivers one receiver's notifications, up to
+// deliveriesPerReceiver at once, until ctx is done; what is undelivered then
+// stays on disk for the next start.
+func (o *Outbox) deliverLoop(ctx context.Context, r ReceiverConfig, q *rqueue) {
+	slots := make(chan struct{}, deliveriesPerReceiver)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		select {
+		case slots <- struct{}{}:
+		case <-ctx.Done():
+			return
+		}
+		p := q.next()
+		for p == nil {
+			select {
+			case <-ctx.Done():
+				return
+			case <-q.wake:
+			}
+			p = q.next()
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			o.deliver(ctx, r, p)
+			q.done(p)
+			<-slots
+		}()
+	}
+}
+
+// deliver sends one notification until it is delivered, refused (4xx), too
+// old (max_age) or ctx is done, retrying with exponential backoff and jitter.
+func (o *Outbox) deliver(ctx context.Context, r ReceiverConfig, p *pending) {
+	b := backoff.Backoff{Min: o.cfg.RetryMin, Max: o.cfg.RetryMax}
+	e := p.e
+	for {
+		e.Attempts++
+		status, err := o.send(ctx, r, e.Event)
+		switch {
+		case err == nil && status/100 == 2:
+			o.m.deliveries.WithLabelValues("ok").Inc()
+			o.m.latency.Observe(o.now().Sub(e.Event.At).Seconds())
+			_ = os.Remove(p.path)
+			return
+		case err == nil && status/100 == 4 && status != http.StatusTooManyRequests && status != http.StatusRequestTimeout:
+			o.m.deliveries.WithLabelValues("rejected").Inc()
+			e.LastErr = fmt.Sprintf("HTTP %d (not retried)", status)
+			o.log.Error("notify: receiver refused a notification; it is kept in the dead letters", "receiver", r.Name, "status", status, "alert", e.Event.Labels["alertname"])
+			o.moveDead(r, p.path, e)
+			return
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		o.m.deliveries.WithLabelValues("retry").Inc()
+		if err != nil {
+			e.LastErr = err.Error()
+		} else {
+			e.LastErr = "HTTP " + strconv.Itoa(status)
+		}
+		if o.now().Sub(e.Queued) > o.cfg.MaxAge {
+			o.log.Error("notify: undelivered for longer than rules.notify.max_age; moved to the dead letters", "receiver", r.Name, "err", e.LastErr)
+			o.moveDead(r, p.path, e)
+			return
+		}
+		_ = o.write(p.path, e) // keep the attempt count and error for the API
+		wait := b.Next()
+		o.log.Warn("notify: delivery failed; retrying", "receiver", r.Name, "attempt", e.Attempts, "err", e.LastErr, "backoff", wait)
+		if !backoff.Sleep(ctx, wait) {
+			return
+		}
+	}
+}
+
+// send delivers one event to one receiver and returns the HTTP status.
+func (o *Outbox) send(ctx context.Context, r ReceiverConfig, ev Event) (int, error) {
+	timeout := r.Timeout
+	if timeout <= 0 {
+		timeout = 10 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	target, body, err := encode(r, ev, o.cfg.ExternalURL)
+	if err != nil {
+		return 0, err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, target, bytes.NewReader(body))
+	if err != nil {
+		return 0, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("User-Agent", "CityPulse")
+	req.Header.Set("Idempotency-Key", ev.Key)
+	if r.Secret != "" {
+		req.Header.Set("X-CityPulse-Signature", Signature(r.Secret, o.now(), body))
+	}
+	resp, err := o.client.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	resp.Body.Close()
+	return resp.StatusCode, nil
+}
