@@ -267,8 +267,11 @@ func (v *Vitals) Compute(now time.Time) []pipeline.Reading {
 	for _, def := range v.defs {
 		for _, district := range ds {
 			g := group{def.Kind, district}
-			if len(reporting[g])+silent[g] == 0 {
-				continue // no devices of this kind here: nothing to say, not zero
+			if len(reporting[g]) == 0 {
+				// No device of this kind here, or every one silent: there is
+				// no value, and a 0 would read as a blackout or an all-clear.
+				// city_fleet_<kind>_reporting and _silent say why.
+				continue
 			}
 			vals = vals[:0]
 			for _, d := range reporting[g] {
@@ -296,8 +299,9 @@ func (v *Vitals) Compute(now time.Time) []pipeline.Reading {
 	return out
 }
 
-// aggregate applies def's aggregation; ok is false when there is no value to
-// report (a min of nothing is not zero).
+// aggregate applies def's aggregation over the values of the reporting
+// devices; ok is false when there is no value to report (a min of nothing is
+// not zero). Compute calls it only for a group with a reporting device.
 func aggregate(def Rollup, vals []float64) (float64, bool) {
 	n := float64(len(vals))
 	switch def.Agg {

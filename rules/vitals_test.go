@@ -168,3 +168,45 @@ func BenchmarkRollups(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.Elapsed().Milliseconds())/float64(b.N), "ms/100k-series")
 }
+
+// Issue 12: with every power meter of a district silent, the district's load
+// was stored as 0 kW and its dark traffic lights as 0 (a blackout, or an
+// all-clear, in Grafana). An aggregate over no reporting device is no sample;
+// the fleet series say why.
+func TestAnAggregateOverNoReportingDeviceIsNoSample(t *testing.T) {
+	defs, err := LoadRollups("../configs/vitals.yaml")
+	require.NoError(t, err)
+	pw1 := dev("power-0001", devices.KindPower, "gulou", 10*time.Second)
+	pw2 := dev("power-0002", devices.KindPower, "xuanwu", 10*time.Second) // silent: last heard 5 min ago
+	tl1 := dev("tl-0001", devices.KindTrafficLight, "gulou", 5*time.Second)
+	tl2 := dev("tl-0002", devices.KindTrafficLight, "xuanwu", 5*time.Second) // silent: never heard
+	v := NewVitals(DefaultVitals(), defs, fleet{pw1, pw2, tl1, tl2}, 1, nil, nil)
+	observe(v, pw1, "active_power", 1200, time.Second)
+	observe(v, pw1, "fault", 0, time.Second)
+	observe(v, pw2, "active_power", 800, 5*time.Minute)
+	observe(v, tl1, "state", 0, time.Second)
+
+	got := map[string]float64{}
+	for _, r := range v.Compute(now) {
+		got["city_"+r.Metric+"{"+r.District+"}"] = r.Value
+	}
+	for _, tc := range []struct {
+		series string
+		want   float64
+		ok     bool
+	}{
+		{"city_power_load_kw{gulou}", 1200, true},
+		{"city_power_load_kw{xuanwu}", 0, false},
+		{"city_power_faults{xuanwu}", 0, false},
+		{"city_power_load_kw{city}", 1200, true},
+		{"city_traffic_light_dark{gulou}", 1, true},
+		{"city_traffic_light_dark{xuanwu}", 0, false},
+		{"city_fleet_power_reporting{xuanwu}", 0, true},
+		{"city_fleet_power_silent{xuanwu}", 1, true},
+		{"city_fleet_traffic_light_silent{xuanwu}", 1, true},
+	} {
+		x, ok := got[tc.series]
+		require.Equal(t, tc.ok, ok, "%s present", tc.series)
+		require.Equal(t, tc.want, x, tc.series)
+	}
+}
