@@ -4,11 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -276,4 +278,52 @@ func TestOneSlowAlertDelaysNoOtherAlert(t *testing.T) {
 	free()
 	waitUntil(t, "the slow alert", func() bool { return len(order()) == 5 })
 	require.Equal(t, []string{"pipe-slow/firing", "pipe-slow/resolved"}, order()[3:], "one alert's notifications in order")
+}
+
+// syncBuffer is a log destination the test reads while the outbox writes.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
+
+// When writing an event to the outbox fails, that event and every event
+// queued after it stay queued for the next pass (the old code kept the
+// failed one and dropped the rest of the pass).
+func TestAFailedOutboxWriteKeepsTheRestOfThePass(t *testing.T) {
+	rcv := newReceiver(t)
+	dir := t.TempDir()
+	var logs syncBuffer
+	o, err := NewOutbox(testNotify(rcv), dir, Durability{}, slog.New(slog.NewTextHandler(&logs, nil)), nil)
+	require.NoError(t, err)
+	// A file where the receiver's pending directory should be: every write fails.
+	pendingDir := filepath.Join(dir, "pending", "r0")
+	require.NoError(t, os.Remove(pendingDir))
+	require.NoError(t, os.WriteFile(pendingDir, nil, 0o644))
+	for _, d := range []string{"pipe-a", "pipe-b", "pipe-c"} {
+		o.Enqueue(eventFor(d, KindFiring)) // queued before Run: one pass holds all three
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- o.Run(ctx) }()
+	defer func() { cancel(); require.NoError(t, <-done) }()
+	waitUntil(t, "the failed write", func() bool { return strings.Contains(logs.String(), "cannot write the outbox") })
+
+	require.NoError(t, os.Remove(pendingDir))
+	require.NoError(t, os.Mkdir(pendingDir, 0o755))
+	o.Enqueue(eventFor("pipe-d", KindFiring)) // the next pass
+	waitUntil(t, "four deliveries", func() bool { return rcv.count() == 4 })
+	devs := map[string]bool{}
+	rcv.mu.Lock()
+	for _, m := range rcv.got {
+		devs[m.CommonLabels["device"]] = true
+	}
+	rcv.mu.Unlock()
+	require.Equal(t, map[string]bool{"pipe-a": true, "pipe-b": true, "pipe-c": true, "pipe-d": true}, devs)
 }

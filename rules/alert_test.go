@@ -5,11 +5,15 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
 
 	"github.com/citypulse/citypulse/devices"
 	"github.com/citypulse/citypulse/notifier"
 	"github.com/citypulse/citypulse/pipeline"
 )
+
+// The engine's Run and the tests' receivers start goroutines: none may outlive a test.
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // The transition kinds are the notifier's event kinds.
 func TestTransitionKindsAreTheNotifiersEventKinds(t *testing.T) {

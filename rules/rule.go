@@ -140,26 +140,8 @@ func (r *Rule) compile() error {
 	}
 	switch r.Type {
 	case TypeThreshold:
-		n := 0
-		for _, set := range []bool{r.Above != nil, r.Below != nil, r.Outside != nil} {
-			if set {
-				n++
-			}
-		}
-		if n != 1 {
-			return errors.New("a threshold rule needs exactly one of above, below, outside")
-		}
-		if r.Outside != nil && (len(r.Outside) != 2 || r.Outside[0] > r.Outside[1]) {
-			return errors.New("outside: want [lo, hi] with lo <= hi")
-		}
-		if r.ClearIn != nil && (r.Outside == nil || len(r.ClearIn) != 2 || r.ClearIn[0] < r.Outside[0] || r.ClearIn[1] > r.Outside[1]) {
-			return errors.New("clear_in: want [lo, hi] inside outside")
-		}
-		if r.Clear != nil && r.Above != nil && *r.Clear > *r.Above {
-			return fmt.Errorf("clear %v must be <= above %v (hysteresis)", *r.Clear, *r.Above)
-		}
-		if r.Clear != nil && r.Below != nil && *r.Clear < *r.Below {
-			return fmt.Errorf("clear %v must be >= below %v (hysteresis)", *r.Clear, *r.Below)
+		if err := r.checkThreshold(); err != nil {
+			return err
 		}
 	case TypeRate:
 		if (r.Drop == nil) == (r.Rise == nil) {
@@ -169,28 +151,9 @@ func (r *Rule) compile() error {
 			return errors.New("a rate rule needs a window in (0, 1h]")
 		}
 	case TypeState:
-		if r.Equals == "" {
-			return errors.New("a state rule needs equals")
+		if err := r.compileState(); err != nil {
+			return err
 		}
-		if r.OutsideHours != nil && (len(r.OutsideHours) != 2 || r.OutsideHours[0] < 0 || r.OutsideHours[0] > 23 || r.OutsideHours[1] < 0 || r.OutsideHours[1] > 23) {
-			return errors.New("outside_hours: want [from, to] hours 0-23")
-		}
-		if r.Select.Kind == "" || strings.ContainsAny(r.Select.Kind+r.Select.Metric, "*?[") || r.Select.Metric == "" {
-			return errors.New("a state rule needs an exact select.kind and select.metric")
-		}
-		s, ok := devices.SchemaOf(devices.Kind(r.Select.Kind))
-		if !ok {
-			return fmt.Errorf("unknown kind %q", r.Select.Kind)
-		}
-		m, ok := s.Metric(r.Select.Metric)
-		if !ok || m.Type != devices.State {
-			return fmt.Errorf("%s %s is not an enumerated metric", r.Select.Kind, r.Select.Metric)
-		}
-		idx, ok := m.StateIndex(r.Equals)
-		if !ok {
-			return fmt.Errorf("equals %q: want one of %v", r.Equals, m.States)
-		}
-		r.stateIdx = idx
 	case TypeDeadman, TypeFleet:
 		if r.Factor == 0 {
 			r.Factor = 3
@@ -240,4 +203,57 @@ func (r *Rule) annotate(d TemplateData) map[string]string {
 		out[k] = b.String()
 	}
 	return out
+}
+
+// checkThreshold checks the thresholds of a threshold rule.
+func (r *Rule) checkThreshold() error {
+	n := 0
+	for _, set := range []bool{r.Above != nil, r.Below != nil, r.Outside != nil} {
+		if set {
+			n++
+		}
+	}
+	if n != 1 {
+		return errors.New("a threshold rule needs exactly one of above, below, outside")
+	}
+	if r.Outside != nil && (len(r.Outside) != 2 || r.Outside[0] > r.Outside[1]) {
+		return errors.New("outside: want [lo, hi] with lo <= hi")
+	}
+	if r.ClearIn != nil && (r.Outside == nil || len(r.ClearIn) != 2 || r.ClearIn[0] < r.Outside[0] || r.ClearIn[1] > r.Outside[1]) {
+		return errors.New("clear_in: want [lo, hi] inside outside")
+	}
+	if r.Clear != nil && r.Above != nil && *r.Clear > *r.Above {
+		return fmt.Errorf("clear %v must be <= above %v (hysteresis)", *r.Clear, *r.Above)
+	}
+	if r.Clear != nil && r.Below != nil && *r.Clear < *r.Below {
+		return fmt.Errorf("clear %v must be >= below %v (hysteresis)", *r.Clear, *r.Below)
+	}
+	return nil
+}
+
+// compileState checks a state rule and resolves the state it compares with.
+func (r *Rule) compileState() error {
+	if r.Equals == "" {
+		return errors.New("a state rule needs equals")
+	}
+	if r.OutsideHours != nil && (len(r.OutsideHours) != 2 || r.OutsideHours[0] < 0 || r.OutsideHours[0] > 23 || r.OutsideHours[1] < 0 || r.OutsideHours[1] > 23) {
+		return errors.New("outside_hours: want [from, to] hours 0-23")
+	}
+	if r.Select.Kind == "" || strings.ContainsAny(r.Select.Kind+r.Select.Metric, "*?[") || r.Select.Metric == "" {
+		return errors.New("a state rule needs an exact select.kind and select.metric")
+	}
+	s, ok := devices.SchemaOf(devices.Kind(r.Select.Kind))
+	if !ok {
+		return fmt.Errorf("unknown kind %q", r.Select.Kind)
+	}
+	m, ok := s.Metric(r.Select.Metric)
+	if !ok || m.Type != devices.State {
+		return fmt.Errorf("%s %s is not an enumerated metric", r.Select.Kind, r.Select.Metric)
+	}
+	idx, ok := m.StateIndex(r.Equals)
+	if !ok {
+		return fmt.Errorf("equals %q: want one of %v", r.Equals, m.States)
+	}
+	r.stateIdx = idx
+	return nil
 }

@@ -71,13 +71,9 @@ func (e *Engine) tickDeadman(r *Rule, list []devices.Device, now time.Time) {
 		silent := e.isSilent(d, r.Factor, now)
 		s := e.shardFor(d.ID)
 		k := alertKey{Rule: r.Name, Device: d.ID, District: d.District, Kind: string(d.Kind)}
-		a := s.alerts[k]
+		a := s.alertToStep(k, silent)
 		if a == nil {
-			if !silent {
-				continue
-			}
-			a = &alert{key: k}
-			s.alerts[k] = a
+			continue
 		}
 		silence, _ := e.silentFor(d, now)
 		a.state.Value = silence.Seconds()
@@ -108,13 +104,9 @@ func (e *Engine) tickFleet(r *Rule, list []devices.Device, now time.Time) {
 		k := alertKey{Rule: r.Name, District: district, Kind: r.Select.Kind}
 		ratio := float64(g.silent) / float64(g.total)
 		bad := ratio > r.SilentRatio
-		a := s.alerts[k]
+		a := s.alertToStep(k, bad)
 		if a == nil {
-			if !bad {
-				continue
-			}
-			a = &alert{key: k}
-			s.alerts[k] = a
+			continue
 		}
 		a.state.Value = ratio
 		e.emit(s, a, r, a.state.Step(r, bad, now, e.flap))
@@ -137,4 +129,16 @@ func (e *Engine) advance(rules []*Rule, now time.Time) {
 			e.emit(s, a, r, a.state.Advance(r, now, e.flap))
 		}
 	}
+}
+
+// alertToStep returns the alert of k, created when the condition is bad; nil
+// when there is none and nothing is wrong (nothing to step). The caller holds
+// s.mu.
+func (s *ruleShard) alertToStep(k alertKey, bad bool) *alert {
+	a := s.alerts[k]
+	if a == nil && bad {
+		a = &alert{key: k}
+		s.alerts[k] = a
+	}
+	return a
 }

@@ -308,11 +308,7 @@ func aggregate(def Rollup, vals []float64) (float64, bool) {
 	case "count":
 		return n, true
 	case "sum":
-		s := 0.0
-		for _, x := range vals {
-			s += x
-		}
-		return s, true
+		return sum(vals), true
 	case "count_eq":
 		c := 0.0
 		for _, x := range vals {
@@ -331,11 +327,7 @@ func aggregate(def Rollup, vals []float64) (float64, bool) {
 	case "max":
 		return slices.Max(vals), true
 	case "mean":
-		s := 0.0
-		for _, x := range vals {
-			s += x
-		}
-		return s / n, true
+		return sum(vals) / n, true
 	case "max_abs_dev":
 		m := 0.0
 		for _, x := range vals {
@@ -359,6 +351,14 @@ func aggregate(def Rollup, vals []float64) (float64, bool) {
 		return s[lo] + (s[hi]-s[lo])*(pos-float64(lo)), true
 	}
 	return 0, false
+}
+
+func sum(vals []float64) float64 {
+	s := 0.0
+	for _, x := range vals {
+		s += x
+	}
+	return s
 }
 
 // Run computes the roll-ups every interval and submits them to sub (the
