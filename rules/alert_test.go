@@ -81,3 +81,37 @@ func TestADeviceNeverSeenIsSilentSinceTheStart(t *testing.T) {
 		require.Equal(t, summaries[a.Labels["device"]], a.Annotations["summary"])
 	}
 }
+
+// The engine keeps a device's alerts in the pipeline's shard for it
+// (pipeline.ShardOf), from the restore on: a restored alert is found by the
+// shard loop that evaluates the device, so a recovery resolves it.
+func TestRestoredAlertsLiveInThePipelinesShard(t *testing.T) {
+	rules := []*Rule{mustRule(t, "{name: low, type: threshold, select: {kind: pipe, metric: pressure}, below: 150, clear: 180}")}
+	statePath := t.TempDir() + "/rules-state.json"
+	const shards = 4
+	var devs []string
+	for i := 0; i < 16; i++ {
+		devs = append(devs, "pipe-"+itoa(1000+i))
+	}
+	e := NewEngine(Default(), rules, EngineOptions{Shards: shards, StatePath: statePath})
+	for _, d := range devs {
+		e.Observe(pipeline.ShardOf(d, shards), []pipeline.Reading{reading(d, "pipe", "gulou", "pressure", 120, t0)})
+	}
+	require.Len(t, e.Alerts(), len(devs))
+	require.NoError(t, e.save())
+
+	rec := &recorder{}
+	e2 := NewEngine(Default(), rules, EngineOptions{Shards: shards, Notifier: rec})
+	e2.statePath = statePath // restore from the file, notify at once
+	e2.Restore()
+	e2.statePath = ""
+	require.Len(t, e2.Alerts(), len(devs), "every alert restored")
+	for _, d := range devs {
+		e2.Observe(pipeline.ShardOf(d, shards), []pipeline.Reading{reading(d, "pipe", "gulou", "pressure", 200, t0.Add(time.Second))})
+	}
+	require.Len(t, rec.kinds(), len(devs))
+	for _, k := range rec.kinds() {
+		require.Equal(t, "low:resolved", k)
+	}
+	require.Empty(t, e2.Alerts())
+}

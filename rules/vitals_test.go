@@ -1,12 +1,15 @@
 package rules
 
 import (
+	"context"
 	"flag"
 	"fmt"
 	"os"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/stretchr/testify/require"
@@ -209,4 +212,51 @@ func TestAnAggregateOverNoReportingDeviceIsNoSample(t *testing.T) {
 		require.Equal(t, tc.ok, ok, "%s present", tc.series)
 		require.Equal(t, tc.want, x, tc.series)
 	}
+}
+
+// submissions records what Vitals.Run submits.
+type submissions struct {
+	mu    sync.Mutex
+	calls [][]pipeline.Reading
+}
+
+func (s *submissions) Submit(_ context.Context, rs []pipeline.Reading) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.calls = append(s.calls, append([]pipeline.Reading(nil), rs...))
+	return nil
+}
+
+// Run submits each interval's roll-ups to the submitter it is given, one
+// submission per district (a journal record carries one district).
+func TestVitalsRunSubmitsOneDistrictAtATime(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		defs, err := LoadRollups("../configs/vitals.yaml")
+		require.NoError(t, err)
+		pw1 := dev("power-0001", devices.KindPower, "gulou", 10*time.Second)
+		pw2 := dev("power-0002", devices.KindPower, "xuanwu", 10*time.Second)
+		v := NewVitals(DefaultVitals(), defs, fleet{pw1, pw2}, 1, nil, nil)
+		require.ErrorContains(t, v.Run(context.Background(), nil), "no submitter")
+		at := time.Now().UnixNano()
+		for _, d := range []devices.Device{pw1, pw2} {
+			v.Observe(0, []pipeline.Reading{{Device: d.ID, Kind: "power", District: d.District, Metric: "active_power", Value: 100, Time: at, Received: at}})
+		}
+		sub := &submissions{}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- v.Run(ctx, sub) }()
+		time.Sleep(DefaultVitals().Interval + time.Second)
+		synctest.Wait()
+		cancel()
+		require.NoError(t, <-done)
+		var districts []string
+		for _, c := range sub.calls {
+			for _, r := range c {
+				require.Equal(t, c[0].District, r.District, "one district per submission")
+				require.Equal(t, CityKind, r.Kind)
+			}
+			districts = append(districts, c[0].District)
+		}
+		require.Equal(t, []string{"city", "gulou", "xuanwu"}, districts)
+	})
 }
