@@ -12,7 +12,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/citypulse/citypulse/devices"
 	"github.com/citypulse/citypulse/notifier"
 	"github.com/citypulse/citypulse/pipeline"
 )
@@ -20,11 +19,6 @@ import (
 // Notifier receives alert events; it must not block (the shard loop calls it).
 type Notifier interface {
 	Enqueue(ev notifier.Event)
-}
-
-// DeviceView is what deadman and fleet rules need of the registry.
-type DeviceView interface {
-	List() []devices.Device
 }
 
 // ruleShard holds the alert states of the devices of one pipeline shard. The
@@ -46,7 +40,7 @@ type Engine struct {
 	rules     atomic.Pointer[[]*Rule]
 	gen       atomic.Uint64
 	shards    []*ruleShard
-	devs      DeviceView
+	devs      DeviceLister
 	notifier  Notifier
 	statePath string
 	fsyncEach bool
@@ -78,7 +72,7 @@ type EngineOptions struct {
 	// it. Observe's shard argument is the pipeline's shard.
 	Shards int
 	// Devices lists the registered devices for deadman and fleet rules (nil: none).
-	Devices DeviceView
+	Devices DeviceLister
 	// Notifier receives the transitions (nil: none).
 	Notifier Notifier
 	// StatePath is the alert snapshot ("" for none: transitions then go to the

@@ -134,7 +134,8 @@ func LoadRollups(path string) ([]Rollup, error) {
 	return f.Rollups, nil
 }
 
-// DeviceLister is what the roll-ups need of the registry.
+// DeviceLister is what the roll-ups, and the deadman and fleet rules, need
+// of the registry.
 type DeviceLister interface {
 	List() []devices.Device
 }
