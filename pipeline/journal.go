@@ -12,6 +12,8 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+
+	"github.com/citypulse/citypulse/internal/durable"
 )
 
 // A journal position (LSN) is a byte offset in the shard's log, counted from its
@@ -188,7 +190,7 @@ func (j *journal) roll() error {
 	if err := j.f.Close(); err != nil {
 		j.log.Warn("journal: close segment", "err", err)
 	}
-	syncDir(j.dir)
+	_ = durable.SyncDir(j.dir)
 	j.f = f
 	j.dirty = false
 	j.mu.Lock()
@@ -265,13 +267,6 @@ func (j *journal) close() error {
 	j.closed = true
 	err := j.f.Sync()
 	return errors.Join(err, j.f.Close())
-}
-
-func syncDir(dir string) {
-	if d, err := os.Open(dir); err == nil {
-		_ = d.Sync()
-		d.Close()
-	}
 }
 
 // journalReader reads whole records from a journal through its own file handle.

@@ -4,9 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"sync"
 	"time"
+
+	"github.com/citypulse/citypulse/internal/backoff"
 )
 
 // sinkState is one sink's progress over all shards.
@@ -109,7 +110,7 @@ func (w *sinkWorker) run(ctx context.Context, shardsDone <-chan struct{}) error 
 			w.batch, readPos, n, err = w.r.read(readPos, w.batch, policy.MaxReadings, max(policy.MaxBytes-size, 0))
 			if err != nil {
 				w.p.log.Error("pipeline: reading the journal for a sink failed; retrying", "sink", w.st.name, "shard", w.s.id, "err", err)
-				if !sleep(ctx, time.Second) {
+				if !backoff.Sleep(ctx, time.Second) {
 					return nil
 				}
 				continue
@@ -162,7 +163,7 @@ func (w *sinkWorker) run(ctx context.Context, shardsDone <-chan struct{}) error 
 // write writes the batch, retrying with exponential backoff and jitter until it
 // succeeds, the sink says the error is permanent, or ctx is done (false).
 func (w *sinkWorker) write(ctx context.Context) bool {
-	backoff := w.p.cfg.RetryMin
+	b := backoff.Backoff{Min: w.p.cfg.RetryMin, Max: w.p.cfg.RetryMax}
 	for {
 		err := w.st.sink.Write(ctx, Batch{Shard: w.s.id, Readings: w.batch})
 		if err == nil {
@@ -184,11 +185,9 @@ func (w *sinkWorker) write(ctx context.Context) bool {
 				w.st.name, err, byteSize(w.p.lagBytes(w.st)), byteSize(w.p.cfg.JournalMaxBytes)),
 				"sink", w.st.name, "failing_for", time.Since(w.st.failingSince()).Round(time.Second))
 		}
-		jitter := time.Duration(rand.Int64N(int64(backoff)/2 + 1))
-		if !sleep(ctx, backoff/2+jitter) {
+		if !backoff.Sleep(ctx, b.Next()) {
 			return false
 		}
-		backoff = min(backoff*2, w.p.cfg.RetryMax)
 	}
 }
 
@@ -215,17 +214,6 @@ func (st *sinkState) failingSince() time.Time {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	return st.failSince
-}
-
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
 }
 
 func isClosed(ch <-chan struct{}) bool {
