@@ -287,3 +287,14 @@ func (u *uploads) sweep(now time.Time, force bool) {
 		}
 	}
 }
+
+// uintBytes encodes a CoAP uint option value: big-endian, no leading zeros.
+func uintBytes(v uint32) []byte {
+	b := make([]byte, 0, 4)
+	for sh := 24; sh >= 0; sh -= 8 {
+		if c := byte(v >> sh); c != 0 || len(b) > 0 {
+			b = append(b, c)
+		}
+	}
+	return b
+}

@@ -406,17 +406,6 @@ func size1(n int64) message.Option {
 	return message.Option{ID: message.Size1, Value: uintBytes(uint32(n))}
 }
 
-// uintBytes encodes a CoAP uint option value: big-endian, no leading zeros.
-func uintBytes(v uint32) []byte {
-	b := make([]byte, 0, 4)
-	for sh := 24; sh >= 0; sh -= 8 {
-		if c := byte(v >> sh); c != 0 || len(b) > 0 {
-			b = append(b, c)
-		}
-	}
-	return b
-}
-
 // authenticate returns the device, or the refusal. An unknown device and a
 // wrong key get the same answer after the same work, so device ids cannot be
 // enumerated; the counted reason (server side only) tells them apart.
