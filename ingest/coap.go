@@ -21,8 +21,7 @@ import (
 	coapnet "github.com/plgd-dev/go-coap/v3/net"
 	"github.com/plgd-dev/go-coap/v3/net/blockwise"
 	"github.com/plgd-dev/go-coap/v3/options"
-	"github.com/plgd-dev/go-coap/v3/udp"
-	udpserver "github.com/plgd-dev/go-coap/v3/udp/server"
+	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/citypulse/citypulse/devices"
@@ -49,7 +48,7 @@ type CoAPServer struct {
 	m       *coapMetrics
 	udpL    *coapnet.UDPConn
 	dtlsL   *coapnet.DTLSListener
-	udpS    *udpserver.Server
+	udpS    *udpServer
 	dtlsS   *dtlsserver.Server
 	runCtx  context.Context
 	cancel  context.CancelFunc
@@ -109,8 +108,9 @@ func NewCoAP(cfg CoAPConfig, devs Devices, h *Handler, log *slog.Logger, reg pro
 	runner := options.WithPeriodicRunner(ownedRunner(ctx, &s.runners))
 	router := mux.NewRouter()
 	router.DefaultHandle(mux.HandlerFunc(s.serve))
-	s.udpS = udp.NewServer(options.WithMux(router), options.WithMaxMessageSize(maxCoAPMessage), runner, noBlockwise,
-		options.WithErrors(func(err error) { log.Debug("coap", "err", err) }))
+	// Not go-coap's udp.NewServer: see udpServer (issue 13).
+	s.udpS = newUDPServer(s.udpL, mux.ToHandler[*udpclient.Conn](router), maxCoAPMessage, ownedRunner(ctx, &s.runners),
+		func(err error) { log.Debug("coap", "err", err) })
 	if s.dtlsL != nil {
 		s.dtlsS = dtls.NewServer(options.WithMux(router), options.WithMaxMessageSize(maxCoAPMessage),
 			options.WithDTLSHandshakeTimeout(10*time.Second), runner, noBlockwise,
@@ -189,7 +189,7 @@ func (s *CoAPServer) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	errc := make(chan error, 2)
 	wg.Add(1)
-	go func() { defer wg.Done(); errc <- s.udpS.Serve(s.udpL) }()
+	go func() { defer wg.Done(); errc <- s.udpS.Serve() }()
 	if s.dtlsS != nil {
 		wg.Add(1)
 		go func() { defer wg.Done(); errc <- s.dtlsS.Serve(s.dtlsL) }()

@@ -24,12 +24,12 @@ import (
 // rawCoAP sends hand-built CoAP messages over UDP, so a test controls every
 // token and option (go-coap's client would do block-wise its own way).
 type rawCoAP struct {
-	t   *testing.T
+	t   testing.TB
 	c   *net.UDPConn
 	mid uint16
 }
 
-func dialRaw(t *testing.T, addr string) *rawCoAP {
+func dialRaw(t testing.TB, addr string) *rawCoAP {
 	t.Helper()
 	ra, err := net.ResolveUDPAddr("udp", addr)
 	require.NoError(t, err)
