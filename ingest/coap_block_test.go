@@ -10,14 +10,20 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	piondtls "github.com/pion/dtls/v3"
+	"github.com/plgd-dev/go-coap/v3/dtls"
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/net/blockwise"
+	"github.com/plgd-dev/go-coap/v3/options"
+	"github.com/plgd-dev/go-coap/v3/udp"
 	"github.com/plgd-dev/go-coap/v3/udp/coder"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 )
 
@@ -313,4 +319,42 @@ func TestDTLSUnknownIdentityFailsLikeAWrongKey(t *testing.T) {
 	require.Error(t, wrong)
 	require.Error(t, unknown)
 	require.Equal(t, wrong.Error(), unknown.Error(), "an unknown identity fails like a wrong key")
+}
+
+// go-coap's own client sends a large body block-wise (one token for all
+// blocks), over UDP and over DTLS: both are reassembled.
+func TestCoAPBlockwiseFromGoCoapClients(t *testing.T) {
+	rec := &recorder{}
+	h := NewHandler(rec, HandlerOptions{})
+	reg := prometheus.NewRegistry()
+	s, err := NewCoAP(CoAPConfig{Enabled: true, Addr: "127.0.0.1:0", DTLSAddr: "127.0.0.1:0"}, testRegistry(t), h, nil, reg)
+	require.NoError(t, err)
+	runGateway(t, s)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	var runners sync.WaitGroup
+	defer func() { cancel(); runners.Wait() }()
+	runner := options.WithPeriodicRunner(ownedRunner(ctx, &runners))
+
+	uc, err := udp.Dial(s.Addr().String(), runner)
+	require.NoError(t, err)
+	resp, err := uc.Post(ctx, "/devices/pipe-0001/readings", message.AppSenmlJSON, bytes.NewReader(senml(0, 300)),
+		message.Option{ID: message.URIQuery, Value: []byte("key=secret-pipe-0001")})
+	require.NoError(t, err)
+	require.Equal(t, codes.Changed, resp.Code())
+	require.NoError(t, uc.Close())
+	<-uc.Done()
+
+	dc, err := dtls.Dial(s.DTLSAddr().String(), dtls.NewDTLSClientOptions(
+		piondtls.WithPSK(func([]byte) ([]byte, error) { return []byte("secret-pipe-0002"), nil }),
+		piondtls.WithPSKIdentityHint([]byte("pipe-0002")),
+		piondtls.WithCipherSuites(piondtls.TLS_PSK_WITH_AES_128_CCM_8)), runner)
+	require.NoError(t, err)
+	resp, err = dc.Post(ctx, "/devices/pipe-0002/readings", message.AppSenmlJSON, bytes.NewReader(senml(1000, 300)))
+	require.NoError(t, err)
+	require.Equal(t, codes.Changed, resp.Code())
+	require.NoError(t, dc.Close())
+	<-dc.Done()
+	require.Equal(t, append(seq(0, 300), seq(1000, 300)...), values(t, rec))
+	require.GreaterOrEqual(t, testutil.ToFloat64(s.m.requests.WithLabelValues(codes.Continue.String())), 10.0,
+		"the bodies came in blocks")
 }
