@@ -38,6 +38,11 @@ import (
 //
 // Plain UDP carries no credentials of its own: unless AllowUnauthenticated, a
 // request must carry the device's secret as the URI query "key=<secret>".
+// Every failed authentication gets the same 4.01, whatever failed.
+//
+// Bodies larger than a datagram come block-wise (RFC 7959 Block1): each block
+// is authenticated and answered 2.31 Continue until the last, and the blocks
+// of one body are matched by endpoint, URI and Request-Tag (see uploads).
 type CoAPServer struct {
 	cfg     CoAPConfig
 	devs    Devices
