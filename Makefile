@@ -15,7 +15,7 @@ FUZZMIN     ?= 10x
 # mosquitto (external-broker mode), VictoriaMetrics (InfluxDB v2 write API) and
 # Alertmanager from Debian, and InfluxDB 1.8.10 (also serves /api/v2/write) built
 # with go install; Debian's Chromium renders the dashboard headless.
-APT_DEPS    := mosquitto victoria-metrics prometheus-alertmanager chromium
+APT_DEPS    := mosquitto victoria-metrics prometheus-alertmanager chromium libcoap3-bin
 INFLUXD     := github.com/influxdata/influxdb/cmd/influxd@v1.8.10
 GOBIN       := $(shell $(GO) env GOPATH)/bin
 

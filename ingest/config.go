@@ -74,6 +74,9 @@ type CoAPConfig struct {
 	// the path. When false (the default) a plain-UDP request must carry the
 	// device's secret as the URI query "key=<secret>"; DTLS is always authenticated.
 	AllowUnauthenticated bool `mapstructure:"allow_unauthenticated" yaml:"allow_unauthenticated"`
+	// Blockwise bounds the partial block-wise (RFC 7959) uploads held while
+	// their blocks arrive.
+	Blockwise BlockwiseConfig `mapstructure:"blockwise" yaml:"blockwise"`
 }
 
 // Default returns the embedded defaults.
@@ -88,7 +91,7 @@ func Default() Config {
 			Topic:    "$share/citypulse/devices/+/readings",
 			QoS:      1,
 		},
-		CoAP: CoAPConfig{Enabled: true, Addr: ":5683", DTLSAddr: ":5684"},
+		CoAP: CoAPConfig{Enabled: true, Addr: ":5683", DTLSAddr: ":5684", Blockwise: DefaultBlockwise()},
 	}
 }
 
@@ -140,6 +143,7 @@ func (c Config) Validate() error {
 		if c.CoAP.DTLSAddr != "" {
 			errs = append(errs, checkAddr("ingest.coap.dtls_addr", c.CoAP.DTLSAddr))
 		}
+		errs = append(errs, c.CoAP.Blockwise.Validate())
 	}
 	if !c.MQTT.Enabled && !c.External.Enabled && !c.CoAP.Enabled {
 		errs = append(errs, errors.New("ingest: enable at least one of ingest.mqtt, ingest.external, ingest.coap"))

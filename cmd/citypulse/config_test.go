@@ -56,6 +56,7 @@ func TestBadConfigIsRejectedWithTheKeyNamed(t *testing.T) {
 		{"a bad duration", "pipeline:\n  fsync_interval: soon\n", nil, "fsync_interval"},
 		{"a short admin token", "http:\n  admin_token: abc\n", nil, "http.admin_token"},
 		{"an address without a port", "ingest:\n  coap:\n    addr: localhost\n", nil, "ingest.coap.addr"},
+		{"a CoAP per-source bound above the total", "", map[string]string{"CITYPULSE_INGEST_COAP_BLOCKWISE_MAX_UPLOADS_PER_SOURCE": "5000"}, "ingest.coap.blockwise.max_uploads_per_source"},
 		{"an ingest window the store cannot hold", "ingest:\n  max_past: 400h\n", nil, "ingest.max_past"},
 		{"a bad sink batch policy", "storage:\n  tsdb:\n    batch:\n      max_readings: 10\n", nil, "storage.tsdb.batch.max_age"},
 	}

@@ -1,0 +1,60 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// libcoap's client sends a body block-wise with a new token per block (RFC
+// 7959 allows it); against the real binary, every reading of a 10-block body
+// must be stored and queryable (issue 12).
+func TestCoAPBlockwiseFromLibcoapIsStored(t *testing.T) {
+	skipShort(t)
+	bin, err := exec.LookPath("coap-client-notls")
+	if err != nil {
+		t.Fatal("coap-client-notls not found: run `make deps` (installs Debian's libcoap3-bin)")
+	}
+	s := newServer(t, "")
+	s.start()
+	defer s.stop()
+
+	const n = 400
+	var b strings.Builder
+	b.WriteByte('[')
+	for i := range n {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		fmt.Fprintf(&b, `{"n":"pressure","v":%d,"t":%d}`, i, i-n) // one a second, relative to now
+	}
+	b.WriteByte(']')
+	require.Greater(t, b.Len(), 9*1024, "a body of ten 1024-byte blocks")
+	f := filepath.Join(t.TempDir(), "big.json")
+	require.NoError(t, os.WriteFile(f, []byte(b.String()), 0o600))
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	uri := "coap://" + s.coap + "/devices/pipe-0001/readings?key=secret-pipe-0001"
+	out, err := exec.CommandContext(ctx, bin, "-m", "post", "-b", "1024", "-t", "110", "-f", f, uri).CombinedOutput()
+	require.NoError(t, err, "coap-client-notls: %s", out)
+	require.NotContains(t, string(out), "4.", "no error answer: %s", out)
+	eventually(t, 15*time.Second, func() error {
+		count, err := latest(t, s.http, `count_over_time(pipe_pressure{device="pipe-0001"}[10m])`)
+		if err != nil {
+			return err
+		}
+		sum, err := latest(t, s.http, `sum_over_time(pipe_pressure{device="pipe-0001"}[10m])`)
+		if err == nil && (count != n || sum != n*(n-1)/2) {
+			err = fmt.Errorf("stored %v readings summing to %v, want %d summing to %d", count, sum, n, n*(n-1)/2)
+		}
+		return err
+	})
+}
