@@ -33,9 +33,8 @@ func Binary(t testing.TB) string {
 	if testing.Short() {
 		t.Skip("starts nats-server processes: skipped under -short")
 	}
-	if p, err := exec.LookPath("nats-server"); err == nil {
-		return p
-	}
+	// The go-installed one first: a Debian nats-server (2.9) on the PATH is
+	// too old for priority groups.
 	gopath := os.Getenv("GOPATH")
 	if gopath == "" {
 		if home, err := os.UserHomeDir(); err == nil {
@@ -43,6 +42,9 @@ func Binary(t testing.TB) string {
 		}
 	}
 	if p := filepath.Join(gopath, "bin", "nats-server"); gopath != "" && isExec(p) {
+		return p
+	}
+	if p, err := exec.LookPath("nats-server"); err == nil {
 		return p
 	}
 	t.Skip("nats-server not installed: run `make deps` (go install github.com/nats-io/nats-server/v2@v2.15.2)")
