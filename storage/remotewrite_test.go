@@ -230,10 +230,10 @@ func TestRemoteWriteToVictoriaMetricsStoresExactSeriesValuesAndMillis(t *testing
 
 	var got map[string][][2]any
 	want := map[string][][2]any{
-		`{__name__="pipe_pressure",device="pipe-0001",district="gulou",kind="pipe"}`: {{ms + 2, 412.5}, {ms + 10_001, 409.25}},
-		`{__name__="pipe_pressure",device="pipe-0002",district="xuanwu",kind="pipe"}`: {{ms + 1, 1e-9}},
+		`{__name__="pipe_pressure",device="pipe-0001",district="gulou",kind="pipe"}`:                    {{ms + 2, 412.5}, {ms + 10_001, 409.25}},
+		`{__name__="pipe_pressure",device="pipe-0002",district="xuanwu",kind="pipe"}`:                   {{ms + 1, 1e-9}},
 		`{__name__="traffic_light_state",device="tl-0001",district="my district",kind="traffic_light"}`: {{ms + 5001, 3.0}},
-		`{__name__="city_pressure_mean",district="gulou"}`: {{ms + 60_000, -0.125}},
+		`{__name__="city_pressure_mean",district="gulou"}`:                                              {{ms + 60_000, -0.125}},
 	}
 	require.Eventually(t, func() bool {
 		got = exportVM(t, addr)
