@@ -103,16 +103,9 @@ func (o *Owner) consumerConfig(p int) jetstream.ConsumerConfig {
 // consumes until ctx is done. On return every partition it owned was
 // released (UnpinConsumer), so another node takes it over at once.
 func (o *Owner) Run(ctx context.Context) error {
-	cons := make([]jetstream.Consumer, o.cfg.Partitions)
-	if _, err := ensureStream(ctx, o.js, o.cfg); err != nil {
+	cons, err := o.setup(ctx)
+	if err != nil || ctx.Err() != nil {
 		return err
-	}
-	for p := range cons {
-		c, err := o.js.CreateOrUpdateConsumer(ctx, o.cfg.Stream, o.consumerConfig(p))
-		if err != nil {
-			return fmt.Errorf("create or update consumer %s: %w", consumerName(p), err)
-		}
-		cons[p] = c
 	}
 	sub, err := o.members.listen(o.nc)
 	if err != nil {
@@ -131,6 +124,41 @@ func (o *Owner) Run(ctx context.Context) error {
 		err = nil
 	}
 	return err
+}
+
+// setup creates or updates the stream and the partition consumers. JetStream
+// may be unavailable for a while (a server restarting, no quorum yet): it
+// retries with backoff until ctx is done, and fails only for a refused config.
+func (o *Owner) setup(ctx context.Context) ([]jetstream.Consumer, error) {
+	cons := make([]jetstream.Consumer, o.cfg.Partitions)
+	backoff := 200 * time.Millisecond
+	for p := -1; p < len(cons); {
+		var err error
+		if p < 0 {
+			_, err = ensureStream(ctx, o.js, o.cfg)
+		} else {
+			cons[p], err = o.js.CreateOrUpdateConsumer(ctx, o.cfg.Stream, o.consumerConfig(p))
+			if err != nil {
+				err = fmt.Errorf("create or update consumer %s: %w", consumerName(p), err)
+			}
+		}
+		if err == nil {
+			p++
+			continue
+		}
+		var apiErr *jetstream.APIError
+		if errors.As(err, &apiErr) && apiErr.Code == 400 {
+			return nil, err // the server refuses the config itself: retrying cannot help
+		}
+		o.log.Warn("JetStream not available for the partition consumers; retrying", "err", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+			return nil, nil
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+	return cons, nil
 }
 
 // runPartition pulls partition p whenever this node should, until ctx is done.
@@ -200,11 +228,17 @@ func (o *Owner) consume(ctx context.Context, p int, c jetstream.Consumer) error 
 			o.release(st)
 		}
 	}()
+	closed := cc.Closed()
 	t := time.NewTicker(o.cfg.AliveInterval / 2)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
+			return nil
+		case <-closed:
+			// Ended by the library (consumer deleted, connection closed):
+			// runPartition starts pulling again if it still should.
+			o.log.Warn("pulling a partition stopped; starting again", "partition", p)
 			return nil
 		case <-t.C:
 			if !o.members.shouldPull(p) {
