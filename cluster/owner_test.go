@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 
@@ -189,7 +190,8 @@ func TestOwnerHandlesEveryPartitionInOrderAndUnpinsOnShutdown(t *testing.T) {
 	require.NoError(t, err)
 	publish(t, l, 0, 200, cfg.Partitions)
 
-	rec, m := newRecorder(), NewMetrics(nil)
+	reg := prometheus.NewRegistry()
+	rec, m := newRecorder(), NewMetrics(reg)
 	ro := startOwner(t, c.URL(), cfg, rec, m)
 	require.Eventually(t, func() bool { return rec.count() == 200 }, 30*time.Second, 20*time.Millisecond)
 	publish(t, l, 200, 200, cfg.Partitions)
@@ -202,6 +204,9 @@ func TestOwnerHandlesEveryPartitionInOrderAndUnpinsOnShutdown(t *testing.T) {
 	}
 	require.Equal(t, 4.0, testutil.ToFloat64(m.owned))
 	require.Equal(t, 4.0, testutil.ToFloat64(m.changes.WithLabelValues("gained")))
+	n, err := testutil.GatherAndCount(reg, "citypulse_cluster_partitions_owned", "citypulse_cluster_partition_handovers_total")
+	require.NoError(t, err)
+	require.Equal(t, 2, n, "the metrics are in the injected registry")
 
 	ro.stop(t)
 	require.Zero(t, testutil.ToFloat64(m.owned))
