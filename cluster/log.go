@@ -87,9 +87,10 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, cfg Config) (jets
 // batch's Nats-Msg-Id: JetStream drops a copy with the same id published
 // within cluster.duplicate_window (use one that names the batch, e.g. the
 // gateway's id and its journal sequence). Append blocks while
-// cluster.max_in_flight batches await their acknowledgement (up to
-// cluster.publish_timeout), and returns an error if the batch could not be
-// sent. Otherwise wait returns nil once JetStream acknowledged the batch, or
+// cluster.max_in_flight batches await their acknowledgement, up to
+// cluster.publish_timeout (ctx is checked before, not during, that wait: the
+// client library's stall does not take a context), and returns an error if
+// the batch could not be sent. Otherwise wait returns nil once JetStream acknowledged the batch, or
 // an error wrapping ErrNotDurable (no quorum, timeout, stream full, ...).
 func (l *Log) Append(ctx context.Context, p int, msgID string, payload []byte) (wait func(context.Context) error, err error) {
 	if p < 0 || p >= l.cfg.Partitions {
