@@ -18,6 +18,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/citypulse/citypulse/cluster/natstest"
+	"github.com/citypulse/citypulse/pipeline"
 )
 
 // recorder remembers which node handled which batch of which partition, and
@@ -491,4 +492,79 @@ func (r *recorder) duplicatesOf(op *ownerProcess) int {
 		}
 	}
 	return n
+}
+
+// TestReadingsFlowFromAppendThroughTheOwnerAndDedupe is the path the server
+// will wire: a gateway encodes a batch and appends it to its device's
+// partition; the owner decodes, drops what it passed on before and hands
+// each device's readings on in time order.
+func TestReadingsFlowFromAppendThroughTheOwnerAndDedupe(t *testing.T) {
+	c := natstest.Start(t, 1)
+	cfg := fastConfig(1, 0)
+	cfg.Replicas = 1
+	m := NewMetrics(nil)
+	l, err := NewLog(connect(t, c.URL()), cfg, m)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, err = l.EnsureStream(ctx)
+	require.NoError(t, err)
+
+	dedupe, err := NewDedupe(64, 1000, m)
+	require.NoError(t, err)
+	var mu sync.Mutex
+	got := map[string][]int64{}
+	handle := func(_ context.Context, msgs []Message) error {
+		var rs []pipeline.Reading
+		for _, msg := range msgs {
+			var err error
+			if rs, err = DecodeBatch(msg.Data, rs); err != nil {
+				return err
+			}
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		for _, r := range dedupe.Filter(rs) {
+			got[r.Device] = append(got[r.Device], r.Time)
+		}
+		return nil
+	}
+	nc := connect(t, c.URL())
+	o, err := NewOwner(nc, cfg, handle, nil, nil, m)
+	require.NoError(t, err)
+
+	devices := []string{"pipe-0001", "pipe-0002", "tl-0001"}
+	appendBatch := func(id string, times ...int64) {
+		byPartition := map[int][]pipeline.Reading{}
+		for _, d := range devices {
+			for _, ts := range times {
+				p := PartitionOf(d, cfg.Partitions)
+				byPartition[p] = append(byPartition[p], pipeline.Reading{Device: d, Kind: "pipe", Metric: "pressure", Value: float64(ts), Time: ts})
+			}
+		}
+		for p, rs := range byPartition {
+			w, err := l.Append(ctx, p, fmt.Sprintf("%s/%d", id, p), AppendBatch(nil, rs))
+			require.NoError(t, err)
+			require.NoError(t, w(ctx))
+		}
+	}
+	// Published before the owner runs: all handed over in its first, settled call.
+	appendBatch("a", 3, 1, 2)
+	appendBatch("b", 2, 4) // a gateway resent time 2 inside a new batch
+	runCtx, stop := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- o.Run(runCtx) }()
+	defer func() { stop(); require.NoError(t, <-done) }()
+
+	require.Eventually(t, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(got["tl-0001"]) == 4 && len(got["pipe-0001"]) == 4 && len(got["pipe-0002"]) == 4
+	}, 30*time.Second, 20*time.Millisecond)
+	mu.Lock()
+	defer mu.Unlock()
+	for _, d := range devices {
+		require.Equal(t, []int64{1, 2, 3, 4}, got[d], "%s: in time order, time 2 once", d)
+	}
+	require.Equal(t, 3.0, testutil.ToFloat64(m.duplicates), "one repeated reading per device")
 }
