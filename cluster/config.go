@@ -32,8 +32,9 @@ type Config struct {
 	// PublishTimeout bounds the wait for JetStream's acknowledgement of a batch.
 	PublishTimeout time.Duration `mapstructure:"publish_timeout" yaml:"publish_timeout"`
 
-	// Nodes is the number of nodes N, and Index this node's index (0..N-1): the
-	// node prefers partitions p with p mod N = Index.
+	// Nodes is the number of nodes N (the same on every node), and Index this
+	// node's index (0..N-1, unique): the node prefers partitions p with
+	// p mod N = Index.
 	Nodes int `mapstructure:"nodes" yaml:"nodes"`
 	Index int `mapstructure:"index" yaml:"index"`
 	// Group is the priority group of the partition consumers.
