@@ -1,5 +1,5 @@
 # CityPulse. `make run` starts the server on its embedded defaults; `make test`
-# installs what the tests need (mosquitto, VictoriaMetrics, influxd, chromium) and runs every test, integration
+# installs what the tests need (mosquitto, VictoriaMetrics, influxd, nats-server, chromium) and runs every test, integration
 # tests included.
 
 SHELL       := /bin/bash
@@ -17,6 +17,9 @@ FUZZMIN     ?= 10x
 # with go install; Debian's Chromium renders the dashboard headless.
 APT_DEPS    := mosquitto victoria-metrics prometheus-alertmanager chromium libcoap3-bin
 INFLUXD     := github.com/influxdata/influxdb/cmd/influxd@v1.8.10
+# nats-server for the cluster tests (JetStream priority groups with pinned
+# clients need 2.11+; Debian ships 2.9), built with go install.
+NATS_SERVER := github.com/nats-io/nats-server/v2@v2.15.2
 GOBIN       := $(shell $(GO) env GOPATH)/bin
 
 .PHONY: all build run test test-short test-long deps bench fuzz lint clean
@@ -39,6 +42,8 @@ deps:
 	fi
 	@test -x $(GOBIN)/influxd || command -v influxd >/dev/null 2>&1 || \
 		(echo "installing: influxd 1.8.10 (go install, about a minute)"; GOFLAGS= $(GO) install $(INFLUXD))
+	@test -x $(GOBIN)/nats-server || \
+		(echo "installing: nats-server 2.15.2 (go install, about a minute)"; GOFLAGS= $(GO) install $(NATS_SERVER))
 
 # test keeps the whole output in test.out and, on failure, ends with the
 # failing tests and their messages (CI shows only the tail, which is otherwise

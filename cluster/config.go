@@ -1,0 +1,130 @@
+package cluster
+
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Config configures cluster mode. Keys are under cluster.* in the server's
+// config file.
+type Config struct {
+	// Stream is the JetStream stream holding reading batches.
+	Stream string `mapstructure:"stream" yaml:"stream"`
+	// Partitions is the number of partitions P (device → FNV-1a mod P). It must
+	// be the same on every node and gateway.
+	Partitions int `mapstructure:"partitions" yaml:"partitions"`
+	// Replicas is the stream's replication factor (3 in production: a batch is
+	// acknowledged once a majority of 3 servers stored it; 1 for a single server).
+	Replicas int `mapstructure:"replicas" yaml:"replicas"`
+	// MaxAge bounds how long batches stay in the stream (consumed or not).
+	MaxAge time.Duration `mapstructure:"max_age" yaml:"max_age"`
+	// MaxBytes bounds the stream's size; when full, appends fail (nothing is
+	// discarded silently). 0 means no limit.
+	MaxBytes int64 `mapstructure:"max_bytes" yaml:"max_bytes"`
+	// DuplicateWindow is how long JetStream remembers a batch's message id to
+	// drop a resent copy.
+	DuplicateWindow time.Duration `mapstructure:"duplicate_window" yaml:"duplicate_window"`
+
+	// MaxInFlight bounds the batches published and not yet acknowledged; an
+	// append beyond it waits (up to PublishTimeout).
+	MaxInFlight int `mapstructure:"max_in_flight" yaml:"max_in_flight"`
+	// PublishTimeout bounds the wait for JetStream's acknowledgement of a batch.
+	PublishTimeout time.Duration `mapstructure:"publish_timeout" yaml:"publish_timeout"`
+
+	// Nodes is the number of nodes N (the same on every node), and Index this
+	// node's index (0..N-1, unique): the node prefers partitions p with
+	// p mod N = Index.
+	Nodes int `mapstructure:"nodes" yaml:"nodes"`
+	Index int `mapstructure:"index" yaml:"index"`
+	// Group is the priority group of the partition consumers.
+	Group string `mapstructure:"group" yaml:"group"`
+	// PinnedTTL is how long JetStream keeps a partition pinned to a node that
+	// stopped pulling (crashed or cut off) before another node gets it.
+	PinnedTTL time.Duration `mapstructure:"pinned_ttl" yaml:"pinned_ttl"`
+	// AckWait is how long a delivered, unacknowledged batch waits before it is
+	// delivered again; below PinnedTTL, so a new owner gets the old owner's
+	// unacknowledged batches first.
+	AckWait time.Duration `mapstructure:"ack_wait" yaml:"ack_wait"`
+	// MaxAckPending bounds the unacknowledged batches per partition.
+	MaxAckPending int `mapstructure:"max_ack_pending" yaml:"max_ack_pending"`
+	// MaxBatch bounds the batches handed to the handler in one call.
+	MaxBatch int `mapstructure:"max_batch" yaml:"max_batch"`
+	// Settle is how long a node that gains a partition collects batches before
+	// the first call of the handler, to put redelivered batches back in stream
+	// order.
+	Settle time.Duration `mapstructure:"settle" yaml:"settle"`
+	// AliveInterval is how often a node announces itself; a node not heard of
+	// for AliveTimeout is taken as gone and its partitions are pulled by the
+	// next node in order.
+	AliveInterval time.Duration `mapstructure:"alive_interval" yaml:"alive_interval"`
+	AliveTimeout  time.Duration `mapstructure:"alive_timeout" yaml:"alive_timeout"`
+}
+
+// Default returns the defaults: 64 partitions, R3, a 4 s pin, 3 s ack wait.
+func Default() Config {
+	return Config{
+		Stream:          "CITYPULSE_READINGS",
+		Partitions:      64,
+		Replicas:        3,
+		MaxAge:          24 * time.Hour,
+		DuplicateWindow: 2 * time.Minute,
+		MaxInFlight:     1024,
+		PublishTimeout:  5 * time.Second,
+		Nodes:           1,
+		Group:           "citypulse",
+		PinnedTTL:       4 * time.Second,
+		AckWait:         3 * time.Second,
+		MaxAckPending:   256,
+		MaxBatch:        64,
+		Settle:          200 * time.Millisecond,
+		AliveInterval:   500 * time.Millisecond,
+		AliveTimeout:    2 * time.Second,
+	}
+}
+
+// Validate checks the config; messages name the key.
+func (c Config) Validate() error {
+	var errs []error
+	if c.Stream == "" {
+		errs = append(errs, errors.New("cluster.stream must not be empty"))
+	}
+	if c.Partitions < 1 || c.Partitions > 4096 {
+		errs = append(errs, fmt.Errorf("cluster.partitions must be in [1, 4096], got %d", c.Partitions))
+	}
+	if c.Replicas != 1 && c.Replicas != 3 && c.Replicas != 5 {
+		errs = append(errs, fmt.Errorf("cluster.replicas must be 1, 3 or 5, got %d", c.Replicas))
+	}
+	if c.MaxAge <= 0 || c.DuplicateWindow <= 0 || c.DuplicateWindow > c.MaxAge {
+		errs = append(errs, fmt.Errorf("cluster.max_age (%v) and cluster.duplicate_window (%v) must be > 0, the window no longer than the age", c.MaxAge, c.DuplicateWindow))
+	}
+	if c.MaxBytes < 0 {
+		errs = append(errs, fmt.Errorf("cluster.max_bytes must be >= 0, got %d", c.MaxBytes))
+	}
+	if c.MaxInFlight < 1 || c.PublishTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("cluster.max_in_flight (%d) and cluster.publish_timeout (%v) must be > 0", c.MaxInFlight, c.PublishTimeout))
+	}
+	if c.Nodes < 1 || c.Index < 0 || c.Index >= c.Nodes {
+		errs = append(errs, fmt.Errorf("cluster.index must be in [0, cluster.nodes), got index %d of %d nodes", c.Index, c.Nodes))
+	}
+	if c.Group == "" {
+		errs = append(errs, errors.New("cluster.group must not be empty"))
+	}
+	if c.PinnedTTL < 2*time.Second {
+		// Pull requests expire after PinnedTTL/2 and JetStream wants at least 1 s.
+		errs = append(errs, fmt.Errorf("cluster.pinned_ttl must be at least 2s, got %v", c.PinnedTTL))
+	}
+	if c.AckWait <= 0 || c.AckWait >= c.PinnedTTL {
+		errs = append(errs, fmt.Errorf("cluster.ack_wait must be > 0 and below cluster.pinned_ttl (%v), got %v: a new owner must get the old owner's unacknowledged batches first", c.PinnedTTL, c.AckWait))
+	}
+	if c.MaxAckPending < 1 || c.MaxBatch < 1 || c.MaxBatch > c.MaxAckPending {
+		errs = append(errs, fmt.Errorf("cluster.max_batch (%d) must be in [1, cluster.max_ack_pending (%d)]", c.MaxBatch, c.MaxAckPending))
+	}
+	if c.Settle < 0 || c.Settle >= c.AckWait {
+		errs = append(errs, fmt.Errorf("cluster.settle must be in [0, cluster.ack_wait), got %v", c.Settle))
+	}
+	if c.AliveInterval <= 0 || c.AliveTimeout < 2*c.AliveInterval {
+		errs = append(errs, fmt.Errorf("cluster.alive_timeout (%v) must be at least twice cluster.alive_interval (%v)", c.AliveTimeout, c.AliveInterval))
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,53 @@
+package cluster
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// Metrics are the cluster's Prometheus metrics; one value is shared by a
+// node's Log, Owner and Dedupe helpers. No label carries a device or node id.
+type Metrics struct {
+	published   *prometheus.CounterVec
+	ackSeconds  prometheus.Histogram
+	owned       prometheus.Gauge
+	changes     *prometheus.CounterVec
+	redelivered prometheus.Counter
+	duplicates  prometheus.Counter
+	late        prometheus.Counter
+	handlerErrs prometheus.Counter
+}
+
+// NewMetrics builds the metrics and registers them with reg (nil: not registered).
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		published: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "citypulse_cluster_log_appends_total",
+			Help: "Batches appended to the cluster log, by result (ok, duplicate: JetStream had it already, error: not acknowledged)."},
+			[]string{"result"}),
+		ackSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "citypulse_cluster_log_ack_seconds",
+			Help:    "Time from publishing a batch to JetStream's acknowledgement.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
+		owned: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "citypulse_cluster_partitions_owned",
+			Help: "Partitions this node consumes now (pinned to it)."}),
+		changes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "citypulse_cluster_partition_handovers_total",
+			Help: "Changes of partition ownership on this node: gained, lost (another node was pinned) or released (handed back to its preferred node, or shutdown)."},
+			[]string{"change"}),
+		redelivered: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "citypulse_cluster_redeliveries_total",
+			Help: "Batches delivered more than once (an owner failed before acknowledging them)."}),
+		duplicates: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "citypulse_cluster_duplicates_dropped_total",
+			Help: "Readings dropped as duplicates (same device, metric and time) after a hand-over."}),
+		late: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "citypulse_cluster_readings_late_total",
+			Help: "Readings passed on older than a reading of the same device already passed on (order could not be restored within the window)."}),
+		handlerErrs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "citypulse_cluster_handler_errors_total",
+			Help: "Handler calls that failed; the batches are retried, not acknowledged."}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.published, m.ackSeconds, m.owned, m.changes, m.redelivered, m.duplicates, m.late, m.handlerErrs)
+	}
+	return m
+}

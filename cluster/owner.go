@@ -1,0 +1,388 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sync/errgroup"
+)
+
+// Message is one batch delivered to the owner of its partition.
+type Message struct {
+	Partition int
+	// Seq is the batch's stream sequence: increasing in publish order.
+	Seq uint64
+	// Delivered counts deliveries of this batch (> 1: redelivered after a
+	// failure or a hand-over; the handler may have seen it before).
+	Delivered uint64
+	// MsgID is the Nats-Msg-Id the batch was published with ("" if none).
+	MsgID string
+	Data  []byte
+}
+
+// Handler handles a partition's batches, in stream order, one call at a
+// time per partition. The batches are acknowledged when it returns nil; on an
+// error they are retried (with backoff) while the node still owns the
+// partition. It must return within cluster.ack_wait or the batches are
+// delivered again (to this node or, after a hand-over, to another one).
+type Handler func(ctx context.Context, msgs []Message) error
+
+// OwnershipFunc is told when the node gains (owned) or loses a partition. It
+// is called from the partition's goroutine, before the first batch it gains
+// and after the last one it handles.
+type OwnershipFunc func(partition int, owned bool)
+
+// Owner consumes the partitions this node owns. Each partition has a durable
+// pull consumer in a priority group with the pinned-client policy: JetStream
+// delivers a partition's batches to one client at a time and moves the pin to
+// another waiting client only when the pinned one stopped pulling for
+// cluster.pinned_ttl, or was unpinned (on a clean release). Which node waits
+// on which partition is decided by heartbeats (see members): a node pulls its
+// preferred partitions (p mod N = index) always, and another node's only when
+// every node before it in that partition's order is gone.
+type Owner struct {
+	nc      *nats.Conn
+	js      jetstream.JetStream
+	cfg     Config
+	handle  Handler
+	onOwned OwnershipFunc
+	log     *slog.Logger
+	m       *Metrics
+	members *members
+}
+
+// NewOwner builds an owner on nc. It starts nothing; Run consumes.
+func NewOwner(nc *nats.Conn, cfg Config, handle Handler, onOwned OwnershipFunc, log *slog.Logger, m *Metrics) (*Owner, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if handle == nil {
+		return nil, errors.New("cluster owner: a handler is required")
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, fmt.Errorf("cluster owner: %w", err)
+	}
+	if onOwned == nil {
+		onOwned = func(int, bool) {}
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if m == nil {
+		m = NewMetrics(nil)
+	}
+	return &Owner{nc: nc, js: js, cfg: cfg, handle: handle, onOwned: onOwned, log: log, m: m,
+		members: newMembers(cfg.Index, cfg.Nodes, cfg.AliveTimeout)}, nil
+}
+
+// consumerConfig is partition p's consumer.
+func (o *Owner) consumerConfig(p int) jetstream.ConsumerConfig {
+	return jetstream.ConsumerConfig{
+		Durable:        consumerName(p),
+		FilterSubject:  Subject(p),
+		AckPolicy:      jetstream.AckExplicitPolicy,
+		DeliverPolicy:  jetstream.DeliverAllPolicy,
+		AckWait:        o.cfg.AckWait,
+		MaxAckPending:  o.cfg.MaxAckPending,
+		MaxDeliver:     -1, // a batch is never given up on: the handler's errors are the store's, not the batch's
+		PriorityPolicy: jetstream.PriorityPolicyPinned,
+		PriorityGroups: []string{o.cfg.Group},
+		PinnedTTL:      o.cfg.PinnedTTL,
+		Replicas:       0, // as the stream
+	}
+}
+
+// Run creates or updates the stream and the partition consumers, then
+// consumes until ctx is done. On return every partition it owned was
+// released (UnpinConsumer), so another node takes it over at once.
+func (o *Owner) Run(ctx context.Context) error {
+	cons, err := o.setup(ctx)
+	if err != nil || ctx.Err() != nil {
+		return err
+	}
+	sub, err := o.members.listen(o.nc)
+	if err != nil {
+		return fmt.Errorf("subscribe to cluster heartbeats: %w", err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	o.members.start()
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { announce(gctx, o.nc, o.cfg.Index, o.cfg.AliveInterval); return nil })
+	for p := range cons {
+		g.Go(func() error { return o.runPartition(gctx, p, cons[p]) })
+	}
+	err = g.Wait()
+	if errors.Is(err, context.Canceled) && ctx.Err() != nil {
+		err = nil
+	}
+	return err
+}
+
+// setup creates or updates the stream and the partition consumers. JetStream
+// may be unavailable for a while (a server restarting, no quorum yet): it
+// retries with backoff until ctx is done, and fails only for a refused config.
+func (o *Owner) setup(ctx context.Context) ([]jetstream.Consumer, error) {
+	cons := make([]jetstream.Consumer, o.cfg.Partitions)
+	backoff := 200 * time.Millisecond
+	for p := -1; p < len(cons); {
+		var err error
+		if p < 0 {
+			_, err = ensureStream(ctx, o.js, o.cfg)
+		} else {
+			cons[p], err = o.js.CreateOrUpdateConsumer(ctx, o.cfg.Stream, o.consumerConfig(p))
+			if err != nil {
+				err = fmt.Errorf("create or update consumer %s: %w", consumerName(p), err)
+			}
+		}
+		if err == nil {
+			p++
+			continue
+		}
+		var apiErr *jetstream.APIError
+		if errors.As(err, &apiErr) && apiErr.Code == 400 {
+			return nil, err // the server refuses the config itself: retrying cannot help
+		}
+		o.log.Warn("JetStream not available for the partition consumers; retrying", "err", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+			return nil, nil
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+	return cons, nil
+}
+
+// runPartition pulls partition p whenever this node should, until ctx is done.
+func (o *Owner) runPartition(ctx context.Context, p int, c jetstream.Consumer) error {
+	t := time.NewTicker(o.cfg.AliveInterval / 2)
+	defer t.Stop()
+	for {
+		if o.members.shouldPull(p) {
+			if err := o.consume(ctx, p, c); err != nil {
+				return err
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// partition is the state of one partition while this node pulls it.
+type partition struct {
+	p     int
+	c     jetstream.Consumer
+	msgs  chan jetstream.Msg
+	lost  chan struct{}
+	stop  chan struct{}
+	owned bool
+}
+
+// consume pulls p until ctx is done or this node should no longer pull it.
+func (o *Owner) consume(ctx context.Context, p int, c jetstream.Consumer) error {
+	st := &partition{p: p, c: c, msgs: make(chan jetstream.Msg, o.cfg.MaxBatch),
+		lost: make(chan struct{}, 1), stop: make(chan struct{})}
+	expiry := max(o.cfg.PinnedTTL/2, time.Second)
+	cc, err := c.Consume(func(m jetstream.Msg) {
+		select {
+		case st.msgs <- m:
+		case <-st.stop: // not acknowledged: delivered again to the next owner
+		}
+	},
+		jetstream.PullPriorityGroup(o.cfg.Group),
+		jetstream.PullMaxMessages(o.cfg.MaxBatch),
+		// A pinned client that sends no pull request for PinnedTTL loses the
+		// pin: an idle one must renew its request well before.
+		jetstream.PullExpiry(expiry),
+		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+			if errors.Is(err, jetstream.ErrPinIDMismatch) {
+				select {
+				case st.lost <- struct{}{}:
+				default:
+				}
+			}
+		}))
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		o.log.Warn("cannot pull partition; retrying", "partition", p, "err", err)
+		return nil
+	}
+	defer func() {
+		close(st.stop)
+		cc.Stop()
+		<-cc.Closed()
+		if st.owned {
+			o.release(st)
+		}
+	}()
+	closed := cc.Closed()
+	t := time.NewTicker(o.cfg.AliveInterval / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-closed:
+			// Ended by the library (consumer deleted, connection closed):
+			// runPartition starts pulling again if it still should.
+			o.log.Warn("pulling a partition stopped; starting again", "partition", p)
+			return nil
+		case <-t.C:
+			if !o.members.shouldPull(p) {
+				return nil // handed back to a node before this one in p's order
+			}
+		case <-st.lost:
+			if st.owned {
+				st.owned = false
+				o.m.owned.Dec()
+				o.m.changes.WithLabelValues("lost").Inc()
+				o.log.Info("partition lost to another node", "partition", p)
+				o.onOwned(p, false)
+			}
+		case m := <-st.msgs:
+			batch := []jetstream.Msg{m}
+			if !st.owned {
+				st.owned = true
+				o.m.owned.Inc()
+				o.m.changes.WithLabelValues("gained").Inc()
+				o.log.Info("partition gained", "partition", p)
+				o.onOwned(p, true)
+				batch = o.settle(ctx, st, batch)
+			} else {
+				batch = drain(st.msgs, batch, o.cfg.MaxBatch)
+			}
+			o.deliver(ctx, st, batch)
+		}
+	}
+}
+
+// release hands p back: after the last batch was handled, unpin the consumer
+// so a waiting node is pinned at once instead of after PinnedTTL.
+func (o *Owner) release(st *partition) {
+	st.owned = false
+	o.m.owned.Dec()
+	o.m.changes.WithLabelValues("released").Inc()
+	o.onOwned(st.p, false)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	s, err := o.js.Stream(ctx, o.cfg.Stream)
+	if err == nil {
+		err = s.UnpinConsumer(ctx, consumerName(st.p), o.cfg.Group)
+	}
+	if err != nil {
+		o.log.Warn("cannot unpin partition; another node takes it after cluster.pinned_ttl", "partition", st.p, "err", err)
+		return
+	}
+	o.log.Info("partition released", "partition", st.p)
+}
+
+// settle collects batches for cluster.settle after a gain and sorts them by
+// stream sequence: redeliveries of the previous owner's unacknowledged
+// batches may arrive after newer ones.
+func (o *Owner) settle(ctx context.Context, st *partition, batch []jetstream.Msg) []jetstream.Msg {
+	if o.cfg.Settle > 0 {
+		t := time.NewTimer(o.cfg.Settle)
+	collect:
+		for len(batch) < o.cfg.MaxBatch {
+			select {
+			case m := <-st.msgs:
+				batch = append(batch, m)
+			case <-t.C:
+				break collect
+			case <-ctx.Done():
+				break collect
+			}
+		}
+		t.Stop()
+	}
+	slices.SortStableFunc(batch, func(a, b jetstream.Msg) int { return compareSeq(streamSeq(a), streamSeq(b)) })
+	return batch
+}
+
+func compareSeq(a, b uint64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+func streamSeq(m jetstream.Msg) uint64 {
+	md, err := m.Metadata()
+	if err != nil {
+		return 0
+	}
+	return md.Sequence.Stream
+}
+
+// drain appends the batches already waiting, up to max.
+func drain(ch chan jetstream.Msg, batch []jetstream.Msg, max int) []jetstream.Msg {
+	for len(batch) < max {
+		select {
+		case m := <-ch:
+			batch = append(batch, m)
+		default:
+			return batch
+		}
+	}
+	return batch
+}
+
+// deliver hands a batch to the handler until it succeeds, then acknowledges
+// it. While it fails, the batch is kept in progress (no redelivery) and
+// retried with backoff, unless the partition was lost or ctx is done.
+func (o *Owner) deliver(ctx context.Context, st *partition, batch []jetstream.Msg) {
+	msgs := make([]Message, 0, len(batch))
+	for _, m := range batch {
+		md, err := m.Metadata()
+		if err != nil {
+			o.log.Warn("batch without JetStream metadata; terminated", "partition", st.p, "err", err)
+			_ = m.Term()
+			continue
+		}
+		if md.NumDelivered > 1 {
+			o.m.redelivered.Inc()
+		}
+		msgs = append(msgs, Message{Partition: st.p, Seq: md.Sequence.Stream, Delivered: md.NumDelivered,
+			MsgID: m.Headers().Get(jetstream.MsgIDHeader), Data: m.Data()})
+	}
+	backoff := 100 * time.Millisecond
+	for {
+		err := o.handle(ctx, msgs)
+		if err == nil {
+			for _, m := range batch {
+				_ = m.Ack()
+			}
+			return
+		}
+		o.m.handlerErrs.Inc()
+		o.log.Warn("partition handler failed; retrying", "partition", st.p, "batches", len(msgs), "err", err)
+		for _, m := range batch {
+			_ = m.InProgress()
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-st.lost:
+			st.lost <- struct{}{} // seen by the consume loop
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, o.cfg.AckWait/2)
+	}
+}
