@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -19,16 +20,21 @@ import (
 // broker up but deaf for good; this wrapper waits (5 ms doubling to 1 s, as
 // net/http does), counts the error and tries again. Only closing the listener
 // ends it.
+//
+// Every accepted connection passes the pre-authentication gate (nil: none),
+// which closes it at once when too many connections have not authenticated
+// yet, and otherwise hands it out with a deadline for its CONNECT.
 type enduringListener struct {
 	net.Listener
 	log    *slog.Logger
 	errors prometheus.Counter
+	gate   *preAuthGate
 	closed chan struct{}
 	once   sync.Once
 }
 
-func newEnduringListener(ln net.Listener, log *slog.Logger, errs prometheus.Counter) *enduringListener {
-	return &enduringListener{Listener: ln, log: log, errors: errs, closed: make(chan struct{})}
+func newEnduringListener(ln net.Listener, log *slog.Logger, errs prometheus.Counter, gate *preAuthGate) *enduringListener {
+	return &enduringListener{Listener: ln, log: log, errors: errs, gate: gate, closed: make(chan struct{})}
 }
 
 func (l *enduringListener) Accept() (net.Conn, error) {
@@ -36,7 +42,13 @@ func (l *enduringListener) Accept() (net.Conn, error) {
 	for {
 		c, err := l.Listener.Accept()
 		if err == nil {
-			return c, nil
+			if l.gate == nil {
+				return c, nil
+			}
+			if pc := l.gate.admit(c); pc != nil {
+				return pc, nil
+			}
+			continue // refused and closed
 		}
 		select {
 		case <-l.closed:
@@ -92,8 +104,11 @@ func (h connLogHandler) Handle(ctx context.Context, r slog.Record) error {
 	routine := false
 	r.Attrs(func(a slog.Attr) bool {
 		if err, ok := a.Value.Any().(error); ok && a.Key == "error" {
+			// a deadline passed: the connect timeout (counted as
+			// citypulse_mqtt_preauth_closed_total) or the keep-alive
 			routine = errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) ||
-				errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+				errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) ||
+				errors.Is(err, os.ErrDeadlineExceeded)
 		}
 		return true
 	})

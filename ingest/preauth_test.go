@@ -1,0 +1,188 @@
+package ingest
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"syscall"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/stretchr/testify/require"
+)
+
+// dialFrom opens a TCP connection to addr from the loopback address src
+// (127.0.0.0/8 is all loopback on Linux: one "host" per address).
+func dialFrom(t *testing.T, src, addr string) net.Conn {
+	t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}, Timeout: 5 * time.Second}
+	c, err := d.Dial("tcp", addr)
+	require.NoError(t, err)
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// closedWithin reports whether the server closes c within d (a read ends with
+// EOF or a reset rather than the deadline).
+func closedWithin(c net.Conn, d time.Duration) bool {
+	_ = c.SetReadDeadline(time.Now().Add(d))
+	_, err := c.Read(make([]byte, 1))
+	var ne net.Error
+	return err != nil && !(errors.As(err, &ne) && ne.Timeout())
+}
+
+// refusedFrom reports whether a connection from src to addr is closed at once
+// (the reset may even end the dial).
+func refusedFrom(src, addr string) bool {
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}, Timeout: 5 * time.Second}
+	c, err := d.Dial("tcp", addr)
+	if err != nil {
+		return errors.Is(err, syscall.ECONNRESET)
+	}
+	defer c.Close()
+	return closedWithin(c, 5*time.Second)
+}
+
+// deviceFrom connects pipe-0001 from src and publishes one QoS 1 message.
+func deviceFrom(src, addr string) error {
+	o := paho.NewClientOptions().AddBroker("tcp://" + addr).SetClientID("pipe-0001").
+		SetUsername("pipe-0001").SetPassword("secret-pipe-0001").SetAutoReconnect(false).SetProtocolVersion(4).
+		SetConnectTimeout(5 * time.Second).SetDialer(&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}, Timeout: 5 * time.Second})
+	c := paho.NewClient(o)
+	tok := c.Connect()
+	if !tok.WaitTimeout(10 * time.Second) {
+		return errors.New("connect timed out")
+	}
+	if tok.Error() != nil {
+		return tok.Error()
+	}
+	defer c.Disconnect(50)
+	tok = c.Publish("devices/pipe-0001/readings", 1, false, []byte(`[{"n":"pressure","v":300}]`))
+	if !tok.WaitTimeout(10 * time.Second) {
+		return errors.New("no PUBACK")
+	}
+	return tok.Error()
+}
+
+func startGatedBroker(t *testing.T, rec *recorder, cfg MQTTConfig) *Broker {
+	t.Helper()
+	cfg.Enabled = true
+	b, err := NewBroker(cfg, testRegistry(t), NewHandler(rec, HandlerOptions{}), nil, nil)
+	require.NoError(t, err)
+	runGateway(t, b)
+	return b
+}
+
+// A connection must send CONNECT within ingest.mqtt.connect_timeout (on the
+// TLS port: finish the handshake and send CONNECT), or it is closed: idle,
+// trickling a partial CONNECT, or stuck before or after the TLS handshake.
+func TestBrokerClosesConnectionsThatNeverConnect(t *testing.T) {
+	cert, key, _ := selfSigned(t)
+	b := startGatedBroker(t, &recorder{}, MQTTConfig{Addr: "127.0.0.1:0", TLSAddr: "127.0.0.1:0", CertFile: cert, KeyFile: key,
+		ConnectTimeout: 300 * time.Millisecond, MaxPendingConnections: 100, MaxPendingPerAddress: 100})
+	for _, tc := range []struct {
+		name string
+		open func(t *testing.T) net.Conn
+	}{
+		{"idle", func(t *testing.T) net.Conn { return dialFrom(t, "127.0.0.1", b.Addr().String()) }},
+		{"partial CONNECT", func(t *testing.T) net.Conn {
+			c := dialFrom(t, "127.0.0.1", b.Addr().String())
+			_, err := c.Write([]byte{0x10, 0x20, 0x00}) // CONNECT, 32 bytes to come, then nothing
+			require.NoError(t, err)
+			return c
+		}},
+		{"TLS port, no handshake", func(t *testing.T) net.Conn { return dialFrom(t, "127.0.0.1", b.TLSAddr().String()) }},
+		{"TLS port, handshake but no CONNECT", func(t *testing.T) net.Conn {
+			c := tls.Client(dialFrom(t, "127.0.0.1", b.TLSAddr().String()), &tls.Config{InsecureSkipVerify: true})
+			require.NoError(t, c.Handshake())
+			return c
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := tc.open(t)
+			require.True(t, closedWithin(c, 10*time.Second), "closed after the connect timeout")
+		})
+	}
+	require.Eventually(t, func() bool { return b.gate.pending() == 0 }, 5*time.Second, 10*time.Millisecond)
+	require.Equal(t, 4.0, testutil.ToFloat64(b.gate.closed.WithLabelValues(preAuthTimeout)))
+	require.NoError(t, deviceFrom("127.0.0.1", b.Addr().String()), "a device that sends CONNECT in time is served")
+}
+
+// Connections that have not authenticated are limited per source address and
+// in total; past a limit they are closed at once, while devices from other
+// addresses still connect; a slot is freed when its connection closes or
+// authenticates.
+func TestBrokerBoundsPendingConnections(t *testing.T) {
+	b := startGatedBroker(t, &recorder{}, MQTTConfig{Addr: "127.0.0.1:0",
+		ConnectTimeout: time.Minute, MaxPendingConnections: 6, MaxPendingPerAddress: 3})
+	addr := b.Addr().String()
+	idle := func(src string, n int) []net.Conn {
+		var cs []net.Conn
+		for range n {
+			cs = append(cs, dialFrom(t, src, addr))
+		}
+		return cs
+	}
+	for _, c := range idle("127.0.0.1", 3) {
+		require.False(t, closedWithin(c, 100*time.Millisecond), "under the per-address limit: kept")
+	}
+	require.Eventually(t, func() bool { return b.gate.pending() == 3 }, 5*time.Second, 10*time.Millisecond)
+	require.True(t, refusedFrom("127.0.0.1", addr), "a 4th from the same address is closed at once")
+	require.NoError(t, deviceFrom("127.0.0.2", addr), "a device from another address connects and publishes")
+	require.Equal(t, 3, b.gate.pending(), "an authenticated connection holds no slot")
+
+	other := idle("127.0.0.3", 3)
+	require.Eventually(t, func() bool { return b.gate.pending() == 6 }, 5*time.Second, 10*time.Millisecond)
+	require.True(t, refusedFrom("127.0.0.4", addr), "past the total limit: closed at once")
+	require.Error(t, deviceFrom("127.0.0.5", addr), "even for a device, until slots free up")
+	for _, c := range other {
+		c.Close()
+	}
+	require.Eventually(t, func() bool { return b.gate.pending() == 3 }, 5*time.Second, 10*time.Millisecond)
+	require.NoError(t, deviceFrom("127.0.0.5", addr), "slots are freed when connections close")
+
+	require.Equal(t, 1.0, testutil.ToFloat64(b.gate.closed.WithLabelValues(preAuthAddressLimit)))
+	require.Equal(t, 2.0, testutil.ToFloat64(b.gate.closed.WithLabelValues(preAuthTotalLimit)))
+}
+
+func TestAddrKey(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"127.0.0.1:1883", "127.0.0.1"},
+		{"[::ffff:10.1.2.3]:1883", "10.1.2.3"},
+		{"[2001:db8:1:2:3:4:5:6]:1883", "2001:db8:1:2::"}, // one /64
+		{"[2001:db8:1:2:ffff::1]:9", "2001:db8:1:2::"},
+	} {
+		ap := netip.MustParseAddrPort(tc.in)
+		require.Equal(t, tc.want, addrKey(net.TCPAddrFromAddrPort(ap)).String(), tc.in)
+	}
+	require.Equal(t, netip.Addr{}, addrKey(&net.UnixAddr{Name: "/x", Net: "unix"}))
+}
+
+// The budget: clients and pending connections together stay within what the
+// open-files limit leaves; pending take at most a quarter.
+func TestConnectionBudget(t *testing.T) {
+	for _, tc := range []struct {
+		cfg                 MQTTConfig
+		allowed             int64
+		clients             int64
+		pending, perAddress int
+	}{
+		{MQTTConfig{MaxConnections: 100000, MaxPendingConnections: 1024, MaxPendingPerAddress: 64}, 943718, 100000, 1024, 64},
+		{MQTTConfig{MaxConnections: 100000, MaxPendingConnections: 1024, MaxPendingPerAddress: 64}, 17744, 16720, 1024, 64},
+		{MQTTConfig{MaxConnections: 100000, MaxPendingConnections: 1024, MaxPendingPerAddress: 64}, 744, 558, 186, 64},
+		{MQTTConfig{MaxConnections: 100000, MaxPendingConnections: 1024, MaxPendingPerAddress: 500}, 744, 558, 186, 186},
+		{MQTTConfig{}, 5000, 3976, 1024, 64}, // zero values: the defaults
+	} {
+		t.Run(fmt.Sprint(tc.allowed, "/", tc.cfg.MaxConnections), func(t *testing.T) {
+			clients, pending, perAddr := connectionBudget(tc.cfg, tc.allowed)
+			require.Equal(t, tc.clients, clients)
+			require.Equal(t, tc.pending, pending)
+			require.Equal(t, tc.perAddress, perAddr)
+			require.LessOrEqual(t, clients+int64(pending), tc.allowed)
+		})
+	}
+}
