@@ -84,6 +84,8 @@ func TestIdleSocketFlood(t *testing.T) {
 	publish(t, c, "devices/pipe-0001/readings", 1, []byte(`[{"n":"pressure","v":300}]`))
 	c.Disconnect(50)
 	require.Contains(t, get(t, "http://"+s.http+"/readyz"), "ready", "/readyz during the flood")
+	t.Logf("%d idle sockets from one host (opened in %v, %d refused during the dial): server descriptors %d before, %d during; RSS %d MiB before, %d MiB during; the device published QoS 1 and /readyz answered during the flood",
+		n, opened.Round(time.Millisecond), dialErrs, fdBefore, fdDuring, rssBefore/1024, rssDuring/1024)
 
 	// the sockets admitted are closed after the connect timeout
 	var fdAfter int
@@ -101,8 +103,7 @@ func TestIdleSocketFlood(t *testing.T) {
 			stillOpen++
 		}
 	}
-	t.Logf("%d idle sockets from one host (opened in %v, %d refused during the dial): server descriptors %d before, %d during, %d after %v; RSS %d MiB before, %d MiB during; the device published QoS 1 and /readyz answered during the flood",
-		n, opened.Round(time.Millisecond), dialErrs, fdBefore, fdDuring, fdAfter, timeout, rssBefore/1024, rssDuring/1024)
+	t.Logf("server descriptors %d after the connect timeout (%v)", fdAfter, timeout)
 	require.Zero(t, stillOpen, "every flood socket is closed by the server")
 	require.Less(t, fdDuring, fdBefore+64+50, "at most max_pending_per_address (64) flood sockets held at once")
 }
