@@ -22,8 +22,8 @@ import (
 // ends it.
 //
 // Every accepted connection passes the pre-authentication gate (nil: none),
-// which closes it at once when too many connections have not authenticated
-// yet, and otherwise hands it out with a deadline for its CONNECT.
+// which bounds the connections not authenticated yet and gives each a
+// deadline for its CONNECT.
 type enduringListener struct {
 	net.Listener
 	log    *slog.Logger
@@ -45,10 +45,7 @@ func (l *enduringListener) Accept() (net.Conn, error) {
 			if l.gate == nil {
 				return c, nil
 			}
-			if pc := l.gate.admit(c); pc != nil {
-				return pc, nil
-			}
-			continue // refused and closed
+			return l.gate.admit(c), nil
 		}
 		select {
 		case <-l.closed:

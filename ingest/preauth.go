@@ -1,6 +1,7 @@
 package ingest
 
 import (
+	"container/list"
 	"crypto/tls"
 	"log/slog"
 	"net"
@@ -14,11 +15,14 @@ import (
 
 // preAuthGate bounds the connections that have not authenticated yet: in
 // total and per source address (IPv6: per /64, which one host usually
-// holds). A connection past either limit is closed as soon as it is
-// accepted; one admitted must send CONNECT (after the TLS handshake on the
-// TLS port) before its deadline, or its read fails and mochi closes it. The
-// slot is freed when the device authenticates (authenticated) or the
-// connection closes, whichever comes first.
+// holds). When a new connection finds a limit reached, the oldest pending
+// connection under that limit is closed to make room: a flood of idle
+// sockets then only ever holds a bounded number of descriptors, and cannot
+// lock devices out for longer than it takes them to send CONNECT (a device
+// sends it at once; a flood socket waits). An admitted connection must send
+// CONNECT (after the TLS handshake on the TLS port) before its deadline, or
+// its read fails and mochi closes it. The slot is freed when the device
+// authenticates (authenticated) or the connection closes.
 //
 // Without it a peer that opens sockets and sends nothing holds a descriptor
 // each, for ever, uncounted by max_connections, until the process runs out.
@@ -28,11 +32,11 @@ type preAuthGate struct {
 	perAddr int
 	log     *slog.Logger
 	closed  *prometheus.CounterVec // by reason
-	lastLog atomic.Int64           // unix ns of the last refusal logged
+	lastLog atomic.Int64           // unix ns of the last eviction logged
 
 	mu     sync.Mutex
-	n      int
-	byAddr map[netip.Addr]int
+	all    list.List // *pendingConn, oldest first
+	byAddr map[netip.Addr]*list.List
 }
 
 // Reasons for citypulse_mqtt_preauth_closed_total.
@@ -43,11 +47,11 @@ const (
 )
 
 func newPreAuthGate(timeout time.Duration, total, perAddr int, log *slog.Logger) *preAuthGate {
-	g := &preAuthGate{timeout: timeout, total: total, perAddr: perAddr, log: log, byAddr: make(map[netip.Addr]int),
+	g := &preAuthGate{timeout: timeout, total: total, perAddr: perAddr, log: log, byAddr: make(map[netip.Addr]*list.List),
 		closed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "citypulse_mqtt_preauth_closed_total",
 			Help: "MQTT connections closed before authenticating: connect_timeout (no CONNECT within ingest.mqtt.connect_timeout), " +
-				"pending_limit or address_limit (refused at accept: ingest.mqtt.max_pending_connections or max_pending_per_address reached).",
+				"pending_limit or address_limit (the oldest pending connection closed to make room for a new one: ingest.mqtt.max_pending_connections or max_pending_per_address reached).",
 		}, []string{"reason"}),
 	}
 	for _, r := range []string{preAuthTimeout, preAuthTotalLimit, preAuthAddressLimit} {
@@ -67,7 +71,7 @@ func (g *preAuthGate) collectors() []prometheus.Collector {
 func (g *preAuthGate) pending() int {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return g.n
+	return g.all.Len()
 }
 
 // addrKey is the source address a limit applies to.
@@ -84,59 +88,80 @@ func addrKey(a net.Addr) netip.Addr {
 	return ip
 }
 
-// admit returns c wrapped with its CONNECT deadline, or closes c and returns
-// nil when a limit is reached.
+// admit returns c wrapped with its CONNECT deadline, first closing the
+// oldest pending connection of a limit that is reached.
 func (g *preAuthGate) admit(c net.Conn) net.Conn {
-	key := addrKey(c.RemoteAddr())
-	g.mu.Lock()
-	reason := ""
-	switch {
-	case g.n >= g.total:
-		reason = preAuthTotalLimit
-	case g.byAddr[key] >= g.perAddr:
-		reason = preAuthAddressLimit
-	default:
-		g.n++
-		g.byAddr[key]++
+	pc := &pendingConn{Conn: c, g: g, key: addrKey(c.RemoteAddr())}
+	type eviction struct {
+		pc     *pendingConn
+		reason string
 	}
+	var evicted []eviction
+	g.mu.Lock()
+	if l := g.byAddr[pc.key]; l != nil && l.Len() >= g.perAddr {
+		evicted = append(evicted, eviction{g.evictLocked(l.Front().Value.(*pendingConn)), preAuthAddressLimit})
+	}
+	if g.all.Len() >= g.total {
+		evicted = append(evicted, eviction{g.evictLocked(g.all.Front().Value.(*pendingConn)), preAuthTotalLimit})
+	}
+	l := g.byAddr[pc.key]
+	if l == nil {
+		l = list.New()
+		g.byAddr[pc.key] = l
+	}
+	pc.inAll, pc.inAddr = g.all.PushBack(pc), l.PushBack(pc)
 	g.mu.Unlock()
-	if reason != "" {
-		g.refuse(c, key, reason)
-		return nil
+	for _, e := range evicted {
+		g.closed.WithLabelValues(e.reason).Inc()
+		if e.pc != nil {
+			e.pc.abort()
+		}
+		g.logEviction(e.reason, pc.key)
 	}
 	_ = c.SetDeadline(time.Now().Add(g.timeout))
-	return &pendingConn{Conn: c, g: g, key: key}
+	return pc
 }
 
-func (g *preAuthGate) refuse(c net.Conn, key netip.Addr, reason string) {
-	if tc, ok := c.(*net.TCPConn); ok {
-		_ = tc.SetLinger(0) // reset: no TIME_WAIT left behind for a flood
+// evictLocked takes pc out of the gate and returns it, or nil when it was
+// being released (closed or authenticated) at the same moment.
+func (g *preAuthGate) evictLocked(pc *pendingConn) *pendingConn {
+	g.removeLocked(pc)
+	if pc.done.CompareAndSwap(false, true) {
+		return pc
 	}
-	c.Close()
-	g.closed.WithLabelValues(reason).Inc()
+	return nil
+}
+
+func (g *preAuthGate) removeLocked(pc *pendingConn) {
+	if pc.inAll == nil {
+		return
+	}
+	g.all.Remove(pc.inAll)
+	if l := g.byAddr[pc.key]; l != nil {
+		l.Remove(pc.inAddr)
+		if l.Len() == 0 {
+			delete(g.byAddr, pc.key)
+		}
+	}
+	pc.inAll, pc.inAddr = nil, nil
+}
+
+func (g *preAuthGate) logEviction(reason string, key netip.Addr) {
 	now := time.Now().UnixNano()
 	if last := g.lastLog.Load(); now-last >= int64(10*time.Second) && g.lastLog.CompareAndSwap(last, now) {
-		g.log.Warn("refusing MQTT connections: too many have not authenticated yet (logged once per 10 s; counted in citypulse_mqtt_preauth_closed_total)",
-			"reason", reason, "remote", key.String(), "max_pending_connections", g.total, "max_pending_per_address", g.perAddr)
-	}
-}
-
-func (g *preAuthGate) release(key netip.Addr) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	g.n--
-	if g.byAddr[key]--; g.byAddr[key] <= 0 {
-		delete(g.byAddr, key)
+		g.log.Warn("closing the oldest MQTT connections that have not authenticated yet to make room (logged once per 10 s; counted in citypulse_mqtt_preauth_closed_total)",
+			"reason", reason, "newest_remote", key.String(), "max_pending_connections", g.total, "max_pending_per_address", g.perAddr)
 	}
 }
 
 // pendingConn holds a gate slot until its device authenticates or it closes.
 type pendingConn struct {
 	net.Conn
-	g        *preAuthGate
-	key      netip.Addr
-	done     atomic.Bool // slot released
-	timedOut atomic.Bool
+	g             *preAuthGate
+	key           netip.Addr
+	inAll, inAddr *list.Element // guarded by g.mu; nil once out of the gate
+	done          atomic.Bool   // slot released
+	timedOut      atomic.Bool
 }
 
 func (c *pendingConn) Read(p []byte) (int, error) {
@@ -154,9 +179,19 @@ func (c *pendingConn) Close() error {
 	return c.Conn.Close()
 }
 
+// abort closes an evicted connection with a reset: no TIME_WAIT left behind.
+func (c *pendingConn) abort() {
+	if tc, ok := c.Conn.(*net.TCPConn); ok {
+		_ = tc.SetLinger(0)
+	}
+	_ = c.Conn.Close()
+}
+
 func (c *pendingConn) release() {
 	if c.done.CompareAndSwap(false, true) {
-		c.g.release(c.key)
+		c.g.mu.Lock()
+		c.g.removeLocked(c)
+		c.g.mu.Unlock()
 	}
 }
 

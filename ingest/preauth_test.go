@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"syscall"
 	"testing"
 	"time"
 
@@ -33,18 +32,6 @@ func closedWithin(c net.Conn, d time.Duration) bool {
 	_, err := c.Read(make([]byte, 1))
 	var ne net.Error
 	return err != nil && !(errors.As(err, &ne) && ne.Timeout())
-}
-
-// refusedFrom reports whether a connection from src to addr is closed at once
-// (the reset may even end the dial).
-func refusedFrom(src, addr string) bool {
-	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}, Timeout: 5 * time.Second}
-	c, err := d.Dial("tcp", addr)
-	if err != nil {
-		return errors.Is(err, syscall.ECONNRESET)
-	}
-	defer c.Close()
-	return closedWithin(c, 5*time.Second)
 }
 
 // deviceFrom connects pipe-0001 from src and publishes one QoS 1 message.
@@ -113,37 +100,56 @@ func TestBrokerClosesConnectionsThatNeverConnect(t *testing.T) {
 }
 
 // Connections that have not authenticated are limited per source address and
-// in total; past a limit they are closed at once, while devices from other
-// addresses still connect; a slot is freed when its connection closes or
-// authenticates.
+// in total; a new connection past a limit closes the oldest pending one under
+// that limit, so idle sockets cannot lock devices out; a slot is freed when
+// its connection closes or authenticates.
 func TestBrokerBoundsPendingConnections(t *testing.T) {
 	b := startGatedBroker(t, &recorder{}, MQTTConfig{Addr: "127.0.0.1:0",
 		ConnectTimeout: time.Minute, MaxPendingConnections: 6, MaxPendingPerAddress: 3})
 	addr := b.Addr().String()
-	idle := func(src string, n int) []net.Conn {
+	evictions := func() float64 {
+		return testutil.ToFloat64(b.gate.closed.WithLabelValues(preAuthAddressLimit)) +
+			testutil.ToFloat64(b.gate.closed.WithLabelValues(preAuthTotalLimit))
+	}
+	// idle opens a connection from src per count, waiting each time until the
+	// gate holds that many and has admitted it (so "oldest" is well defined)
+	idle := func(src string, counts ...int) []net.Conn {
 		var cs []net.Conn
-		for range n {
+		for _, want := range counts {
+			n, ev := b.gate.pending(), evictions()
 			cs = append(cs, dialFrom(t, src, addr))
+			require.Eventually(t, func() bool {
+				return b.gate.pending() == want && (want > n || evictions() > ev)
+			}, 5*time.Second, time.Millisecond)
 		}
 		return cs
 	}
-	for _, c := range idle("127.0.0.1", 3) {
-		require.False(t, closedWithin(c, 100*time.Millisecond), "under the per-address limit: kept")
+	kept := func(cs ...net.Conn) {
+		t.Helper()
+		for _, c := range cs {
+			require.False(t, closedWithin(c, 50*time.Millisecond), "kept")
+		}
 	}
-	require.Eventually(t, func() bool { return b.gate.pending() == 3 }, 5*time.Second, 10*time.Millisecond)
-	require.True(t, refusedFrom("127.0.0.1", addr), "a 4th from the same address is closed at once")
+	first := idle("127.0.0.1", 1, 2, 3)
+	kept(first...)
+	fourth := idle("127.0.0.1", 3)
+	require.True(t, closedWithin(first[0], 5*time.Second), "a 4th from the same address closes the oldest of them")
+	kept(first[1], first[2], fourth[0])
 	require.NoError(t, deviceFrom("127.0.0.2", addr), "a device from another address connects and publishes")
 	require.Equal(t, 3, b.gate.pending(), "an authenticated connection holds no slot")
 
-	other := idle("127.0.0.3", 3)
-	require.Eventually(t, func() bool { return b.gate.pending() == 6 }, 5*time.Second, 10*time.Millisecond)
-	require.True(t, refusedFrom("127.0.0.4", addr), "past the total limit: closed at once")
-	require.Error(t, deviceFrom("127.0.0.5", addr), "even for a device, until slots free up")
+	other := idle("127.0.0.3", 4, 5, 6)
+	kept(other...)
+	last := idle("127.0.0.4", 6)
+	require.True(t, closedWithin(first[1], 5*time.Second), "past the total limit the oldest of all is closed")
+	kept(first[2], fourth[0], last[0])
+	require.NoError(t, deviceFrom("127.0.0.5", addr), "a device gets in even with every slot taken")
+	require.True(t, closedWithin(first[2], 5*time.Second))
 	for _, c := range other {
 		c.Close()
 	}
-	require.Eventually(t, func() bool { return b.gate.pending() == 3 }, 5*time.Second, 10*time.Millisecond)
-	require.NoError(t, deviceFrom("127.0.0.5", addr), "slots are freed when connections close")
+	require.Eventually(t, func() bool { return b.gate.pending() == 2 }, 5*time.Second, 10*time.Millisecond,
+		"slots are freed when connections close")
 
 	require.Equal(t, 1.0, testutil.ToFloat64(b.gate.closed.WithLabelValues(preAuthAddressLimit)))
 	require.Equal(t, 2.0, testutil.ToFloat64(b.gate.closed.WithLabelValues(preAuthTotalLimit)))

@@ -2,8 +2,8 @@ package ingest
 
 import (
 	"bufio"
-	"fmt"
 	"errors"
+	"fmt"
 	"net"
 	"testing"
 	"time"

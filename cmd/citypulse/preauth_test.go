@@ -74,7 +74,7 @@ func TestIdleSocketFlood(t *testing.T) {
 	fdDuring, rssDuring := openFDs(t, pid), rssKiB(t, pid)
 
 	// a real device from another address, and the HTTP API, during the flood
-	o := mqtt.NewClientOptions().AddBroker("tcp://"+s.mqtt).SetClientID("pipe-0001").SetUsername("pipe-0001").
+	o := mqtt.NewClientOptions().AddBroker("tcp://" + s.mqtt).SetClientID("pipe-0001").SetUsername("pipe-0001").
 		SetPassword("secret-pipe-0001").SetAutoReconnect(false).SetProtocolVersion(4).SetConnectTimeout(5 * time.Second).
 		SetDialer(&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}, Timeout: 5 * time.Second})
 	c := mqtt.NewClient(o)
