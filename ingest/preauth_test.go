@@ -192,3 +192,29 @@ func TestConnectionBudget(t *testing.T) {
 		})
 	}
 }
+
+func TestPendingConnectionKeysAreValidated(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		edit func(*MQTTConfig)
+		want string
+	}{
+		{"defaults", func(*MQTTConfig) {}, ""},
+		{"no connect timeout", func(c *MQTTConfig) { c.ConnectTimeout = 0 }, "ingest.mqtt.connect_timeout"},
+		{"an hour to connect", func(c *MQTTConfig) { c.ConnectTimeout = time.Hour }, "ingest.mqtt.connect_timeout"},
+		{"no pending connections", func(c *MQTTConfig) { c.MaxPendingConnections = 0 }, "ingest.mqtt.max_pending_connections"},
+		{"per address above the total", func(c *MQTTConfig) { c.MaxPendingPerAddress = 2000 }, "ingest.mqtt.max_pending_per_address"},
+		{"none per address", func(c *MQTTConfig) { c.MaxPendingPerAddress = 0 }, "ingest.mqtt.max_pending_per_address"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := Default()
+			tc.edit(&cfg.MQTT)
+			err := cfg.Validate()
+			if tc.want == "" {
+				require.NoError(t, err)
+				return
+			}
+			require.ErrorContains(t, err, tc.want)
+		})
+	}
+}
