@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -103,9 +104,13 @@ func (h connLogHandler) Handle(ctx context.Context, r slog.Record) error {
 		if err, ok := a.Value.Any().(error); ok && a.Key == "error" {
 			// a deadline passed: the connect timeout (counted as
 			// citypulse_mqtt_preauth_closed_total) or the keep-alive
+			// or a CONNECT refused, which is counted (citypulse_mqtt_connects_total)
+			// and sampled by the hook: a flood of them must not flood the log
 			routine = errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) ||
 				errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) ||
-				errors.Is(err, os.ErrDeadlineExceeded)
+				errors.Is(err, os.ErrDeadlineExceeded) ||
+				errors.Is(err, packets.ErrBadUsernameOrPassword) || errors.Is(err, packets.ErrNotAuthorized) ||
+				errors.Is(err, packets.ErrServerBusy)
 		}
 		return true
 	})

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 )
@@ -73,6 +74,10 @@ func TestConnLogHandler(t *testing.T) {
 		{"device closed", fmt.Errorf("read connection: %w", io.EOF), slog.LevelInfo, ""},
 		{"reset, shown at debug level", &os.SyscallError{Syscall: "read", Err: syscall.ECONNRESET}, slog.LevelDebug, `level=DEBUG msg="mqtt connection ended"`},
 		{"other error", errors.New("read connection: malformed packet"), slog.LevelInfo, `level=WARN msg="mqtt connection ended" error="read connection: malformed packet"`},
+		{"connect timeout", fmt.Errorf("read connection: %w", os.ErrDeadlineExceeded), slog.LevelInfo, ""},
+		{"wrong password (counted and sampled elsewhere)", packets.ErrBadUsernameOrPassword, slog.LevelInfo, ""},
+		{"a will refused", packets.ErrNotAuthorized, slog.LevelInfo, ""},
+		{"server full", packets.ErrServerBusy, slog.LevelInfo, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var buf bytes.Buffer
