@@ -56,9 +56,10 @@ test: deps
 	fi; exit $$rc
 
 # test-long runs the long forms of the reliability tests (docs/reliability.md):
-# 100 SIGKILLs, 10,000 idle MQTT connections, a store outage of 2 minutes,
+# 100 SIGKILLs, 10,000 idle MQTT connections, 20,000 idle sockets that never
+# send CONNECT (bounded by the open-files limit), a store outage of 2 minutes,
 # 10,000 malformed messages/s for a minute.
-LONG_ENV := CITYPULSE_TEST_KILLS=100 CITYPULSE_TEST_CONNS=10000 CITYPULSE_TEST_OUTAGE=2m \
+LONG_ENV := CITYPULSE_TEST_KILLS=100 CITYPULSE_TEST_CONNS=10000 CITYPULSE_TEST_IDLE_SOCKETS=20000 CITYPULSE_TEST_OUTAGE=2m \
 	LOADTEST_BAD_RATE=10000 LOADTEST_BAD_SECONDS=60
 test-long: deps
 	$(LONG_ENV) $(GO) test -count=1 -timeout 60m ./...

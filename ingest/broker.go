@@ -38,6 +38,7 @@ type Broker struct {
 	m      *brokerMetrics
 	h      *Handler
 	devs   Devices
+	gate   *preAuthGate
 	runCtx context.Context
 	stop   context.CancelFunc
 	once   sync.Once
@@ -62,21 +63,25 @@ func NewBroker(cfg MQTTConfig, devs Devices, h *Handler, log *slog.Logger, reg p
 	}
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = payload.MaxPayloadBytes + 4096
-	caps.MaximumQos = 1
+	caps.MaximumQos = 1 // QoS 2 publishes are refused (OnPacketRead)
 	caps.RetainAvailable = 0
-	if cfg.MaxConnections > 0 {
-		caps.MaximumClients = int64(cfg.MaxConnections)
-	}
-	if limit := connectionsAllowedByOpenFiles(); caps.MaximumClients > limit {
+	clients, pending, perAddr := connectionBudget(cfg, connectionsAllowedByOpenFiles())
+	caps.MaximumClients = clients
+	if int64(cfg.MaxConnections) != clients || cfg.MaxPendingConnections != pending {
 		// Past the open-files limit accept(2) fails and devices wait unanswered;
 		// under it, the broker answers "server unavailable" and they back off.
-		log.Info("ingest.mqtt.max_connections lowered to what the process's open-files limit leaves for connections",
-			"configured", cfg.MaxConnections, "effective", limit)
-		caps.MaximumClients = limit
+		log.Info("MQTT connection limits lowered to what the process's open-files limit leaves for connections",
+			"max_connections", cfg.MaxConnections, "effective", clients,
+			"max_pending_connections", cfg.MaxPendingConnections, "effective_pending", pending)
 	}
+	timeout := cfg.ConnectTimeout
+	if timeout <= 0 {
+		timeout = defaultConnectTimeout
+	}
+	gate := newPreAuthGate(timeout, pending, perAddr, log)
 	srv := mqtt.New(&mqtt.Options{Capabilities: caps, Logger: slog.New(connLogHandler{log.Handler()}), InlineClient: false})
 	ctx, cancel := context.WithCancel(context.Background())
-	b := &Broker{srv: srv, log: log, h: h, devs: devs, runCtx: ctx, stop: cancel}
+	b := &Broker{srv: srv, log: log, h: h, devs: devs, gate: gate, runCtx: ctx, stop: cancel}
 	b.m = &brokerMetrics{
 		connects: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "citypulse_mqtt_connects_total", Help: "MQTT connection attempts to the embedded broker, by result."}, []string{"result"}),
@@ -91,6 +96,7 @@ func NewBroker(cfg MQTTConfig, devs Devices, h *Handler, log *slog.Logger, reg p
 	}
 	if reg != nil {
 		reg.MustRegister(b.m.connects, b.m.messages, b.m.clients, b.m.accept)
+		reg.MustRegister(gate.collectors()...)
 	}
 	if err := srv.AddHook(&brokerHook{b: b}, nil); err != nil {
 		cancel()
@@ -102,7 +108,7 @@ func NewBroker(cfg MQTTConfig, devs Devices, h *Handler, log *slog.Logger, reg p
 			cancel()
 			return nil, fmt.Errorf("ingest.mqtt.addr %s: %w", cfg.Addr, err)
 		}
-		b.ln = newEnduringListener(ln, log, b.m.accept)
+		b.ln = newEnduringListener(ln, log, b.m.accept, gate)
 		if err := srv.AddListener(listeners.NewNet("mqtt", b.ln)); err != nil {
 			ln.Close()
 			cancel()
@@ -137,6 +143,27 @@ func connectionsAllowedByOpenFiles() int64 {
 	return max(n-max(256, n/10), 1)
 }
 
+// connectionBudget shares the descriptors that allowed leaves for connections
+// between authenticated clients and connections not authenticated yet (at most
+// a quarter), so that the two together cannot eat the reserve. Zero values in
+// cfg take the defaults (max_connections 0: as many as the budget leaves).
+func connectionBudget(cfg MQTTConfig, allowed int64) (clients int64, pending, perAddr int) {
+	pending, perAddr = cfg.MaxPendingConnections, cfg.MaxPendingPerAddress
+	if pending <= 0 {
+		pending = defaultMaxPending
+	}
+	if perAddr <= 0 {
+		perAddr = defaultMaxPendingPerAddress
+	}
+	pending = int(min(int64(pending), max(allowed/4, 1)))
+	perAddr = min(perAddr, pending)
+	clients = max(allowed-int64(pending), 1)
+	if cfg.MaxConnections > 0 {
+		clients = min(clients, int64(cfg.MaxConnections))
+	}
+	return clients, pending, perAddr
+}
+
 // listenTLS binds the MQTT-over-TLS listener (TLS 1.2 or later).
 func (b *Broker) listenTLS(cfg MQTTConfig) error {
 	cert, err := tls.LoadX509KeyPair(cfg.CertFile, cfg.KeyFile)
@@ -147,7 +174,7 @@ func (b *Broker) listenTLS(cfg MQTTConfig) error {
 	if err != nil {
 		return fmt.Errorf("ingest.mqtt.tls_addr %s: %w", cfg.TLSAddr, err)
 	}
-	b.tlsLn = tls.NewListener(newEnduringListener(raw, b.log, b.m.accept), &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
+	b.tlsLn = tls.NewListener(newEnduringListener(raw, b.log, b.m.accept, b.gate), &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
 	if err := b.srv.AddListener(listeners.NewNet("mqtts", b.tlsLn)); err != nil {
 		b.tlsLn.Close()
 		return err
@@ -200,10 +227,36 @@ type brokerHook struct {
 func (hk *brokerHook) ID() string { return "citypulse-devices" }
 
 func (hk *brokerHook) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnPublish}, []byte{b})
+	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnPublish, mqtt.OnPacketRead}, []byte{b})
+}
+
+// ReasonUnsupportedQoS counts QoS 2 publishes, which the broker refuses.
+const ReasonUnsupportedQoS = "unsupported_qos"
+
+// readingsTopic is the one topic a device may publish (and aim its will) to.
+func readingsTopic(id string) string { return "devices/" + id + "/readings" }
+
+// OnConnect refuses a will aimed anywhere but the device's own readings topic
+// (the publish ACL applies to wills too) with CONNACK "not authorized".
+func (hk *brokerHook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
+	if !pk.Connect.WillFlag || pk.Connect.WillTopic == readingsTopic(string(pk.Connect.Username)) {
+		return nil
+	}
+	hk.b.m.connects.WithLabelValues("forbidden_will").Inc()
+	hk.b.h.Reject(ReasonForbidden, 1, "transport", "mqtt", "device", string(pk.Connect.Username), "remote", cl.Net.Remote,
+		"err", fmt.Sprintf("a device may not set a will on %q", pk.Connect.WillTopic))
+	code := packets.ErrNotAuthorized
+	if cl.Properties.ProtocolVersion < 5 {
+		code = packets.ErrBadUsernameOrPassword // sent as 3.1.1's 0x05 "not authorized"
+	}
+	_ = hk.b.srv.SendConnack(cl, code, false, nil)
+	return packets.ErrNotAuthorized
 }
 
 // OnConnectAuthenticate: username = device id, password = secret; no anonymous access.
+// A device's sessions are its own: the session key is "<device id>/<client id>"
+// (ids have no "/"), so a device that presents another's client id neither
+// disconnects it nor inherits its session.
 func (hk *brokerHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	id := string(pk.Connect.Username)
 	if id == "" {
@@ -222,12 +275,51 @@ func (hk *brokerHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) 
 		return false
 	}
 	hk.b.m.connects.WithLabelValues("ok").Inc()
+	cl.ID = id + "/" + cl.ID
+	authenticated(cl.Net.Conn)
 	return true
+}
+
+// OnPacketRead refuses, before mochi handles them, the publishes mochi would
+// get wrong: QoS 2 (mochi would downgrade it and answer PUBACK) is refused per
+// the spec, v5 DISCONNECT 0x9B "QoS not supported", v3.1.1 by closing; a topic
+// mochi reserves ($SYS/...), which it drops without an answer, is refused like
+// any forbidden topic: v5 PUBACK 0x87, v3.1.1 disconnect.
+func (hk *brokerHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type != packets.Publish {
+		return pk, nil
+	}
+	b, dev := hk.b, string(cl.Properties.Username)
+	if pk.FixedHeader.Qos > 1 {
+		b.m.messages.WithLabelValues(ReasonUnsupportedQoS).Inc()
+		b.h.Reject(ReasonUnsupportedQoS, 1, "transport", "mqtt", "device", dev, "err", "QoS 2 is not supported")
+		_ = b.srv.DisconnectClient(cl, packets.ErrQosNotSupported)
+		return pk, packets.ErrRejectPacket
+	}
+	if mqtt.IsValidFilter(pk.TopicName, true) || strings.ContainsAny(pk.TopicName, "+#") {
+		// the ACL decides; a wildcard is a protocol violation, which mochi
+		// answers after this hook (v5 DISCONNECT 0x82, v3.1.1 close)
+		return pk, nil
+	}
+	b.m.messages.WithLabelValues("forbidden").Inc()
+	b.h.Reject(ReasonForbidden, 1, "transport", "mqtt", "device", dev, "err", fmt.Sprintf("a device may not publish to %q", pk.TopicName))
+	switch {
+	case pk.FixedHeader.Qos == 0:
+		return pk, nil // mochi drops it
+	case cl.Properties.ProtocolVersion == 5:
+		// negative PUBACK; mochi then drops the publish
+		_ = cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: pk.PacketID,
+			ReasonCode: packets.ErrNotAuthorized.Code, Properties: packets.Properties{ReasonString: packets.ErrNotAuthorized.Reason}})
+		return pk, nil
+	default:
+		_ = b.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
+		return pk, packets.ErrRejectPacket
+	}
 }
 
 // OnACLCheck lets a device publish to devices/<its id>/readings and nothing else.
 func (hk *brokerHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
-	if write && topic == "devices/"+string(cl.Properties.Username)+"/readings" {
+	if write && topic == readingsTopic(string(cl.Properties.Username)) {
 		return true
 	}
 	hk.b.m.messages.WithLabelValues("forbidden").Inc()

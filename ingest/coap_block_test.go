@@ -35,7 +35,7 @@ type rawCoAP struct {
 	mid uint16
 }
 
-func dialRaw(t testing.TB, addr string) *rawCoAP {
+func dialRawCoAP(t testing.TB, addr string) *rawCoAP {
 	t.Helper()
 	ra, err := net.ResolveUDPAddr("udp", addr)
 	require.NoError(t, err)
@@ -149,7 +149,7 @@ func seq(from, n int) []int {
 func TestCoAPBlock1WithANewTokenPerBlock(t *testing.T) {
 	rec := &recorder{}
 	s := startCoAP(t, rec)
-	c := dialRaw(t, s.Addr().String())
+	c := dialRawCoAP(t, s.Addr().String())
 	body := senml(0, 300)
 	blocks := blocksOf(body)
 	require.Greater(t, len(blocks), 5)
@@ -176,7 +176,7 @@ func TestCoAPBlock1WithANewTokenPerBlock(t *testing.T) {
 func TestCoAPBlock1BodiesAreToldApartByRequestTag(t *testing.T) {
 	rec := &recorder{}
 	s := startCoAP(t, rec)
-	c := dialRaw(t, s.Addr().String())
+	c := dialRawCoAP(t, s.Addr().String())
 	a, b := blocksOf(senml(0, 100)), blocksOf(senml(1000, 100))
 	require.Equal(t, len(a), len(b))
 	tok := byte(0)
@@ -197,7 +197,7 @@ func TestCoAPBlock1BodiesAreToldApartByRequestTag(t *testing.T) {
 func TestCoAPBlock1RefusesGapsAndOversizedBodies(t *testing.T) {
 	rec := &recorder{}
 	s := startCoAP(t, rec)
-	c := dialRaw(t, s.Addr().String())
+	c := dialRawCoAP(t, s.Addr().String())
 	full := bytes.Repeat([]byte(" "), 1024)
 
 	r := c.post("pipe-0001", "secret-pipe-0001", []byte{1}, full, block1(0, true), requestTag("gap"))
@@ -224,7 +224,7 @@ func TestCoAPBoundsUnfinishedUploadsPerSource(t *testing.T) {
 	rec := &recorder{}
 	s := startCoAP(t, rec)
 	perSource := DefaultBlockwise().MaxUploadsPerSource
-	c := dialRaw(t, s.Addr().String())
+	c := dialRawCoAP(t, s.Addr().String())
 	full := bytes.Repeat([]byte(" "), 1024)
 	for i := range perSource {
 		r := c.post("pipe-0001", "secret-pipe-0001", []byte{byte(i)}, full, block1(0, true), requestTag(fmt.Sprint(i)))
@@ -251,7 +251,7 @@ func TestCoAPBoundsUnfinishedUploadsPerSource(t *testing.T) {
 func TestCoAPUnknownDeviceAndWrongKeyLookTheSame(t *testing.T) {
 	rec := &recorder{}
 	s := startCoAP(t, rec)
-	c := dialRaw(t, s.Addr().String())
+	c := dialRawCoAP(t, s.Addr().String())
 	body := senml(1, 1)
 	unknown := c.post("pipe-9999", "secret-pipe-9999", []byte{1}, body)
 	wrong := c.post("pipe-0001", "secret-pipe-9999", []byte{2}, body)

@@ -30,7 +30,7 @@ func BenchmarkCoAPWarmPeer(b *testing.B) {
 	done := make(chan error, 1)
 	go func() { done <- s.Run(ctx) }()
 	b.Cleanup(func() { cancel(); <-done })
-	c := dialRaw(b, s.Addr().String())
+	c := dialRawCoAP(b, s.Addr().String())
 	body := senml(1, 1)
 	for range 10000 {
 		c.post("pipe-0001", "", []byte{1}, body)

@@ -51,7 +51,7 @@ func TestResponseCacheKeepsAnswersForTheExchangeLifetime(t *testing.T) {
 func TestCoAPRetransmissionIsAnsweredFromTheCache(t *testing.T) {
 	rec := &recorder{}
 	s := startCoAP(t, rec)
-	c := dialRaw(t, s.Addr().String())
+	c := dialRawCoAP(t, s.Addr().String())
 	first := c.post("pipe-0001", "secret-pipe-0001", []byte{1}, senml(5, 1))
 	c.mid-- // the same message id again
 	again := c.post("pipe-0001", "secret-pipe-0001", []byte{1}, senml(5, 1))
@@ -68,7 +68,7 @@ func TestCoAPForgetsIdlePeers(t *testing.T) {
 	require.NoError(t, err)
 	s.udpS.idle = 100 * time.Millisecond
 	runGateway(t, s)
-	c := dialRaw(t, s.Addr().String())
+	c := dialRawCoAP(t, s.Addr().String())
 	require.Equal(t, codes.Changed, c.post("pipe-0001", "secret-pipe-0001", []byte{1}, senml(1, 1)).code)
 	require.Len(t, s.udpS.snapshot(), 1)
 	require.Eventually(t, func() bool { return len(s.udpS.snapshot()) == 0 }, 10*time.Second, 50*time.Millisecond)

@@ -45,6 +45,14 @@ type MQTTConfig struct {
 	Addr    string `mapstructure:"addr" yaml:"addr"` // TCP listen address; "" with TLSAddr set: TLS only
 	// MaxConnections bounds concurrent client connections (0: unlimited).
 	MaxConnections int `mapstructure:"max_connections" yaml:"max_connections"`
+	// ConnectTimeout is how long a connection may take to send CONNECT (on
+	// TLSAddr: to finish the TLS handshake and send CONNECT); it is closed then.
+	ConnectTimeout time.Duration `mapstructure:"connect_timeout" yaml:"connect_timeout"`
+	// MaxPendingConnections bounds the connections that have not authenticated
+	// yet, on both ports together; MaxPendingPerAddress bounds them per source
+	// address (IPv6: per /64). Connections past either are closed at once.
+	MaxPendingConnections int `mapstructure:"max_pending_connections" yaml:"max_pending_connections"`
+	MaxPendingPerAddress  int `mapstructure:"max_pending_per_address" yaml:"max_pending_per_address"`
 	// TLSAddr is the MQTT-over-TLS listen address (":8883"); empty disables it.
 	// CertFile and KeyFile are the server's PEM certificate chain and key.
 	TLSAddr  string `mapstructure:"tls_addr" yaml:"tls_addr"`
@@ -85,7 +93,8 @@ func Default() Config {
 		MaxPast:   7 * 24 * time.Hour,
 		MaxFuture: 10 * time.Minute,
 		RateLimit: RateLimitConfig{ReadingsPerSecond: 1000, Burst: 20000},
-		MQTT:      MQTTConfig{Enabled: true, Addr: ":1883", MaxConnections: 100000},
+		MQTT: MQTTConfig{Enabled: true, Addr: ":1883", MaxConnections: 100000,
+			ConnectTimeout: defaultConnectTimeout, MaxPendingConnections: defaultMaxPending, MaxPendingPerAddress: defaultMaxPendingPerAddress},
 		External: ExternalConfig{
 			ClientID: "citypulse",
 			Topic:    "$share/citypulse/devices/+/readings",
@@ -123,6 +132,9 @@ func (c Config) Validate() error {
 	if c.MQTT.MaxConnections < 0 {
 		errs = append(errs, fmt.Errorf("ingest.mqtt.max_connections must be >= 0"))
 	}
+	if c.MQTT.Enabled {
+		errs = append(errs, c.MQTT.validatePending())
+	}
 	if c.External.Enabled {
 		u, err := url.Parse(c.External.URL)
 		if err != nil || u.Host == "" || (u.Scheme != "tcp" && u.Scheme != "mqtt" && u.Scheme != "ssl" && u.Scheme != "tls") {
@@ -147,6 +159,28 @@ func (c Config) Validate() error {
 	}
 	if !c.MQTT.Enabled && !c.External.Enabled && !c.CoAP.Enabled {
 		errs = append(errs, errors.New("ingest: enable at least one of ingest.mqtt, ingest.external, ingest.coap"))
+	}
+	return errors.Join(errs...)
+}
+
+// Defaults of the limits on connections that have not authenticated yet.
+const (
+	defaultConnectTimeout       = 10 * time.Second
+	defaultMaxPending           = 1024
+	defaultMaxPendingPerAddress = 64
+)
+
+func (c MQTTConfig) validatePending() error {
+	var errs []error
+	if c.ConnectTimeout <= 0 || c.ConnectTimeout > 5*time.Minute {
+		errs = append(errs, fmt.Errorf("ingest.mqtt.connect_timeout must be in (0, 5m], got %v", c.ConnectTimeout))
+	}
+	if c.MaxPendingConnections <= 0 {
+		errs = append(errs, fmt.Errorf("ingest.mqtt.max_pending_connections must be > 0, got %d", c.MaxPendingConnections))
+	}
+	if c.MaxPendingPerAddress <= 0 || c.MaxPendingPerAddress > c.MaxPendingConnections {
+		errs = append(errs, fmt.Errorf("ingest.mqtt.max_pending_per_address must be in [1, max_pending_connections (%d)], got %d",
+			c.MaxPendingConnections, c.MaxPendingPerAddress))
 	}
 	return errors.Join(errs...)
 }

@@ -6,10 +6,12 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
 	"syscall"
 	"time"
 
+	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -19,16 +21,21 @@ import (
 // broker up but deaf for good; this wrapper waits (5 ms doubling to 1 s, as
 // net/http does), counts the error and tries again. Only closing the listener
 // ends it.
+//
+// Every accepted connection passes the pre-authentication gate (nil: none),
+// which bounds the connections not authenticated yet and gives each a
+// deadline for its CONNECT.
 type enduringListener struct {
 	net.Listener
 	log    *slog.Logger
 	errors prometheus.Counter
+	gate   *preAuthGate
 	closed chan struct{}
 	once   sync.Once
 }
 
-func newEnduringListener(ln net.Listener, log *slog.Logger, errs prometheus.Counter) *enduringListener {
-	return &enduringListener{Listener: ln, log: log, errors: errs, closed: make(chan struct{})}
+func newEnduringListener(ln net.Listener, log *slog.Logger, errs prometheus.Counter, gate *preAuthGate) *enduringListener {
+	return &enduringListener{Listener: ln, log: log, errors: errs, gate: gate, closed: make(chan struct{})}
 }
 
 func (l *enduringListener) Accept() (net.Conn, error) {
@@ -36,7 +43,10 @@ func (l *enduringListener) Accept() (net.Conn, error) {
 	for {
 		c, err := l.Listener.Accept()
 		if err == nil {
-			return c, nil
+			if l.gate == nil {
+				return c, nil
+			}
+			return l.gate.admit(c), nil
 		}
 		select {
 		case <-l.closed:
@@ -92,8 +102,15 @@ func (h connLogHandler) Handle(ctx context.Context, r slog.Record) error {
 	routine := false
 	r.Attrs(func(a slog.Attr) bool {
 		if err, ok := a.Value.Any().(error); ok && a.Key == "error" {
+			// a deadline passed: the connect timeout (counted as
+			// citypulse_mqtt_preauth_closed_total) or the keep-alive
+			// or a CONNECT refused, which is counted (citypulse_mqtt_connects_total)
+			// and sampled by the hook: a flood of them must not flood the log
 			routine = errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) ||
-				errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+				errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) ||
+				errors.Is(err, os.ErrDeadlineExceeded) ||
+				errors.Is(err, packets.ErrBadUsernameOrPassword) || errors.Is(err, packets.ErrNotAuthorized) ||
+				errors.Is(err, packets.ErrServerBusy)
 		}
 		return true
 	})

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 )
@@ -73,6 +74,10 @@ func TestConnLogHandler(t *testing.T) {
 		{"device closed", fmt.Errorf("read connection: %w", io.EOF), slog.LevelInfo, ""},
 		{"reset, shown at debug level", &os.SyscallError{Syscall: "read", Err: syscall.ECONNRESET}, slog.LevelDebug, `level=DEBUG msg="mqtt connection ended"`},
 		{"other error", errors.New("read connection: malformed packet"), slog.LevelInfo, `level=WARN msg="mqtt connection ended" error="read connection: malformed packet"`},
+		{"connect timeout", fmt.Errorf("read connection: %w", os.ErrDeadlineExceeded), slog.LevelInfo, ""},
+		{"wrong password (counted and sampled elsewhere)", packets.ErrBadUsernameOrPassword, slog.LevelInfo, ""},
+		{"a will refused", packets.ErrNotAuthorized, slog.LevelInfo, ""},
+		{"server full", packets.ErrServerBusy, slog.LevelInfo, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var buf bytes.Buffer
@@ -87,8 +92,9 @@ func TestConnLogHandler(t *testing.T) {
 	}
 }
 
-// max_connections above what the open-files limit leaves is lowered, so that
-// devices past it are refused (and back off) instead of waiting unanswered.
+// max_connections above what the open-files limit leaves (less the slots for
+// connections not authenticated yet) is lowered, so that devices past it are
+// refused (and back off) instead of waiting unanswered.
 func TestMaxConnectionsFollowsTheOpenFilesLimit(t *testing.T) {
 	var old syscall.Rlimit
 	require.NoError(t, syscall.Getrlimit(syscall.RLIMIT_NOFILE, &old))
@@ -98,10 +104,10 @@ func TestMaxConnectionsFollowsTheOpenFilesLimit(t *testing.T) {
 		configured     int
 		wantMaxClients int64
 	}{
-		{1000, 100000, 744},  // reserve 256
-		{5000, 100000, 4500}, // reserve a tenth
+		{1000, 100000, 558},  // reserve 256, a quarter of the rest (186) for pending connections
+		{5000, 100000, 3476}, // reserve a tenth, 1024 for pending connections
 		{5000, 300, 300},     // under the limit: as configured
-		{5000, 0, 4500},      // 0 (unlimited) is bounded too
+		{5000, 0, 3476},      // 0 (unlimited) is bounded too
 	} {
 		t.Run(fmt.Sprint(tc.openFiles, "/", tc.configured), func(t *testing.T) {
 			lim := old
