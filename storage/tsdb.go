@@ -5,8 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"sync"
-	"time"
+	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/common/model"
@@ -19,7 +20,13 @@ import (
 
 // TSDB is the embedded store: a Prometheus TSDB written by the pipeline as a
 // sink and read by the query API. Series are <kind>_<metric>{device, district,
-// kind}; a sample's time is the device's reading time (ms precision).
+// kind}; a sample's time is the device's reading time, rounded to the nearest
+// ms (pipeline.Millis).
+//
+// A second, different value of a series at the ms of its latest sample is
+// refused and counted (reason duplicate; Refused, shown by /api/v1/sinks): the
+// store keeps one value per series and ms, and the first one written stays. An
+// identical value at the same ms (a replay) is a no-op.
 //
 // The TSDB keeps its own WAL: a committed appender has written its WAL record
 // (write(2), like the journal), and the pipeline advances this sink's cursor
@@ -43,6 +50,12 @@ type seriesKey struct{ device, district, metric string }
 type seriesEntry struct {
 	ref  promstorage.SeriesRef
 	lset labels.Labels
+	// the latest sample appended through this cache (has: one was), so that a
+	// second value at its ms is refused even within one batch: the TSDB checks
+	// only against committed samples and drops such a sample at Commit silently.
+	has   bool
+	lastT int64
+	lastV float64
 }
 
 // seriesCache maps a series to its TSDB reference and labels, so the hot path
@@ -55,6 +68,8 @@ const maxCachedSeries = 1 << 20
 type tsdbMetrics struct {
 	appended prometheus.Counter
 	rejected *prometheus.CounterVec
+	// the same counts, readable for Refused
+	tooOld, duplicate atomic.Uint64
 }
 
 // OpenTSDB opens (or creates) the store in dir.
@@ -79,7 +94,7 @@ func OpenTSDB(dir string, cfg TSDBConfig, log *slog.Logger, reg prometheus.Regis
 			Name: "citypulse_storage_tsdb_samples_appended_total", Help: "Samples committed to the embedded store."}),
 		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "citypulse_storage_tsdb_samples_rejected_total",
-			Help: "Samples the embedded store refused, by reason (too_old: older than storage.tsdb.out_of_order_window behind the newest sample; duplicate: another value at the same time)."},
+			Help: "Samples the embedded store refused, by reason (too_old: older than storage.tsdb.out_of_order_window behind the newest sample; duplicate: a different value of the series at the same ms as its latest sample, the first value stays)."},
 			[]string{"reason"}),
 	}
 	if reg != nil {
@@ -107,8 +122,8 @@ func (t *TSDB) cache(shard int) seriesCache {
 }
 
 // Write appends a batch in one TSDB transaction. Samples the store refuses for
-// their own sake (too old, a conflicting value at the same time) are counted
-// and skipped; only a failure of the store itself fails the batch (retried).
+// their own sake (too old, a different value at the same ms) are counted and
+// skipped; only a failure of the store itself fails the batch (retried).
 func (t *TSDB) Write(ctx context.Context, b pipeline.Batch) error {
 	cache := t.cache(b.Shard)
 	app := t.db.Appender(ctx)
@@ -121,26 +136,61 @@ func (t *TSDB) Write(ctx context.Context, b pipeline.Batch) error {
 			e = &seriesEntry{lset: seriesLabels(r)}
 			cache[k] = e
 		}
-		ref, err := app.Append(e.ref, e.lset, r.Time/int64(time.Millisecond), r.Value)
+		ms := pipeline.Millis(r.Time)
+		if e.has && ms == e.lastT {
+			if math.Float64bits(r.Value) != math.Float64bits(e.lastV) {
+				t.refuse("duplicate")
+			}
+			continue // an identical sample is a no-op, as in the TSDB
+		}
+		ref, err := app.Append(e.ref, e.lset, ms, r.Value)
 		switch {
 		case err == nil:
 			e.ref = ref
+			if !e.has || ms > e.lastT {
+				e.has, e.lastT, e.lastV = true, ms, r.Value
+			}
 			appended++
 		case errors.Is(err, promstorage.ErrOutOfBounds), errors.Is(err, promstorage.ErrTooOldSample),
 			errors.Is(err, promstorage.ErrOutOfOrderSample):
-			t.m.rejected.WithLabelValues("too_old").Inc()
+			t.refuse("too_old")
 		case errors.Is(err, promstorage.ErrDuplicateSampleForTimestamp):
-			t.m.rejected.WithLabelValues("duplicate").Inc()
+			t.refuse("duplicate")
 		default:
 			_ = app.Rollback()
+			t.dropCache(b.Shard)
 			return fmt.Errorf("append to embedded store: %w", err)
 		}
 	}
 	if err := app.Commit(); err != nil {
+		t.dropCache(b.Shard)
 		return fmt.Errorf("commit to embedded store: %w", err)
 	}
 	t.m.appended.Add(float64(appended))
 	return nil
+}
+
+// dropCache forgets a shard's cache after a failed batch: its latest samples
+// were never committed, and the retry must not take them for duplicates.
+func (t *TSDB) dropCache(shard int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	delete(t.caches, shard)
+}
+
+func (t *TSDB) refuse(reason string) {
+	t.m.rejected.WithLabelValues(reason).Inc()
+	if reason == "duplicate" {
+		t.m.duplicate.Add(1)
+	} else {
+		t.m.tooOld.Add(1)
+	}
+}
+
+// Refused returns the samples refused since the store was opened, by reason
+// (pipeline.RefusalReporter: /api/v1/sinks shows them).
+func (t *TSDB) Refused() map[string]uint64 {
+	return map[string]uint64{"too_old": t.m.tooOld.Load(), "duplicate": t.m.duplicate.Load()}
 }
 
 // seriesLabels names a reading's series: <kind>_<metric>{device, district,
