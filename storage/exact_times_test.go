@@ -168,11 +168,17 @@ func TestADifferentValueAtTheSameMsIsCountedDuplicate(t *testing.T) {
 		batches [][]pipeline.Reading
 		dup     uint64
 		want    string // the value stored at +1 ms
+		total   string // samples stored
 	}{
-		{"in one batch", [][]pipeline.Reading{{p(1, ms(0)), p(2, ms(1)), p(3, ms(1))}}, 1, "2"},
-		{"in the next batch", [][]pipeline.Reading{{p(1, ms(0)), p(2, ms(1))}, {p(3, ms(1))}}, 1, "2"},
-		{"a few µs apart, the same ms", [][]pipeline.Reading{{p(2, ms(1)), p(3, ms(1).Add(300*time.Microsecond))}}, 1, "2"},
-		{"an identical replay is no duplicate", [][]pipeline.Reading{{p(2, ms(1)), p(2, ms(1))}, {p(2, ms(1))}}, 0, "2"},
+		{"in one batch", [][]pipeline.Reading{{p(1, ms(0)), p(2, ms(1)), p(3, ms(1))}}, 1, "2", "2"},
+		{"in the next batch", [][]pipeline.Reading{{p(1, ms(0)), p(2, ms(1))}, {p(3, ms(1))}}, 1, "2", "2"},
+		{"a few µs apart, the same ms", [][]pipeline.Reading{{p(2, ms(1)), p(3, ms(1).Add(300*time.Microsecond))}}, 1, "2", "1"},
+		{"an identical replay is no duplicate", [][]pipeline.Reading{{p(2, ms(1)), p(2, ms(1))}, {p(2, ms(1))}}, 0, "2", "1"},
+		{"late, in a later batch", [][]pipeline.Reading{{p(1, ms(0)), p(2, ms(1)), p(3, ms(2))}, {p(9, ms(1))}}, 1, "2", "3"},
+		{"late, in the same batch", [][]pipeline.Reading{{p(1, ms(0)), p(2, ms(1)), p(3, ms(2)), p(9, ms(1))}}, 1, "2", "3"},
+		{"late, in the same batch as the first of the series", [][]pipeline.Reading{{p(2, ms(1)), p(3, ms(2)), p(9, ms(1))}}, 1, "2", "2"},
+		{"late and identical is no duplicate", [][]pipeline.Reading{{p(1, ms(0)), p(2, ms(1)), p(3, ms(2))}, {p(2, ms(1)), p(1, ms(0))}}, 0, "2", "3"},
+		{"late at a new ms is stored", [][]pipeline.Reading{{p(2, ms(1)), p(3, ms(2))}, {p(1, ms(0))}}, 0, "2", "3"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -184,6 +190,7 @@ func TestADifferentValueAtTheSameMsIsCountedDuplicate(t *testing.T) {
 			require.Equal(t, float64(tc.dup), metricSum(t, reg, "citypulse_storage_tsdb_samples_rejected_total"))
 			require.Equal(t, tc.want, countAt(t, db, `pipe_pressure`, ms(1)))
 			require.Equal(t, "1", countAt(t, db, `count_over_time(pipe_pressure[1ms])`, ms(1)), "one sample at the ms")
+			require.Equal(t, tc.total, countAt(t, db, `count_over_time(pipe_pressure[10ms])`, ms(2)))
 		})
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/prometheus/model/labels"
 	promstorage "github.com/prometheus/prometheus/storage"
 	"github.com/prometheus/prometheus/tsdb"
+	"github.com/prometheus/prometheus/tsdb/chunkenc"
 
 	"github.com/citypulse/citypulse/pipeline"
 )
@@ -23,10 +24,14 @@ import (
 // kind}; a sample's time is the device's reading time, rounded to the nearest
 // ms (pipeline.Millis).
 //
-// A second, different value of a series at the ms of its latest sample is
-// refused and counted (reason duplicate; Refused, shown by /api/v1/sinks): the
-// store keeps one value per series and ms, and the first one written stays. An
-// identical value at the same ms (a replay) is a no-op.
+// A second, different value of a series at a ms it already has is refused and
+// counted (reason duplicate; Refused, shown by /api/v1/sinks): the store keeps
+// one value per series and ms, and the first one written stays. An identical
+// value at the same ms (a replay) is a no-op. (The TSDB itself checks only the
+// latest committed sample: a duplicate within a batch it drops uncounted, a
+// late one it takes into its out-of-order head, where it replaces the first
+// value at query time; Write checks both. Until a series has had a sample
+// written since the store was opened, only the TSDB's own check applies.)
 //
 // The TSDB keeps its own WAL: a committed appender has written its WAL record
 // (write(2), like the journal), and the pipeline advances this sink's cursor
@@ -40,6 +45,7 @@ type TSDB struct {
 
 	mu     sync.Mutex
 	caches map[int]*seriesCache // per pipeline shard: one writer each, no lock on the hot path
+	gen    atomic.Uint64        // numbers the batches (batchSamples)
 
 	closeOnce sync.Once
 	closeErr  error
@@ -56,6 +62,52 @@ type seriesEntry struct {
 	has   bool
 	lastT int64
 	lastV float64
+	// the first sample of the series in the batch being written (gen), kept
+	// so that a late sample can be checked against it (batchSamples)
+	gen    uint64
+	firstT int64
+	firstV float64
+}
+
+// batchKey is a series and a ms in the batch being written.
+type batchKey struct {
+	e  *seriesEntry
+	ms int64
+}
+
+// batchSamples remembers the samples a batch appended to series that have
+// more than one in it: a late sample is compared with them, since the TSDB
+// would otherwise take it into its out-of-order head, where at query time it
+// replaces the value the series already had at that ms. A series with one
+// sample per batch (most) costs nothing.
+type batchSamples struct {
+	gen uint64
+	m   map[batchKey]float64
+}
+
+// add records a sample just appended to e.
+func (b *batchSamples) add(e *seriesEntry, ms int64, v float64) {
+	if e.gen != b.gen {
+		e.gen, e.firstT, e.firstV = b.gen, ms, v
+		return
+	}
+	if b.m == nil {
+		b.m = map[batchKey]float64{}
+	}
+	b.m[batchKey{e, e.firstT}] = e.firstV
+	b.m[batchKey{e, ms}] = v
+}
+
+// get returns the value the batch appended to e at ms, if any.
+func (b *batchSamples) get(e *seriesEntry, ms int64) (float64, bool) {
+	if e.gen != b.gen {
+		return 0, false
+	}
+	if e.firstT == ms {
+		return e.firstV, true
+	}
+	v, ok := b.m[batchKey{e, ms}]
+	return v, ok
 }
 
 // seriesCache maps a series to its TSDB reference and labels, so the hot path
@@ -128,6 +180,7 @@ func (t *TSDB) Write(ctx context.Context, b pipeline.Batch) error {
 	cache := t.cache(b.Shard)
 	app := t.db.Appender(ctx)
 	appended := 0
+	batch := batchSamples{gen: t.gen.Add(1)}
 	for i := range b.Readings {
 		r := &b.Readings[i]
 		k := seriesKey{r.Device, r.District, r.Metric}
@@ -137,11 +190,13 @@ func (t *TSDB) Write(ctx context.Context, b pipeline.Batch) error {
 			cache[k] = e
 		}
 		ms := pipeline.Millis(r.Time)
-		if e.has && ms == e.lastT {
-			if math.Float64bits(r.Value) != math.Float64bits(e.lastV) {
-				t.refuse("duplicate")
+		if e.has && ms <= e.lastT {
+			if v, found := t.valueAt(ctx, e, ms, &batch); found {
+				if math.Float64bits(r.Value) != math.Float64bits(v) {
+					t.refuse("duplicate")
+				}
+				continue // an identical sample is a no-op, as in the TSDB
 			}
-			continue // an identical sample is a no-op, as in the TSDB
 		}
 		ref, err := app.Append(e.ref, e.lset, ms, r.Value)
 		switch {
@@ -150,6 +205,7 @@ func (t *TSDB) Write(ctx context.Context, b pipeline.Batch) error {
 			if !e.has || ms > e.lastT {
 				e.has, e.lastT, e.lastV = true, ms, r.Value
 			}
+			batch.add(e, ms, r.Value)
 			appended++
 		case errors.Is(err, promstorage.ErrOutOfBounds), errors.Is(err, promstorage.ErrTooOldSample),
 			errors.Is(err, promstorage.ErrOutOfOrderSample):
@@ -168,6 +224,37 @@ func (t *TSDB) Write(ctx context.Context, b pipeline.Batch) error {
 	}
 	t.m.appended.Add(float64(appended))
 	return nil
+}
+
+// valueAt returns the value series e already has at ms, which is not after
+// its latest sample: the latest itself, one appended earlier in this batch,
+// or a committed one (looked up in the store: only for late samples).
+func (t *TSDB) valueAt(ctx context.Context, e *seriesEntry, ms int64, batch *batchSamples) (float64, bool) {
+	if ms == e.lastT {
+		return e.lastV, true
+	}
+	if v, ok := batch.get(e, ms); ok {
+		return v, true
+	}
+	q, err := t.db.Querier(ms, ms)
+	if err != nil {
+		return 0, false // the TSDB decides, as before
+	}
+	defer q.Close()
+	matchers := make([]*labels.Matcher, 0, e.lset.Len())
+	e.lset.Range(func(l labels.Label) {
+		matchers = append(matchers, labels.MustNewMatcher(labels.MatchEqual, l.Name, l.Value))
+	})
+	ss := q.Select(ctx, false, nil, matchers...)
+	for ss.Next() {
+		it := ss.At().Iterator(nil)
+		if it.Seek(ms) == chunkenc.ValFloat {
+			if ts, v := it.At(); ts == ms {
+				return v, true
+			}
+		}
+	}
+	return 0, false
 }
 
 // dropCache forgets a shard's cache after a failed batch: its latest samples
