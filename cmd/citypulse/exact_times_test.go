@@ -5,7 +5,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"net/http"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -16,11 +19,14 @@ import (
 
 // TestMillisecondReadingsKeepTheirExactTimes (issue 12): one device sends
 // 1,000 readings 1 ms apart (a pressure-transient logger at 1 kHz) over MQTT
-// as SenML packs with float-second base times; all 1,000 must be in the store
-// and in the archive export, each at its exact ms with its own value.
+// as SenML packs with float-second base times; all 1,000 must be in the store,
+// in the archive export and in a real InfluxDB 1.8, each at its exact ms with
+// its own value.
 func TestMillisecondReadingsKeepTheirExactTimes(t *testing.T) {
 	skipShort(t)
-	s := newServer(t, "storage:\n  archive:\n    enabled: true\n")
+	influx := startInfluxDB18(t)
+	s := newServer(t, "storage:\n  archive:\n    enabled: true\n"+
+		"  influx:\n    enabled: true\n    url: http://"+influx+"\n    bucket: citypulse\n")
 	s.start()
 	defer s.stop()
 	c, err := mqttConnect(s.mqtt, "pipe-0001", "secret-pipe-0001", false)
@@ -102,7 +108,74 @@ func TestMillisecondReadingsKeepTheirExactTimes(t *testing.T) {
 	})
 	ok, got = exact(archived)
 	t.Logf("archive export: %d of %d readings at their exact ms (%d rows)", ok, n, got)
+
+	// InfluxDB, written with ns line protocol, read back in ns.
+	var points map[int64]float64
+	eventually(t, 30*time.Second, func() error {
+		q := `SELECT pressure FROM pipe WHERE device='pipe-0001'`
+		body := get(t, "http://"+influx+"/query?db=citypulse&epoch=ns&q="+url.QueryEscape(q))
+		var r struct {
+			Results []struct {
+				Series []struct{ Values [][]json.Number }
+			}
+		}
+		if err := json.Unmarshal([]byte(body), &r); err != nil {
+			return err
+		}
+		points = map[int64]float64{}
+		for _, res := range r.Results {
+			for _, sr := range res.Series {
+				for _, v := range sr.Values {
+					ns, err := v[0].Int64()
+					require.NoError(t, err)
+					require.Zero(t, ns%1e6, "InfluxDB has a point at %d ns: not a whole ms", ns)
+					f, err := v[1].Float64()
+					require.NoError(t, err)
+					points[ns/1e6] = f
+				}
+			}
+		}
+		if ok, got := exact(points); ok != n {
+			return fmt.Errorf("InfluxDB: %d of %d readings at their exact ms (%d points)", ok, n, got)
+		}
+		return nil
+	})
+	ok, got = exact(points)
+	t.Logf("InfluxDB 1.8: %d of %d readings at their exact ms (%d points)", ok, n, got)
 	require.Zero(t, sinkRefused(t, s.http, "tsdb")["duplicate"], "no reading was taken for another's duplicate")
+}
+
+// startInfluxDB18 runs a real InfluxDB 1.8 with a citypulse database and
+// returns its HTTP address.
+func startInfluxDB18(t *testing.T) string {
+	t.Helper()
+	bin := requireBinary(t, "influxd", "it runs go install github.com/influxdata/influxdb/cmd/influxd@v1.8.10")
+	dir := t.TempDir()
+	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp"))
+	rpc := fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp"))
+	conf := filepath.Join(dir, "influxdb.conf")
+	require.NoError(t, os.WriteFile(conf, fmt.Appendf(nil, `reporting-disabled = true
+bind-address = %q
+[meta]
+  dir = %q
+[data]
+  dir = %q
+  wal-dir = %q
+  query-log-enabled = false
+[http]
+  bind-address = %q
+  log-enabled = false
+[logging]
+  level = "error"
+`, rpc, filepath.Join(dir, "meta"), filepath.Join(dir, "data"), filepath.Join(dir, "wal"), addr), 0o644))
+	st := &store{t: t, name: "InfluxDB 1.8", addr: addr, args: []string{bin, "run", "-config", conf}}
+	st.ready = func() error { return httpOK("http://" + addr + "/ping") }
+	st.start()
+	t.Cleanup(st.stop)
+	resp, err := http.PostForm("http://"+addr+"/query", url.Values{"q": {"CREATE DATABASE citypulse"}})
+	require.NoError(t, err)
+	resp.Body.Close()
+	return addr
 }
 
 // queryAt runs an instant query at an RFC 3339 time (the API takes float
