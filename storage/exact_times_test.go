@@ -212,6 +212,30 @@ func metricSum(t *testing.T, reg interface {
 	return total
 }
 
+// TestALateDuplicateAfterAReopenIsCounted: the series' latest time comes from
+// the store when the sink first sees it after a start, so a late second value
+// is refused then too.
+func TestALateDuplicateAfterAReopenIsCounted(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	ms := func(k int) time.Time { return t0.Add(time.Duration(k) * time.Millisecond) }
+	p := func(v float64, at time.Time) pipeline.Reading {
+		return rd("pipe-0001", "gulou", "pipe", "pressure", v, at)
+	}
+	db, _ := open(t, dir)
+	require.NoError(t, db.Write(ctx, pipeline.Batch{Readings: []pipeline.Reading{p(1, ms(0)), p(2, ms(1)), p(3, ms(2))}}))
+	require.NoError(t, db.Close())
+
+	db, _ = open(t, dir)
+	require.NoError(t, db.Write(ctx, pipeline.Batch{Readings: []pipeline.Reading{p(9, ms(1)), p(3, ms(2)), p(1, ms(0))}}))
+	require.Equal(t, uint64(1), db.Refused()["duplicate"], "the late 9 at +1 ms; the identical re-sends are no-ops")
+	require.Equal(t, "2", countAt(t, db, `pipe_pressure`, ms(1)))
+	require.NoError(t, db.Write(ctx, pipeline.Batch{Readings: []pipeline.Reading{p(8, ms(2)), p(4, ms(3))}}))
+	require.Equal(t, uint64(2), db.Refused()["duplicate"], "another value at the latest ms")
+	require.Equal(t, "3", countAt(t, db, `pipe_pressure`, ms(2)))
+	require.Equal(t, "4", countAt(t, db, `count_over_time(pipe_pressure[10ms])`, ms(3)))
+}
+
 // countAt is count with the evaluation time in RFC 3339: the query API takes
 // float seconds through a float, which can land a ms early (see
 // docs/reliability.md, exact times).

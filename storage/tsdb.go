@@ -15,6 +15,7 @@ import (
 	promstorage "github.com/prometheus/prometheus/storage"
 	"github.com/prometheus/prometheus/tsdb"
 	"github.com/prometheus/prometheus/tsdb/chunkenc"
+	"github.com/prometheus/prometheus/tsdb/chunks"
 
 	"github.com/citypulse/citypulse/pipeline"
 )
@@ -30,8 +31,8 @@ import (
 // value at the same ms (a replay) is a no-op. (The TSDB itself checks only the
 // latest committed sample: a duplicate within a batch it drops uncounted, a
 // late one it takes into its out-of-order head, where it replaces the first
-// value at query time; Write checks both. Until a series has had a sample
-// written since the store was opened, only the TSDB's own check applies.)
+// value at query time; Write checks both, the latter against the batch and,
+// for late samples only, the store.)
 //
 // The TSDB keeps its own WAL: a committed appender has written its WAL record
 // (write(2), like the journal), and the pipeline advances this sink's cursor
@@ -62,6 +63,9 @@ type seriesEntry struct {
 	has   bool
 	lastT int64
 	lastV float64
+	// primed: has/lastT were taken from the store for a series it already
+	// had when first seen here (lastV is then unknown: valueAt looks it up)
+	primed, vKnown bool
 	// the first sample of the series in the batch being written (gen), kept
 	// so that a late sample can be checked against it (batchSamples)
 	gen    uint64
@@ -190,6 +194,9 @@ func (t *TSDB) Write(ctx context.Context, b pipeline.Batch) error {
 			cache[k] = e
 		}
 		ms := pipeline.Millis(r.Time)
+		if !e.primed {
+			t.prime(app, e)
+		}
 		if e.has && ms <= e.lastT {
 			if v, found := t.valueAt(ctx, e, ms, &batch); found {
 				if math.Float64bits(r.Value) != math.Float64bits(v) {
@@ -203,7 +210,7 @@ func (t *TSDB) Write(ctx context.Context, b pipeline.Batch) error {
 		case err == nil:
 			e.ref = ref
 			if !e.has || ms > e.lastT {
-				e.has, e.lastT, e.lastV = true, ms, r.Value
+				e.has, e.lastT, e.lastV, e.vKnown = true, ms, r.Value, true
 			}
 			batch.add(e, ms, r.Value)
 			appended++
@@ -230,7 +237,7 @@ func (t *TSDB) Write(ctx context.Context, b pipeline.Batch) error {
 // its latest sample: the latest itself, one appended earlier in this batch,
 // or a committed one (looked up in the store: only for late samples).
 func (t *TSDB) valueAt(ctx context.Context, e *seriesEntry, ms int64, batch *batchSamples) (float64, bool) {
-	if ms == e.lastT {
+	if ms == e.lastT && e.vKnown {
 		return e.lastV, true
 	}
 	if v, ok := batch.get(e, ms); ok {
@@ -255,6 +262,36 @@ func (t *TSDB) valueAt(ctx context.Context, e *seriesEntry, ms int64, batch *bat
 		}
 	}
 	return 0, false
+}
+
+// prime takes the time of a series' latest in-order sample from the store's
+// head when the series is first seen by this cache (after a start, or a cache
+// reset), so that a late sample of it is checked by valueAt like any other.
+func (t *TSDB) prime(app promstorage.Appender, e *seriesEntry) {
+	e.primed = true
+	g, ok := app.(promstorage.GetRef)
+	if !ok {
+		return
+	}
+	ref, _ := g.GetRef(e.lset, e.lset.Hash())
+	if ref == 0 {
+		return // not in the head: a new series, or one idle long enough to leave it
+	}
+	ir, err := t.db.Head().Index()
+	if err != nil {
+		return
+	}
+	defer ir.Close()
+	var b labels.ScratchBuilder
+	var chks []chunks.Meta
+	if ir.Series(ref, &b, &chks) != nil || len(chks) == 0 {
+		return
+	}
+	last := chks[0].MaxTime
+	for _, c := range chks[1:] {
+		last = max(last, c.MaxTime)
+	}
+	e.ref, e.has, e.lastT, e.vKnown = ref, true, last, false
 }
 
 // dropCache forgets a shard's cache after a failed batch: its latest samples
