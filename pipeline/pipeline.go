@@ -436,6 +436,10 @@ type SinkStatus struct {
 	LastError     string    `json:"last_error,omitempty"`
 	LastErrorTime time.Time `json:"last_error_time,omitzero"`
 	LastWriteTime time.Time `json:"last_write_time,omitzero"`
+	// Refused counts, by reason, the readings the sink was given but its store
+	// refused for their own sake (see RefusalReporter); they are included in
+	// Written. Absent for a sink that refuses nothing.
+	Refused map[string]uint64 `json:"refused,omitempty"`
 }
 
 // Status returns every sink's progress.
@@ -444,9 +448,13 @@ func (p *Pipeline) Status() []SinkStatus {
 	for _, st := range p.sinks {
 		lag := p.lagBytes(st)
 		st.mu.Lock()
-		out = append(out, SinkStatus{Name: st.name, LagBytes: lag, Written: st.written, Batches: st.batches, RatePerSecond: st.rate,
-			Errors: st.errors, LastError: st.lastErr, LastErrorTime: st.lastErrTime, LastWriteTime: st.lastWrite})
+		s := SinkStatus{Name: st.name, LagBytes: lag, Written: st.written, Batches: st.batches, RatePerSecond: st.rate,
+			Errors: st.errors, LastError: st.lastErr, LastErrorTime: st.lastErrTime, LastWriteTime: st.lastWrite}
 		st.mu.Unlock()
+		if rr, ok := st.sink.(RefusalReporter); ok {
+			s.Refused = rr.Refused()
+		}
+		out = append(out, s)
 	}
 	return out
 }

@@ -15,3 +15,17 @@ type Reading struct {
 	// the pipeline when the reading is journaled (zero before).
 	Seq uint64
 }
+
+// Millis converts a unix ns time to ms, rounding to the nearest ms (halves
+// away from zero), never truncating: a store of ms keeps the ms the device
+// meant even when its time arrived a few ns off (a float time, a clock in µs).
+func Millis(ns int64) int64 {
+	ms, rem := ns/1e6, ns%1e6
+	switch {
+	case rem >= 5e5:
+		ms++
+	case rem <= -5e5:
+		ms--
+	}
+	return ms
+}

@@ -28,3 +28,11 @@ type Sink interface {
 // ErrPermanent marks a sink error that retrying cannot fix (e.g. the store rejects
 // the data itself). Wrap it: fmt.Errorf("...: %w", pipeline.ErrPermanent).
 var ErrPermanent = errors.New("permanent sink error")
+
+// RefusalReporter is implemented by a sink whose store refuses some readings
+// for their own sake (counted and skipped, not retried), e.g. the embedded
+// TSDB's "duplicate": a second, different value of a series at the same ms.
+// Status reports the counts, by reason, with the sink's progress.
+type RefusalReporter interface {
+	Refused() map[string]uint64
+}

@@ -5,21 +5,34 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"sync"
-	"time"
+	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/common/model"
 	"github.com/prometheus/prometheus/model/labels"
 	promstorage "github.com/prometheus/prometheus/storage"
 	"github.com/prometheus/prometheus/tsdb"
+	"github.com/prometheus/prometheus/tsdb/chunkenc"
+	"github.com/prometheus/prometheus/tsdb/chunks"
 
 	"github.com/citypulse/citypulse/pipeline"
 )
 
 // TSDB is the embedded store: a Prometheus TSDB written by the pipeline as a
 // sink and read by the query API. Series are <kind>_<metric>{device, district,
-// kind}; a sample's time is the device's reading time (ms precision).
+// kind}; a sample's time is the device's reading time, rounded to the nearest
+// ms (pipeline.Millis).
+//
+// A second, different value of a series at a ms it already has is refused and
+// counted (reason duplicate; Refused, shown by /api/v1/sinks): the store keeps
+// one value per series and ms, and the first one written stays. An identical
+// value at the same ms (a replay) is a no-op. (The TSDB itself checks only the
+// latest committed sample: a duplicate within a batch it drops uncounted, a
+// late one it takes into its out-of-order head, where it replaces the first
+// value at query time; Write checks both, the latter against the batch and,
+// for late samples only, the store.)
 //
 // The TSDB keeps its own WAL: a committed appender has written its WAL record
 // (write(2), like the journal), and the pipeline advances this sink's cursor
@@ -33,6 +46,7 @@ type TSDB struct {
 
 	mu     sync.Mutex
 	caches map[int]*seriesCache // per pipeline shard: one writer each, no lock on the hot path
+	gen    atomic.Uint64        // numbers the batches (batchSamples)
 
 	closeOnce sync.Once
 	closeErr  error
@@ -43,6 +57,61 @@ type seriesKey struct{ device, district, metric string }
 type seriesEntry struct {
 	ref  promstorage.SeriesRef
 	lset labels.Labels
+	// the latest sample appended through this cache (has: one was), so that a
+	// second value at its ms is refused even within one batch: the TSDB checks
+	// only against committed samples and drops such a sample at Commit silently.
+	has   bool
+	lastT int64
+	lastV float64
+	// primed: has/lastT were taken from the store for a series it already
+	// had when first seen here (lastV is then unknown: valueAt looks it up)
+	primed, vKnown bool
+	// the first sample of the series in the batch being written (gen), kept
+	// so that a late sample can be checked against it (batchSamples)
+	gen    uint64
+	firstT int64
+	firstV float64
+}
+
+// batchKey is a series and a ms in the batch being written.
+type batchKey struct {
+	e  *seriesEntry
+	ms int64
+}
+
+// batchSamples remembers the samples a batch appended to series that have
+// more than one in it: a late sample is compared with them, since the TSDB
+// would otherwise take it into its out-of-order head, where at query time it
+// replaces the value the series already had at that ms. A series with one
+// sample per batch (most) costs nothing.
+type batchSamples struct {
+	gen uint64
+	m   map[batchKey]float64
+}
+
+// add records a sample just appended to e.
+func (b *batchSamples) add(e *seriesEntry, ms int64, v float64) {
+	if e.gen != b.gen {
+		e.gen, e.firstT, e.firstV = b.gen, ms, v
+		return
+	}
+	if b.m == nil {
+		b.m = map[batchKey]float64{}
+	}
+	b.m[batchKey{e, e.firstT}] = e.firstV
+	b.m[batchKey{e, ms}] = v
+}
+
+// get returns the value the batch appended to e at ms, if any.
+func (b *batchSamples) get(e *seriesEntry, ms int64) (float64, bool) {
+	if e.gen != b.gen {
+		return 0, false
+	}
+	if e.firstT == ms {
+		return e.firstV, true
+	}
+	v, ok := b.m[batchKey{e, ms}]
+	return v, ok
 }
 
 // seriesCache maps a series to its TSDB reference and labels, so the hot path
@@ -55,6 +124,8 @@ const maxCachedSeries = 1 << 20
 type tsdbMetrics struct {
 	appended prometheus.Counter
 	rejected *prometheus.CounterVec
+	// the same counts, readable for Refused
+	tooOld, duplicate atomic.Uint64
 }
 
 // OpenTSDB opens (or creates) the store in dir.
@@ -79,7 +150,7 @@ func OpenTSDB(dir string, cfg TSDBConfig, log *slog.Logger, reg prometheus.Regis
 			Name: "citypulse_storage_tsdb_samples_appended_total", Help: "Samples committed to the embedded store."}),
 		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "citypulse_storage_tsdb_samples_rejected_total",
-			Help: "Samples the embedded store refused, by reason (too_old: older than storage.tsdb.out_of_order_window behind the newest sample; duplicate: another value at the same time)."},
+			Help: "Samples the embedded store refused, by reason (too_old: older than storage.tsdb.out_of_order_window behind the newest sample; duplicate: a different value of the series at the same ms as its latest sample, the first value stays)."},
 			[]string{"reason"}),
 	}
 	if reg != nil {
@@ -107,12 +178,13 @@ func (t *TSDB) cache(shard int) seriesCache {
 }
 
 // Write appends a batch in one TSDB transaction. Samples the store refuses for
-// their own sake (too old, a conflicting value at the same time) are counted
-// and skipped; only a failure of the store itself fails the batch (retried).
+// their own sake (too old, a different value at the same ms) are counted and
+// skipped; only a failure of the store itself fails the batch (retried).
 func (t *TSDB) Write(ctx context.Context, b pipeline.Batch) error {
 	cache := t.cache(b.Shard)
 	app := t.db.Appender(ctx)
 	appended := 0
+	batch := batchSamples{gen: t.gen.Add(1)}
 	for i := range b.Readings {
 		r := &b.Readings[i]
 		k := seriesKey{r.Device, r.District, r.Metric}
@@ -121,26 +193,128 @@ func (t *TSDB) Write(ctx context.Context, b pipeline.Batch) error {
 			e = &seriesEntry{lset: seriesLabels(r)}
 			cache[k] = e
 		}
-		ref, err := app.Append(e.ref, e.lset, r.Time/int64(time.Millisecond), r.Value)
+		ms := pipeline.Millis(r.Time)
+		if !e.primed {
+			t.prime(app, e)
+		}
+		if e.has && ms <= e.lastT {
+			if v, found := t.valueAt(ctx, e, ms, &batch); found {
+				if math.Float64bits(r.Value) != math.Float64bits(v) {
+					t.refuse("duplicate")
+				}
+				continue // an identical sample is a no-op, as in the TSDB
+			}
+		}
+		ref, err := app.Append(e.ref, e.lset, ms, r.Value)
 		switch {
 		case err == nil:
 			e.ref = ref
+			if !e.has || ms > e.lastT {
+				e.has, e.lastT, e.lastV, e.vKnown = true, ms, r.Value, true
+			}
+			batch.add(e, ms, r.Value)
 			appended++
 		case errors.Is(err, promstorage.ErrOutOfBounds), errors.Is(err, promstorage.ErrTooOldSample),
 			errors.Is(err, promstorage.ErrOutOfOrderSample):
-			t.m.rejected.WithLabelValues("too_old").Inc()
+			t.refuse("too_old")
 		case errors.Is(err, promstorage.ErrDuplicateSampleForTimestamp):
-			t.m.rejected.WithLabelValues("duplicate").Inc()
+			t.refuse("duplicate")
 		default:
 			_ = app.Rollback()
+			t.dropCache(b.Shard)
 			return fmt.Errorf("append to embedded store: %w", err)
 		}
 	}
 	if err := app.Commit(); err != nil {
+		t.dropCache(b.Shard)
 		return fmt.Errorf("commit to embedded store: %w", err)
 	}
 	t.m.appended.Add(float64(appended))
 	return nil
+}
+
+// valueAt returns the value series e already has at ms, which is not after
+// its latest sample: the latest itself, one appended earlier in this batch,
+// or a committed one (looked up in the store: only for late samples).
+func (t *TSDB) valueAt(ctx context.Context, e *seriesEntry, ms int64, batch *batchSamples) (float64, bool) {
+	if ms == e.lastT && e.vKnown {
+		return e.lastV, true
+	}
+	if v, ok := batch.get(e, ms); ok {
+		return v, true
+	}
+	q, err := t.db.Querier(ms, ms)
+	if err != nil {
+		return 0, false // the TSDB decides, as before
+	}
+	defer q.Close()
+	matchers := make([]*labels.Matcher, 0, e.lset.Len())
+	e.lset.Range(func(l labels.Label) {
+		matchers = append(matchers, labels.MustNewMatcher(labels.MatchEqual, l.Name, l.Value))
+	})
+	ss := q.Select(ctx, false, nil, matchers...)
+	for ss.Next() {
+		it := ss.At().Iterator(nil)
+		if it.Seek(ms) == chunkenc.ValFloat {
+			if ts, v := it.At(); ts == ms {
+				return v, true
+			}
+		}
+	}
+	return 0, false
+}
+
+// prime takes the time of a series' latest in-order sample from the store's
+// head when the series is first seen by this cache (after a start, or a cache
+// reset), so that a late sample of it is checked by valueAt like any other.
+func (t *TSDB) prime(app promstorage.Appender, e *seriesEntry) {
+	e.primed = true
+	g, ok := app.(promstorage.GetRef)
+	if !ok {
+		return
+	}
+	ref, _ := g.GetRef(e.lset, e.lset.Hash())
+	if ref == 0 {
+		return // not in the head: a new series, or one idle long enough to leave it
+	}
+	ir, err := t.db.Head().Index()
+	if err != nil {
+		return
+	}
+	defer ir.Close()
+	var b labels.ScratchBuilder
+	var chks []chunks.Meta
+	if ir.Series(ref, &b, &chks) != nil || len(chks) == 0 {
+		return
+	}
+	last := chks[0].MaxTime
+	for _, c := range chks[1:] {
+		last = max(last, c.MaxTime)
+	}
+	e.ref, e.has, e.lastT, e.vKnown = ref, true, last, false
+}
+
+// dropCache forgets a shard's cache after a failed batch: its latest samples
+// were never committed, and the retry must not take them for duplicates.
+func (t *TSDB) dropCache(shard int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	delete(t.caches, shard)
+}
+
+func (t *TSDB) refuse(reason string) {
+	t.m.rejected.WithLabelValues(reason).Inc()
+	if reason == "duplicate" {
+		t.m.duplicate.Add(1)
+	} else {
+		t.m.tooOld.Add(1)
+	}
+}
+
+// Refused returns the samples refused since the store was opened, by reason
+// (pipeline.RefusalReporter: /api/v1/sinks shows them).
+func (t *TSDB) Refused() map[string]uint64 {
+	return map[string]uint64{"too_old": t.m.tooOld.Load(), "duplicate": t.m.duplicate.Load()}
 }
 
 // seriesLabels names a reading's series: <kind>_<metric>{device, district,

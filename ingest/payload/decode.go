@@ -3,10 +3,12 @@ package payload
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"mime"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -266,7 +268,7 @@ func resolveSenML(in []senmlRecord, device string, now time.Time) ([]Record, []R
 		}
 		ns, err := senmlTime(t, now)
 		if err != nil {
-			reject(i, ReasonBadRecord, fmt.Errorf("record %d (%s): %w", i, metric, err))
+			rejects = append(rejects, rejectTime(i, fmt.Sprintf("record %d (%s)", i, metric), err))
 			continue
 		}
 		rec.Time = ns
@@ -276,19 +278,60 @@ func resolveSenML(in []senmlRecord, device string, now time.Time) ([]Record, []R
 }
 
 // senmlTime converts a SenML time (seconds; relative to now when below 2^28)
-// to unix ns.
+// to unix ns, rounded to the microsecond (see floatSeconds). A time past what
+// a unix ns can hold is refused as too_new, a negative absolute time as
+// too_old; either is a *timeError.
 func senmlTime(t float64, now time.Time) (int64, error) {
 	if math.IsNaN(t) || math.IsInf(t, 0) {
 		return 0, fmt.Errorf("time is not a finite number")
 	}
 	if math.Abs(t) < relativeLimit {
-		return now.UnixNano() + int64(t*1e9), nil
+		return now.UnixNano() + floatSeconds(t), nil
 	}
-	if t < 0 || t > 1<<33 { // beyond year 2242: not a clock, a bug
-		return 0, fmt.Errorf("time %g is out of range", t)
+	if t < 0 {
+		return 0, &timeError{ReasonTooOld, fmt.Errorf("time %g is before 1970", t)}
 	}
+	if t >= maxSeconds {
+		return 0, &timeError{ReasonTooNew, fmt.Errorf("time %g is past the year 2242", t)}
+	}
+	return floatSeconds(t), nil
+}
+
+// maxSeconds bounds an absolute time in seconds (2^33 s, the year 2242):
+// beyond it a time is not a clock but a bug, and near 2262 it would overflow
+// int64 ns.
+const maxSeconds = 1 << 33
+
+// floatSeconds converts a time in float seconds to ns rounded to the nearest
+// microsecond. A float64 near 1.8e9 s is spaced 2^-22 s (238 ns) apart, so the
+// digits below the microsecond are the binary representation's error, not
+// the device's: 1796194324.271 is stored as 1796194324.27099990844…, and
+// rounding to the µs gives back …271000 exactly. (Truncating, or rounding to
+// ns and truncating to ms later, puts about half of all ms times 1 ms early.)
+func floatSeconds(t float64) int64 {
 	sec, frac := math.Modf(t)
-	return int64(sec)*1e9 + int64(math.Round(frac*1e9)), nil
+	return int64(sec)*1e9 + int64(math.Round(frac*1e6))*1e3
+}
+
+// timeError is a time that is a number but outside what can be stored: its
+// records are rejected with Reason (too_old or too_new), like a time outside
+// ingest.max_past/max_future.
+type timeError struct {
+	Reason string
+	Err    error
+}
+
+func (e *timeError) Error() string { return e.Err.Error() }
+func (e *timeError) Unwrap() error { return e.Err }
+
+// rejectTime makes the Reject for record i whose time failed with err.
+func rejectTime(i int, what string, err error) Reject {
+	reason := ReasonBadRecord
+	var te *timeError
+	if errors.As(err, &te) {
+		reason = te.Reason
+	}
+	return Reject{Index: i, Reason: reason, Err: fmt.Errorf("%s: %w", what, err)}
 }
 
 var errForeign = fmt.Errorf("foreign device")
@@ -344,9 +387,14 @@ func decodePlainJSON(b []byte, now time.Time) ([]Record, []Reject, error) {
 		return nil, nil, &Error{Reason: ReasonTooManyRecords, Err: fmt.Errorf("%d fields, over the limit of %d", len(obj), MaxRecords)}
 	}
 	ts := now.UnixNano()
+	var timeErr error // a time out of range: every field is rejected with its reason
 	if raw, ok := obj["time"]; ok {
 		t, err := plainTime(raw)
-		if err != nil {
+		var te *timeError
+		switch {
+		case errors.As(err, &te):
+			timeErr = err
+		case err != nil:
 			return nil, nil, &Error{Reason: ReasonMalformed, Err: fmt.Errorf("json: time: %w", err)}
 		}
 		ts = t
@@ -388,11 +436,18 @@ func decodePlainJSON(b []byte, now time.Time) ([]Record, []Reject, error) {
 			rejects = append(rejects, Reject{Index: i, Reason: ReasonBadRecord, Err: fmt.Errorf("field %q: want a number, boolean or state name, got %.20s", k, raw)})
 			continue
 		}
+		if timeErr != nil {
+			rejects = append(rejects, rejectTime(i, fmt.Sprintf("field %q: time", k), timeErr))
+			continue
+		}
 		out = append(out, rec)
 	}
 	return out, rejects, nil
 }
 
+// plainTime decodes a plain-JSON time to unix ns. A number or date outside
+// what unix ns can hold (1678 to 2262) is a *timeError (too_old, too_new),
+// never a wrapped-around time.
 func plainTime(raw json.RawMessage) (int64, error) {
 	raw = bytes.TrimSpace(raw)
 	if len(raw) > 0 && raw[0] == '"' {
@@ -404,6 +459,12 @@ func plainTime(raw json.RawMessage) (int64, error) {
 		if err != nil {
 			return 0, fmt.Errorf("want RFC 3339 or a unix time: %w", err)
 		}
+		switch {
+		case t.Before(minNanoTime):
+			return 0, &timeError{ReasonTooOld, fmt.Errorf("time %s is before 1678", s)}
+		case t.After(maxNanoTime):
+			return 0, &timeError{ReasonTooNew, fmt.Errorf("time %s is past the year 2262", s)}
+		}
 		return t.UnixNano(), nil
 	}
 	var n json.Number
@@ -411,20 +472,42 @@ func plainTime(raw json.RawMessage) (int64, error) {
 		return 0, fmt.Errorf("want RFC 3339 or a unix time, got %.30s", raw)
 	}
 	if i, err := n.Int64(); err == nil {
-		switch {
-		case i > 1e15:
-			return i, nil
-		case i > 1e12:
-			return i * 1e6, nil
-		case i >= 0 && i < 1<<33:
-			return i * 1e9, nil
-		}
-		return 0, fmt.Errorf("unix time %d is out of range", i)
+		return intTime(i)
 	}
 	f, err := n.Float64()
-	if err != nil || math.IsNaN(f) || f < 0 || f > 1<<33 {
-		return 0, fmt.Errorf("unix time %s is out of range", n)
+	if err != nil && !errors.Is(err, strconv.ErrRange) {
+		return 0, fmt.Errorf("unix time %.30s: %w", n, err)
 	}
-	sec, frac := math.Modf(f)
-	return int64(sec)*1e9 + int64(math.Round(frac*1e9)), nil
+	switch { // f is ±Inf when out of the float range
+	case f < 0:
+		return 0, &timeError{ReasonTooOld, fmt.Errorf("unix time %.30s is before 1970", n)}
+	case f >= maxSeconds:
+		return 0, &timeError{ReasonTooNew, fmt.Errorf("unix time %.30s s is past the year 2242", n)}
+	}
+	return floatSeconds(f), nil
 }
+
+// intTime scales an integer unix time by its size: ns (> 1e15), ms (> 1e12)
+// or s; one that would overflow int64 ns when scaled is too_new.
+func intTime(i int64) (int64, error) {
+	switch {
+	case i > 1e15:
+		return i, nil
+	case i > 1e12:
+		if i > math.MaxInt64/int64(time.Millisecond) {
+			return 0, &timeError{ReasonTooNew, fmt.Errorf("unix time %d ms is past the year 2262", i)}
+		}
+		return i * 1e6, nil
+	case i < 0:
+		return 0, &timeError{ReasonTooOld, fmt.Errorf("unix time %d is before 1970", i)}
+	case i >= maxSeconds:
+		return 0, &timeError{ReasonTooNew, fmt.Errorf("unix time %d s is past the year 2242", i)}
+	}
+	return i * 1e9, nil
+}
+
+// The range of time.Time.UnixNano.
+var (
+	minNanoTime = time.Unix(0, math.MinInt64)
+	maxNanoTime = time.Unix(0, math.MaxInt64)
+)

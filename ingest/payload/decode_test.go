@@ -2,9 +2,13 @@ package payload
 
 import (
 	"encoding/json"
+	"errors"
 	"flag"
+	"fmt"
+	"math"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -28,6 +32,13 @@ var cborFixtures = map[string]any{
 		{0: "leak", 4: true},
 	},
 	"state-string.senml.cbor": []map[int]any{{0: "state", 3: "flashing"}},
+	// float64 base times whose nearest double is just below the decimal
+	"exact-times.senml.cbor": []map[int]any{
+		{-2: "urn:dev:pipe-0001:", -3: 1796194324.271, 0: "pressure", 2: 1.0},
+		{-3: 1796194324.274, 0: "pressure", 2: 2.0},
+		{-3: 1796194324.0, 0: "pressure", 6: 0.277, 2: 3.0},
+		{-3: 1796194324.2, 0: "pressure", 6: 0.08, 2: 4.0},
+	},
 }
 
 type goldenOutput struct {
@@ -147,6 +158,16 @@ func TestDecodeTimes(t *testing.T) {
 		{"plain JSON fractional seconds", JSON, `{"time":1767225600.25,"p":1}`, time.Unix(1767225600, 25e7)},
 		{"plain JSON RFC 3339", JSON, `{"time":"2026-01-01T00:00:01.5Z","p":1}`, time.Unix(1767225601, 5e8)},
 		{"plain JSON without time is now", JSON, `{"p":1}`, testNow},
+		// float seconds are exact to the µs (issue 12): the nearest double of
+		// each of these is just below the decimal
+		{"SenML base time .271", SenMLJSON, `[{"bt":1796194324.271,"n":"p","v":1}]`, time.UnixMilli(1796194324271)},
+		{"SenML time .274", SenMLJSON, `[{"n":"p","v":1,"t":1796194324.274}]`, time.UnixMilli(1796194324274)},
+		{"SenML base time plus a fractional time", SenMLJSON, `[{"bt":1796194324.2,"n":"p","v":1,"t":0.077}]`, time.UnixMilli(1796194324277)},
+		{"SenML microseconds", SenMLJSON, `[{"bt":1796194324.280123,"n":"p","v":1}]`, time.UnixMicro(1796194324280123)},
+		{"a relative SenML time of -1 ms", SenMLJSON, `[{"n":"p","v":1,"t":-0.001}]`, testNow.Add(-time.Millisecond)},
+		{"a relative SenML time of -0.3 s", SenMLJSON, `[{"n":"p","v":1,"t":-0.3}]`, testNow.Add(-300 * time.Millisecond)},
+		{"plain JSON float seconds .280", JSON, `{"time":1796194324.28,"p":1}`, time.UnixMilli(1796194324280)},
+		{"plain JSON RFC 3339 at the last ns", JSON, `{"time":"2262-04-11T23:47:16.854775807Z","p":1}`, time.Unix(0, math.MaxInt64)},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -157,6 +178,88 @@ func TestDecodeTimes(t *testing.T) {
 			require.Equal(t, tc.want.UnixNano(), recs[0].Time)
 		})
 	}
+}
+
+// TestDecodeMillisecondTimesAreExact decodes every millisecond of one second,
+// sent as float seconds in each format, and wants each at its exact ms (issue
+// 12: about half used to come out 1 ms early once truncated to ms).
+func TestDecodeMillisecondTimesAreExact(t *testing.T) {
+	const sec = 1796194324
+	formats := []struct {
+		name   string
+		f      Format
+		encode func(k int) []byte
+	}{
+		{"SenML JSON base time", SenMLJSON, func(k int) []byte {
+			return fmt.Appendf(nil, `[{"bn":"urn:dev:pipe-0001:","bt":%d.%03d,"n":"pressure","v":1}]`, sec, k)
+		}},
+		{"SenML JSON base time plus time", SenMLJSON, func(k int) []byte {
+			return fmt.Appendf(nil, `[{"bt":%d,"n":"pressure","v":1,"t":0.%03d}]`, sec, k)
+		}},
+		{"SenML CBOR float64 base time", SenMLCBOR, func(k int) []byte {
+			f, err := strconv.ParseFloat(fmt.Sprintf("%d.%03d", sec, k), 64)
+			require.NoError(t, err)
+			b, err := cbor.Marshal([]map[int]any{{-3: f, 0: "pressure", 2: 1.0}})
+			require.NoError(t, err)
+			return b
+		}},
+		{"plain JSON float seconds", JSON, func(k int) []byte {
+			return fmt.Appendf(nil, `{"time":%d.%03d,"pressure":1}`, sec, k)
+		}},
+	}
+	for _, tc := range formats {
+		t.Run(tc.name, func(t *testing.T) {
+			wrong := 0
+			for k := range 1000 {
+				recs, rejects, err := Decode(tc.f, tc.encode(k), "pipe-0001", testNow)
+				require.NoError(t, err)
+				require.Empty(t, rejects)
+				require.Len(t, recs, 1)
+				if recs[0].Time != (sec*1000+int64(k))*1e6 {
+					wrong++
+				}
+			}
+			require.Zero(t, wrong, "of 1000 ms times, %d are not exact", wrong)
+		})
+	}
+}
+
+// TestDecodeTimesOutOfRange: a time past what int64 ns holds is refused as
+// too_new (or too_old), never wrapped around to some other time.
+func TestDecodeTimesOutOfRange(t *testing.T) {
+	tests := []struct {
+		name    string
+		f       Format
+		payload string
+		reason  string
+	}{
+		{"ms that overflow ns when scaled (year 2611)", JSON, `{"time":20242937712302,"p":1}`, ReasonTooNew},
+		{"the largest ms int64 ns cannot hold", JSON, `{"time":9223372036855,"p":1}`, ReasonTooNew},
+		{"RFC 3339 in the year 9999", JSON, `{"time":"9999-12-31T23:59:59Z","p":1}`, ReasonTooNew},
+		{"RFC 3339 in the year 1000", JSON, `{"time":"1000-01-01T00:00:00Z","p":1}`, ReasonTooOld},
+		{"seconds past 2242", JSON, `{"time":9000000000,"p":1}`, ReasonTooNew},
+		{"float seconds past 2242", JSON, `{"time":9000000000.5,"p":1}`, ReasonTooNew},
+		{"a time past the float range", JSON, `{"time":1e400,"p":1}`, ReasonTooNew},
+		{"a negative unix time", JSON, `{"time":-5,"p":1}`, ReasonTooOld},
+		{"a negative float unix time", JSON, `{"time":-1e300,"p":1}`, ReasonTooOld},
+		{"a SenML time past 2242", SenMLJSON, `[{"n":"p","v":1,"bt":1e10}]`, ReasonTooNew},
+		{"a negative absolute SenML time", SenMLJSON, `[{"n":"p","v":1,"t":-1e9}]`, ReasonTooOld},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			recs, rejects, err := Decode(tc.f, []byte(tc.payload), "pipe-0001", testNow)
+			require.NoError(t, err)
+			require.Empty(t, recs)
+			require.Len(t, rejects, 1)
+			require.Equal(t, tc.reason, rejects[0].Reason, rejects[0].Err)
+		})
+	}
+	// A time out of range rejects every field of a plain-JSON message, each
+	// counted, and the message stays usable (no whole-message error).
+	recs, rejects, err := Decode(JSON, []byte(`{"time":20242937712302,"p":1,"q":2}`), "pipe-0001", testNow)
+	require.NoError(t, err)
+	require.Empty(t, recs)
+	require.Len(t, rejects, 2)
 }
 
 func TestDecodeRefusesUnusableMessages(t *testing.T) {
@@ -227,6 +330,56 @@ func fuzzDecode(f *testing.F, format Format) {
 			if r.Metric == "" {
 				t.Fatal("a record without a metric")
 			}
+		}
+		for _, r := range rejects {
+			switch r.Reason {
+			case ReasonBadRecord, ReasonForeignDevice, ReasonTooOld, ReasonTooNew:
+			default:
+				t.Fatalf("a record rejected for an uncounted reason %q", r.Reason)
+			}
+		}
+	})
+}
+
+// FuzzFloatSeconds checks the float-seconds contract: the result is a whole
+// number of µs within half a µs (plus the float's own spacing) of the input,
+// and a time that is in range is never refused.
+func FuzzFloatSeconds(f *testing.F) {
+	for _, s := range []float64{1796194324.271, 1796194324.2799999, 0, 1, -0.001, 1<<28 - 1e-6, 1 << 32, maxSeconds - 1e-6, 1767225600.5} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s float64) {
+		if math.IsNaN(s) || math.IsInf(s, 0) {
+			if _, err := senmlTime(s, testNow); err == nil {
+				t.Fatalf("%v accepted", s)
+			}
+			return
+		}
+		ns, err := senmlTime(s, testNow)
+		abs := math.Abs(s) >= relativeLimit
+		switch {
+		case abs && s >= maxSeconds || abs && s < 0:
+			var te *timeError
+			if !errors.As(err, &te) {
+				t.Fatalf("%v: want a too_new/too_old timeError, got %v", s, err)
+			}
+			return
+		case err != nil:
+			t.Fatalf("%v refused: %v", s, err)
+		}
+		if abs {
+			if ns%1000 != 0 {
+				t.Fatalf("%v -> %d ns: not a whole µs", s, ns)
+			}
+		} else {
+			ns -= testNow.UnixNano()
+			if ns%1000 != 0 {
+				t.Fatalf("relative %v -> %d ns: not a whole µs", s, ns)
+			}
+		}
+		// the error is at most 0.5 µs plus the float's spacing at s
+		if d := math.Abs(float64(ns)/1e9 - s); d > 0.5e-6+2*(math.Nextafter(math.Abs(s), math.Inf(1))-math.Abs(s)) {
+			t.Fatalf("%v -> %d ns: off by %g s", s, ns, d)
 		}
 	})
 }

@@ -61,6 +61,10 @@ const (
 	ReasonTooManyRecords = "too_many_records" // over MaxRecords
 	ReasonForeignDevice  = "foreign_device"   // a name that points at another device
 	ReasonBadRecord      = "bad_record"       // a record without a usable name/value/time
+	// A time that is a number but past what a unix ns can hold. The same
+	// reasons (and names) as a time outside ingest.max_past/max_future.
+	ReasonTooOld = "too_old" // a negative unix time, a date before 1678
+	ReasonTooNew = "too_new" // a time past 2242 (seconds) or 2262 (ms, RFC 3339), which would overflow int64 ns
 )
 
 // Error is a whole-message decoding failure; Reason is the counted reason.
