@@ -2,7 +2,6 @@ package storage
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -10,13 +9,17 @@ import (
 	"net/http"
 	"slices"
 	"strconv"
+	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/common/model"
 	"github.com/prometheus/prometheus/model/labels"
 	"github.com/prometheus/prometheus/promql"
 	"github.com/prometheus/prometheus/promql/parser"
 	promstorage "github.com/prometheus/prometheus/storage"
+
+	"github.com/citypulse/citypulse/internal/httpapi"
 )
 
 // APIOptions configures the query API.
@@ -27,6 +30,11 @@ type APIOptions struct {
 	MaxSamples int
 	// LookbackDelta is how far back an instant query looks for a sample (default 5m).
 	LookbackDelta time.Duration
+	// MaxConcurrency is how many queries are evaluated at once (default 4);
+	// the others wait in line, within their timeout.
+	MaxConcurrency int
+	// Registerer receives the API's metrics; nil registers none.
+	Registerer prometheus.Registerer
 }
 
 // API serves the subset of the Prometheus HTTP API that Grafana's Prometheus
@@ -40,6 +48,32 @@ type API struct {
 	parser parser.Parser
 	log    *slog.Logger
 	opts   APIOptions
+	slots  chan struct{} // one per query being evaluated
+	evals  sync.WaitGroup
+	m      apiMetrics
+}
+
+type apiMetrics struct {
+	running, queued prometheus.Gauge
+	refused         *prometheus.CounterVec
+}
+
+func newAPIMetrics(reg prometheus.Registerer) apiMetrics {
+	m := apiMetrics{
+		running: prometheus.NewGauge(prometheus.GaugeOpts{Name: "citypulse_query_running",
+			Help: "PromQL queries being evaluated now (at most storage.tsdb.query_max_concurrency)."}),
+		queued: prometheus.NewGauge(prometheus.GaugeOpts{Name: "citypulse_query_queued",
+			Help: "PromQL queries waiting for an evaluation slot."}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "citypulse_query_failed_total",
+			Help: "PromQL queries that ended without an answer, by reason (timeout, canceled, too_many_samples)."}, []string{"reason"}),
+	}
+	for _, r := range []string{"timeout", "canceled", "too_many_samples"} {
+		m.refused.WithLabelValues(r)
+	}
+	if reg != nil {
+		reg.MustRegister(m.running, m.queued, m.refused)
+	}
+	return m
 }
 
 // Queryable is what the API reads; *TSDB provides it through DB().
@@ -70,6 +104,9 @@ func NewQueryAPI(q Queryable, opts APIOptions) *API {
 	if opts.LookbackDelta <= 0 {
 		opts.LookbackDelta = 5 * time.Minute
 	}
+	if opts.MaxConcurrency <= 0 {
+		opts.MaxConcurrency = 4
+	}
 	p := parser.NewParser(parser.Options{})
 	eng := promql.NewEngine(promql.EngineOpts{
 		Logger:               opts.Logger,
@@ -80,7 +117,8 @@ func NewQueryAPI(q Queryable, opts APIOptions) *API {
 		EnableNegativeOffset: true,
 		Parser:               p,
 	})
-	return &API{q: q, engine: eng, parser: p, log: opts.Logger, opts: opts}
+	return &API{q: q, engine: eng, parser: p, log: opts.Logger, opts: opts,
+		slots: make(chan struct{}, opts.MaxConcurrency), m: newAPIMetrics(opts.Registerer)}
 }
 
 // Register mounts the endpoints on mux.
@@ -106,15 +144,10 @@ type apiError struct {
 
 func badData(err error) *apiError { return &apiError{"bad_data", http.StatusBadRequest, err} }
 
-func writeSuccess(w http.ResponseWriter, data any) {
-	w.Header().Set("Content-Type", "application/json")
-	_ = json.NewEncoder(w).Encode(map[string]any{"status": "success", "data": data})
-}
+func writeSuccess(w http.ResponseWriter, data any) { httpapi.WriteData(w, http.StatusOK, data) }
 
 func writeErr(w http.ResponseWriter, e *apiError) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(e.code)
-	_ = json.NewEncoder(w).Encode(map[string]any{"status": "error", "errorType": e.typ, "error": e.err.Error()})
+	httpapi.WriteError(w, e.code, e.typ, e.err.Error())
 }
 
 func (a *API) query(w http.ResponseWriter, r *http.Request) {
@@ -126,6 +159,10 @@ func (a *API) query(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		ts = t
+	}
+	if aerr := a.checkCost(r.FormValue("query"), 1, 0); aerr != nil {
+		writeErr(w, aerr)
+		return
 	}
 	ctx, cancel, aerr := a.queryContext(r)
 	if aerr != nil {
@@ -165,6 +202,10 @@ func (a *API) queryRange(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, badData(errors.New("exceeded maximum resolution of 11,000 points per timeseries. Try decreasing the query resolution (?step=XX)")))
 		return
 	}
+	if aerr := a.checkCost(r.FormValue("query"), int64(end.Sub(start)/step)+1, end.Sub(start)); aerr != nil {
+		writeErr(w, aerr)
+		return
+	}
 	ctx, cancel, aerr := a.queryContext(r)
 	if aerr != nil {
 		writeErr(w, aerr)
@@ -192,26 +233,96 @@ func (a *API) queryContext(r *http.Request) (context.Context, context.CancelFunc
 	return ctx, cancel, nil
 }
 
+// exec evaluates q when a slot is free (waiting in line within ctx) and writes
+// the answer. ctx ends at the query's timeout or when the client goes away;
+// the answer is then the error at once, even when the engine notices the end
+// of ctx only later (it checks between series): the evaluation keeps its slot
+// until it has stopped, so abandoned evaluations still count against
+// MaxConcurrency. Wait waits for them.
 func (a *API) exec(ctx context.Context, w http.ResponseWriter, q promql.Query) {
-	defer q.Close()
-	res := q.Exec(ctx)
-	if res.Err != nil {
-		var eTimeout promql.ErrQueryTimeout
-		var eCanceled promql.ErrQueryCanceled
-		var eStorage promql.ErrStorage
-		switch {
-		case errors.As(res.Err, &eTimeout):
-			writeErr(w, &apiError{"timeout", http.StatusServiceUnavailable, res.Err})
-		case errors.As(res.Err, &eCanceled):
-			writeErr(w, &apiError{"canceled", http.StatusServiceUnavailable, res.Err})
-		case errors.As(res.Err, &eStorage):
-			writeErr(w, &apiError{"internal", http.StatusInternalServerError, res.Err})
-		default:
-			writeErr(w, &apiError{"execution", http.StatusUnprocessableEntity, res.Err})
-		}
+	if aerr := a.acquire(ctx); aerr != nil {
+		q.Close()
+		writeErr(w, aerr)
 		return
 	}
-	writeSuccess(w, map[string]any{"resultType": res.Value.Type(), "result": encodeValue(res.Value)})
+	done := make(chan *promql.Result, 1)
+	a.evals.Add(1)
+	go func() {
+		defer a.evals.Done()
+		defer a.release()
+		done <- q.Exec(ctx)
+	}()
+	select {
+	case res := <-done:
+		defer q.Close()
+		if res.Err != nil {
+			writeErr(w, a.execError(ctx, res.Err))
+			return
+		}
+		writeSuccess(w, map[string]any{"resultType": res.Value.Type(), "result": encodeValue(res.Value)})
+	case <-ctx.Done():
+		q.Cancel()
+		writeErr(w, a.execError(ctx, context.Cause(ctx)))
+		go func() { <-done; q.Close() }()
+	}
+}
+
+// Wait waits until every evaluation has stopped, or ctx is done.
+func (a *API) Wait(ctx context.Context) error {
+	stopped := make(chan struct{})
+	go func() { a.evals.Wait(); close(stopped) }()
+	select {
+	case <-stopped:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("query evaluations still running: %w", ctx.Err())
+	}
+}
+
+// acquire waits for an evaluation slot until ctx ends.
+func (a *API) acquire(ctx context.Context) *apiError {
+	select {
+	case a.slots <- struct{}{}:
+	default:
+		a.m.queued.Inc()
+		defer a.m.queued.Dec()
+		select {
+		case a.slots <- struct{}{}:
+		case <-ctx.Done():
+			return a.execError(ctx, fmt.Errorf("query waited in line for an evaluation slot (storage.tsdb.query_max_concurrency: %d) until: %w",
+				a.opts.MaxConcurrency, context.Cause(ctx)))
+		}
+	}
+	a.m.running.Inc()
+	return nil
+}
+
+func (a *API) release() {
+	a.m.running.Dec()
+	<-a.slots
+}
+
+// execError maps an evaluation error to the Prometheus API's error types and
+// counts why the query failed.
+func (a *API) execError(ctx context.Context, err error) *apiError {
+	var eTimeout promql.ErrQueryTimeout
+	var eCanceled promql.ErrQueryCanceled
+	var eStorage promql.ErrStorage
+	var eSamples promql.ErrTooManySamples
+	switch {
+	case errors.As(err, &eTimeout), errors.Is(err, context.DeadlineExceeded), errors.As(err, &eCanceled) && errors.Is(ctx.Err(), context.DeadlineExceeded):
+		a.m.refused.WithLabelValues("timeout").Inc()
+		return &apiError{"timeout", http.StatusServiceUnavailable, fmt.Errorf("%w (storage.tsdb.query_timeout: %v)", err, a.opts.Timeout)}
+	case errors.As(err, &eCanceled), errors.Is(err, context.Canceled):
+		a.m.refused.WithLabelValues("canceled").Inc()
+		return &apiError{"canceled", http.StatusServiceUnavailable, err}
+	case errors.As(err, &eSamples):
+		a.m.refused.WithLabelValues("too_many_samples").Inc()
+		return &apiError{"execution", http.StatusUnprocessableEntity, fmt.Errorf("%w (storage.tsdb.query_max_samples: %d)", err, a.opts.MaxSamples)}
+	case errors.As(err, &eStorage):
+		return &apiError{"internal", http.StatusInternalServerError, err}
+	}
+	return &apiError{"execution", http.StatusUnprocessableEntity, err}
 }
 
 type jsonSample struct {

@@ -130,7 +130,7 @@ func TestBurstMainNotifiesOnceFiringAndOnceResolved(t *testing.T) {
     annotations:
       summary: 'Pressure at {{.Device}} ({{.District}}) fell {{printf "%.0f" .Delta}} kPa in {{.Window}}'
 `), 0o644))
-	s := newServer(t, ops.config("200ms"), "CITYPULSE_RULES_FILE="+rulesFile)
+	s := newProc(t, ops.config("200ms"), "CITYPULSE_RULES_FILE="+rulesFile)
 	s.start()
 
 	send := func(p float64) {
@@ -215,7 +215,7 @@ func TestAlertsReachARealAlertmanager(t *testing.T) {
   - {name: gas_leak, type: threshold, select: {kind: pipe, metric: gas_concentration}, above: 20, severity: critical,
      annotations: {summary: 'Gas at {{.Device}} is {{.Value}} %LEL'}}
 `), 0o644))
-	s := newServer(t, fmt.Sprintf(`rules:
+	s := newProc(t, fmt.Sprintf(`rules:
   tick: 200ms
   notify:
     receivers:
@@ -263,7 +263,7 @@ func TestPublishToWebhookLatency(t *testing.T) {
 	require.NoError(t, os.WriteFile(rulesFile, []byte(`rules:
   - {name: hot, type: threshold, select: {kind: pipe, metric: pressure}, above: 500, annotations: {summary: "{{.Value}}"}}
 `), 0o644))
-	s := newServer(t, fmt.Sprintf(`rules:
+	s := newProc(t, fmt.Sprintf(`rules:
   flap_max: 0
   notify:
     receivers:
@@ -322,7 +322,7 @@ func TestAlertsSurviveSIGKILL(t *testing.T) {
     clear: 180
     severity: critical
 `), 0o644))
-	s := newServer(t, ops.config("100ms"), "CITYPULSE_RULES_FILE="+rulesFile)
+	s := newProc(t, ops.config("100ms"), "CITYPULSE_RULES_FILE="+rulesFile)
 	send := func(p float64) {
 		c, err := mqttConnect(s.mqtt, "pipe-0001", "secret-pipe-0001", false)
 		require.NoError(t, err)

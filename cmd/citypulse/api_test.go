@@ -1,0 +1,84 @@
+package main
+
+import (
+	"fmt"
+	"net/http"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// API tests against the server value (see inproc_test.go), moved from the
+// subprocess tests with the same assertions.
+
+func TestDevicesCanBeAddedAtRuntimeWithTheAdminToken(t *testing.T) {
+	skipShort(t)
+	const token = "admin-token-0123456789"
+	s := newInproc(t, "http: {admin_token: "+token+"}\n")
+	s.run()
+
+	add := func(tok string) int {
+		req, _ := http.NewRequest("POST", s.url+"/api/v1/devices",
+			strings.NewReader(`{"id":"lot-0009","kind":"parking","district":"jianye","interval":"30s","secret":"secret-lot-0009"}`))
+		if tok != "" {
+			req.Header.Set("Authorization", "Bearer "+tok)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	require.Equal(t, http.StatusUnauthorized, add(""))
+	require.Equal(t, http.StatusUnauthorized, add("wrong-token-0123456789"))
+	require.Equal(t, http.StatusCreated, add(token))
+
+	c, err := mqttConnect(s.mqtt, "lot-0009", "secret-lot-0009", false)
+	require.NoError(t, err, "a device added at runtime can connect at once")
+	publish(t, c, "devices/lot-0009/readings", 1, []byte(`{"available_spot_number":41,"total_spot_number":120}`))
+	c.Disconnect(100)
+	eventually(t, 10*time.Second, func() error {
+		v, err := latest(t, s.httpHost(), `parking_available_spot_number{device="lot-0009",district="jianye"}`)
+		if err == nil && v != 41 {
+			err = fmt.Errorf("got %v", v)
+		}
+		return err
+	})
+	list := get(t, s.url+"/api/v1/devices")
+	require.Contains(t, list, "lot-0009")
+	require.NotContains(t, list, "secret-")
+
+	// The change survives a restart.
+	s.stop()
+	s = buildInproc(t, s.cfg)
+	s.run()
+	require.Contains(t, get(t, s.url+"/api/v1/devices"), "lot-0009")
+	labels := get(t, s.url+"/api/v1/label/device/values")
+	require.Contains(t, labels, "lot-0009", "the store kept its data over the restart")
+	names := strings.Split(get(t, s.url+"/api/v1/label/__name__/values"), ",")
+	sort.Strings(names)
+	require.NotEmpty(t, names)
+}
+
+func TestArchiveExportThroughTheServer(t *testing.T) {
+	skipShort(t)
+	s := newInproc(t, "storage:\n  archive:\n    enabled: true\n")
+	s.run()
+	c, err := mqttConnect(s.mqtt, "pipe-0001", "secret-pipe-0001", false)
+	require.NoError(t, err)
+	publish(t, c, "devices/pipe-0001/readings", 1, []byte(`[{"n":"pressure","v":433.5,"t":-60}]`))
+	c.Disconnect(100)
+	eventually(t, 10*time.Second, func() error {
+		body := get(t, s.url+"/api/v1/export?kind=pipe&format=csv")
+		if !strings.Contains(body, ",pipe-0001,gulou,pressure,433.5,kPa,") {
+			return fmt.Errorf("export: %q", body)
+		}
+		return nil
+	})
+	coarse := get(t, s.url+"/api/v1/export?kind=pipe&format=csv&coarsen=district")
+	require.Contains(t, coarse, ",gulou,pressure,433.5,433.5,433.5,1")
+	require.NotContains(t, coarse, "pipe-0001")
+}
+
