@@ -81,4 +81,3 @@ func TestArchiveExportThroughTheServer(t *testing.T) {
 	require.Contains(t, coarse, ",gulou,pressure,433.5,433.5,433.5,1")
 	require.NotContains(t, coarse, "pipe-0001")
 }
-
