@@ -81,3 +81,38 @@ func TestArchiveExportThroughTheServer(t *testing.T) {
 	require.Contains(t, coarse, ",gulou,pressure,433.5,433.5,433.5,1")
 	require.NotContains(t, coarse, "pipe-0001")
 }
+
+// The server value answers in the API's shapes before and while it runs.
+func TestTheHTTPAPIShapes(t *testing.T) {
+	const admin = "admin-token-shapes-000001"
+	s := newInproc(t, "http: {admin_token: "+admin+"}\n")
+	code, body := s.do("GET", "/readyz", "", "")
+	require.Equal(t, http.StatusServiceUnavailable, code, "not ready before Run: %s", body)
+	s.run()
+	for _, tt := range []struct {
+		name, method, path, token string
+		code                      int
+		contains                  string
+	}{
+		{"liveness", "GET", "/healthz", "", http.StatusOK, "ok"},
+		{"readiness while running", "GET", "/readyz", "", http.StatusOK, "ready"},
+		{"the sinks in the envelope", "GET", "/api/v1/sinks", "", http.StatusOK, `{"status":"success","data":[{"name":"tsdb"`},
+		{"a device in the envelope, without its secret", "GET", "/api/v1/devices/pipe-0001", "", http.StatusOK,
+			`{"status":"success","data":{"id":"pipe-0001","kind":"pipe","district":"gulou","interval":"10s"}}`},
+		{"an unknown device is an error envelope", "GET", "/api/v1/devices/pipe-9999", "", http.StatusNotFound, `{"status":"error","error":"unknown device pipe-9999"}`},
+		{"a query in the Prometheus shape", "GET", "/api/v1/query?query=vector(1)", "", http.StatusOK, `"resultType":"vector"`},
+		{"a bad query is bad_data", "GET", "/api/v1/query?query=rate(", "", http.StatusBadRequest, `{"status":"error","errorType":"bad_data"`},
+		{"the rules", "GET", "/api/v1/rules", "", http.StatusOK, `"groups":[{"name":"citypulse"`},
+		{"the export needs the archive", "GET", "/api/v1/export", "", http.StatusNotFound, "storage.archive.enabled"},
+		{"a reload with the admin token", "POST", "/-/reload", admin, http.StatusOK, "reloaded"},
+		{"the dashboard", "GET", "/", "", http.StatusOK, "<html"},
+		{"the metrics", "GET", "/metrics", "", http.StatusOK, "citypulse_http_connections"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			code, body := s.do(tt.method, tt.path, tt.token, "")
+			require.Equal(t, tt.code, code, body)
+			require.Contains(t, body, tt.contains)
+		})
+	}
+	s.stop()
+}

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -363,4 +364,36 @@ func TestAlertsSurviveSIGKILL(t *testing.T) {
 	// the entry: that notification is delivered again, with its key.
 	t.Logf("re-deliveries (same Idempotency-Key) after 2 SIGKILLs: %d", ops.redelivered())
 	require.LessOrEqual(t, ops.redelivered(), 2, "at most the notification in flight at each kill")
+}
+
+// SIGHUP reloads the rules file; a broken file leaves the previous rules in
+// force. (Signals need the process.)
+func TestSIGHUPReloadsTheRules(t *testing.T) {
+	skipShort(t)
+	good, err := os.ReadFile("../../configs/rules.yaml")
+	require.NoError(t, err)
+	rulesFile := filepath.Join(t.TempDir(), "rules.yaml")
+	require.NoError(t, os.WriteFile(rulesFile, good, 0o600))
+	s := newProc(t, "", "CITYPULSE_RULES_FILE="+rulesFile)
+	s.start()
+	defer s.stop()
+
+	require.NoError(t, os.WriteFile(rulesFile, []byte("rules: [{name: broken, type: nonsense}]\n"), 0o600))
+	require.NoError(t, syscall.Kill(s.Pid(), syscall.SIGHUP))
+	eventually(t, 10*time.Second, func() error {
+		if !strings.Contains(s.Logs(), "rules reload failed") {
+			return fmt.Errorf("no reload failure logged")
+		}
+		return nil
+	})
+	require.Contains(t, get(t, "http://"+s.http+"/api/v1/rules"), `"name":"`, "the previous rules stay in force")
+
+	require.NoError(t, os.WriteFile(rulesFile, good, 0o600))
+	require.NoError(t, syscall.Kill(s.Pid(), syscall.SIGHUP))
+	eventually(t, 10*time.Second, func() error {
+		if !strings.Contains(s.Logs(), "rules reloaded on SIGHUP") {
+			return fmt.Errorf("no reload logged")
+		}
+		return nil
+	})
 }
