@@ -102,7 +102,7 @@ func TestTheHTTPAPIShapes(t *testing.T) {
 		{"an unknown device is an error envelope", "GET", "/api/v1/devices/pipe-9999", "", http.StatusNotFound, `{"status":"error","error":"unknown device pipe-9999"}`},
 		{"a query in the Prometheus shape", "GET", "/api/v1/query?query=vector(1)", "", http.StatusOK, `"resultType":"vector"`},
 		{"a bad query is bad_data", "GET", "/api/v1/query?query=rate(", "", http.StatusBadRequest, `{"status":"error","errorType":"bad_data"`},
-		{"the rules", "GET", "/api/v1/rules", "", http.StatusOK, `"groups":[{"name":"citypulse"`},
+		{"the rules", "GET", "/api/v1/rules", "", http.StatusOK, `"name":"citypulse","rules":[{"state":"inactive","name":"burst_main"`},
 		{"the export needs the archive", "GET", "/api/v1/export", "", http.StatusNotFound, "storage.archive.enabled"},
 		{"a reload with the admin token", "POST", "/-/reload", admin, http.StatusOK, "reloaded"},
 		{"the dashboard", "GET", "/", "", http.StatusOK, "<html"},
