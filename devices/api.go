@@ -22,12 +22,20 @@ import (
 // Authorisation is the caller's (the server wraps the changing routes with the
 // admin token).
 type API struct {
-	reg *Registry
+	reg registry
 	log *slog.Logger
 }
 
+// registry is what the API reads and changes; *Registry is one.
+type registry interface {
+	List() []Device
+	Get(id string) (Device, bool)
+	Add(d Device) error
+	Remove(id string) error
+}
+
 // NewAPI returns the device API over reg.
-func NewAPI(reg *Registry, log *slog.Logger) *API {
+func NewAPI(reg registry, log *slog.Logger) *API {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
