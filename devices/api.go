@@ -3,10 +3,13 @@ package devices
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"time"
+
+	"github.com/citypulse/citypulse/internal/httpapi"
 )
 
 // API serves the device registry over HTTP:
@@ -19,12 +22,20 @@ import (
 // Authorisation is the caller's (the server wraps the changing routes with the
 // admin token).
 type API struct {
-	reg *Registry
+	reg registry
 	log *slog.Logger
 }
 
+// registry is what the API reads and changes; *Registry is one.
+type registry interface {
+	List() []Device
+	Get(id string) (Device, bool)
+	Add(d Device) error
+	Remove(id string) error
+}
+
 // NewAPI returns the device API over reg.
-func NewAPI(reg *Registry, log *slog.Logger) *API {
+func NewAPI(reg registry, log *slog.Logger) *API {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -38,7 +49,7 @@ func (a *API) List(w http.ResponseWriter, _ *http.Request) {
 	for i, d := range list {
 		out[i] = d.Public()
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"status": "success", "data": out})
+	httpapi.WriteData(w, http.StatusOK, out)
 }
 
 // Get handles GET /api/v1/devices/{id}.
@@ -48,7 +59,7 @@ func (a *API) Get(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "unknown device "+r.PathValue("id"))
 		return
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"status": "success", "data": d.Public()})
+	httpapi.WriteData(w, http.StatusOK, d.Public())
 }
 
 type addRequest struct {
@@ -59,13 +70,35 @@ type addRequest struct {
 	Secret   string `json:"secret"`
 }
 
-// Add handles POST /api/v1/devices.
+// MaxAddBody bounds the body of POST /api/v1/devices, MaxSecretLen a
+// device's secret in it (an MQTT password and a DTLS pre-shared key need no
+// more).
+const (
+	MaxAddBody   = 64 << 10
+	MaxSecretLen = 256
+)
+
+// Add handles POST /api/v1/devices: one JSON object, nothing after it.
 func (a *API) Add(w http.ResponseWriter, r *http.Request) {
-	dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, MaxAddBody))
 	dec.DisallowUnknownFields()
 	var req addRequest
-	if err := dec.Decode(&req); err != nil {
+	err := dec.Decode(&req)
+	if err == nil {
+		if _, terr := dec.Token(); terr != io.EOF {
+			err = errors.New("trailing data after the JSON object")
+		}
+	}
+	var tooLarge *http.MaxBytesError
+	switch {
+	case errors.As(err, &tooLarge):
+		writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("decode device: the body is over %d bytes", MaxAddBody))
+		return
+	case err != nil:
 		writeError(w, http.StatusBadRequest, "decode device: "+err.Error())
+		return
+	case len(req.Secret) > MaxSecretLen:
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("secret: at most %d bytes, got %d", MaxSecretLen, len(req.Secret)))
 		return
 	}
 	iv, err := time.ParseDuration(req.Interval)
@@ -84,7 +117,7 @@ func (a *API) Add(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusInternalServerError, err.Error())
 	default:
 		a.log.Info("device added", "device", d.ID, "kind", d.Kind, "district", d.District)
-		writeJSON(w, http.StatusCreated, map[string]any{"status": "success", "data": d.Public()})
+		httpapi.WriteData(w, http.StatusCreated, d.Public())
 	}
 }
 
@@ -103,12 +136,6 @@ func (a *API) Remove(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-func writeJSON(w http.ResponseWriter, code int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(code)
-	_ = json.NewEncoder(w).Encode(v)
-}
-
 func writeError(w http.ResponseWriter, code int, msg string) {
-	writeJSON(w, code, map[string]string{"status": "error", "error": msg})
+	httpapi.WriteError(w, code, "", msg)
 }

@@ -70,6 +70,11 @@ type Pipeline struct {
 	pool    sync.Pool
 
 	lastBPLog atomic.Int64
+
+	// lifeMu orders Run and Close: Run takes it for its whole life, so Close
+	// waits for a Run to end and a Run after Close is refused.
+	lifeMu sync.Mutex
+	closed bool
 }
 
 type request struct {
@@ -321,6 +326,12 @@ func byteSize(n int64) string {
 // taking submissions, journals what was queued, gives the sinks up to
 // DrainTimeout to catch up, saves their cursors and closes the journal.
 func (p *Pipeline) Run(ctx context.Context) error {
+	p.lifeMu.Lock()
+	defer p.lifeMu.Unlock()
+	if p.closed {
+		return ErrClosed
+	}
+	defer func() { p.closed = true }()
 	sinkCtx, cancelSinks := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelSinks()
 	shardsDone := make(chan struct{})
@@ -358,6 +369,27 @@ func (p *Pipeline) Run(ctx context.Context) error {
 		}
 	}
 	return errors.Join(append(errs, sinkErr)...)
+}
+
+// Close closes the journal files of a pipeline that never ran (for example
+// when start-up fails after New). After Run it has nothing left to do; it
+// waits for a Run in progress to return. It is idempotent, and Run after Close
+// returns ErrClosed.
+func (p *Pipeline) Close() error {
+	p.lifeMu.Lock()
+	defer p.lifeMu.Unlock()
+	if p.closed {
+		return nil
+	}
+	p.closed = true
+	p.closing.Store(true)
+	var errs []error
+	for _, s := range p.shards {
+		if err := s.j.close(); err != nil {
+			errs = append(errs, fmt.Errorf("close journal of shard %d: %w", s.id, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // housekeeping saves cursors, deletes segments every sink has passed and

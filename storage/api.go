@@ -2,7 +2,6 @@ package storage
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -10,13 +9,17 @@ import (
 	"net/http"
 	"slices"
 	"strconv"
+	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/common/model"
 	"github.com/prometheus/prometheus/model/labels"
 	"github.com/prometheus/prometheus/promql"
 	"github.com/prometheus/prometheus/promql/parser"
 	promstorage "github.com/prometheus/prometheus/storage"
+
+	"github.com/citypulse/citypulse/internal/httpapi"
 )
 
 // APIOptions configures the query API.
@@ -27,6 +30,11 @@ type APIOptions struct {
 	MaxSamples int
 	// LookbackDelta is how far back an instant query looks for a sample (default 5m).
 	LookbackDelta time.Duration
+	// MaxConcurrency is how many queries are evaluated at once (default 4);
+	// the others wait in line, within their timeout.
+	MaxConcurrency int
+	// Registerer receives the API's metrics; nil registers none.
+	Registerer prometheus.Registerer
 }
 
 // API serves the subset of the Prometheus HTTP API that Grafana's Prometheus
@@ -40,6 +48,9 @@ type API struct {
 	parser parser.Parser
 	log    *slog.Logger
 	opts   APIOptions
+	slots  chan struct{} // one per query being evaluated
+	evals  sync.WaitGroup
+	m      apiMetrics
 }
 
 // Queryable is what the API reads; *TSDB provides it through DB().
@@ -70,6 +81,9 @@ func NewQueryAPI(q Queryable, opts APIOptions) *API {
 	if opts.LookbackDelta <= 0 {
 		opts.LookbackDelta = 5 * time.Minute
 	}
+	if opts.MaxConcurrency <= 0 {
+		opts.MaxConcurrency = 4
+	}
 	p := parser.NewParser(parser.Options{})
 	eng := promql.NewEngine(promql.EngineOpts{
 		Logger:               opts.Logger,
@@ -80,7 +94,8 @@ func NewQueryAPI(q Queryable, opts APIOptions) *API {
 		EnableNegativeOffset: true,
 		Parser:               p,
 	})
-	return &API{q: q, engine: eng, parser: p, log: opts.Logger, opts: opts}
+	return &API{q: q, engine: eng, parser: p, log: opts.Logger, opts: opts,
+		slots: make(chan struct{}, opts.MaxConcurrency), m: newAPIMetrics(opts.Registerer)}
 }
 
 // Register mounts the endpoints on mux.
@@ -106,15 +121,10 @@ type apiError struct {
 
 func badData(err error) *apiError { return &apiError{"bad_data", http.StatusBadRequest, err} }
 
-func writeSuccess(w http.ResponseWriter, data any) {
-	w.Header().Set("Content-Type", "application/json")
-	_ = json.NewEncoder(w).Encode(map[string]any{"status": "success", "data": data})
-}
+func writeSuccess(w http.ResponseWriter, data any) { httpapi.WriteData(w, http.StatusOK, data) }
 
 func writeErr(w http.ResponseWriter, e *apiError) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(e.code)
-	_ = json.NewEncoder(w).Encode(map[string]any{"status": "error", "errorType": e.typ, "error": e.err.Error()})
+	httpapi.WriteError(w, e.code, e.typ, e.err.Error())
 }
 
 func (a *API) query(w http.ResponseWriter, r *http.Request) {
@@ -126,6 +136,10 @@ func (a *API) query(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		ts = t
+	}
+	if aerr := a.checkCost(r.FormValue("query"), 1, 0); aerr != nil {
+		writeErr(w, aerr)
+		return
 	}
 	ctx, cancel, aerr := a.queryContext(r)
 	if aerr != nil {
@@ -165,6 +179,10 @@ func (a *API) queryRange(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, badData(errors.New("exceeded maximum resolution of 11,000 points per timeseries. Try decreasing the query resolution (?step=XX)")))
 		return
 	}
+	if aerr := a.checkCost(r.FormValue("query"), int64(end.Sub(start)/step)+1, end.Sub(start)); aerr != nil {
+		writeErr(w, aerr)
+		return
+	}
 	ctx, cancel, aerr := a.queryContext(r)
 	if aerr != nil {
 		writeErr(w, aerr)
@@ -190,28 +208,6 @@ func (a *API) queryContext(r *http.Request) (context.Context, context.CancelFunc
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), timeout)
 	return ctx, cancel, nil
-}
-
-func (a *API) exec(ctx context.Context, w http.ResponseWriter, q promql.Query) {
-	defer q.Close()
-	res := q.Exec(ctx)
-	if res.Err != nil {
-		var eTimeout promql.ErrQueryTimeout
-		var eCanceled promql.ErrQueryCanceled
-		var eStorage promql.ErrStorage
-		switch {
-		case errors.As(res.Err, &eTimeout):
-			writeErr(w, &apiError{"timeout", http.StatusServiceUnavailable, res.Err})
-		case errors.As(res.Err, &eCanceled):
-			writeErr(w, &apiError{"canceled", http.StatusServiceUnavailable, res.Err})
-		case errors.As(res.Err, &eStorage):
-			writeErr(w, &apiError{"internal", http.StatusInternalServerError, res.Err})
-		default:
-			writeErr(w, &apiError{"execution", http.StatusUnprocessableEntity, res.Err})
-		}
-		return
-	}
-	writeSuccess(w, map[string]any{"resultType": res.Value.Type(), "result": encodeValue(res.Value)})
 }
 
 type jsonSample struct {

@@ -20,6 +20,9 @@ type TSDBConfig struct {
 	QueryTimeout time.Duration `mapstructure:"query_timeout" yaml:"query_timeout"`
 	// QueryMaxSamples bounds the samples one query may load into memory.
 	QueryMaxSamples int `mapstructure:"query_max_samples" yaml:"query_max_samples"`
+	// QueryMaxConcurrency is how many PromQL queries run at once; more wait
+	// in line (within their timeout), as with Prometheus' --query.max-concurrency.
+	QueryMaxConcurrency int `mapstructure:"query_max_concurrency" yaml:"query_max_concurrency"`
 	// Batch overrides pipeline.batch for this sink when max_readings is set.
 	Batch pipeline.BatchPolicy `mapstructure:"batch" yaml:"batch"`
 }
@@ -27,10 +30,11 @@ type TSDBConfig struct {
 // DefaultTSDB returns the defaults.
 func DefaultTSDB() TSDBConfig {
 	return TSDBConfig{
-		Retention:        30 * 24 * time.Hour,
-		OutOfOrderWindow: 7 * 24 * time.Hour,
-		QueryTimeout:     2 * time.Minute,
-		QueryMaxSamples:  50_000_000,
+		Retention:           30 * 24 * time.Hour,
+		OutOfOrderWindow:    7 * 24 * time.Hour,
+		QueryTimeout:        2 * time.Minute,
+		QueryMaxSamples:     50_000_000,
+		QueryMaxConcurrency: 4,
 	}
 }
 
@@ -48,6 +52,9 @@ func (c TSDBConfig) Validate() error {
 	}
 	if c.QueryMaxSamples < 1000 {
 		errs = append(errs, fmt.Errorf("storage.tsdb.query_max_samples must be at least 1000, got %d", c.QueryMaxSamples))
+	}
+	if c.QueryMaxConcurrency < 1 {
+		errs = append(errs, fmt.Errorf("storage.tsdb.query_max_concurrency must be at least 1, got %d", c.QueryMaxConcurrency))
 	}
 	if c.Batch != (pipeline.BatchPolicy{}) {
 		errs = append(errs, c.Batch.Validate("storage.tsdb.batch"))

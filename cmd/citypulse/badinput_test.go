@@ -33,7 +33,7 @@ func rejects(t *testing.T, httpAddr string) map[string]float64 {
 // still goes through afterwards.
 func TestBadInputIsBoundedAndCounted(t *testing.T) {
 	skipShort(t)
-	s := newServer(t, "")
+	s := newProc(t, "")
 	s.start()
 	defer s.stop()
 

@@ -22,7 +22,7 @@ func TestCoAPBlockwiseFromLibcoapIsStored(t *testing.T) {
 	if err != nil {
 		t.Fatal("coap-client-notls not found: run `make deps` (installs Debian's libcoap3-bin)")
 	}
-	s := newServer(t, "")
+	s := newProc(t, "")
 	s.start()
 	defer s.stop()
 

@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"reflect"
 	"sort"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/go-viper/mapstructure/v2"
 	"github.com/spf13/viper"
+	"gopkg.in/yaml.v3"
 
 	"github.com/citypulse/citypulse/ingest"
 	"github.com/citypulse/citypulse/pipeline"
@@ -48,6 +50,71 @@ type HTTPConfig struct {
 	// ReadToken, when set, is required (or the admin token) by the read
 	// endpoints (query API, device list). /metrics, /healthz and /readyz stay open.
 	ReadToken string `mapstructure:"read_token" yaml:"read_token"`
+	// ReadHeaderTimeout bounds reading a request's headers, ReadTimeout the
+	// whole request with its body, WriteTimeout the answer (it must outlast
+	// storage.tsdb.query_timeout), IdleTimeout a keep-alive connection
+	// between requests.
+	ReadHeaderTimeout time.Duration `mapstructure:"read_header_timeout" yaml:"read_header_timeout"`
+	ReadTimeout       time.Duration `mapstructure:"read_timeout" yaml:"read_timeout"`
+	WriteTimeout      time.Duration `mapstructure:"write_timeout" yaml:"write_timeout"`
+	IdleTimeout       time.Duration `mapstructure:"idle_timeout" yaml:"idle_timeout"`
+	// MaxHeaderBytes bounds a request's headers, MaxBodyBytes its body
+	// (POST /api/v1/devices and /-/reload have lower limits of their own).
+	MaxHeaderBytes int   `mapstructure:"max_header_bytes" yaml:"max_header_bytes"`
+	MaxBodyBytes   int64 `mapstructure:"max_body_bytes" yaml:"max_body_bytes"`
+	// MaxConnections bounds the HTTP connections open at once, and
+	// MaxConnectionsPerHost those from one source address, so that HTTP
+	// clients cannot use up the descriptors the journal and the stores need.
+	MaxConnections        int `mapstructure:"max_connections" yaml:"max_connections"`
+	MaxConnectionsPerHost int `mapstructure:"max_connections_per_host" yaml:"max_connections_per_host"`
+}
+
+// DefaultHTTP returns the HTTP defaults.
+func DefaultHTTP() HTTPConfig {
+	return HTTPConfig{
+		Addr:                  ":8080",
+		ReadHeaderTimeout:     10 * time.Second,
+		ReadTimeout:           30 * time.Second,
+		WriteTimeout:          3 * time.Minute,
+		IdleTimeout:           time.Minute,
+		MaxHeaderBytes:        64 << 10,
+		MaxBodyBytes:          1 << 20,
+		MaxConnections:        512,
+		MaxConnectionsPerHost: 64,
+	}
+}
+
+// Validate checks the section; messages name the key.
+func (c HTTPConfig) Validate() error {
+	var errs []error
+	if c.Addr == "" {
+		errs = append(errs, errors.New("http.addr must not be empty"))
+	}
+	if t := c.AdminToken; t != "" && len(t) < 16 {
+		errs = append(errs, errors.New("http.admin_token must be at least 16 characters"))
+	}
+	if t := c.ReadToken; t != "" && len(t) < 16 {
+		errs = append(errs, errors.New("http.read_token must be at least 16 characters"))
+	}
+	for _, d := range []struct {
+		key string
+		v   time.Duration
+	}{{"read_header_timeout", c.ReadHeaderTimeout}, {"read_timeout", c.ReadTimeout}, {"write_timeout", c.WriteTimeout}, {"idle_timeout", c.IdleTimeout}} {
+		if d.v <= 0 {
+			errs = append(errs, fmt.Errorf("http.%s must be > 0, got %v", d.key, d.v))
+		}
+	}
+	if c.MaxHeaderBytes < 4<<10 {
+		errs = append(errs, fmt.Errorf("http.max_header_bytes must be at least 4096, got %d", c.MaxHeaderBytes))
+	}
+	if c.MaxBodyBytes < 64<<10 {
+		errs = append(errs, fmt.Errorf("http.max_body_bytes must be at least 65536, got %d", c.MaxBodyBytes))
+	}
+	if c.MaxConnections < 1 || c.MaxConnectionsPerHost < 1 || c.MaxConnectionsPerHost > c.MaxConnections {
+		errs = append(errs, fmt.Errorf("http.max_connections (%d) and http.max_connections_per_host (%d) must be at least 1, per host no more than in total",
+			c.MaxConnections, c.MaxConnectionsPerHost))
+	}
+	return errors.Join(errs...)
 }
 
 // DevicesConfig says where the device list is.
@@ -68,7 +135,7 @@ func DefaultConfig() Config {
 	return Config{
 		DataDir:  "./data",
 		Log:      LogConfig{Level: "info", Format: "text"},
-		HTTP:     HTTPConfig{Addr: ":8080"},
+		HTTP:     DefaultHTTP(),
 		Devices:  DevicesConfig{File: "configs/devices.yaml"},
 		Ingest:   ingest.Default(),
 		Pipeline: pipeline.Default(),
@@ -92,14 +159,10 @@ func (c Config) Validate() error {
 	if c.Log.Format != "text" && c.Log.Format != "json" {
 		errs = append(errs, fmt.Errorf("log.format %q: want text or json", c.Log.Format))
 	}
-	if c.HTTP.Addr == "" {
-		errs = append(errs, errors.New("http.addr must not be empty"))
-	}
-	if t := c.HTTP.AdminToken; t != "" && len(t) < 16 {
-		errs = append(errs, errors.New("http.admin_token must be at least 16 characters"))
-	}
-	if t := c.HTTP.ReadToken; t != "" && len(t) < 16 {
-		errs = append(errs, errors.New("http.read_token must be at least 16 characters"))
+	errs = append(errs, c.HTTP.Validate())
+	if c.HTTP.WriteTimeout <= c.Storage.TSDB.QueryTimeout {
+		errs = append(errs, fmt.Errorf("http.write_timeout (%v) must be longer than storage.tsdb.query_timeout (%v): a query's answer, even its timeout error, must reach the client",
+			c.HTTP.WriteTimeout, c.Storage.TSDB.QueryTimeout))
 	}
 	if c.Devices.File == "" {
 		errs = append(errs, errors.New("devices.file must not be empty"))
@@ -175,7 +238,8 @@ func checkEnv(keys []string) error {
 	var unknown []string
 	for _, kv := range os.Environ() {
 		name, _, _ := strings.Cut(kv, "=")
-		if strings.HasPrefix(name, "CITYPULSE_") && !known[name] {
+		// CITYPULSE_TEST_* are the tests' knobs (make test-long), not config keys
+		if strings.HasPrefix(name, "CITYPULSE_") && !strings.HasPrefix(name, "CITYPULSE_TEST_") && !known[name] {
 			unknown = append(unknown, name)
 		}
 	}
@@ -219,4 +283,23 @@ func lookup(m map[string]any, key string) any {
 		cur = mm[p]
 	}
 	return cur
+}
+
+// printConfig writes the effective config as YAML with secrets masked.
+func printConfig(w io.Writer, c Config) error {
+	mask := func(s *string) {
+		if *s != "" {
+			*s = "********"
+		}
+	}
+	mask(&c.HTTP.AdminToken)
+	mask(&c.HTTP.ReadToken)
+	mask(&c.Ingest.External.Password)
+	mask(&c.Storage.Influx.Token)
+	b, err := yaml.Marshal(c)
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(b)
+	return err
 }

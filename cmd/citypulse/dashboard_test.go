@@ -89,7 +89,7 @@ func TestDashboardInHeadlessChromium(t *testing.T) {
 	skipShort(t)
 	bin := chromium(t)
 	const readToken, adminToken = "dash-read-token-7f3a9c", "dash-admin-token-b81e44"
-	s := newServer(t, fmt.Sprintf("vitals:\n  interval: 1s\nhttp:\n  read_token: %s\n  admin_token: %s\n", readToken, adminToken))
+	s := newProc(t, fmt.Sprintf("vitals:\n  interval: 1s\nhttp:\n  read_token: %s\n  admin_token: %s\n", readToken, adminToken))
 	s.start()
 	defer s.stop()
 

@@ -23,7 +23,7 @@ import (
 // mounted over the journal directory (this needs root, as on CI).
 func TestJournalDiskFull(t *testing.T) {
 	skipShort(t)
-	s := newServer(t, "pipeline:\n  shards: 1\n  segment_bytes: 4194304\n")
+	s := newProc(t, "pipeline:\n  shards: 1\n  segment_bytes: 4194304\n")
 	journal := filepath.Join(s.dir, "data", "journal")
 	require.NoError(t, os.MkdirAll(journal, 0o755))
 	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", journal).CombinedOutput(); err != nil {

@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -28,7 +27,7 @@ import (
 
 func TestMQTTReadingsOfEveryFormatComeBackFromTheQueryAPI(t *testing.T) {
 	skipShort(t)
-	s := newServer(t, "")
+	s := newProc(t, "")
 	s.start()
 	defer s.stop()
 
@@ -92,7 +91,7 @@ func mustCBOR(t *testing.T, v any) []byte {
 
 func TestMQTTRefusesWrongCredentialsAndForeignTopics(t *testing.T) {
 	skipShort(t)
-	s := newServer(t, "")
+	s := newProc(t, "")
 	s.start()
 	defer s.stop()
 
@@ -159,7 +158,7 @@ func get(t *testing.T, u string) string {
 
 func TestCoAPOverUDPAndDTLS(t *testing.T) {
 	skipShort(t)
-	s := newServer(t, "")
+	s := newProc(t, "")
 	s.start()
 	defer s.stop()
 
@@ -252,7 +251,7 @@ func TestExternalBrokerMode(t *testing.T) {
 	broker := fmt.Sprintf("127.0.0.1:%d", port)
 	waitListening(t, broker)
 
-	s := newServer(t, "ingest:\n  mqtt:\n    enabled: false\n  external:\n    enabled: true\n    url: tcp://"+broker+"\n")
+	s := newProc(t, "ingest:\n  mqtt:\n    enabled: false\n  external:\n    enabled: true\n    url: tcp://"+broker+"\n")
 	s.start()
 	defer s.stop()
 
@@ -327,7 +326,7 @@ func TestAcknowledgedReadingsSurviveSIGKILL(t *testing.T) {
 	if v, err := strconv.Atoi(os.Getenv("CITYPULSE_TEST_KILLS")); err == nil {
 		kills = v
 	}
-	s := newServer(t, "", "CITYPULSE_PIPELINE_FSYNC=never")
+	s := newProc(t, "", "CITYPULSE_PIPELINE_FSYNC=never")
 	devs := []string{"pipe-0001", "pipe-0002", "tl-0001", "bay-0001"}
 	metric := map[string]string{"pipe-0001": "pressure", "pipe-0002": "pressure", "tl-0001": "queue_length", "bay-0001": "available_spot_number"}
 	base := time.Now().Add(-time.Hour).Truncate(time.Second)
@@ -482,78 +481,9 @@ func seriesOf(dev, metric string) string {
 	return "parking_" + metric
 }
 
-func TestDevicesCanBeAddedAtRuntimeWithTheAdminToken(t *testing.T) {
-	skipShort(t)
-	const token = "admin-token-0123456789"
-	s := newServer(t, "", "CITYPULSE_HTTP_ADMIN_TOKEN="+token)
-	s.start()
-	defer s.stop()
-
-	add := func(tok string) int {
-		req, _ := http.NewRequest("POST", "http://"+s.http+"/api/v1/devices",
-			strings.NewReader(`{"id":"lot-0009","kind":"parking","district":"jianye","interval":"30s","secret":"secret-lot-0009"}`))
-		if tok != "" {
-			req.Header.Set("Authorization", "Bearer "+tok)
-		}
-		resp, err := http.DefaultClient.Do(req)
-		require.NoError(t, err)
-		resp.Body.Close()
-		return resp.StatusCode
-	}
-	require.Equal(t, http.StatusUnauthorized, add(""))
-	require.Equal(t, http.StatusUnauthorized, add("wrong-token-0123456789"))
-	require.Equal(t, http.StatusCreated, add(token))
-
-	c, err := mqttConnect(s.mqtt, "lot-0009", "secret-lot-0009", false)
-	require.NoError(t, err, "a device added at runtime can connect at once")
-	publish(t, c, "devices/lot-0009/readings", 1, []byte(`{"available_spot_number":41,"total_spot_number":120}`))
-	c.Disconnect(100)
-	eventually(t, 10*time.Second, func() error {
-		v, err := latest(t, s.http, `parking_available_spot_number{device="lot-0009",district="jianye"}`)
-		if err == nil && v != 41 {
-			err = fmt.Errorf("got %v", v)
-		}
-		return err
-	})
-	list := get(t, "http://"+s.http+"/api/v1/devices")
-	require.Contains(t, list, "lot-0009")
-	require.NotContains(t, list, "secret-")
-
-	// The change survives a restart.
-	s.stop()
-	s.start()
-	require.Contains(t, get(t, "http://"+s.http+"/api/v1/devices"), "lot-0009")
-	labels := get(t, "http://"+s.http+"/api/v1/label/device/values")
-	require.Contains(t, labels, "lot-0009", "the store kept its data over the restart")
-	names := strings.Split(get(t, "http://"+s.http+"/api/v1/label/__name__/values"), ",")
-	sort.Strings(names)
-	require.NotEmpty(t, names)
-}
-
-func TestArchiveExportThroughTheServer(t *testing.T) {
-	skipShort(t)
-	s := newServer(t, "storage:\n  archive:\n    enabled: true\n")
-	s.start()
-	defer s.stop()
-	c, err := mqttConnect(s.mqtt, "pipe-0001", "secret-pipe-0001", false)
-	require.NoError(t, err)
-	publish(t, c, "devices/pipe-0001/readings", 1, []byte(`[{"n":"pressure","v":433.5,"t":-60}]`))
-	c.Disconnect(100)
-	eventually(t, 10*time.Second, func() error {
-		body := get(t, "http://"+s.http+"/api/v1/export?kind=pipe&format=csv")
-		if !strings.Contains(body, ",pipe-0001,gulou,pressure,433.5,kPa,") {
-			return fmt.Errorf("export: %q", body)
-		}
-		return nil
-	})
-	coarse := get(t, "http://"+s.http+"/api/v1/export?kind=pipe&format=csv&coarsen=district")
-	require.Contains(t, coarse, ",gulou,pressure,433.5,433.5,433.5,1")
-	require.NotContains(t, coarse, "pipe-0001")
-}
-
 func TestVitalSignsAreComputedAndQueryable(t *testing.T) {
 	skipShort(t)
-	s := newServer(t, "vitals:\n  interval: 1s\n")
+	s := newProc(t, "vitals:\n  interval: 1s\n")
 	s.start()
 	defer s.stop()
 	for dev, p := range map[string]float64{"pipe-0001": 420, "pipe-0002": 180} {

@@ -25,7 +25,7 @@ import (
 func TestMillisecondReadingsKeepTheirExactTimes(t *testing.T) {
 	skipShort(t)
 	influx := startInfluxDB18(t)
-	s := newServer(t, "storage:\n  archive:\n    enabled: true\n"+
+	s := newProc(t, "storage:\n  archive:\n    enabled: true\n"+
 		"  influx:\n    enabled: true\n    url: http://"+influx+"\n    bucket: citypulse\n")
 	s.start()
 	defer s.stop()
@@ -220,7 +220,7 @@ func sinkRefused(t *testing.T, httpAddr, sink string) map[string]uint64 {
 // the same ms is counted duplicate in /api/v1/sinks; the first value stays.
 func TestTimesOutOfRangeAndDuplicatesAreCounted(t *testing.T) {
 	skipShort(t)
-	s := newServer(t, "")
+	s := newProc(t, "")
 	s.start()
 	defer s.stop()
 	c, err := mqttConnect(s.mqtt, "pipe-0001", "secret-pipe-0001", false)

@@ -54,8 +54,8 @@ const testDevices = `devices:
   - {id: bay-0001, kind: parking, district: qinhuai, interval: 30s, secret: "secret-bay-0001"}
 `
 
-// server is one run of the binary (servertest.Server) with the test fleet.
-type server struct {
+// proc is one run of the binary (servertest.Server) with the test fleet.
+type proc struct {
 	*servertest.Server
 	t                      *testing.T
 	dir                    string
@@ -65,24 +65,24 @@ type server struct {
 // syncBuffer collects a process's output while a test reads it.
 type syncBuffer = servertest.SyncBuffer
 
-// newServer prepares a data dir, a device list and free ports; config is
+// newProc prepares a data dir, a device list and free ports; config is
 // extra YAML appended to the config file, env extra environment.
-func newServer(t *testing.T, config string, env ...string) *server {
+func newProc(t *testing.T, config string, env ...string) *proc {
 	t.Helper()
 	vitals, _ := filepath.Abs("../../configs/vitals.yaml")
 	rulesFile, _ := filepath.Abs("../../configs/rules.yaml")
 	env = append([]string{"CITYPULSE_VITALS_FILE=" + vitals, "CITYPULSE_RULES_FILE=" + rulesFile}, env...)
 	srv := servertest.New(t, binPath, env...)
-	s := &server{Server: srv, t: t, dir: srv.Dir, mqtt: srv.MQTT, coap: srv.CoAP, dtls: srv.DTLS, http: srv.HTTP}
+	s := &proc{Server: srv, t: t, dir: srv.Dir, mqtt: srv.MQTT, coap: srv.CoAP, dtls: srv.DTLS, http: srv.HTTP}
 	devicesFile := filepath.Join(s.dir, "devices.yaml")
 	require.NoError(t, os.WriteFile(devicesFile, []byte(testDevices), 0o600))
 	srv.SetConfig(fmt.Sprintf("data_dir: {{data}}\ndevices:\n  file: %s\n%s", devicesFile, config))
 	return s
 }
 
-func (s *server) start() { s.t.Helper(); s.Start() }
-func (s *server) stop()  { s.t.Helper(); s.Stop() }
-func (s *server) kill()  { s.t.Helper(); s.Kill() }
+func (s *proc) start() { s.t.Helper(); s.Start() }
+func (s *proc) stop()  { s.t.Helper(); s.Stop() }
+func (s *proc) kill()  { s.t.Helper(); s.Kill() }
 
 // mqttConnect connects a paho client to addr as device id.
 func mqttConnect(addr, id, secret string, v5 bool) (mqtt.Client, error) {

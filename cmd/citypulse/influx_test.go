@@ -81,7 +81,7 @@ func httpOK(u string) error {
 // after the first n and restarting it after the second n, then waits until
 // count() sees every reading exactly once.
 func runOutage(t *testing.T, st *store, influxCfg string, count func() (int, int, error)) {
-	s := newServer(t, influxCfg)
+	s := newProc(t, influxCfg)
 	s.start()
 	defer s.stop()
 	c, err := mqttConnect(s.mqtt, "pipe-0001", "secret-pipe-0001", false)

@@ -77,9 +77,37 @@ func run(args []string, stdout, stderr io.Writer) error {
 	if args[0] == "config" {
 		return printConfig(stdout, cfg)
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	s, err := newServer(cfg, stderr)
+	if err != nil {
+		return err
+	}
+	return runWithSignals(s)
+}
+
+// runWithSignals runs s; SIGINT and SIGTERM stop it, SIGHUP reloads the rules.
+// This is the one place the server meets signals.
+func runWithSignals(s *server) error {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
-	return serve(ctx, cfg, stderr)
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	for {
+		select {
+		case err := <-done:
+			return err
+		case sig := <-sigs:
+			if sig != syscall.SIGHUP {
+				stop()
+				continue
+			}
+			if err := s.Reload(); err == nil {
+				s.log.Info("rules reloaded on SIGHUP")
+			}
+		}
+	}
 }
 
 func isSet(fs *flag.FlagSet, name string) bool {

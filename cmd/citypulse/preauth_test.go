@@ -44,7 +44,7 @@ func TestIdleSocketFlood(t *testing.T) {
 		t.Logf("open-files limit %d: flooding with %d sockets", fds.Cur, n)
 	}
 	const timeout = 8 * time.Second
-	s := newServer(t, fmt.Sprintf("ingest:\n  mqtt:\n    connect_timeout: %v\n", timeout))
+	s := newProc(t, fmt.Sprintf("ingest:\n  mqtt:\n    connect_timeout: %v\n", timeout))
 	s.start()
 	defer s.stop()
 	pid := s.Pid()

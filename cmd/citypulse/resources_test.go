@@ -88,7 +88,7 @@ func TestIdleConnectionFloodMemory(t *testing.T) {
 		t.Logf("open-files limit %d: flooding with %d connections", fds.Max, n)
 	}
 	limit := n + 100
-	s := newServer(t, fmt.Sprintf("ingest:\n  mqtt:\n    max_connections: %d\n", limit))
+	s := newProc(t, fmt.Sprintf("ingest:\n  mqtt:\n    max_connections: %d\n", limit))
 	var devs strings.Builder
 	devs.WriteString("devices:\n")
 	for i := range limit + 50 {

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -130,7 +131,7 @@ func TestBurstMainNotifiesOnceFiringAndOnceResolved(t *testing.T) {
     annotations:
       summary: 'Pressure at {{.Device}} ({{.District}}) fell {{printf "%.0f" .Delta}} kPa in {{.Window}}'
 `), 0o644))
-	s := newServer(t, ops.config("200ms"), "CITYPULSE_RULES_FILE="+rulesFile)
+	s := newProc(t, ops.config("200ms"), "CITYPULSE_RULES_FILE="+rulesFile)
 	s.start()
 
 	send := func(p float64) {
@@ -215,7 +216,7 @@ func TestAlertsReachARealAlertmanager(t *testing.T) {
   - {name: gas_leak, type: threshold, select: {kind: pipe, metric: gas_concentration}, above: 20, severity: critical,
      annotations: {summary: 'Gas at {{.Device}} is {{.Value}} %LEL'}}
 `), 0o644))
-	s := newServer(t, fmt.Sprintf(`rules:
+	s := newProc(t, fmt.Sprintf(`rules:
   tick: 200ms
   notify:
     receivers:
@@ -263,7 +264,7 @@ func TestPublishToWebhookLatency(t *testing.T) {
 	require.NoError(t, os.WriteFile(rulesFile, []byte(`rules:
   - {name: hot, type: threshold, select: {kind: pipe, metric: pressure}, above: 500, annotations: {summary: "{{.Value}}"}}
 `), 0o644))
-	s := newServer(t, fmt.Sprintf(`rules:
+	s := newProc(t, fmt.Sprintf(`rules:
   flap_max: 0
   notify:
     receivers:
@@ -322,7 +323,7 @@ func TestAlertsSurviveSIGKILL(t *testing.T) {
     clear: 180
     severity: critical
 `), 0o644))
-	s := newServer(t, ops.config("100ms"), "CITYPULSE_RULES_FILE="+rulesFile)
+	s := newProc(t, ops.config("100ms"), "CITYPULSE_RULES_FILE="+rulesFile)
 	send := func(p float64) {
 		c, err := mqttConnect(s.mqtt, "pipe-0001", "secret-pipe-0001", false)
 		require.NoError(t, err)
@@ -363,4 +364,36 @@ func TestAlertsSurviveSIGKILL(t *testing.T) {
 	// the entry: that notification is delivered again, with its key.
 	t.Logf("re-deliveries (same Idempotency-Key) after 2 SIGKILLs: %d", ops.redelivered())
 	require.LessOrEqual(t, ops.redelivered(), 2, "at most the notification in flight at each kill")
+}
+
+// SIGHUP reloads the rules file; a broken file leaves the previous rules in
+// force. (Signals need the process.)
+func TestSIGHUPReloadsTheRules(t *testing.T) {
+	skipShort(t)
+	good, err := os.ReadFile("../../configs/rules.yaml")
+	require.NoError(t, err)
+	rulesFile := filepath.Join(t.TempDir(), "rules.yaml")
+	require.NoError(t, os.WriteFile(rulesFile, good, 0o600))
+	s := newProc(t, "", "CITYPULSE_RULES_FILE="+rulesFile)
+	s.start()
+	defer s.stop()
+
+	require.NoError(t, os.WriteFile(rulesFile, []byte("rules: [{name: broken, type: nonsense}]\n"), 0o600))
+	require.NoError(t, syscall.Kill(s.Pid(), syscall.SIGHUP))
+	eventually(t, 10*time.Second, func() error {
+		if !strings.Contains(s.Logs(), "rules reload failed") {
+			return fmt.Errorf("no reload failure logged")
+		}
+		return nil
+	})
+	require.Contains(t, get(t, "http://"+s.http+"/api/v1/rules"), `"name":"`, "the previous rules stay in force")
+
+	require.NoError(t, os.WriteFile(rulesFile, good, 0o600))
+	require.NoError(t, syscall.Kill(s.Pid(), syscall.SIGHUP))
+	eventually(t, 10*time.Second, func() error {
+		if !strings.Contains(s.Logs(), "rules reloaded on SIGHUP") {
+			return fmt.Errorf("no reload logged")
+		}
+		return nil
+	})
 }

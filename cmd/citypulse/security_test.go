@@ -24,13 +24,15 @@ func TestSecretsNeverLeak(t *testing.T) {
 		wrongKey = "wrong-key-never-logged-000001"
 		newKey   = "new-device-key-never-logged-1"
 	)
-	s := newServer(t, fmt.Sprintf(`rules:
+	s := newInproc(t, fmt.Sprintf(`rules:
   notify:
     receivers:
       - {name: ops, type: webhook, url: "http://127.0.0.1:9/hook", secret: %q}
     allow_hosts: ["127.0.0.1"]
-`, hook), "CITYPULSE_HTTP_ADMIN_TOKEN="+admin, "CITYPULSE_HTTP_READ_TOKEN="+read, "CITYPULSE_LOG_LEVEL=debug")
-	s.start()
+http: {admin_token: %q, read_token: %q}
+log: {level: debug}
+`, hook, admin, read))
+	s.run()
 
 	// a device with the right secret, one with a wrong one, a CoAP key in the URI
 	c, err := mqttConnect(s.mqtt, "pipe-0001", "secret-pipe-0001", false)
@@ -41,7 +43,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 	require.Error(t, err)
 
 	do := func(method, path, token, body string) string {
-		req, _ := http.NewRequest(method, "http://"+s.http+path, strings.NewReader(body))
+		req, _ := http.NewRequest(method, s.url+path, strings.NewReader(body))
 		req.Header.Set("Authorization", "Bearer "+token)
 		resp, err := http.DefaultClient.Do(req)
 		require.NoError(t, err)
@@ -76,7 +78,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 	answers.WriteString(added)
 	time.Sleep(200 * time.Millisecond) // let the log catch up
 	s.stop()
-	logs := s.Logs()
+	logs := s.logs.String()
 	require.Contains(t, logs, "pipe-0002", "the refused login is logged (by device id)")
 	for _, secret := range []string{admin, read, hook, wrongKey, newKey, "secret-pipe-0001", "secret-pipe-0002"} {
 		require.NotContains(t, logs, secret, "the log holds a secret")

@@ -1,0 +1,189 @@
+package main
+
+import (
+	"crypto/subtle"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"net/http/pprof"
+	"strings"
+	"sync/atomic"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/citypulse/citypulse/devices"
+	"github.com/citypulse/citypulse/internal/httpapi"
+	"github.com/citypulse/citypulse/pipeline"
+	"github.com/citypulse/citypulse/rules"
+	"github.com/citypulse/citypulse/storage"
+	"github.com/citypulse/citypulse/web"
+)
+
+// sinkStatuser reports the state of the pipeline's sinks (GET /api/v1/sinks).
+type sinkStatuser interface {
+	Status() []pipeline.SinkStatus
+}
+
+// exporter serves the archive export (GET /api/v1/export).
+type exporter interface {
+	ExportHandler() http.Handler
+}
+
+// api is what the HTTP routes read and change.
+type api struct {
+	devices *devices.Registry
+	query   *storage.API
+	sinks   sinkStatuser
+	export  exporter // nil when the archive is off
+	rules   *rules.API
+	reload  func() error
+	ready   *atomic.Bool
+	metrics *prometheus.Registry
+	log     *slog.Logger
+}
+
+// maxReloadBody bounds the body of POST /-/reload, which reads none.
+const maxReloadBody = 4 << 10
+
+// Handler is the HTTP API: the dashboard, /metrics, health, the device,
+// query, rules and export APIs, with the token checks and body limits.
+func (s *server) Handler() http.Handler { return s.handler }
+
+func (s *server) routes() http.Handler {
+	s.query = storage.NewQueryAPI(s.db.DB(), storage.APIOptions{
+		Logger:         s.log.With("component", "query-api"),
+		Timeout:        s.cfg.Storage.TSDB.QueryTimeout,
+		MaxSamples:     s.cfg.Storage.TSDB.QueryMaxSamples,
+		MaxConcurrency: s.cfg.Storage.TSDB.QueryMaxConcurrency,
+		Registerer:     s.reg,
+	})
+	a := api{
+		devices: s.devices,
+		query:   s.query,
+		sinks:   s.pipe,
+		reload:  s.Reload,
+		ready:   &s.ready,
+		metrics: s.reg,
+		log:     s.log,
+	}
+	if s.archive != nil {
+		a.export = s.archive
+	}
+	if s.engine != nil {
+		a.rules = rules.NewAPI(s.engine, s.outbox, s.cfg.Rules.File)
+	}
+	return routes(s.cfg.HTTP, a)
+}
+
+// routes mounts the HTTP API.
+func routes(c HTTPConfig, a api) http.Handler {
+	read := requireRead(c.ReadToken, c.AdminToken)
+	admin := requireAdmin(c.AdminToken)
+	mux := http.NewServeMux()
+
+	// The dashboard page is static and public; the data it shows comes from
+	// the token-guarded API below.
+	dash := web.Handler()
+	mux.Handle("GET /{$}", dash)
+	mux.Handle("GET /ui/", dash)
+	mux.Handle("GET /metrics", promhttp.HandlerFor(a.metrics, promhttp.HandlerOpts{Registry: a.metrics}))
+	// Go profiles for operators (admin token): where a loaded server spends its CPU.
+	mux.Handle("GET /debug/pprof/", admin(http.HandlerFunc(pprof.Index)))
+	mux.Handle("GET /debug/pprof/profile", admin(http.HandlerFunc(pprof.Profile)))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !a.ready.Load() {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+
+	dapi := devices.NewAPI(a.devices, a.log.With("component", "devices-api"))
+	mux.Handle("GET /api/v1/devices", read(http.HandlerFunc(dapi.List)))
+	mux.Handle("GET /api/v1/devices/{id}", read(http.HandlerFunc(dapi.Get)))
+	mux.Handle("POST /api/v1/devices", admin(http.HandlerFunc(dapi.Add)))
+	mux.Handle("DELETE /api/v1/devices/{id}", admin(http.HandlerFunc(dapi.Remove)))
+	mux.Handle("GET /api/v1/sinks", read(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		httpapi.WriteData(w, http.StatusOK, a.sinks.Status())
+	})))
+	if a.export != nil {
+		mux.Handle("GET /api/v1/export", read(a.export.ExportHandler()))
+	} else {
+		mux.Handle("GET /api/v1/export", read(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+			http.Error(w, "the archive is off: set storage.archive.enabled", http.StatusNotFound)
+		})))
+	}
+	if a.rules != nil {
+		mux.Handle("GET /api/v1/rules", read(http.HandlerFunc(a.rules.Rules)))
+		mux.Handle("GET /api/v1/alerts", read(http.HandlerFunc(a.rules.Alerts)))
+		mux.Handle("GET /api/v1/outbox", read(http.HandlerFunc(a.rules.Outbox)))
+	}
+	mux.Handle("POST /-/reload", admin(httpapi.LimitBody(maxReloadBody, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		if err := a.reload(); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		fmt.Fprintln(w, "reloaded")
+	}))))
+	qmux := http.NewServeMux()
+	a.query.Register(qmux)
+	mux.Handle("/api/v1/", read(qmux))
+	return httpapi.LimitBody(c.MaxBodyBytes, mux)
+}
+
+// requireRead guards the read endpoints: open when no read token is set,
+// otherwise the read or the admin token ("Authorization: Bearer <token>").
+func requireRead(readToken, adminToken string) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		if readToken == "" {
+			return next
+		}
+		want := []string{readToken}
+		if adminToken != "" {
+			want = append(want, adminToken)
+		}
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if !hasToken(r, want) {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="citypulse"`)
+				http.Error(w, "missing or wrong bearer token", http.StatusUnauthorized)
+				return
+			}
+			next.ServeHTTP(w, r)
+		})
+	}
+}
+
+// requireAdmin guards changes; with no admin token configured they are disabled.
+func requireAdmin(token string) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if token == "" {
+				http.Error(w, "changes are disabled: set http.admin_token (CITYPULSE_HTTP_ADMIN_TOKEN) to enable them", http.StatusForbidden)
+				return
+			}
+			if !hasToken(r, []string{token}) {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="citypulse"`)
+				http.Error(w, "missing or wrong admin bearer token", http.StatusUnauthorized)
+				return
+			}
+			next.ServeHTTP(w, r)
+		})
+	}
+}
+
+// hasToken says whether the request carries one of want as its bearer token.
+// The scheme name is case-insensitive (RFC 7235 section 2.1).
+func hasToken(r *http.Request, want []string) bool {
+	scheme, got, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return false
+	}
+	got = strings.TrimLeft(got, " ")
+	match := 0
+	for _, t := range want {
+		match |= subtle.ConstantTimeCompare([]byte(got), []byte(t))
+	}
+	return match == 1
+}
