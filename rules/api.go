@@ -1,12 +1,12 @@
 package rules
 
 import (
-	"encoding/json"
 	"net/http"
 	"sort"
 	"strconv"
 	"time"
 
+	"github.com/citypulse/citypulse/internal/httpapi"
 	"github.com/citypulse/citypulse/notifier"
 )
 
@@ -48,18 +48,13 @@ func (e *Engine) Alerts() []AlertView {
 	return out
 }
 
-func writeJSON(w http.ResponseWriter, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	_ = json.NewEncoder(w).Encode(map[string]any{"status": "success", "data": v})
-}
-
 // Alerts handles GET /api/v1/alerts.
 func (a *API) Alerts(w http.ResponseWriter, _ *http.Request) {
 	alerts := a.e.Alerts()
 	if alerts == nil {
 		alerts = []AlertView{}
 	}
-	writeJSON(w, map[string]any{"alerts": alerts})
+	httpapi.WriteData(w, http.StatusOK, map[string]any{"alerts": alerts})
 }
 
 type ruleView struct {
@@ -102,7 +97,7 @@ func (a *API) Rules(w http.ResponseWriter, _ *http.Request) {
 	if views == nil {
 		views = []ruleView{}
 	}
-	writeJSON(w, map[string]any{"groups": []any{map[string]any{
+	httpapi.WriteData(w, http.StatusOK, map[string]any{"groups": []any{map[string]any{
 		"name": "citypulse", "file": a.file, "rules": views, "interval": a.e.cfg.Tick.Seconds(),
 		"lastEvaluation": time.Now(), "evaluationTime": 0,
 	}}})
@@ -111,10 +106,10 @@ func (a *API) Rules(w http.ResponseWriter, _ *http.Request) {
 // Outbox handles GET /api/v1/outbox.
 func (a *API) Outbox(w http.ResponseWriter, _ *http.Request) {
 	if a.o == nil {
-		writeJSON(w, []notifier.Status{})
+		httpapi.WriteData(w, http.StatusOK, []notifier.Status{})
 		return
 	}
-	writeJSON(w, a.o.Status())
+	httpapi.WriteData(w, http.StatusOK, a.o.Status())
 }
 
 // describe renders a rule as a readable expression for the "query" field.

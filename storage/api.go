@@ -270,8 +270,10 @@ func parseTime(s string) (time.Time, error) {
 		return time.Time{}, errors.New("missing")
 	}
 	if f, err := strconv.ParseFloat(s, 64); err == nil {
+		// A float64 epoch time carries microseconds, not nanoseconds: round
+		// there, so that 1796194324.271 is .271000 and not .270999990.
 		sec, frac := math.Modf(f)
-		return time.Unix(int64(sec), int64(math.Round(frac*1e9))).UTC(), nil
+		return time.Unix(int64(sec), int64(math.Round(frac*1e6))*1e3).UTC(), nil
 	}
 	if t, err := time.Parse(time.RFC3339Nano, s); err == nil {
 		return t, nil

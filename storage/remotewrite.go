@@ -146,19 +146,6 @@ func (w *RemoteWrite) Write(ctx context.Context, b pipeline.Batch) error {
 	return nil
 }
 
-// roundMillis converts unix ns to ms, rounding half up.
-func roundMillis(ns int64) int64 {
-	const ms = int64(time.Millisecond)
-	q := ns / ms
-	if ns%ms < 0 {
-		q-- // floor for times before 1970
-	}
-	if ns-q*ms >= ms/2 {
-		q++
-	}
-	return q
-}
-
 // maxSampleBytes bounds one encoded sample: tag and length (2), the value
 // (1+8), the timestamp (1 + a varint of up to 10 bytes).
 const maxSampleBytes = 22
@@ -183,7 +170,7 @@ func buildWriteRequests(rs []pipeline.Reading, maxSamples, maxBytes int) []*prom
 			index[key] = j
 			all = append(all, &series{lset: lset})
 		}
-		all[j].samples = append(all[j].samples, prompb.Sample{Value: r.Value, Timestamp: roundMillis(r.Time)})
+		all[j].samples = append(all[j].samples, prompb.Sample{Value: r.Value, Timestamp: pipeline.Millis(r.Time)})
 	}
 	var reqs []*prompb.WriteRequest
 	cur, n, size := &prompb.WriteRequest{}, 0, 0

@@ -23,22 +23,6 @@ import (
 	"github.com/citypulse/citypulse/pipeline"
 )
 
-func TestRoundMillisRoundsToTheNearestMillisecond(t *testing.T) {
-	tests := []struct{ ns, ms int64 }{
-		{0, 0},
-		{1_499_999, 1},
-		{1_500_000, 2},
-		{1_600_000, 2},
-		{1767225600_000_400_000, 1767225600_000},
-		{1767225600_000_500_000, 1767225600_001},
-		{-1_400_000, -1},
-		{-1_600_000, -2},
-	}
-	for _, tc := range tests {
-		require.Equal(t, tc.ms, roundMillis(tc.ns), "%d ns", tc.ns)
-	}
-}
-
 func TestWriteRequestsAreBoundedAndKeepEverySampleInTimeOrder(t *testing.T) {
 	var rs []pipeline.Reading
 	for i := 9; i >= 0; i-- { // newest first: a series' samples must be sent oldest first

@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/prometheus/tsdb/chunkenc"
 	"github.com/prometheus/prometheus/tsdb/chunks"
 
+	"github.com/citypulse/citypulse/devices"
 	"github.com/citypulse/citypulse/pipeline"
 )
 
@@ -320,7 +321,7 @@ func (t *TSDB) Refused() map[string]uint64 {
 // seriesLabels names a reading's series: <kind>_<metric>{device, district,
 // kind}, or for a city roll-up (kind "city") city_<name>{district}.
 func seriesLabels(r *pipeline.Reading) labels.Labels {
-	if r.Kind == "city" {
+	if r.Kind == string(devices.KindCity) {
 		return labels.FromStrings(model.MetricNameLabel, "city_"+r.Metric, "district", r.District)
 	}
 	return labels.FromStrings(

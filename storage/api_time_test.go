@@ -1,0 +1,28 @@
+package storage
+
+import (
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// Float seconds in query and export parameters are exact to the millisecond
+// (the float's nearest value to .271 is just below it).
+func TestParseTimeKeepsMilliseconds(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		want time.Time
+	}{
+		{"1796194324.271", time.Unix(1796194324, 271_000_000)},
+		{"1796194324.274", time.Unix(1796194324, 274_000_000)},
+		{"1796194324.277", time.Unix(1796194324, 277_000_000)},
+		{"1796194324.280", time.Unix(1796194324, 280_000_000)},
+		{"1796194324", time.Unix(1796194324, 0)},
+		{"2026-12-01T08:00:00.271Z", time.Date(2026, 12, 1, 8, 0, 0, 271_000_000, time.UTC)},
+	} {
+		got, err := parseTime(c.in)
+		require.NoError(t, err, c.in)
+		require.True(t, c.want.Equal(got), "%s: got %s", c.in, got.Format(time.RFC3339Nano))
+	}
+}
