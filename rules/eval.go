@@ -56,10 +56,15 @@ type State struct {
 	Delta        float64     `json:"delta"`
 	Flips        []time.Time `json:"flips,omitempty"`
 	Flapping     bool        `json:"flapping"`
-	Window       []Point     `json:"window,omitempty"` // rate rules: recent points
+	// Rate is a rate rule's window: bounded (RateBuckets+1 extremes at most).
+	Rate RateWindow `json:"rate,omitzero"`
+	// LegacyWindow is a rate rule's window as snapshots before RateWindow
+	// kept it (every point, up to 1,024); read from such a snapshot, it is
+	// folded into Rate at the series' next reading.
+	LegacyWindow []Point `json:"window,omitempty"`
 }
 
-// Point is a sample in a rate rule's window.
+// Point is a sample of a LegacyWindow.
 type Point struct {
 	T time.Time `json:"t"`
 	V float64   `json:"v"`
@@ -71,9 +76,9 @@ type Transition struct {
 	At   time.Time
 }
 
-// condition decides, for threshold, rate and state rules, whether a value is
-// bad, given whether it was bad before (hysteresis). It also returns the delta
-// for rate rules.
+// condition decides, for threshold, rate and state rules, whether a value
+// measured at t (the reading's own time) is bad, given whether it was bad
+// before (hysteresis). It also returns the delta for rate rules.
 func (r *Rule) condition(s *State, v float64, t time.Time) (bad bool, delta float64) {
 	switch r.Type {
 	case TypeThreshold:
@@ -107,25 +112,7 @@ func (r *Rule) condition(s *State, v float64, t time.Time) (bad bool, delta floa
 			return v < lo || v > hi, 0
 		}
 	case TypeRate:
-		// Keep the points of the window, then compare with its extreme.
-		cut := t.Add(-r.Window)
-		i := 0
-		for i < len(s.Window) && s.Window[i].T.Before(cut) {
-			i++
-		}
-		s.Window = append(s.Window[i:], Point{T: t, V: v})
-		if len(s.Window) > 1024 {
-			s.Window = s.Window[len(s.Window)-1024:]
-		}
-		hi, lo := math.Inf(-1), math.Inf(1)
-		for _, p := range s.Window {
-			hi = math.Max(hi, p.V)
-			lo = math.Min(lo, p.V)
-		}
-		if r.Drop != nil {
-			return hi-v > *r.Drop, hi - v
-		}
-		return v-lo > *r.Rise, v - lo
+		return r.rate(s, v, t)
 	case TypeState:
 		if v != r.stateIdx {
 			return false, 0
@@ -136,6 +123,32 @@ func (r *Rule) condition(s *State, v float64, t time.Time) (bad bool, delta floa
 		return true, 0
 	}
 	return false, 0
+}
+
+// rate keeps v in the rule's window by its time t and compares it with the
+// window's extreme. A late reading (measured before the newest bucket) goes
+// into the window for the readings after it but leaves the verdict as it was:
+// the alert follows the series' newest reading. A value that is not finite is
+// kept out of the window (the gateways refuse those).
+func (r *Rule) rate(s *State, v float64, t time.Time) (bad bool, delta float64) {
+	width, maxima := bucketWidth(r.Window), r.Drop != nil
+	if s.LegacyWindow != nil {
+		for _, p := range s.LegacyWindow {
+			s.Rate.observe(width, maxima, p.T.UnixNano(), p.V)
+		}
+		s.LegacyWindow = nil
+	}
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return s.Bad, s.Delta
+	}
+	ext, newest := s.Rate.observe(width, maxima, t.UnixNano(), v)
+	if !newest {
+		return s.Bad, s.Delta
+	}
+	if maxima {
+		return ext-v > *r.Drop, ext - v
+	}
+	return v-ext > *r.Rise, v - ext
 }
 
 // inHours reports whether hour h lies in [from, to), wrapping at midnight.
