@@ -45,17 +45,19 @@ type FlapPolicy struct {
 // State is one alert's state: per rule and series (device and metric), or per
 // district for fleet rules. It is plain data: persisted and restored as is.
 type State struct {
-	Phase        Phase       `json:"phase"`
-	Bad          bool        `json:"bad"`        // the condition holds (after hysteresis)
-	ChangedAt    time.Time   `json:"changed_at"` // when Bad last changed
-	ActiveAt     time.Time   `json:"active_at"`  // when it went pending
-	FiredAt      time.Time   `json:"fired_at"`   // startsAt of the firing alert
-	ResolvedAt   time.Time   `json:"resolved_at"`
-	LastNotified time.Time   `json:"last_notified"`
-	Value        float64     `json:"value"`
-	Delta        float64     `json:"delta"`
+	// Zero fields are left out of the snapshot: it is written every 5 s with
+	// every alert, and reads back the same.
+	Phase        Phase       `json:"phase,omitzero"`
+	Bad          bool        `json:"bad,omitzero"`        // the condition holds (after hysteresis)
+	ChangedAt    time.Time   `json:"changed_at,omitzero"` // when Bad last changed
+	ActiveAt     time.Time   `json:"active_at,omitzero"`  // when it went pending
+	FiredAt      time.Time   `json:"fired_at,omitzero"`   // startsAt of the firing alert
+	ResolvedAt   time.Time   `json:"resolved_at,omitzero"`
+	LastNotified time.Time   `json:"last_notified,omitzero"`
+	Value        float64     `json:"value,omitzero"`
+	Delta        float64     `json:"delta,omitzero"`
 	Flips        []time.Time `json:"flips,omitempty"`
-	Flapping     bool        `json:"flapping"`
+	Flapping     bool        `json:"flapping,omitzero"`
 	// Rate is a rate rule's window: bounded (RateBuckets+1 extremes at most).
 	Rate RateWindow `json:"rate,omitzero"`
 	// LegacyWindow is a rate rule's window as snapshots before RateWindow

@@ -5,14 +5,24 @@ import (
 	"time"
 )
 
-// baselineState and baselineRate are the rate rule's window as it was before
+// baselineState and baselineRate are the alert state and the rate rule's window as it was before
 // RateWindow (commit ec58f97, rules/eval.go): every point of the window kept,
 // up to 1,024, by arrival time, and the whole window scanned for its extreme
 // on every reading. Kept here only as the baseline that BenchmarkRate and
 // BenchmarkStateSnapshot measure the new window against in the same run.
 type baselineState struct {
-	State
-	Window []Point `json:"window,omitempty"`
+	Phase        Phase       `json:"phase"`
+	Bad          bool        `json:"bad"`
+	ChangedAt    time.Time   `json:"changed_at"`
+	ActiveAt     time.Time   `json:"active_at"`
+	FiredAt      time.Time   `json:"fired_at"`
+	ResolvedAt   time.Time   `json:"resolved_at"`
+	LastNotified time.Time   `json:"last_notified"`
+	Value        float64     `json:"value"`
+	Delta        float64     `json:"delta"`
+	Flips        []time.Time `json:"flips,omitempty"`
+	Flapping     bool        `json:"flapping"`
+	Window       []Point     `json:"window,omitempty"`
 }
 
 func baselineRate(r *Rule, s *baselineState, v float64, t time.Time) (bad bool, delta float64) {
