@@ -228,6 +228,12 @@ func (s *State) flip(out []Transition, kind string, now time.Time, flap FlapPoli
 			i++
 		}
 		s.Flips = append(s.Flips[i:], now)
+		// More than Max+1 recent flips say no more than Max+1 do (flapping),
+		// and the end of flapping looks at the last one only: the state
+		// stays bounded however fast the alert flaps.
+		if len(s.Flips) > flap.Max+1 {
+			s.Flips = append(s.Flips[:0], s.Flips[len(s.Flips)-flap.Max-1:]...)
+		}
 	}
 	if s.Flapping {
 		return out // quiet until stable

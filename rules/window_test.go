@@ -274,3 +274,32 @@ func TestRateWindowAcrossReloads(t *testing.T) {
 	require.True(t, bad)
 	require.Equal(t, 90.0, delta)
 }
+
+// An alert flapping for as long as its flap window keeps at most FlapMax+1
+// flips in its state, and still notifies as before: one flapping notice, then
+// the truth once stable for the window.
+func TestFlipsAreBounded(t *testing.T) {
+	r := mustRule(t, "{name: x, type: threshold, above: 10}")
+	flap := FlapPolicy{Window: 10 * time.Minute, Max: 4}
+	var steps []step
+	for i := 0; i < 1000; i++ {
+		v := 11.0
+		if i%2 == 1 {
+			v = 9
+		}
+		var want []string
+		switch {
+		case i < 4 && v > 10:
+			want = []string{"firing"}
+		case i < 4:
+			want = []string{"resolved"}
+		case i == 4:
+			want = []string{"flapping"}
+		}
+		steps = append(steps, step{at: time.Duration(i) * 500 * time.Millisecond, v: v, want: want})
+	}
+	steps = append(steps, step{at: 999*500*time.Millisecond + 10*time.Minute, tick: true, want: []string{"resolved"}})
+	s := run(t, r, steps[:1000], flap)
+	require.LessOrEqual(t, len(s.Flips), flap.Max+1)
+	run(t, r, steps, flap)
+}
