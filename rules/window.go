@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"strconv"
 	"time"
 )
 
@@ -29,8 +30,9 @@ const RateBuckets = 60
 // entries.
 //
 // It is persisted with the alert state as {"w": bucket width in ns, "hi":
-// maxima or minima, "q": [[bucket index, extreme], ...]}, the bucket index
-// being the unix time in ns divided by the width, rounded down.
+// maxima or minima, "q": [[bucket index, extreme], [distance to the previous
+// bucket, extreme], ...]}, a bucket's index being the unix time in ns divided
+// by the width, rounded down.
 type RateWindow struct {
 	width  int64    // bucket width in ns; 0: never used
 	maxima bool     // the extremes are maxima (a drop rule), else minima
@@ -195,16 +197,30 @@ type rateWindowJSON struct {
 	Q  [][2]float64 `json:"q"`
 }
 
-// MarshalJSON writes {"w": width, "hi": maxima, "q": [[k, v], ...]}. A bucket index is at
-// most unix ns / 1 (a window under 60 ns), which a float64 holds exactly until
-// 2255; for a 60 s window it is unix seconds.
+// MarshalJSON writes {"w": width, "hi": maxima, "q": [[k, v], [dk, v], ...]}:
+// the first bucket's index, then each next one's distance from the one
+// before (1 to 61: a digit or two rather than ten).
 func (w RateWindow) MarshalJSON() ([]byte, error) {
-	j := rateWindowJSON{W: w.width, Hi: w.maxima, Q: make([][2]float64, w.n)}
-	for i := range j.Q {
-		b := w.at(i)
-		j.Q[i] = [2]float64{float64(b.K), b.V}
+	b := make([]byte, 0, 32+16*w.n)
+	b = append(b, `{"w":`...)
+	b = strconv.AppendInt(b, w.width, 10)
+	b = append(b, `,"hi":`...)
+	b = strconv.AppendBool(b, w.maxima)
+	b = append(b, `,"q":[`...)
+	var prev int64
+	for i := 0; i < w.n; i++ {
+		bk := w.at(i)
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = append(b, '[')
+		b = strconv.AppendInt(b, bk.K-prev, 10)
+		b = append(b, ',')
+		b = strconv.AppendFloat(b, bk.V, 'g', -1, 64) // finite: observe keeps NaN and ±Inf out
+		b = append(b, ']')
+		prev = bk.K
 	}
-	return json.Marshal(j)
+	return append(b, "]}"...), nil
 }
 
 // UnmarshalJSON reads what MarshalJSON wrote. A deque that breaks its order
@@ -221,15 +237,17 @@ func (w *RateWindow) UnmarshalJSON(b []byte) error {
 		return fmt.Errorf("rate window: %d buckets, at most %d", len(j.Q), RateBuckets+1)
 	}
 	q := make([]Bucket, 0, len(j.Q))
+	var k int64
 	for i, p := range j.Q {
-		k := p[0]
-		if k != math.Trunc(k) || math.Abs(k) > 1<<53 {
-			return fmt.Errorf("rate window: bucket index %v is not an integer", k)
+		d := p[0]
+		if d != math.Trunc(d) || math.Abs(d) > 1<<53 {
+			return fmt.Errorf("rate window: bucket index %v is not an integer", d)
 		}
-		if i > 0 && (int64(k) <= q[i-1].K || !more(j.Hi, q[i-1].V, p[1])) {
+		if i > 0 && (d < 1 || !more(j.Hi, q[i-1].V, p[1])) {
 			return errors.New("rate window: buckets out of order")
 		}
-		q = append(q, Bucket{K: int64(k), V: p[1]})
+		k += int64(d)
+		q = append(q, Bucket{K: k, V: p[1]})
 	}
 	w.width, w.maxima = j.W, j.Hi
 	w.set(q)

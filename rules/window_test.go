@@ -219,7 +219,7 @@ func TestRateWindowJSON(t *testing.T) {
 	}
 	b, err := json.Marshal(s)
 	require.NoError(t, err)
-	require.Contains(t, string(b), `"rate":{"w":1000000000,"hi":true,"q":[[1780315203,410],[1780315204,380],[1780315206,370]]}`)
+	require.Contains(t, string(b), `"rate":{"w":1000000000,"hi":true,"q":[[1780315203,410],[1,380],[2,370]]}`)
 	var back State
 	require.NoError(t, json.Unmarshal(b, &back))
 	require.Equal(t, s.Rate.Buckets(), back.Rate.Buckets())
@@ -229,9 +229,9 @@ func TestRateWindowJSON(t *testing.T) {
 	require.Equal(t, 90.0, delta)
 
 	for _, bad := range []string{
-		`{"rate":{"w":1000000000,"hi":true,"q":[[5,1],[4,0]]}}`,  // buckets out of order
-		`{"rate":{"w":1000000000,"hi":true,"q":[[4,1],[5,2]]}}`,  // not decreasing maxima
-		`{"rate":{"w":1000000000,"hi":false,"q":[[4,1],[5,0]]}}`, // not increasing minima
+		`{"rate":{"w":1000000000,"hi":true,"q":[[5,1],[0,0]]}}`,  // buckets out of order
+		`{"rate":{"w":1000000000,"hi":true,"q":[[4,1],[1,2]]}}`,  // not decreasing maxima
+		`{"rate":{"w":1000000000,"hi":false,"q":[[4,1],[1,0]]}}`, // not increasing minima
 		`{"rate":{"w":-1,"q":[]}}`,                               // negative width
 		`{"rate":{"w":1,"q":[[1.5,0]]}}`,                         // bucket not an integer
 	} {
