@@ -2,6 +2,7 @@ package rules
 
 import (
 	"math"
+	"slices"
 	"time"
 )
 
@@ -64,6 +65,17 @@ type State struct {
 	// kept it (every point, up to 1,024); read from such a snapshot, it is
 	// folded into Rate at the series' next reading.
 	LegacyWindow []Point `json:"window,omitempty"`
+}
+
+// clone returns a copy of s that shares no memory with it: the snapshot
+// encodes its copies after releasing the shard lock, while the shard loop goes
+// on changing the states (a rate window's ring is rewritten in place).
+func (s *State) clone() State {
+	c := *s
+	c.Flips = slices.Clone(s.Flips)
+	c.LegacyWindow = slices.Clone(s.LegacyWindow)
+	c.Rate.buf = slices.Clone(s.Rate.buf)
+	return c
 }
 
 // Point is a sample of a LegacyWindow.
@@ -232,7 +244,7 @@ func (s *State) flip(out []Transition, kind string, now time.Time, flap FlapPoli
 		// and the end of flapping looks at the last one only: the state
 		// stays bounded however fast the alert flaps.
 		if len(s.Flips) > flap.Max+1 {
-			s.Flips = append(s.Flips[:0], s.Flips[len(s.Flips)-flap.Max-1:]...)
+			s.Flips = s.Flips[len(s.Flips)-flap.Max-1:] // never rewritten in place: see clone
 		}
 	}
 	if s.Flapping {
