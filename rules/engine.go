@@ -299,14 +299,6 @@ func (e *Engine) Observe(shard int, rs []pipeline.Reading) {
 	}
 }
 
-// measuredAt is when a reading was measured (its arrival if it has no time).
-func measuredAt(r *pipeline.Reading) time.Time {
-	if r.Time == 0 {
-		return time.Unix(0, r.Received)
-	}
-	return time.Unix(0, r.Time)
-}
-
 // Tick advances every alert with time alone and evaluates deadman and fleet rules.
 func (e *Engine) Tick(now time.Time) {
 	rules := e.Rules()

@@ -4,6 +4,8 @@ import (
 	"math"
 	"slices"
 	"time"
+
+	"github.com/citypulse/citypulse/pipeline"
 )
 
 // Phase is where an alert is in its lifecycle.
@@ -137,6 +139,14 @@ func (r *Rule) condition(s *State, v float64, t time.Time) (bad bool, delta floa
 		return true, 0
 	}
 	return false, 0
+}
+
+// measuredAt is when a reading was measured (its arrival if it has no time).
+func measuredAt(r *pipeline.Reading) time.Time {
+	if r.Time == 0 {
+		return time.Unix(0, r.Received)
+	}
+	return time.Unix(0, r.Time)
 }
 
 // rate keeps v in the rule's window by its time t and compares it with the
