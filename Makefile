@@ -70,9 +70,13 @@ test-short:
 	$(GO) test -count=1 -short ./...
 
 # bench runs the hot-path benchmarks (BenchmarkPipelineTSDB for 10 s: the
-# sustained figure) and prints a summary table; raw output in bench.out.
+# sustained figure; rule evaluation and the rate window against the old window
+# in the same run; one alert-state snapshot each) and prints a summary table;
+# raw output in bench.out.
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./pipeline/ ./ingest/... > bench.out
+	$(GO) test -run '^$$' -bench 'BenchmarkRuleEvaluation|BenchmarkRate' -benchmem -benchtime 2s ./rules/ >> bench.out
+	$(GO) test -run '^$$' -bench 'BenchmarkStateSnapshot' -benchmem -benchtime 1x ./rules/ >> bench.out
 	$(GO) test -run '^$$' -bench 'BenchmarkTSDBWrite|BenchmarkActiveSeriesHeap' -benchmem -benchtime 2s ./storage/ >> bench.out
 	$(GO) test -run '^$$' -bench 'BenchmarkPipelineTSDB' -benchmem -benchtime 10s ./storage/ >> bench.out
 	@awk -f .ci/benchtable.awk bench.out

@@ -61,7 +61,8 @@ func TestRingReportsFullAndRecovers(t *testing.T) {
 	require.Equal(t, []int{5, 6}, r.pop(nil, 2))
 }
 
-// The three queues compared: the ring, a buffered channel, a mutex-guarded slice.
+// The three queues compared: the ring, a buffered channel, and the queue the
+// pipeline uses (queue.go).
 type queueImpl interface {
 	put(v *request) bool
 	take(dst []*request) []*request
@@ -95,33 +96,19 @@ func (q chanQ) take(dst []*request) []*request {
 	return dst
 }
 
-type mutexQ struct {
-	mu  sync.Mutex
-	buf []*request
-	cap int
-}
+// realQ is pipeline.queue itself: take hands dst over as the queue's next
+// buffer and returns the filled one, as the shard loop does
+// (s.batch = s.q.take(s.batch)).
+type realQ struct{ q *queue }
 
-func (q *mutexQ) put(v *request) bool {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	if len(q.buf) >= q.cap {
-		return false
-	}
-	q.buf = append(q.buf, v)
-	return true
-}
-
-func (q *mutexQ) take(dst []*request) []*request {
-	q.mu.Lock()
-	dst = append(dst, q.buf...)
-	q.buf = q.buf[:0]
-	q.mu.Unlock()
-	return dst
-}
+func (q realQ) put(v *request) bool            { return q.q.put(v) }
+func (q realQ) take(dst []*request) []*request { return q.q.take(dst) }
 
 // BenchmarkRing: P producers each put b.N/P submissions; one consumer takes
 // them in bulk (as the shard loop does). A full queue makes the producer yield
-// and retry. One op = one submission through the queue.
+// and retry. One op = one submission through the queue. "queue" is the
+// pipeline's queue (queue.go); .ci/benchtable.awk prints each one's speed
+// relative to "chan" at the same producer count.
 func BenchmarkRing(b *testing.B) {
 	impls := []struct {
 		name string
@@ -129,7 +116,7 @@ func BenchmarkRing(b *testing.B) {
 	}{
 		{"ring", func() queueImpl { return ringQ{newRing[*request](4096)} }},
 		{"chan", func() queueImpl { return chanQ(make(chan *request, 4096)) }},
-		{"mutex", func() queueImpl { return &mutexQ{cap: 4096} }},
+		{"queue", func() queueImpl { return realQ{newQueue(4096)} }},
 	}
 	for _, producers := range []int{1, 2, 8} {
 		for _, impl := range impls {

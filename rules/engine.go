@@ -216,12 +216,15 @@ func (e *Engine) evaluate(s *ruleShard, rule *Rule, r *pipeline.Reading, t time.
 		a = &alert{key: k}
 		s.alerts[k] = a
 	}
-	bad, delta := rule.condition(&a.state, r.Value, t)
+	// The condition (a rate rule's window) goes by when the reading was
+	// measured, so a backlog replayed after an outage is judged on when things
+	// happened; the lifecycle goes by arrival.
+	bad, delta := rule.condition(&a.state, r.Value, measuredAt(r))
 	a.state.Value, a.state.Delta = r.Value, delta
 	if tr := a.state.Step(rule, bad, t, e.flap); len(tr) > 0 {
 		e.emit(s, a, rule, tr)
 	}
-	if !a.state.Bad && a.state.Phase == Inactive && !a.state.Flapping && len(a.state.Window) == 0 {
+	if !a.state.Bad && a.state.Phase == Inactive && !a.state.Flapping && a.state.Rate.IsZero() {
 		delete(s.alerts, k) // nothing to remember
 	}
 }

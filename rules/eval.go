@@ -2,7 +2,10 @@ package rules
 
 import (
 	"math"
+	"slices"
 	"time"
+
+	"github.com/citypulse/citypulse/pipeline"
 )
 
 // Phase is where an alert is in its lifecycle.
@@ -45,21 +48,39 @@ type FlapPolicy struct {
 // State is one alert's state: per rule and series (device and metric), or per
 // district for fleet rules. It is plain data: persisted and restored as is.
 type State struct {
-	Phase        Phase       `json:"phase"`
-	Bad          bool        `json:"bad"`        // the condition holds (after hysteresis)
-	ChangedAt    time.Time   `json:"changed_at"` // when Bad last changed
-	ActiveAt     time.Time   `json:"active_at"`  // when it went pending
-	FiredAt      time.Time   `json:"fired_at"`   // startsAt of the firing alert
-	ResolvedAt   time.Time   `json:"resolved_at"`
-	LastNotified time.Time   `json:"last_notified"`
-	Value        float64     `json:"value"`
-	Delta        float64     `json:"delta"`
+	// Zero fields are left out of the snapshot: it is written every 5 s with
+	// every alert, and reads back the same.
+	Phase        Phase       `json:"phase,omitzero"`
+	Bad          bool        `json:"bad,omitzero"`        // the condition holds (after hysteresis)
+	ChangedAt    time.Time   `json:"changed_at,omitzero"` // when Bad last changed
+	ActiveAt     time.Time   `json:"active_at,omitzero"`  // when it went pending
+	FiredAt      time.Time   `json:"fired_at,omitzero"`   // startsAt of the firing alert
+	ResolvedAt   time.Time   `json:"resolved_at,omitzero"`
+	LastNotified time.Time   `json:"last_notified,omitzero"`
+	Value        float64     `json:"value,omitzero"`
+	Delta        float64     `json:"delta,omitzero"`
 	Flips        []time.Time `json:"flips,omitempty"`
-	Flapping     bool        `json:"flapping"`
-	Window       []Point     `json:"window,omitempty"` // rate rules: recent points
+	Flapping     bool        `json:"flapping,omitzero"`
+	// Rate is a rate rule's window: bounded (RateBuckets+1 extremes at most).
+	Rate RateWindow `json:"rate,omitzero"`
+	// LegacyWindow is a rate rule's window as snapshots before RateWindow
+	// kept it (every point, up to 1,024); read from such a snapshot, it is
+	// folded into Rate at the series' next reading.
+	LegacyWindow []Point `json:"window,omitempty"`
 }
 
-// Point is a sample in a rate rule's window.
+// clone returns a copy of s that shares no memory with it: the snapshot
+// encodes its copies after releasing the shard lock, while the shard loop goes
+// on changing the states (a rate window's ring is rewritten in place).
+func (s *State) clone() State {
+	c := *s
+	c.Flips = slices.Clone(s.Flips)
+	c.LegacyWindow = slices.Clone(s.LegacyWindow)
+	c.Rate.buf = slices.Clone(s.Rate.buf)
+	return c
+}
+
+// Point is a sample of a LegacyWindow.
 type Point struct {
 	T time.Time `json:"t"`
 	V float64   `json:"v"`
@@ -71,9 +92,9 @@ type Transition struct {
 	At   time.Time
 }
 
-// condition decides, for threshold, rate and state rules, whether a value is
-// bad, given whether it was bad before (hysteresis). It also returns the delta
-// for rate rules.
+// condition decides, for threshold, rate and state rules, whether a value
+// measured at t (the reading's own time) is bad, given whether it was bad
+// before (hysteresis). It also returns the delta for rate rules.
 func (r *Rule) condition(s *State, v float64, t time.Time) (bad bool, delta float64) {
 	switch r.Type {
 	case TypeThreshold:
@@ -107,25 +128,7 @@ func (r *Rule) condition(s *State, v float64, t time.Time) (bad bool, delta floa
 			return v < lo || v > hi, 0
 		}
 	case TypeRate:
-		// Keep the points of the window, then compare with its extreme.
-		cut := t.Add(-r.Window)
-		i := 0
-		for i < len(s.Window) && s.Window[i].T.Before(cut) {
-			i++
-		}
-		s.Window = append(s.Window[i:], Point{T: t, V: v})
-		if len(s.Window) > 1024 {
-			s.Window = s.Window[len(s.Window)-1024:]
-		}
-		hi, lo := math.Inf(-1), math.Inf(1)
-		for _, p := range s.Window {
-			hi = math.Max(hi, p.V)
-			lo = math.Min(lo, p.V)
-		}
-		if r.Drop != nil {
-			return hi-v > *r.Drop, hi - v
-		}
-		return v-lo > *r.Rise, v - lo
+		return r.rate(s, v, t)
 	case TypeState:
 		if v != r.stateIdx {
 			return false, 0
@@ -136,6 +139,40 @@ func (r *Rule) condition(s *State, v float64, t time.Time) (bad bool, delta floa
 		return true, 0
 	}
 	return false, 0
+}
+
+// measuredAt is when a reading was measured (its arrival if it has no time).
+func measuredAt(r *pipeline.Reading) time.Time {
+	if r.Time == 0 {
+		return time.Unix(0, r.Received)
+	}
+	return time.Unix(0, r.Time)
+}
+
+// rate keeps v in the rule's window by its time t and compares it with the
+// window's extreme. A late reading (measured before the newest bucket) goes
+// into the window for the readings after it but leaves the verdict as it was:
+// the alert follows the series' newest reading. A value that is not finite is
+// kept out of the window (the gateways refuse those).
+func (r *Rule) rate(s *State, v float64, t time.Time) (bad bool, delta float64) {
+	width, maxima := bucketWidth(r.Window), r.Drop != nil
+	if s.LegacyWindow != nil {
+		for _, p := range s.LegacyWindow {
+			s.Rate.observe(width, maxima, p.T.UnixNano(), p.V)
+		}
+		s.LegacyWindow = nil
+	}
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return s.Bad, s.Delta
+	}
+	ext, newest := s.Rate.observe(width, maxima, t.UnixNano(), v)
+	if !newest {
+		return s.Bad, s.Delta
+	}
+	if maxima {
+		return ext-v > *r.Drop, ext - v
+	}
+	return v-ext > *r.Rise, v - ext
 }
 
 // inHours reports whether hour h lies in [from, to), wrapping at midnight.
@@ -213,6 +250,12 @@ func (s *State) flip(out []Transition, kind string, now time.Time, flap FlapPoli
 			i++
 		}
 		s.Flips = append(s.Flips[i:], now)
+		// More than Max+1 recent flips say no more than Max+1 do (flapping),
+		// and the end of flapping looks at the last one only: the state
+		// stays bounded however fast the alert flaps.
+		if len(s.Flips) > flap.Max+1 {
+			s.Flips = s.Flips[len(s.Flips)-flap.Max-1:] // never rewritten in place: see clone
+		}
 	}
 	if s.Flapping {
 		return out // quiet until stable

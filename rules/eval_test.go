@@ -286,27 +286,6 @@ func (f fleetView) Get(id string) (devices.Device, bool) {
 	return devices.Device{}, false
 }
 
-// BenchmarkRuleEvaluation: one reading against 200 loaded rules (of which a
-// handful select its kind and metric), as the shard loop does it.
-func BenchmarkRuleEvaluation(b *testing.B) {
-	var y string
-	for i := 0; i < 200; i++ {
-		kinds := []string{"pipe", "power", "water", "traffic_light", "parking"}
-		metrics := map[string]string{"pipe": "pressure", "power": "voltage", "water": "ph", "traffic_light": "queue_length", "parking": "available_spot_number"}
-		k := kinds[i%5]
-		y += "- {name: r" + itoa(i) + ", type: threshold, select: {kind: " + k + ", metric: " + metrics[k] + ", district: \"d" + itoa(i%40) + "\"}, above: 1000000}\n"
-	}
-	rules, err := ParseRules([]byte("rules:\n"+y), "bench")
-	require.NoError(b, err)
-	e := NewEngine(Default(), rules, EngineOptions{Shards: 1, Notifier: &recorder{}})
-	rs := []pipeline.Reading{reading("pipe-0001", "pipe", "d7", "pressure", 400, t0)}
-	b.ReportAllocs()
-	for b.Loop() {
-		e.Observe(0, rs)
-	}
-	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N), "ns/reading")
-}
-
 func itoa(i int) string {
 	const d = "0123456789"
 	if i < 10 {

@@ -62,7 +62,7 @@ func (e *Engine) save() error {
 	for _, s := range e.shards {
 		s.mu.Lock()
 		for _, a := range s.alerts {
-			f.Alerts = append(f.Alerts, persisted{Key: a.key, State: a.state})
+			f.Alerts = append(f.Alerts, persisted{Key: a.key, State: a.state.clone()})
 		}
 		for d, t := range s.lastSeen {
 			f.LastSeen[d] = t
