@@ -172,16 +172,10 @@ func (a *Analyzer) Run(ctx context.Context, sub Submitter) error {
 		case <-ctx.Done():
 			return nil
 		case now := <-t.C:
-			rs := a.Results(now)
-			for len(rs) > 0 {
-				n := 1
-				for n < len(rs) && rs[n].Device == rs[0].Device {
-					n++
+			for run := range pipeline.Runs(a.Results(now)) {
+				if err := sub.Submit(ctx, run); err != nil && ctx.Err() == nil {
+					a.log.Warn("signal timing not stored; the next interval recomputes it", "series", run[0].Device, "error", err)
 				}
-				if err := sub.Submit(ctx, rs[:n]); err != nil && ctx.Err() == nil {
-					a.log.Warn("signal timing not stored", "series", rs[0].Device, "error", err)
-				}
-				rs = rs[n:]
 			}
 		}
 	}
