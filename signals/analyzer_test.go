@@ -1,9 +1,12 @@
 package signals
 
 import (
+	"context"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/stretchr/testify/require"
@@ -107,4 +110,44 @@ func TestLoadCorridors(t *testing.T) {
 	require.ErrorContains(t, err, "distance_m")
 	_, err = LoadCorridors(write("corridors:\n- {name: a, speed: 50}\n"))
 	require.ErrorContains(t, err, "speed")
+}
+
+type submissions struct {
+	mu   sync.Mutex
+	runs [][]pipeline.Reading
+}
+
+func (s *submissions) Submit(_ context.Context, rs []pipeline.Reading) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.runs = append(s.runs, append([]pipeline.Reading(nil), rs...))
+	return nil
+}
+
+// Run submits one device's series at a time, as the pipeline requires.
+func TestRunSubmitsEachSeriesOwnerApart(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := Corridor{Name: "zhongshan-road", Speed: 36, Junctions: []Stop{{Device: "tl-1"}, {Device: "tl-2", Distance: 500}}}
+		a := New([]Corridor{c}, time.Second, nil)
+		now := time.Now()
+		for _, dev := range []string{"tl-1", "tl-2"} {
+			for i, st := range []float64{3, 1, 3, 1, 3} {
+				a.Observe(0, []pipeline.Reading{{Device: dev, Kind: "traffic_light", District: "gulou", Metric: "state", Value: st,
+					Time: now.Add(time.Duration(i-6) * 30 * time.Second).UnixNano()}})
+			}
+		}
+		var sub submissions
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error)
+		go func() { done <- a.Run(ctx, &sub) }()
+		time.Sleep(1500 * time.Millisecond)
+		cancel()
+		require.NoError(t, <-done)
+		require.Len(t, sub.runs, 3, "tl-1, tl-2 and the corridor")
+		for _, run := range sub.runs {
+			for _, r := range run {
+				require.Equal(t, run[0].Device, r.Device)
+			}
+		}
+	})
 }
