@@ -28,19 +28,27 @@ type Device struct {
 	// Secret is the MQTT password and the CoAP DTLS pre-shared key. It is never
 	// logged or returned by the API (see Public).
 	Secret string `yaml:"secret" json:"secret,omitempty"`
+	// Group is what the device belongs to beyond its district: the car park of a
+	// parking bay, the corridor of a junction. Optional.
+	Group string `yaml:"group,omitempty" json:"group,omitempty"`
+	// Location is where the device stands. Optional.
+	Location *Location `yaml:"location,omitempty" json:"location,omitempty"`
 }
 
 // PublicDevice is a Device without its secret, safe to log and return.
 type PublicDevice struct {
-	ID       string `json:"id"`
-	Kind     Kind   `json:"kind"`
-	District string `json:"district"`
-	Interval string `json:"interval"`
+	ID       string    `json:"id"`
+	Kind     Kind      `json:"kind"`
+	District string    `json:"district"`
+	Interval string    `json:"interval"`
+	Group    string    `json:"group,omitempty"`
+	Location *Location `json:"location,omitempty"`
 }
 
 // Public returns d without its secret.
 func (d Device) Public() PublicDevice {
-	return PublicDevice{ID: d.ID, Kind: d.Kind, District: d.District, Interval: d.Interval.String()}
+	return PublicDevice{ID: d.ID, Kind: d.Kind, District: d.District, Interval: d.Interval.String(),
+		Group: d.Group, Location: d.Location}
 }
 
 // String names the device without its secret.
@@ -76,7 +84,7 @@ func (d Device) Validate() error {
 	if len(d.Secret) < 8 {
 		return fmt.Errorf("device %s: secret must be at least 8 characters", d.ID)
 	}
-	return nil
+	return d.validatePlace()
 }
 
 // File is the YAML layout of a device list (configs/devices.yaml).

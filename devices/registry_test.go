@@ -29,6 +29,9 @@ func TestDeviceValidate(t *testing.T) {
 		{"an empty district is refused", func(d *Device) { d.District = "" }, "district"},
 		{"a sub-second interval is refused", func(d *Device) { d.Interval = time.Millisecond }, "interval"},
 		{"a short secret is refused", func(d *Device) { d.Secret = "short" }, "secret"},
+		{"a group with spaces is refused", func(d *Device) { d.Group = "car park" }, "group"},
+		{"a latitude past the pole is refused", func(d *Device) { d.Location = &Location{Lat: 91, Lon: 0} }, "location"},
+		{"a longitude past the antimeridian is refused", func(d *Device) { d.Location = &Location{Lat: 0, Lon: -181} }, "location"},
 	}
 	require.NoError(t, dev("pipe-0001").Validate())
 	for _, tc := range tests {

@@ -1,0 +1,90 @@
+package silence
+
+import (
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+)
+
+// maxBody bounds a request body.
+const maxBody = 64 << 10
+
+// Register mounts the endpoints on mux: reads behind read, changes behind
+// operate (the operator role).
+//
+//	GET    /api/v1/silences          the silences not yet ended
+//	POST   /api/v1/silences          {matchers, startsAt?, endsAt, createdBy, comment}
+//	DELETE /api/v1/silences/{id}     expire now
+//	POST   /api/v1/acks              {fingerprint, startsAt, by, comment}
+//	GET    /api/v1/acks              the acknowledgements
+func (s *Store) Register(mux *http.ServeMux, read, operate func(http.Handler) http.Handler) {
+	mux.Handle("GET /api/v1/silences", read(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		reply(w, http.StatusOK, s.Silences())
+	})))
+	mux.Handle("POST /api/v1/silences", operate(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var sl Silence
+		if err := decode(w, r, &sl); err != nil {
+			fail(w, http.StatusBadRequest, err)
+			return
+		}
+		sl, err := s.Add(sl)
+		if err != nil {
+			fail(w, http.StatusBadRequest, err)
+			return
+		}
+		reply(w, http.StatusOK, sl)
+	})))
+	mux.Handle("DELETE /api/v1/silences/{id}", operate(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if err := s.Expire(r.PathValue("id")); err != nil {
+			code := http.StatusInternalServerError
+			if errors.Is(err, ErrNotFound) {
+				code = http.StatusNotFound
+			}
+			fail(w, code, err)
+			return
+		}
+		reply(w, http.StatusOK, nil)
+	})))
+	mux.Handle("GET /api/v1/acks", read(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		reply(w, http.StatusOK, s.Acks())
+	})))
+	mux.Handle("POST /api/v1/acks", operate(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var a Ack
+		if err := decode(w, r, &a); err != nil {
+			fail(w, http.StatusBadRequest, err)
+			return
+		}
+		a, err := s.Acknowledge(a)
+		if err != nil {
+			fail(w, http.StatusBadRequest, err)
+			return
+		}
+		reply(w, http.StatusOK, a)
+	})))
+}
+
+// decode reads one JSON value of at most maxBody bytes and nothing after it.
+func decode(w http.ResponseWriter, r *http.Request, v any) error {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return err
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return errors.New("trailing data after the JSON body")
+	}
+	return nil
+}
+
+func reply(w http.ResponseWriter, code int, data any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(map[string]any{"status": "success", "data": data})
+}
+
+func fail(w http.ResponseWriter, code int, err error) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(map[string]any{"status": "error", "errorType": "bad_data", "error": err.Error()})
+}

@@ -1,0 +1,305 @@
+package silence
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"sync"
+	"time"
+)
+
+// Matcher selects alerts by one label, as Alertmanager's matchers do: equal or
+// not, to a value or a regular expression (anchored).
+type Matcher struct {
+	Name    string `json:"name"`
+	Value   string `json:"value"`
+	IsRegex bool   `json:"isRegex"`
+	IsEqual bool   `json:"isEqual"`
+	re      *regexp.Regexp
+}
+
+func (m *Matcher) compile() error {
+	if m.Name == "" {
+		return errors.New("a matcher needs a label name")
+	}
+	if m.IsRegex {
+		re, err := regexp.Compile("^(?:" + m.Value + ")$")
+		if err != nil {
+			return fmt.Errorf("matcher %s: %w", m.Name, err)
+		}
+		m.re = re
+	}
+	return nil
+}
+
+func (m *Matcher) matches(labels map[string]string) bool {
+	v := labels[m.Name]
+	ok := v == m.Value
+	if m.re != nil {
+		ok = m.re.MatchString(v)
+	}
+	return ok == m.IsEqual
+}
+
+// Silence mutes matching alerts' notifications from StartsAt to EndsAt.
+type Silence struct {
+	ID        string    `json:"id"`
+	Matchers  []Matcher `json:"matchers"`
+	StartsAt  time.Time `json:"startsAt"`
+	EndsAt    time.Time `json:"endsAt"`
+	CreatedBy string    `json:"createdBy"`
+	Comment   string    `json:"comment"`
+}
+
+// Active says whether s mutes at t.
+func (s Silence) Active(t time.Time) bool { return !t.Before(s.StartsAt) && t.Before(s.EndsAt) }
+
+// Matches says whether every matcher of s takes labels.
+func (s Silence) Matches(labels map[string]string) bool {
+	for i := range s.Matchers {
+		if !s.Matchers[i].matches(labels) {
+			return false
+		}
+	}
+	return len(s.Matchers) > 0
+}
+
+// Ack records that someone has taken one firing of an alert in hand. It holds
+// for that firing only (StartsAt): when the alert resolves and fires again, it
+// needs a new one.
+type Ack struct {
+	Fingerprint string    `json:"fingerprint"`
+	StartsAt    time.Time `json:"startsAt"`
+	By          string    `json:"by"`
+	Comment     string    `json:"comment"`
+	At          time.Time `json:"at"`
+}
+
+// Limits on what operators may store.
+const (
+	MaxSilences    = 1000
+	MaxMatchers    = 16
+	MaxTextLen     = 512
+	MaxSilenceSpan = 90 * 24 * time.Hour
+)
+
+// state is the file's layout.
+type state struct {
+	Silences []Silence `json:"silences"`
+	Acks     []Ack     `json:"acks"`
+}
+
+// Store keeps silences and acknowledgements, persisted to one file.
+type Store struct {
+	path string
+	now  func() time.Time
+	mu   sync.Mutex
+	st   state
+}
+
+// Open loads the store from path (absent: empty). Expired silences are dropped.
+func Open(path string, now func() time.Time) (*Store, error) {
+	if now == nil {
+		now = time.Now
+	}
+	s := &Store{path: path, now: now}
+	b, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return s, nil
+	case err != nil:
+		return nil, fmt.Errorf("read silences: %w", err)
+	}
+	if err := json.Unmarshal(b, &s.st); err != nil {
+		return nil, fmt.Errorf("parse silences %s: %w", path, err)
+	}
+	for i := range s.st.Silences {
+		for j := range s.st.Silences[i].Matchers {
+			if err := s.st.Silences[i].Matchers[j].compile(); err != nil {
+				return nil, fmt.Errorf("silences %s: %w", path, err)
+			}
+		}
+	}
+	s.expireLocked()
+	return s, nil
+}
+
+// validate checks a silence an operator asks for.
+func validate(sl *Silence, now time.Time) error {
+	if len(sl.Matchers) == 0 || len(sl.Matchers) > MaxMatchers {
+		return fmt.Errorf("a silence needs 1 to %d matchers", MaxMatchers)
+	}
+	for i := range sl.Matchers {
+		if err := sl.Matchers[i].compile(); err != nil {
+			return err
+		}
+		if len(sl.Matchers[i].Value) > MaxTextLen {
+			return fmt.Errorf("matcher %s: value longer than %d bytes", sl.Matchers[i].Name, MaxTextLen)
+		}
+	}
+	if sl.CreatedBy == "" || len(sl.CreatedBy) > MaxTextLen || sl.Comment == "" || len(sl.Comment) > MaxTextLen {
+		return fmt.Errorf("createdBy and comment are required (at most %d bytes each): say who and why", MaxTextLen)
+	}
+	if sl.StartsAt.IsZero() {
+		sl.StartsAt = now
+	}
+	if !sl.EndsAt.After(sl.StartsAt) || !sl.EndsAt.After(now) || sl.EndsAt.Sub(sl.StartsAt) > MaxSilenceSpan {
+		return fmt.Errorf("endsAt must be after startsAt and now, and within %v of startsAt", MaxSilenceSpan)
+	}
+	return nil
+}
+
+// Add stores a new silence and returns it with its id.
+func (s *Store) Add(sl Silence) (Silence, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := validate(&sl, s.now()); err != nil {
+		return Silence{}, err
+	}
+	s.expireLocked()
+	if len(s.st.Silences) >= MaxSilences {
+		return Silence{}, fmt.Errorf("%d silences already: expire some first", MaxSilences)
+	}
+	var id [8]byte
+	_, _ = rand.Read(id[:])
+	sl.ID = hex.EncodeToString(id[:])
+	s.st.Silences = append(s.st.Silences, sl)
+	return sl, s.saveLocked()
+}
+
+// ErrNotFound says there is no such silence.
+var ErrNotFound = errors.New("no such silence")
+
+// Expire ends a silence now.
+func (s *Store) Expire(id string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, sl := range s.st.Silences {
+		if sl.ID == id {
+			s.st.Silences = append(s.st.Silences[:i], s.st.Silences[i+1:]...)
+			return s.saveLocked()
+		}
+	}
+	return ErrNotFound
+}
+
+// Silences lists the silences not yet ended, soonest end first.
+func (s *Store) Silences() []Silence {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.expireLocked()
+	out := append([]Silence(nil), s.st.Silences...)
+	sort.Slice(out, func(i, j int) bool { return out[i].EndsAt.Before(out[j].EndsAt) })
+	return out
+}
+
+// Silenced returns the id of an active silence that matches labels.
+func (s *Store) Silenced(labels map[string]string) (string, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	for _, sl := range s.st.Silences {
+		if sl.Active(now) && sl.Matches(labels) {
+			return sl.ID, true
+		}
+	}
+	return "", false
+}
+
+// Acknowledge records an ack for an alert (replacing an earlier one).
+func (s *Store) Acknowledge(a Ack) (Ack, error) {
+	if a.Fingerprint == "" || len(a.Fingerprint) > 64 || a.By == "" || len(a.By) > MaxTextLen || len(a.Comment) > MaxTextLen {
+		return Ack{}, fmt.Errorf("an ack needs the alert's fingerprint and who (at most %d bytes)", MaxTextLen)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	a.At = s.now()
+	s.st.Acks = append(removeAck(s.st.Acks, a.Fingerprint), a)
+	if len(s.st.Acks) > MaxSilences {
+		s.st.Acks = s.st.Acks[len(s.st.Acks)-MaxSilences:]
+	}
+	return a, s.saveLocked()
+}
+
+// Acked returns the ack of the firing of fingerprint that started at startsAt.
+func (s *Store) Acked(fingerprint string, startsAt time.Time) (Ack, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, a := range s.st.Acks {
+		if a.Fingerprint == fingerprint && a.StartsAt.Equal(startsAt) {
+			return a, true
+		}
+	}
+	return Ack{}, false
+}
+
+// Acks returns the acknowledgements by fingerprint.
+func (s *Store) Acks() map[string]Ack {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := make(map[string]Ack, len(s.st.Acks))
+	for _, a := range s.st.Acks {
+		m[a.Fingerprint] = a
+	}
+	return m
+}
+
+func removeAck(as []Ack, fp string) []Ack {
+	out := as[:0]
+	for _, a := range as {
+		if a.Fingerprint != fp {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+func (s *Store) expireLocked() {
+	now := s.now()
+	out := s.st.Silences[:0]
+	for _, sl := range s.st.Silences {
+		if now.Before(sl.EndsAt) {
+			out = append(out, sl)
+		}
+	}
+	s.st.Silences = out
+}
+
+// saveLocked writes the state durably: temp file, fsync, rename, fsync dir.
+func (s *Store) saveLocked() error {
+	b, err := json.Marshal(s.st)
+	if err != nil {
+		return err
+	}
+	tmp := s.path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return fmt.Errorf("save silences: %w", err)
+	}
+	if _, err = f.Write(b); err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, s.path)
+	}
+	if err == nil {
+		var d *os.File
+		if d, err = os.Open(filepath.Dir(s.path)); err == nil {
+			err = d.Sync()
+			_ = d.Close()
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("save silences %s: %w", s.path, err)
+	}
+	return nil
+}

@@ -1,0 +1,229 @@
+// The views: the city at a glance, a district, a device, an alert, the sinks.
+import { el, fmt, age, table } from "./dom.js";
+import { api, query, queryRange } from "./api.js";
+
+const SEVERITIES = ["critical", "warning", "info"];
+
+// vitalsByDistrict folds the city_* samples into {district: {name: value}}.
+function vitalsByDistrict(samples) {
+  const by = new Map();
+  for (const s of samples) {
+    const d = s.metric.district || "?";
+    if (!by.has(d)) by.set(d, { silent: undefined, reporting: undefined });
+    const row = by.get(d), v = parseFloat(s.value[1]), name = s.metric.__name__;
+    if (/^city_fleet_.+_silent$/.test(name)) row.silent = (row.silent || 0) + v;
+    else if (/^city_fleet_.+_reporting$/.test(name)) row.reporting = (row.reporting || 0) + v;
+    else row[name] = v;
+  }
+  return by;
+}
+
+function districtOrder(names) {
+  return [...names].sort((a, b) => a === "city" ? -1 : b === "city" ? 1 : a.localeCompare(b));
+}
+
+function firing(alerts) { return alerts.filter(a => a.state === "firing"); }
+
+function worstSeverity(alerts) {
+  for (const s of SEVERITIES) if (alerts.some(a => a.labels.severity === s)) return s;
+  return alerts.length ? "info" : "ok";
+}
+
+// A vital sign: value, unit and whether it is bad (or absent: no data).
+function vital(label, v, digits, unit, bad) {
+  const cls = v === undefined ? "nodata" : bad ? "bad" : "ok";
+  return el("div", { class: "vital " + cls },
+    el("dt", { text: label }),
+    el("dd", { text: v === undefined ? "no data" : fmt(v, digits) + (unit ? " " + unit : "") }));
+}
+
+function districtCard(d, r, alerts) {
+  const sev = worstSeverity(alerts);
+  const occ = r.city_parking_occupancy_ratio;
+  return el("article", { class: "district " + sev, "aria-label": "district " + d },
+    el("h3", {}, el("a", { href: "#/district/" + encodeURIComponent(d), text: d }),
+      alerts.length ? el("span", { class: "badge " + sev, text: alerts.length + " firing" }) : null),
+    el("dl", {},
+      vital("mains pressure min", r.city_pipe_pressure_min, 0, "kPa", false),
+      vital("leaks", r.city_pipe_leaks, 0, "", r.city_pipe_leaks > 0),
+      vital("power load", r.city_power_load_kw, 0, "kW", false),
+      vital("dark junctions", r.city_traffic_light_dark, 0, "", r.city_traffic_light_dark > 0),
+      vital("faulted junctions", r.city_traffic_light_faults, 0, "", r.city_traffic_light_faults > 0),
+      vital("parking occupancy", occ === undefined ? undefined : 100 * occ, 1, "%", occ >= 0.95),
+      vital("silent devices", r.silent, 0, "", r.silent > 0)));
+}
+
+function alertActions(a, ctx) {
+  if (!a.fingerprint) return null;
+  const ack = async () => {
+    const by = prompt("Acknowledge as (your name):", sessionStorage.getItem("citypulse-operator") || "");
+    if (!by) return;
+    sessionStorage.setItem("citypulse-operator", by);
+    await act(() => api("/api/v1/acks", { method: "POST", body: { fingerprint: a.fingerprint, startsAt: a.activeAt, by, comment: prompt("Comment:", "") || "" } }), ctx);
+  };
+  const silence = async () => {
+    const by = prompt("Silence for 1 hour, as (your name):", sessionStorage.getItem("citypulse-operator") || "");
+    if (!by) return;
+    const comment = prompt("Why?", "");
+    if (!comment) return;
+    sessionStorage.setItem("citypulse-operator", by);
+    const matchers = Object.entries(a.labels).filter(([k]) => ["alertname", "device", "district"].includes(k))
+      .map(([name, value]) => ({ name, value, isRegex: false, isEqual: true }));
+    await act(() => api("/api/v1/silences", { method: "POST", body: { matchers, endsAt: new Date(Date.now() + 3600e3).toISOString(), createdBy: by, comment } }), ctx);
+  };
+  return el("span", { class: "actions" },
+    a.ack ? null : el("button", { type: "button", onclick: ack, text: "Acknowledge" }),
+    a.silencedBy ? null : el("button", { type: "button", onclick: silence, text: "Silence 1 h" }));
+}
+
+async function act(f, ctx) {
+  try { await f(); } catch (e) {
+    alert(e.status === 401 || e.status === 403 ? "This needs the operator token." : "Refused: " + e.message);
+  }
+  ctx.refresh();
+}
+
+function alertItem(a, ctx) {
+  const l = a.labels;
+  return el("li", { class: "alert " + (l.severity || "") },
+    el("a", { href: "#/alert/" + encodeURIComponent(a.fingerprint || ""), class: "name", text: l.alertname || "alert" }),
+    " ", el("span", { class: "badge " + (l.severity || ""), text: l.severity || "" }),
+    l.district ? el("a", { href: "#/district/" + encodeURIComponent(l.district), text: l.district }) : null,
+    l.device ? el("a", { href: "#/device/" + encodeURIComponent(l.device), text: l.device }) : null,
+    el("span", { class: "summary", text: (a.annotations && a.annotations.summary) || "" }),
+    el("span", { class: "age", text: "for " + age(a.activeAt) }),
+    a.ack ? el("span", { class: "badge acked", text: "acknowledged by " + a.ack.by }) : null,
+    a.silencedBy ? el("span", { class: "badge silenced", text: "silenced" }) : null,
+    alertActions(a, ctx));
+}
+
+// alertList shows critical and warning alerts, oldest first within a severity;
+// the rest (info) folded away so they cannot push the urgent ones off screen.
+function alertList(alerts, ctx, empty) {
+  const rank = a => { const i = SEVERITIES.indexOf(a.labels.severity); return i < 0 ? SEVERITIES.length : i; };
+  const sorted = [...alerts].sort((a, b) => rank(a) - rank(b) || a.activeAt.localeCompare(b.activeAt));
+  if (!sorted.length) return el("p", { class: "empty", text: empty });
+  const urgent = sorted.filter(a => rank(a) < 2), other = sorted.filter(a => rank(a) >= 2);
+  return el("div", {},
+    urgent.length ? el("ul", { class: "alerts" }, urgent.map(a => alertItem(a, ctx))) : el("p", { class: "empty", text: "no critical or warning alert" }),
+    other.length ? el("details", { class: "more" }, el("summary", { text: other.length + " other alert" + (other.length > 1 ? "s" : "") + " (info)" }),
+      el("ul", { class: "alerts" }, other.map(a => alertItem(a, ctx)))) : null);
+}
+
+export function renderCity(main, s, _, ctx) {
+  const by = vitalsByDistrict(s.vitals);
+  const fire = firing(s.alerts);
+  const names = new Set([...by.keys(), ...s.devices.map(d => d.district)]);
+  const open = main.querySelector("details.more")?.open; // keep the fold as the operator left it
+  main.replaceChildren(el("div", { class: "city" },
+    el("section", { "aria-labelledby": "h-districts" }, el("h2", { id: "h-districts", text: "Districts" }),
+      s.error ? el("p", { class: "empty", text: "–" }) :
+        el("div", { class: "grid" }, districtOrder(names).map(d => districtCard(d, by.get(d) || {}, fire.filter(a => a.labels.district === d))))),
+    el("section", { "aria-labelledby": "h-alerts" }, el("h2", { id: "h-alerts", text: "Firing alerts" }),
+      s.rulesOff ? el("p", { class: "empty", text: "rules are off" }) : alertList(fire, ctx, s.error ? "–" : "no alert is firing"))));
+  if (open) main.querySelector("details.more")?.setAttribute("open", "");
+}
+
+export function renderSinks(main, s) {
+  main.replaceChildren(el("section", {}, el("h2", { text: "Sinks" }), table("Where readings are stored",
+    ["sink", "readings written", "readings/s", "lag (bytes)", "duplicates", "errors", "last error"],
+    s.sinks.map(k => el("tr", {},
+      el("td", { text: k.name }), el("td", { class: "num", text: fmt(k.readings_written, 0) }),
+      el("td", { class: "num", text: fmt(k.readings_per_second, 0) }), el("td", { class: "num", text: fmt(k.lag_bytes, 0) }),
+      el("td", { class: "num", text: fmt(k.duplicates ?? 0, 0) }),
+      el("td", { class: "num" + (k.errors > 0 ? " bad" : ""), text: fmt(k.errors, 0) }), el("td", { text: k.last_error || "" }))),
+    s.error ? "–" : "no sinks")));
+}
+
+const RANGES = { "1h": 3600, "6h": 6 * 3600, "24h": 86400, "7d": 7 * 86400 };
+const CHARTS = [
+  ["city_pipe_pressure_min", "Mains pressure, lowest (kPa)"],
+  ["city_power_load_kw", "Power load (kW)"],
+  ["city_traffic_light_dark", "Dark junctions"],
+  ["city_parking_occupancy_ratio", "Parking occupancy (share)"],
+];
+let chartKey = "";
+
+export function renderDistrict(main, s, district, ctx) {
+  const range = sessionStorage.getItem("citypulse-range") || "6h";
+  const key = district + "|" + range;
+  let charts = main.querySelector("#charts");
+  const fresh = key !== chartKey || !charts;
+  const by = vitalsByDistrict(s.vitals);
+  const alerts = firing(s.alerts).filter(a => a.labels.district === district);
+  const devs = s.devices.filter(d => d.district === district);
+  if (fresh) {
+    charts = el("div", { id: "charts", class: "charts" });
+    chartKey = key;
+    drawCharts(charts, district, RANGES[range]);
+  }
+  main.replaceChildren(
+    el("h2", {}, el("a", { href: "#/", text: "City" }), " › ", district),
+    districtCard(district, by.get(district) || {}, alerts),
+    el("section", {}, el("h3", { text: "Alerts" }), alertList(alerts, ctx, "no alert is firing here")),
+    el("section", {}, el("h3", { text: "Trends" }),
+      el("div", { class: "ranges", role: "group", "aria-label": "range" }, Object.keys(RANGES).map(r =>
+        el("button", { type: "button", "aria-pressed": r === range ? "true" : "false", text: r,
+          onclick: () => { sessionStorage.setItem("citypulse-range", r); chartKey = ""; renderDistrict(main, s, district, ctx); } }))),
+      charts),
+    el("section", {}, el("h3", { text: "Devices" }), table("Devices in " + district, ["device", "kind", "interval"],
+      devs.map(d => el("tr", {}, el("td", {}, el("a", { href: "#/device/" + encodeURIComponent(d.id), text: d.id })),
+        el("td", { text: d.kind }), el("td", { text: d.interval }))), "no devices")));
+}
+
+async function drawCharts(box, district, seconds) {
+  const end = Math.floor(Date.now() / 1000), start = end - seconds, step = Math.max(10, Math.round(seconds / 300));
+  for (const [name, title] of CHARTS) {
+    const fig = el("figure", { class: "chart" }, el("figcaption", { text: title }));
+    box.appendChild(fig);
+    try {
+      const res = await queryRange(name + '{district="' + district.replace(/["\\]/g, "") + '"}', start, end, step);
+      const pts = res.length ? res[0].values : [];
+      fig.dataset.points = String(pts.length);
+      if (!pts.length) { fig.appendChild(el("p", { class: "empty", text: "no data in this range" })); continue; }
+      const xs = pts.map(p => p[0]), ys = pts.map(p => parseFloat(p[1]));
+      // eslint-disable-next-line no-undef
+      new uPlot({ width: Math.min(560, box.clientWidth || 560), height: 180, series: [{}, { label: name, stroke: "#1565c0", width: 2 }],
+        axes: [{}, { size: 60 }], legend: { show: false } }, [xs, ys], fig);
+    } catch (e) {
+      fig.appendChild(el("p", { class: "empty", text: "cannot load: " + e.message }));
+    }
+  }
+}
+
+export function renderDevice(main, s, id) {
+  const d = s.devices.find(x => x.id === id);
+  const box = el("section", {}, el("h3", { text: "Last readings" }), el("p", { class: "empty", text: "loading…" }));
+  main.replaceChildren(
+    el("h2", {}, el("a", { href: "#/", text: "City" }), " › ",
+      d ? el("a", { href: "#/district/" + encodeURIComponent(d.district), text: d.district }) : "?", " › ", id),
+    d ? el("dl", { class: "facts" }, el("dt", { text: "kind" }), el("dd", { text: d.kind }), el("dt", { text: "interval" }), el("dd", { text: d.interval }),
+      d.group ? [el("dt", { text: "group" }), el("dd", { text: d.group })] : null) : el("p", { class: "empty", text: "unknown device" }),
+    box,
+    el("section", {}, el("h3", { text: "Alerts" }), alertList(firing(s.alerts).filter(a => a.labels.device === id), {}, "no alert is firing for this device")));
+  if (!d) return;
+  query('{device="' + id.replace(/["\\]/g, "") + '"}').then(res => {
+    const newest = Math.max(0, ...res.map(r => r.value[0]));
+    const silentFor = newest ? Date.now() / 1000 - newest : Infinity;
+    const interval = parseFloat(d.interval) || 10;
+    box.replaceChildren(el("h3", { text: "Last readings" }),
+      el("p", { class: silentFor > 3 * interval ? "bad" : "ok", text: newest ? "last reading " + Math.round(silentFor) + " s ago" : "no reading yet" }),
+      table("Latest value of each metric", ["metric", "value", "at"], res.map(r => el("tr", {},
+        el("td", { text: r.metric.__name__ }), el("td", { class: "num", text: r.value[1] }),
+        el("td", { text: new Date(r.value[0] * 1000).toLocaleTimeString("en-GB") }))), "no readings in the last 5 minutes"));
+  }).catch(e => box.replaceChildren(el("p", { class: "empty", text: "cannot load: " + e.message })));
+}
+
+export function renderAlert(main, s, fp, ctx) {
+  const a = s.alerts.find(x => x.fingerprint === fp);
+  const hist = el("section", {}, el("h3", { text: "History" }), el("p", { class: "empty", text: "loading…" }));
+  main.replaceChildren(el("h2", {}, el("a", { href: "#/", text: "City" }), " › alert"),
+    a ? el("ul", { class: "alerts" }, alertItem(a, ctx)) : el("p", { class: "empty", text: "this alert is not pending or firing now" }),
+    a ? el("dl", { class: "facts" }, Object.entries(a.labels).map(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })])) : null,
+    hist);
+  api("/api/v1/alerts/" + encodeURIComponent(fp) + "/history").then(h => {
+    hist.replaceChildren(el("h3", { text: "History" }), table("Transitions and notifications", ["at", "what"],
+      h.map(t => el("tr", {}, el("td", { text: new Date(t.at).toLocaleString("en-GB") }), el("td", { text: t.kind + (t.detail ? ": " + t.detail : "") }))),
+      "no history"));
+  }).catch(e => hist.replaceChildren(el("h3", { text: "History" }), el("p", { class: "empty", text: e.status === 404 ? "no history kept" : "cannot load: " + e.message })));
+}
