@@ -173,6 +173,10 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, filter func(Event) b
 	}
 	defer h.leave(c)
 	rc := http.NewResponseController(w)
+	// A stream outlives the server's read timeout, which would otherwise end
+	// it (net/http cancels the request when its read deadline passes); each
+	// write below sets its own deadline instead of the server's write timeout.
+	_ = rc.SetReadDeadline(time.Time{})
 	hd := w.Header()
 	hd.Set("Content-Type", "text/event-stream")
 	hd.Set("Cache-Control", "no-store")

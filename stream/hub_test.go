@@ -198,3 +198,21 @@ func TestWriteTimeoutDropsAStalledClient(t *testing.T) {
 	require.Eventually(t, func() bool { return testutil.ToFloat64(h.m.dropped) == 1 }, 30*time.Second, 10*time.Millisecond)
 	require.Zero(t, h.Clients())
 }
+
+// A stream lives longer than the server's read and write timeouts.
+func TestAStreamOutlivesTheServersTimeouts(t *testing.T) {
+	h := New(Options{Heartbeat: 200 * time.Millisecond})
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { h.Serve(w, r, nil, nil) }))
+	srv.Config.ReadTimeout, srv.Config.WriteTimeout = 500*time.Millisecond, 500*time.Millisecond
+	srv.Start()
+	defer srv.Close()
+	c, br := openStream(t, srv.URL, "/")
+	defer c.Close()
+	_ = c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	require.Eventually(t, func() bool { return h.Clients() == 1 }, 5*time.Second, 5*time.Millisecond)
+	time.Sleep(1500 * time.Millisecond) // three times the timeouts
+	h.Publish(Event{Data: []byte("still here")})
+	got, err := readEvents(br, 1)
+	require.NoError(t, err)
+	require.Equal(t, []string{"still here"}, got)
+}
