@@ -109,6 +109,7 @@ func (o effOptions) validate() error {
 // effRun is the outcome of one run of one binary in one mode.
 type effRun struct {
 	Mode, Binary string
+	Baseline     bool // the run of --baseline (which may be the same file)
 	Round        int
 	Readings     int64
 	CPU          time.Duration // citypulse, from just before the flood to the store holding every reading
@@ -174,11 +175,13 @@ func runEfficiency(ctx context.Context, o effOptions, log *slog.Logger, progress
 	for round := range o.rounds {
 		for _, mode := range o.modes {
 			for i := range bins {
-				bin := bins[i]
+				k := i
 				if round%2 == 1 {
-					bin = bins[len(bins)-1-i]
+					k = len(bins) - 1 - i
 				}
+				bin := bins[k]
 				r, err := e.run(ctx, bin, mode, round)
+				r.Baseline = k == 1
 				if err != nil {
 					return runs, fmt.Errorf("%s mode, %s, round %d: %w", mode, bin, round+1, err)
 				}
@@ -281,10 +284,10 @@ func (e *effEnv) writeConfig(dir, mode string, fleet []*simDevice, probe *simDev
 	extra := ""
 	if mode == "external" {
 		extra = fmt.Sprintf(`  mqtt: {enabled: false}
-  external: {enabled: true, url: "tcp://%s", client_id: %s}
+  external: {enabled: true, url: "tcp://%s"}
 storage:
   influx: {enabled: true, url: "http://%s"}
-`, e.mqtt, filepath.Base(dir), e.vmAddr)
+`, e.mqtt, e.vmAddr)
 	}
 	cfg := fmt.Sprintf(effConfig, filepath.Join(dir, "data"), devFile, filepath.Join(e.configs, "vitals.yaml"),
 		filepath.Join(e.configs, "rules.yaml"), extra)
@@ -499,24 +502,28 @@ func printEfficiency(w io.Writer, o effOptions, runs []effRun) {
 	fmt.Fprintf(w, "%-8s %5s %-28s %14s %10s %8s %8s %10s %10s %5s  %s\n", "mode", "round", "binary", "readings/CPU-s",
 		"cpu s", "flood s", "drain s", "gen cpu s", "mqtt cpu s", "polls", "verified")
 	for _, r := range runs {
-		fmt.Fprintf(w, "%-8s %5d %-28s %14.0f %10.2f %8.2f %8.2f %10.2f %10.2f %5d  %s\n", r.Mode, r.Round, r.Binary, r.PerCPUSecond(),
+		name := r.Binary
+		if r.Baseline {
+			name += " (baseline)"
+		}
+		fmt.Fprintf(w, "%-8s %5d %-28s %14.0f %10.2f %8.2f %8.2f %10.2f %10.2f %5d  %s\n", r.Mode, r.Round, name, r.PerCPUSecond(),
 			r.CPU.Seconds(), r.Flood.Seconds(), r.Drain.Seconds(), r.GenCPU.Seconds(), r.BrokerCPU.Seconds(), r.Polls, r.Verified)
 	}
 	for _, mode := range o.modes {
-		by := map[string][]effRun{}
+		by := map[bool][]effRun{}
 		for _, r := range runs {
 			if r.Mode == mode {
-				by[r.Binary] = append(by[r.Binary], r)
+				by[r.Baseline] = append(by[r.Baseline], r)
 			}
 		}
-		for _, bin := range []string{o.bin, o.baseline} {
-			if rs := by[bin]; len(rs) > 0 {
+		for k, bin := range []string{o.bin, o.baseline} {
+			if rs := by[k == 1]; len(rs) > 0 {
 				fmt.Fprintf(w, "%-8s %-34s median %8.0f readings/CPU-s, drain %.2f s, generator %.2f µs CPU/message (%d runs)\n", mode, bin,
 					median(rs, func(r effRun) float64 { return r.PerCPUSecond() }), median(rs, func(r effRun) float64 { return r.Drain.Seconds() }),
 					median(rs, func(r effRun) float64 { return float64(r.GenCPU.Microseconds()) / float64(o.messages) }), len(rs))
 			}
 		}
-		cand, base := by[o.bin], by[o.baseline]
+		cand, base := by[false], by[true]
 		if o.baseline == "" || len(cand) == 0 || len(cand) != len(base) {
 			continue
 		}
