@@ -197,21 +197,11 @@ func MosquittoConf(port int) string {
 // StartMosquitto runs mosquitto with MosquittoConf on a free port, its config
 // in dir; it returns the process and its host:port.
 func StartMosquitto(dir string) (*Proc, string, error) {
-	bin, err := LookBinary("mosquitto")
-	if err != nil {
-		return nil, "", err
-	}
-	port, err := FreePort("tcp")
-	if err != nil {
-		return nil, "", err
-	}
-	conf := filepath.Join(dir, "mosquitto.conf")
-	if err := os.WriteFile(conf, []byte(MosquittoConf(port)), 0o644); err != nil {
-		return nil, "", err
-	}
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	p, err := StartProc("mosquitto", []string{bin, "-c", conf}, nil, nil, Listening(addr), 10*time.Second)
-	return p, addr, err
+	return startOnFreePort("mosquitto", 10*time.Second, func(bin string, port int) ([]string, func() error, error) {
+		conf := filepath.Join(dir, "mosquitto.conf")
+		err := os.WriteFile(conf, []byte(MosquittoConf(port)), 0o644)
+		return []string{bin, "-c", conf}, Listening(fmt.Sprintf("127.0.0.1:%d", port)), err
+	})
 }
 
 // VictoriaMetricsArgs are the flags of a test VictoriaMetrics storing under
@@ -228,7 +218,17 @@ func VictoriaMetricsArgs(bin, dir, addr string) []string {
 // dir; it returns the process and its host:port. Stop it with SIGTERM (Stop),
 // never SIGKILL: it answers 204 before a write leaves its in-memory buffer.
 func StartVictoriaMetrics(dir string) (*Proc, string, error) {
-	bin, err := LookBinary("victoria-metrics")
+	return startOnFreePort("victoria-metrics", 60*time.Second, func(bin string, port int) ([]string, func() error, error) {
+		addr := fmt.Sprintf("127.0.0.1:%d", port)
+		return VictoriaMetricsArgs(bin, dir, addr), func() error { return HTTPOK("http://" + addr + "/health") }, nil
+	})
+}
+
+// startOnFreePort finds the server binary name, picks a free loopback TCP
+// port, gets the command line and readiness probe for it from setup, and
+// starts it; it returns the process and its host:port.
+func startOnFreePort(name string, timeout time.Duration, setup func(bin string, port int) ([]string, func() error, error)) (*Proc, string, error) {
+	bin, err := LookBinary(name)
 	if err != nil {
 		return nil, "", err
 	}
@@ -236,10 +236,12 @@ func StartVictoriaMetrics(dir string) (*Proc, string, error) {
 	if err != nil {
 		return nil, "", err
 	}
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	p, err := StartProc("victoria-metrics", VictoriaMetricsArgs(bin, dir, addr), nil, nil,
-		func() error { return HTTPOK("http://" + addr + "/health") }, 60*time.Second)
-	return p, addr, err
+	args, ready, err := setup(bin, port)
+	if err != nil {
+		return nil, "", err
+	}
+	p, err := StartProc(name, args, nil, nil, ready, timeout)
+	return p, fmt.Sprintf("127.0.0.1:%d", port), err
 }
 
 // FreePort returns a loopback port that was free a moment ago.
