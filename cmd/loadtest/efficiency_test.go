@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -18,6 +17,8 @@ import (
 // figures are printed, never asserted (shared machines).
 func TestEfficiencySmoke(t *testing.T) {
 	skipShort(t)
+	tmp := t.TempDir()
+	t.Setenv("TMPDIR", tmp) // where the harness makes its data directories
 	var out, errOut bytes.Buffer
 	code := mainCode(t.Context(), []string{"efficiency", "--citypulse", serverBin, "--baseline", serverBin,
 		"--messages", "5000", "--configs", filepath.Join(servertest.Root(), "configs"), "--drain-timeout", "2m"}, &out, &errOut)
@@ -28,7 +29,7 @@ func TestEfficiencySmoke(t *testing.T) {
 	}
 	require.Equal(t, 2, strings.Count(out.String(), "VictoriaMetrics 20000/20000, citypulse TSDB 20000/20000"))
 	require.Equal(t, 2, strings.Count(out.String(), "embedded     1 "))
-	leftover, _ := filepath.Glob(filepath.Join(os.TempDir(), "citypulse-efficiency-*"))
+	leftover, _ := filepath.Glob(filepath.Join(tmp, "citypulse-efficiency-*"))
 	require.Empty(t, leftover, "the harness removes its data directories")
 }
 
