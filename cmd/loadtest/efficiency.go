@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -273,6 +274,9 @@ ingest:
 // writeConfig writes the run's devices file and config; the probe device
 // (external mode) is registered too.
 func (e *effEnv) writeConfig(dir, mode string, fleet []*simDevice, probe *simDevice) (string, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", err
+	}
 	all := fleet
 	if probe != nil {
 		all = append(append([]*simDevice{}, fleet...), probe)
@@ -306,10 +310,6 @@ func (e *effEnv) run(ctx context.Context, bin, mode string, round int) (effRun, 
 	}
 	e.runs++
 	prefix := fmt.Sprintf("eff%d", e.runs)
-	dir := filepath.Join(e.dir, prefix)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return res, err
-	}
 	r := newRunner(e.effScenario(prefix), e.log)
 	conns := prepare(r, e.o.messages)
 	sent := r.indexSent()
@@ -321,7 +321,7 @@ func (e *effEnv) run(ctx context.Context, bin, mode string, round int) (effRun, 
 		id := "probe-" + prefix // outside the fleet's prefix: not counted
 		probe = &simDevice{ID: id, Kind: devices.KindPipe, Secret: deviceSecret(13, id)}
 	}
-	cfg, err := e.writeConfig(dir, mode, r.fleet, probe)
+	cfg, err := e.writeConfig(filepath.Join(e.dir, prefix), mode, r.fleet, probe)
 	if err != nil {
 		return res, err
 	}
@@ -335,8 +335,7 @@ func (e *effEnv) run(ctx context.Context, bin, mode string, round int) (effRun, 
 	}
 	defer cp.Kill() // on error; a clean run has stopped it already
 	cpAPI := newAPI(Target{HTTP: addrs.HTTP})
-	store, storeName := cpAPI, "citypulse"
-	target := addrs.MQTT
+	store, storeName, target := cpAPI, "citypulse", addrs.MQTT
 	if mode == "external" {
 		store, storeName, target = newAPI(Target{HTTP: e.vmAddr}), "VictoriaMetrics", e.mqtt
 		store.digits = 12
@@ -344,8 +343,6 @@ func (e *effEnv) run(ctx context.Context, bin, mode string, round int) (effRun, 
 			return res, fmt.Errorf("%w\ncitypulse log:\n%s", err, cp.Logs())
 		}
 	}
-	count := countQuery(r.fleet, prefix)
-	countAt := time.UnixMilli(sent.maxTS + 1000)
 
 	cpu0, err1 := servers.CPUTime(cp.Pid())
 	gen0, err2 := servers.CPUTime(os.Getpid())
@@ -364,7 +361,8 @@ func (e *effEnv) run(ctx context.Context, bin, mode string, round int) (effRun, 
 	if mode == "external" {
 		gate = vmFlush(store)
 	}
-	if res.Polls, err = waitCount(ctx, store, gate, count, countAt, res.Readings, e.o.drainTimeout); err != nil {
+	countAt := time.UnixMilli(sent.maxTS + 1000)
+	if res.Polls, err = waitCount(ctx, store, gate, countQuery(r.fleet, prefix), countAt, res.Readings, e.o.drainTimeout); err != nil {
 		return res, fmt.Errorf("%s: %w", storeName, err)
 	}
 	cpu1, err := servers.CPUTime(cp.Pid())
@@ -376,22 +374,32 @@ func (e *effEnv) run(ctx context.Context, bin, mode string, round int) (effRun, 
 	res.BrokerCPU = e.brokerCPU(mode) - brk0
 
 	// off the clock: every reading, with its time and value, in each store
-	checks := []*api{cpAPI}
-	names := []string{"citypulse TSDB"}
+	stores := map[string]*api{"citypulse TSDB": cpAPI}
 	if mode == "external" {
-		checks, names = []*api{store, cpAPI}, []string{"VictoriaMetrics", "citypulse TSDB"}
+		stores["VictoriaMetrics"] = store
 	}
-	for i, a := range checks {
-		c := r.checkOnce(ctx, a, sent)
-		if err := c.complete(); err != nil {
-			return res, fmt.Errorf("%s: %w", names[i], err)
-		}
-		res.Verified += fmt.Sprintf("%s%s %d/%d", map[bool]string{true: ", "}[i > 0], names[i], c.Found, c.Expected)
-		if c.Duplicated > 0 {
-			res.Verified += fmt.Sprintf(" (+%d duplicates)", c.Duplicated)
-		}
+	if res.Verified, err = verify(ctx, r, sent, stores); err != nil {
+		return res, err
 	}
 	return res, cp.Stop(30 * time.Second)
+}
+
+// verify checks every generated reading in each store (by name) and says
+// what it found.
+func verify(ctx context.Context, r *runner, sent sentIndex, stores map[string]*api) (string, error) {
+	var found []string
+	for _, name := range slices.Sorted(maps.Keys(stores)) {
+		c := r.checkOnce(ctx, stores[name], sent)
+		if err := c.complete(); err != nil {
+			return "", fmt.Errorf("%s: %w", name, err)
+		}
+		f := fmt.Sprintf("%s %d/%d", name, c.Found, c.Expected)
+		if c.Duplicated > 0 {
+			f += fmt.Sprintf(" (+%d duplicates)", c.Duplicated)
+		}
+		found = append(found, f)
+	}
+	return strings.Join(found, ", "), nil
 }
 
 // complete returns an error unless the store holds every generated reading,
