@@ -22,7 +22,7 @@ INFLUXD     := github.com/influxdata/influxdb/cmd/influxd@v1.8.10
 NATS_SERVER := github.com/nats-io/nats-server/v2@v2.15.2
 GOBIN       := $(shell $(GO) env GOPATH)/bin
 
-.PHONY: all build run test test-short test-long deps bench fuzz lint clean
+.PHONY: all build run test test-short test-long deps bench bench-e2e fuzz lint clean
 
 all: build
 
@@ -72,7 +72,7 @@ test-short:
 # bench runs the hot-path benchmarks (BenchmarkPipelineTSDB for 10 s: the
 # sustained figure; rule evaluation and the rate window against the old window
 # in the same run; one alert-state snapshot each) and prints a summary table;
-# raw output in bench.out.
+# raw output in bench.out; then the end-to-end efficiency benchmark (bench-e2e).
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./pipeline/ ./ingest/... > bench.out
 	$(GO) test -run '^$$' -bench 'BenchmarkRuleEvaluation|BenchmarkRate' -benchmem -benchtime 2s ./rules/ >> bench.out
@@ -80,6 +80,33 @@ bench:
 	$(GO) test -run '^$$' -bench 'BenchmarkTSDBWrite|BenchmarkActiveSeriesHeap' -benchmem -benchtime 2s ./storage/ >> bench.out
 	$(GO) test -run '^$$' -bench 'BenchmarkPipelineTSDB' -benchmem -benchtime 10s ./storage/ >> bench.out
 	@awk -f .ci/benchtable.awk bench.out
+	@$(MAKE) --no-print-directory bench-e2e
+
+# bench-e2e is the end-to-end efficiency benchmark (cmd/loadtest efficiency):
+# E2E_MESSAGES QoS 1 messages of 4 readings from 16 devices, in external mode
+# (mosquitto, VictoriaMetrics as the InfluxDB sink, embedded TSDB, default
+# rules and vitals) and embedded mode; it prints readings per CPU-second of the
+# citypulse process and the drain time after publishing ended, once every
+# reading is verified in the stores. The previous release runs alternately in
+# the same invocation and the ratio is printed: BASELINE_REF (default: the
+# latest tag; none, no baseline) is built from `git archive` in a temporary
+# directory as bin/citypulse-prev, or BASELINE names a binary. Output also in
+# bench-e2e.out.
+E2E_MESSAGES ?= 200000
+E2E_ROUNDS   ?= 1
+BASELINE_REF ?= $(shell git describe --tags --abbrev=0 2>/dev/null)
+BASELINE     ?=
+bench-e2e: deps build
+	@set -o pipefail; base="$(BASELINE)"; \
+	if [ -z "$$base" ] && [ -n "$(BASELINE_REF)" ]; then \
+		tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+		echo "building the baseline $(BASELINE_REF) as $(BIN)/citypulse-prev" && \
+		git archive --format=tar "$(BASELINE_REF)" | tar -x -C "$$tmp" && \
+		(cd "$$tmp" && $(GO) build -o "$(CURDIR)/$(BIN)/citypulse-prev" ./cmd/citypulse) || exit 1; \
+		base=$(BIN)/citypulse-prev; \
+	fi; \
+	./$(BIN)/loadtest efficiency --citypulse $(BIN)/citypulse --messages $(E2E_MESSAGES) --rounds $(E2E_ROUNDS) \
+		$${base:+--baseline $$base} 2>&1 | tee bench-e2e.out
 
 # fuzz runs every fuzz target for FUZZTIME each.
 fuzz:

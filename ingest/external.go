@@ -1,9 +1,14 @@
 package ingest
 
 import (
+	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
+	"fmt"
 	"log/slog"
+	"net"
+	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -99,7 +104,8 @@ func (x *External) Run(ctx context.Context) error {
 		SetMaxReconnectInterval(10 * time.Second).
 		SetAutoAckDisabled(true).
 		SetOrderMatters(true).
-		SetKeepAlive(30 * time.Second)
+		SetKeepAlive(30 * time.Second).
+		SetCustomOpenConnectionFn(openBuffered)
 	o.SetOnConnectHandler(func(c paho.Client) {
 		x.m.connected.Set(1)
 		// paho runs this handler in its own goroutine: waiting here is fine.
@@ -228,4 +234,45 @@ func deviceOfTopic(topic string) (string, bool) {
 		return "", false
 	}
 	return id, true
+}
+
+// bufferedConn reads through a bufio.Reader. paho reads each packet straight
+// from its connection: one read for the fixed header's first byte, one per
+// remaining-length byte and one for the rest, so at least three system calls
+// per message; a flood of small PUBLISH packets spent 14 % of the external
+// mode's CPU there. Buffered, one read(2) fetches many packets.
+type bufferedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (c *bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+// externalReadBuffer holds many small PUBLISH packets, or a large one in
+// a few reads.
+const externalReadBuffer = 64 << 10
+
+// openBuffered is paho's connection opener for the schemes ingest.external.url
+// allows (tcp, mqtt; ssl, tls), returning the connection read through a
+// buffer. It dials as paho does (its Dialer, its TLS config) except that it
+// does not consult the all_proxy environment variable.
+func openBuffered(u *url.URL, o paho.ClientOptions) (net.Conn, error) {
+	d := o.Dialer
+	if d == nil {
+		d = &net.Dialer{Timeout: 30 * time.Second}
+	}
+	var c net.Conn
+	var err error
+	switch u.Scheme {
+	case "tcp", "mqtt":
+		c, err = d.Dial("tcp", u.Host)
+	case "ssl", "tls":
+		c, err = tls.DialWithDialer(d, "tcp", u.Host, o.TLSConfig)
+	default:
+		return nil, fmt.Errorf("ingest.external.url scheme %q: want tcp, mqtt, ssl or tls", u.Scheme)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &bufferedConn{Conn: c, r: bufio.NewReaderSize(c, externalReadBuffer)}, nil
 }

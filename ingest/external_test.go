@@ -1,13 +1,24 @@
 package ingest
 
 import (
+	"bufio"
 	"context"
+	"crypto/tls"
 	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/eclipse/paho.mqtt.golang/packets"
 	"github.com/stretchr/testify/require"
+
+	"github.com/citypulse/citypulse/internal/servers"
 )
 
 // fakeMsg is a paho.Message whose Ack is recorded.
@@ -79,4 +90,132 @@ func TestExternalJournalsConcurrentlyAndAcksInOrder(t *testing.T) {
 	cancel()
 	x.work.Wait()
 	<-ackerDone
+}
+
+// External mode against a real mosquitto: every message published through the
+// broker is journaled, in order, and paho reads the subscription through a
+// buffer: far fewer read(2) calls than messages (reading straight from the
+// socket, paho makes at least three per message: the first byte, the
+// remaining length, the rest).
+func TestExternalAgainstMosquitto(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts mosquitto; run without -short (make test installs it)")
+	}
+	mq, addr, err := servers.StartMosquitto(t.TempDir())
+	require.NoError(t, err)
+	defer func() { require.NoError(t, mq.Stop(10*time.Second)) }()
+	rec := &recorder{}
+	x, err := NewExternal(ExternalConfig{URL: "tcp://" + addr, Topic: "devices/+/readings", ClientID: "citypulse-test", QoS: 1},
+		testRegistry(t), NewHandler(rec, HandlerOptions{}), nil, nil)
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- x.Run(ctx) }()
+	defer func() { cancel(); require.NoError(t, <-done) }()
+
+	pub := rawPublisher(t, addr)
+	defer pub.Close()
+	w := bufio.NewWriter(pub)
+	id := uint16(0)
+	send := func(dev string, v int) {
+		id++
+		p := packets.NewControlPacket(packets.Publish).(*packets.PublishPacket)
+		p.TopicName, p.Qos, p.MessageID = "devices/"+dev+"/readings", 1, id
+		p.Payload = fmt.Appendf(nil, `[{"n":"pressure","v":%d}]`, v)
+		require.NoError(t, p.Write(w))
+	}
+	// the subscription is made asynchronously after the connect: probe
+	require.Eventually(t, func() bool {
+		send("pipe-0001", 1)
+		require.NoError(t, w.Flush())
+		return len(rec.readings()) > 0
+	}, 15*time.Second, 100*time.Millisecond, "no probe arrived through mosquitto")
+	time.Sleep(200 * time.Millisecond) // the last probes in flight arrive
+	before := len(rec.readings())
+
+	const n = 3000
+	reads0 := readSyscalls(t)
+	for i := range n {
+		send("pipe-0002", i)
+	}
+	require.NoError(t, w.Flush())
+	require.Eventually(t, func() bool { return len(rec.readings()) >= before+n }, 30*time.Second, 20*time.Millisecond)
+	reads := readSyscalls(t) - reads0
+	t.Logf("%d messages through mosquitto: %d read system calls in this process (%.2f per message)", n, reads, float64(reads)/n)
+	// unbuffered, paho makes at least three per message; buffered, one read
+	// may carry many (even one per message plus a would-block retry stays
+	// under two)
+	require.Less(t, reads, 2*n, "paho reads the subscription through a buffer")
+	var got []float64
+	for _, r := range rec.readings()[before:] {
+		require.Equal(t, "pipe-0002", r.Device, "no probe after the wait")
+		got = append(got, r.Value)
+	}
+	for i, v := range got {
+		require.Equal(t, float64(i), v, "every message, in order")
+	}
+}
+
+// rawPublisher connects to the broker with a plain socket: its own reads
+// (only the CONNACK) do not blur the count of the subscriber's.
+func rawPublisher(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	require.NoError(t, err)
+	cp := packets.NewControlPacket(packets.Connect).(*packets.ConnectPacket)
+	cp.ProtocolName, cp.ProtocolVersion, cp.CleanSession, cp.ClientIdentifier = "MQTT", 4, true, "field-gateway"
+	require.NoError(t, cp.Write(c))
+	ack, err := packets.ReadPacket(c)
+	require.NoError(t, err)
+	require.Equal(t, byte(0), ack.(*packets.ConnackPacket).ReturnCode)
+	return c
+}
+
+// readSyscalls is the read(2)-like system calls this process made so far
+// (syscr of /proc/self/io).
+func readSyscalls(t *testing.T) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/io")
+	require.NoError(t, err)
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "syscr: "); ok {
+			n, err := strconv.Atoi(v)
+			require.NoError(t, err)
+			return n
+		}
+	}
+	t.Fatal("no syscr in /proc/self/io")
+	return 0
+}
+
+// The buffered opener speaks TLS for ssl:// (with the configured roots) and
+// refuses a scheme it does not dial.
+func TestOpenBufferedTLS(t *testing.T) {
+	cert, key, pool := selfSigned(t)
+	pair, err := tls.LoadX509KeyPair(cert, key)
+	require.NoError(t, err)
+	l, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{pair}})
+	require.NoError(t, err)
+	defer l.Close()
+	served := make(chan error, 1)
+	go func() {
+		c, err := l.Accept()
+		if err == nil {
+			_, err = c.Write([]byte{0x20, 2, 0, 0}) // a CONNACK
+			c.Close()
+		}
+		served <- err
+	}()
+	o := paho.NewClientOptions().SetTLSConfig(&tls.Config{RootCAs: pool})
+	c, err := openBuffered(&url.URL{Scheme: "ssl", Host: l.Addr().String()}, *o)
+	require.NoError(t, err)
+	defer c.Close()
+	require.IsType(t, &tls.Conn{}, c.(*bufferedConn).Conn)
+	pkt, err := packets.ReadPacket(c)
+	require.NoError(t, err)
+	require.IsType(t, &packets.ConnackPacket{}, pkt)
+	require.NoError(t, <-served)
+
+	_, err = openBuffered(&url.URL{Scheme: "ws", Host: l.Addr().String()}, *o)
+	require.ErrorContains(t, err, `scheme "ws"`)
 }

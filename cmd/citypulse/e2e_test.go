@@ -23,6 +23,8 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/udp"
 	"github.com/stretchr/testify/require"
+
+	"github.com/citypulse/citypulse/internal/servers"
 )
 
 func TestMQTTReadingsOfEveryFormatComeBackFromTheQueryAPI(t *testing.T) {
@@ -241,8 +243,7 @@ func TestExternalBrokerMode(t *testing.T) {
 	port := freePort(t, "tcp")
 	dir := t.TempDir()
 	conf := filepath.Join(dir, "mosquitto.conf")
-	require.NoError(t, os.WriteFile(conf, []byte(fmt.Sprintf(
-		"listener %d 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 0\n", port)), 0o644))
+	require.NoError(t, os.WriteFile(conf, []byte(servers.MosquittoConf(port)), 0o644))
 	mq := exec.Command(bin, "-c", conf)
 	var mqLog syncBuffer
 	mq.Stdout, mq.Stderr = &mqLog, &mqLog

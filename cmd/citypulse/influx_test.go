@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/citypulse/citypulse/internal/servers"
 )
 
 // store is a real InfluxDB-compatible server run by a test.
@@ -53,29 +55,15 @@ func (s *store) stop() {
 
 func requireBinary(t *testing.T, name, hint string) string {
 	t.Helper()
-	p, err := exec.LookPath(name)
+	p, err := servers.LookBinary(name)
 	if err != nil {
-		if home, _ := os.UserHomeDir(); home != "" {
-			if _, err := os.Stat(filepath.Join(home, "go", "bin", name)); err == nil {
-				return filepath.Join(home, "go", "bin", name)
-			}
-		}
-		t.Fatalf("%s not found: run `make test` (%s)", name, hint)
+		t.Fatalf("%v (%s)", err, hint)
 	}
 	return p
 }
 
-func httpOK(u string) error {
-	resp, err := http.Get(u)
-	if err != nil {
-		return err
-	}
-	resp.Body.Close()
-	if resp.StatusCode/100 != 2 {
-		return fmt.Errorf("%s: %s", u, resp.Status)
-	}
-	return nil
-}
+// httpOK returns nil when GET u answers 2xx.
+var httpOK = servers.HTTPOK
 
 // runOutage publishes 3 × n readings over MQTT for pipe-0001, stopping the store
 // after the first n and restarting it after the second n, then waits until
@@ -138,11 +126,7 @@ func TestInfluxSinkAgainstVictoriaMetrics(t *testing.T) {
 	skipShort(t)
 	bin := requireBinary(t, "victoria-metrics", "it installs the Debian package victoria-metrics")
 	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp"))
-	st := &store{t: t, name: "VictoriaMetrics", addr: addr, args: []string{bin,
-		"-storageDataPath=" + t.TempDir(), "-httpListenAddr=" + addr, "-loggerLevel=ERROR",
-		// An at-least-once writer may resend a batch whose answer it lost:
-		// deduplicate identical samples, as VictoriaMetrics recommends.
-		"-dedup.minScrapeInterval=1ms"}}
+	st := &store{t: t, name: "VictoriaMetrics", addr: addr, args: servers.VictoriaMetricsArgs(bin, t.TempDir(), addr)}
 	st.ready = func() error { return httpOK("http://" + addr + "/health") }
 	st.start()
 	defer st.stop()

@@ -7,6 +7,7 @@
 //	loadtest find-max --scenario configs/loadtest/throughput.yaml [--p99 50ms]
 //	loadtest compare old.json new.json
 //	loadtest devices --scenario configs/loadtest/smoke.yaml > devices.yaml
+//	loadtest efficiency [--citypulse bin/citypulse] [--baseline bin/citypulse-prev] [--messages 200000]
 //
 // Exit status: 0 pass, 1 the run failed its checks (an acknowledged reading
 // lost, a duplicate or unexpected sample, a bad webhook signature), 2 the run
@@ -41,6 +42,7 @@ commands:
   find-max  ramp the rate until p99 or errors cross a limit; report the sustainable rate
   compare   print the deltas between two JSON reports: compare old.json new.json
   devices   print the scenario's fleet as a CityPulse devices file
+  efficiency  run citypulse (and a baseline) under a QoS 1 flood; report readings per CPU-second and drain time
 
 run 'loadtest <command> -h' for its flags`
 
@@ -57,6 +59,8 @@ func mainCode(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	switch args[0] {
 	case "run":
 		code, err = cmdRun(ctx, args[1:], stdout, stderr)
+	case "efficiency":
+		code, err = cmdEfficiency(ctx, args[1:], stdout, stderr)
 	case "find-max":
 		code, err = cmdFindMax(ctx, args[1:], stdout, stderr)
 	case "compare":

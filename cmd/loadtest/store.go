@@ -5,8 +5,10 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -21,6 +23,9 @@ type api struct {
 	read  string
 	admin string
 	hc    *http.Client
+	// digits is how many significant digits the store keeps of a value (0:
+	// all, as CityPulse's TSDB; VictoriaMetrics keeps 12).
+	digits int
 }
 
 func newAPI(t Target) *api {
@@ -86,34 +91,44 @@ type sample struct {
 	v  float64
 }
 
-// rangeQuery evaluates a range-vector selector at time at and returns the raw
-// samples per device.
-func (a *api) rangeQuery(ctx context.Context, q string, at time.Time) (map[string][]sample, error) {
+// query evaluates q at time at with the Prometheus query API (CityPulse's or
+// VictoriaMetrics') and decodes the answer's data into data.
+func (a *api) query(ctx context.Context, q string, at time.Time, data any) error {
 	form := url.Values{"query": {q}, "time": {strconv.FormatFloat(float64(at.UnixMilli())/1000, 'f', 3, 64)}}
 	resp, err := a.do(ctx, http.MethodPost, "/api/v1/query", a.read, strings.NewReader(form.Encode()), "application/x-www-form-urlencoded")
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer resp.Body.Close()
-	var out struct {
+	out := struct {
 		Status string `json:"status"`
 		Error  string `json:"error"`
-		Data   struct {
-			ResultType string `json:"resultType"`
-			Result     []struct {
-				Metric map[string]string `json:"metric"`
-				Values [][2]any          `json:"values"`
-			} `json:"result"`
-		} `json:"data"`
-	}
+		Data   any    `json:"data"`
+	}{Data: data}
 	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
-		return nil, fmt.Errorf("query %s: %s: %w", q, resp.Status, err)
+		return fmt.Errorf("query %s: %s: %w", q, resp.Status, err)
 	}
 	if out.Status != "success" {
-		return nil, fmt.Errorf("query %s: %s: %s", q, resp.Status, out.Error)
+		return fmt.Errorf("query %s: %s: %s", q, resp.Status, out.Error)
+	}
+	return nil
+}
+
+// rangeQuery evaluates a range-vector selector at time at and returns the raw
+// samples per device.
+func (a *api) rangeQuery(ctx context.Context, q string, at time.Time) (map[string][]sample, error) {
+	var data struct {
+		ResultType string `json:"resultType"`
+		Result     []struct {
+			Metric map[string]string `json:"metric"`
+			Values [][2]any          `json:"values"`
+		} `json:"result"`
+	}
+	if err := a.query(ctx, q, at, &data); err != nil {
+		return nil, err
 	}
 	res := map[string][]sample{}
-	for _, s := range out.Data.Result {
+	for _, s := range data.Result {
 		dev := s.Metric["device"]
 		for _, v := range s.Values {
 			t, _ := v[0].(float64)
@@ -128,36 +143,87 @@ func (a *api) rangeQuery(ctx context.Context, q string, at time.Time) (map[strin
 	return res, nil
 }
 
-// rejects scrapes citypulse_readings_rejected_total by reason.
-func (a *api) rejects(ctx context.Context) (map[string]float64, error) {
+// sameValue reports whether the store's value got is the value sent, to the
+// digits the store keeps.
+func (a *api) sameValue(sent, got float64) bool {
+	if a.digits == 0 || sent == got {
+		return sent == got
+	}
+	return math.Abs(sent-got) <= math.Abs(sent)*math.Pow(10, float64(1-a.digits))
+}
+
+// scrape reads /metrics and calls f with each sample line.
+func (a *api) scrape(ctx context.Context, f func(line string)) error {
 	resp, err := a.do(ctx, http.MethodGet, "/metrics", a.read, nil, "")
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("/metrics: %s", resp.Status)
+		return fmt.Errorf("/metrics: %s", resp.Status)
 	}
-	out := map[string]float64{}
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	const prefix = `citypulse_readings_rejected_total{reason="`
 	for sc.Scan() {
-		line := sc.Text()
+		f(sc.Text())
+	}
+	return sc.Err()
+}
+
+// rejects scrapes citypulse_readings_rejected_total by reason.
+func (a *api) rejects(ctx context.Context) (map[string]float64, error) {
+	out := map[string]float64{}
+	const prefix = `citypulse_readings_rejected_total{reason="`
+	err := a.scrape(ctx, func(line string) {
 		rest, ok := strings.CutPrefix(line, prefix)
 		if !ok {
-			continue
+			return
 		}
 		reason, val, ok := strings.Cut(rest, `"} `)
 		if !ok {
-			continue
+			return
 		}
 		f, err := strconv.ParseFloat(val, 64)
 		if err == nil {
 			out[reason] = f
 		}
+	})
+	return out, err
+}
+
+// metric scrapes the value of one series of /metrics, written as it appears
+// there (name{labels}); absent is 0.
+func (a *api) metric(ctx context.Context, series string) (float64, error) {
+	var v float64
+	var perr error
+	err := a.scrape(ctx, func(line string) {
+		if val, ok := strings.CutPrefix(line, series+" "); ok {
+			v, perr = strconv.ParseFloat(val, 64)
+		}
+	})
+	return v, errors.Join(err, perr)
+}
+
+// instant evaluates q at time at and returns the value of its single sample
+// (0 when the result is empty).
+func (a *api) instant(ctx context.Context, q string, at time.Time) (float64, error) {
+	var data struct {
+		Result []struct {
+			Value [2]any `json:"value"`
+		} `json:"result"`
 	}
-	return out, sc.Err()
+	if err := a.query(ctx, q, at, &data); err != nil {
+		return 0, err
+	}
+	switch len(data.Result) {
+	case 0:
+		return 0, nil
+	case 1:
+	default:
+		return 0, fmt.Errorf("query %s: %d series, want one", q, len(data.Result))
+	}
+	str, _ := data.Result[0].Value[1].(string)
+	return strconv.ParseFloat(str, 64)
 }
 
 // probe is a reading whose arrival in the store the harness times.
@@ -327,7 +393,7 @@ func (r *runner) checkOnce(ctx context.Context, a *api, sent sentIndex) StoreChe
 							example("unexpected sample %s %s @%d = %g", id, metric, s.ts, s.v)
 							continue
 						}
-						if dev.readings[i].value != s.v {
+						if !a.sameValue(dev.readings[i].value, s.v) {
 							c.Unexpected++
 							example("sample %s %s @%d = %g, sent %g", id, metric, s.ts, s.v, dev.readings[i].value)
 							continue

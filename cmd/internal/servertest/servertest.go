@@ -3,21 +3,17 @@
 package servertest
 
 import (
-	"bytes"
 	"fmt"
-	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
+
+	"github.com/citypulse/citypulse/internal/servers"
 )
 
 // Build compiles ./cmd/citypulse into dir and returns the binary's path.
@@ -41,50 +37,11 @@ func Root() string {
 // FreePort returns a loopback port that was free a moment ago.
 func FreePort(t testing.TB, network string) int {
 	t.Helper()
-	// Below the ephemeral range: a port the kernel hands out for ":0" is
-	// also what it gives the next outgoing connection (the tests open
-	// thousands), so a server started on it a moment later could find it
-	// taken. Ports under the range are never used as source ports.
-	low := ephemeralLow()
-	for range 200 {
-		p := 10000 + rand.IntN(low-10000)
-		if portFree(network, p) {
-			return p
-		}
-	}
-	t.Fatalf("no free %s port found in [10000, %d)", network, low)
-	return 0
-}
-
-// ephemeralLow is the first port of the kernel's ephemeral range.
-func ephemeralLow() int {
-	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
-	if err == nil {
-		if f := strings.Fields(string(b)); len(f) == 2 {
-			if n, err := strconv.Atoi(f[0]); err == nil && n > 11000 {
-				return n
-			}
-		}
-	}
-	return 32768
-}
-
-func portFree(network string, p int) bool {
-	addr := fmt.Sprintf("127.0.0.1:%d", p)
-	if network == "udp" {
-		c, err := net.ListenPacket("udp", addr)
-		if err != nil {
-			return false
-		}
-		c.Close()
-		return true
-	}
-	l, err := net.Listen("tcp", addr)
+	p, err := servers.FreePort(network)
 	if err != nil {
-		return false
+		t.Fatal(err)
 	}
-	l.Close()
-	return true
+	return p
 }
 
 // Server is one run of the binary.
@@ -94,26 +51,65 @@ type Server struct {
 	MQTT, CoAP, DTLS, HTTP string   // host:port
 	Dir                    string   // holds the config and the data dir
 	Env                    []string // extra environment
-	cmd                    *exec.Cmd
+	proc                   *servers.Proc
 	logs                   *SyncBuffer
-	exited                 chan error
 	configured             bool
+}
+
+// Addrs are the listen addresses of one run of the binary (host:port).
+type Addrs struct{ MQTT, CoAP, DTLS, HTTP string }
+
+// FreeAddrs picks free loopback ports for a run.
+func FreeAddrs() (Addrs, error) {
+	var ports [4]int
+	for i, network := range []string{"tcp", "udp", "udp", "tcp"} {
+		p, err := servers.FreePort(network)
+		if err != nil {
+			return Addrs{}, err
+		}
+		ports[i] = p
+	}
+	f := func(p int) string { return fmt.Sprintf("127.0.0.1:%d", p) }
+	return Addrs{MQTT: f(ports[0]), CoAP: f(ports[1]), DTLS: f(ports[2]), HTTP: f(ports[3])}, nil
+}
+
+// StartCityPulse runs `bin serve` with the config file on addrs, with env
+// added to the environment (the CITYPULSE_TEST_* knobs of the tests are not
+// passed on: they are not config keys), and waits up to 60 s for /readyz.
+func StartCityPulse(bin, config string, a Addrs, env []string, logs *SyncBuffer) (*servers.Proc, error) {
+	var full []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "CITYPULSE_TEST_") {
+			full = append(full, kv)
+		}
+	}
+	args := []string{bin, "serve", "--config", config,
+		"--mqtt-addr", a.MQTT, "--coap-addr", a.CoAP, "--dtls-addr", a.DTLS, "--http-addr", a.HTTP}
+	return servers.StartProc("citypulse", args, append(full, env...), logs, func() error {
+		resp, err := http.Get("http://" + a.HTTP + "/readyz")
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("/readyz: %s", resp.Status)
+		}
+		return nil
+	}, 60*time.Second)
 }
 
 // New prepares a server in a fresh directory on free loopback ports, with env
 // added to its environment; SetConfig writes its config before Start.
 func New(t testing.TB, bin string, env ...string) *Server {
 	t.Helper()
-	s := &Server{t: t, bin: bin, Dir: t.TempDir(), Env: env,
-		MQTT: fmt.Sprintf("127.0.0.1:%d", FreePort(t, "tcp")),
-		CoAP: fmt.Sprintf("127.0.0.1:%d", FreePort(t, "udp")),
-		DTLS: fmt.Sprintf("127.0.0.1:%d", FreePort(t, "udp")),
-		HTTP: fmt.Sprintf("127.0.0.1:%d", FreePort(t, "tcp")),
+	a, err := FreeAddrs()
+	if err != nil {
+		t.Fatal(err)
 	}
+	s := &Server{t: t, bin: bin, Dir: t.TempDir(), Env: env, MQTT: a.MQTT, CoAP: a.CoAP, DTLS: a.DTLS, HTTP: a.HTTP}
 	t.Cleanup(func() {
-		if s.cmd != nil && s.cmd.ProcessState == nil {
-			_ = s.cmd.Process.Kill()
-			<-s.exited
+		if s.proc != nil {
+			s.proc.Kill()
 		}
 		if t.Failed() && s.logs != nil {
 			t.Logf("server log:\n%s", s.Logs())
@@ -141,73 +137,34 @@ func (s *Server) SetConfig(config string) {
 }
 
 // Pid is the running server's process id.
-func (s *Server) Pid() int { return s.cmd.Process.Pid }
+func (s *Server) Pid() int { return s.proc.Pid() }
 
 // Start runs the binary and waits until /readyz answers.
 func (s *Server) Start() {
-	t := s.t
-	t.Helper()
-	s.cmd = exec.Command(s.bin, "serve", "--config", filepath.Join(s.Dir, "citypulse.yaml"),
-		"--mqtt-addr", s.MQTT, "--coap-addr", s.CoAP, "--dtls-addr", s.DTLS, "--http-addr", s.HTTP)
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "CITYPULSE_TEST_") { // test knobs, not config keys
-			s.cmd.Env = append(s.cmd.Env, kv)
-		}
-	}
-	s.cmd.Env = append(s.cmd.Env, s.Env...)
+	s.t.Helper()
 	if s.logs == nil {
 		s.logs = &SyncBuffer{}
 	}
-	s.cmd.Stdout, s.cmd.Stderr = s.logs, s.logs
-	if err := s.cmd.Start(); err != nil {
-		t.Fatal(err)
+	p, err := StartCityPulse(s.bin, filepath.Join(s.Dir, "citypulse.yaml"),
+		Addrs{MQTT: s.MQTT, CoAP: s.CoAP, DTLS: s.DTLS, HTTP: s.HTTP}, s.Env, s.logs)
+	if err != nil {
+		s.t.Fatal(err)
 	}
-	s.exited = make(chan error, 1)
-	go func() { s.exited <- s.cmd.Wait() }()
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		select {
-		case err := <-s.exited:
-			t.Fatalf("server exited during start-up: %v\n%s", err, s.Logs())
-		default:
-		}
-		resp, err := http.Get("http://" + s.HTTP + "/readyz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("server not ready after 60s\n%s", s.Logs())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	s.proc = p
 }
 
 // Stop sends SIGTERM and requires a clean exit within 30 s.
 func (s *Server) Stop() {
 	s.t.Helper()
-	if err := s.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		s.t.Fatal(err)
-	}
-	select {
-	case err := <-s.exited:
-		if err != nil {
-			s.t.Fatalf("a graceful shutdown exits 0, got %v\n%s", err, s.Logs())
-		}
-	case <-time.After(30 * time.Second):
-		s.t.Fatalf("server did not stop within 30s after SIGTERM\n%s", s.Logs())
+	if err := s.proc.Stop(30 * time.Second); err != nil {
+		s.t.Fatalf("%v\n%s", err, s.Logs())
 	}
 }
 
 // Kill sends SIGKILL: no chance to flush anything.
 func (s *Server) Kill() {
 	s.t.Helper()
-	if err := s.cmd.Process.Kill(); err != nil {
-		s.t.Fatal(err)
-	}
-	<-s.exited
+	s.proc.Kill()
 }
 
 // Logs is what the server wrote so far.
@@ -219,19 +176,4 @@ func (s *Server) Logs() string {
 }
 
 // SyncBuffer is a bytes.Buffer safe for a process's stdout and a reader at once.
-type SyncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *SyncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *SyncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+type SyncBuffer = servers.SyncBuffer
