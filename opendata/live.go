@@ -44,6 +44,10 @@ func (f *Feed) Run(ctx context.Context) error {
 	}
 }
 
+// CloseStreams ends the live streams and refuses new ones (the server is
+// stopping).
+func (f *Feed) CloseStreams() { f.hub.Close() }
+
 // notification wraps entities as an NGSI-LD Notification.
 func notification(seq uint64, es []entity, kv bool) []byte {
 	data := make([]map[string]any, len(es))

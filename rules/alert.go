@@ -102,7 +102,8 @@ func event(s *ruleShard, a *alert, r *Rule, tr Transition) notifier.Event {
 	return ev
 }
 
-// AlertView is an alert as the API shows it.
+// AlertView is an alert as the API shows it. SilencedBy and Ack are filled
+// in by the API's decorator (the operators' silences and acknowledgements).
 type AlertView struct {
 	Labels      map[string]string `json:"labels"`
 	Annotations map[string]string `json:"annotations"`
@@ -110,12 +111,15 @@ type AlertView struct {
 	ActiveAt    time.Time         `json:"activeAt"`
 	Value       string            `json:"value"`
 	Flapping    bool              `json:"flapping,omitempty"`
+	Fingerprint string            `json:"fingerprint"`
+	SilencedBy  string            `json:"silencedBy,omitempty"`
+	Ack         any               `json:"ack,omitempty"`
 }
 
 // view is alert a as the API shows it (the caller holds s.mu).
 func view(s *ruleShard, a *alert, r *Rule) AlertView {
 	l := a.labels(r)
-	return AlertView{Labels: l, State: a.state.Phase.String(), ActiveAt: a.state.ActiveAt,
+	return AlertView{Labels: l, State: a.state.Phase.String(), ActiveAt: a.state.ActiveAt, Fingerprint: Fingerprint(l),
 		Value: strconv.FormatFloat(a.state.Value, 'g', -1, 64), Flapping: a.state.Flapping,
 		Annotations: r.annotate(templateData(s, a, r, l))}
 }

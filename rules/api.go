@@ -17,9 +17,10 @@ import (
 //	GET /api/v1/alerts  {"status":"success","data":{"alerts":[…]}}
 //	GET /api/v1/outbox  pending and dead-letter notifications per receiver
 type API struct {
-	e    *Engine
-	o    OutboxLister
-	file string
+	e        *Engine
+	o        OutboxLister
+	file     string
+	decorate func(*AlertView)
 }
 
 // OutboxLister is what the API needs of the outbox (*notifier.Outbox).
@@ -27,8 +28,12 @@ type OutboxLister interface {
 	Status() []notifier.Status
 }
 
-// NewAPI returns the API over e and o (o may be nil: no outbox).
-func NewAPI(e *Engine, o OutboxLister, file string) *API { return &API{e: e, o: o, file: file} }
+// NewAPI returns the API over e and o (o may be nil: no outbox). decorate,
+// when not nil, adds what operators decided about each alert (silenced,
+// acknowledged) before it is shown.
+func NewAPI(e *Engine, o OutboxLister, file string, decorate func(*AlertView)) *API {
+	return &API{e: e, o: o, file: file, decorate: decorate}
+}
 
 // Alerts returns the pending and firing alerts.
 func (e *Engine) Alerts() []AlertView {
@@ -53,6 +58,11 @@ func (a *API) Alerts(w http.ResponseWriter, _ *http.Request) {
 	alerts := a.e.Alerts()
 	if alerts == nil {
 		alerts = []AlertView{}
+	}
+	if a.decorate != nil {
+		for i := range alerts {
+			a.decorate(&alerts[i])
+		}
 	}
 	httpapi.WriteData(w, http.StatusOK, map[string]any{"alerts": alerts})
 }

@@ -375,17 +375,11 @@ func (v *Vitals) Run(ctx context.Context, sub Submitter) error {
 		case <-ctx.Done():
 			return nil
 		case now := <-t.C:
-			rs := v.Compute(now)
 			// One submission per district: a journal record carries one district.
-			for len(rs) > 0 {
-				n := 1
-				for n < len(rs) && rs[n].District == rs[0].District {
-					n++
+			for run := range pipeline.Runs(v.Compute(now)) {
+				if err := sub.Submit(ctx, run); err != nil && ctx.Err() == nil {
+					v.log.Warn("vitals: roll-ups not journaled; the next interval recomputes them", "district", run[0].District, "err", err)
 				}
-				if err := sub.Submit(ctx, rs[:n]); err != nil && ctx.Err() == nil {
-					v.log.Warn("vitals: roll-ups not journaled; the next interval recomputes them", "district", rs[0].District, "err", err)
-				}
-				rs = rs[n:]
 			}
 		}
 	}

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"io"
 	"net/http"
+
+	"github.com/citypulse/citypulse/internal/httpapi"
 )
 
 // maxBody bounds a request body.
@@ -77,14 +79,8 @@ func decode(w http.ResponseWriter, r *http.Request, v any) error {
 	return nil
 }
 
-func reply(w http.ResponseWriter, code int, data any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(code)
-	_ = json.NewEncoder(w).Encode(map[string]any{"status": "success", "data": data})
-}
+func reply(w http.ResponseWriter, code int, data any) { httpapi.WriteData(w, code, data) }
 
 func fail(w http.ResponseWriter, code int, err error) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(code)
-	_ = json.NewEncoder(w).Encode(map[string]any{"status": "error", "errorType": "bad_data", "error": err.Error()})
+	httpapi.WriteError(w, code, "bad_data", err.Error())
 }

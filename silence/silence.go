@@ -7,11 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"regexp"
 	"sort"
 	"sync"
 	"time"
+
+	"github.com/citypulse/citypulse/internal/durable"
 )
 
 // Matcher selects alerts by one label, as Alertmanager's matchers do: equal or
@@ -271,34 +272,15 @@ func (s *Store) expireLocked() {
 	s.st.Silences = out
 }
 
-// saveLocked writes the state durably: temp file, fsync, rename, fsync dir.
+// saveLocked writes the state durably (temporary file, fsync, rename, fsync
+// of the directory): an operator's silence is acknowledged only once a crash
+// cannot undo it.
 func (s *Store) saveLocked() error {
 	b, err := json.Marshal(s.st)
 	if err != nil {
 		return err
 	}
-	tmp := s.path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
-		return fmt.Errorf("save silences: %w", err)
-	}
-	if _, err = f.Write(b); err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, s.path)
-	}
-	if err == nil {
-		var d *os.File
-		if d, err = os.Open(filepath.Dir(s.path)); err == nil {
-			err = d.Sync()
-			_ = d.Close()
-		}
-	}
-	if err != nil {
+	if err := durable.WriteFile(s.path, b, 0o600, true); err != nil {
 		return fmt.Errorf("save silences %s: %w", s.path, err)
 	}
 	return nil

@@ -63,6 +63,7 @@ type Hub struct {
 	o       Options
 	mu      sync.Mutex
 	clients map[*client]struct{}
+	closed  bool
 	m       metrics
 }
 
@@ -127,9 +128,28 @@ func (h *Hub) Clients() int {
 // ErrFull says the hub has MaxClients clients already.
 var ErrFull = errors.New("event stream has its maximum of clients")
 
+// ErrClosed says the hub is closed (the server is stopping).
+var ErrClosed = errors.New("event stream is closed: the server is stopping")
+
+// Close ends every stream and refuses new ones: the server is stopping, and
+// an open stream would hold its graceful shutdown until the timeout.
+func (h *Hub) Close() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.closed = true
+	for c := range h.clients {
+		delete(h.clients, c)
+		c.drop()
+	}
+	h.m.clients.Set(0)
+}
+
 func (h *Hub) add(filter func(Event) bool) (*client, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if h.closed {
+		return nil, ErrClosed
+	}
 	if len(h.clients) >= h.o.MaxClients {
 		h.m.refused.Inc()
 		return nil, ErrFull

@@ -15,8 +15,10 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/citypulse/citypulse/ingest"
+	"github.com/citypulse/citypulse/opendata"
 	"github.com/citypulse/citypulse/pipeline"
 	"github.com/citypulse/citypulse/rules"
+	"github.com/citypulse/citypulse/signals"
 	"github.com/citypulse/citypulse/storage"
 )
 
@@ -33,6 +35,8 @@ type Config struct {
 	Storage  StorageConfig      `mapstructure:"storage" yaml:"storage"`
 	Vitals   rules.VitalsConfig `mapstructure:"vitals" yaml:"vitals"`
 	Rules    rules.Config       `mapstructure:"rules" yaml:"rules"`
+	Signals  signals.Config     `mapstructure:"signals" yaml:"signals"`
+	OpenData opendata.Config    `mapstructure:"opendata" yaml:"opendata"`
 }
 
 // LogConfig configures the structured log.
@@ -50,6 +54,9 @@ type HTTPConfig struct {
 	// ReadToken, when set, is required (or the admin token) by the read
 	// endpoints (query API, device list). /metrics, /healthz and /readyz stay open.
 	ReadToken string `mapstructure:"read_token" yaml:"read_token"`
+	// OperatorToken, when set, may read (as the read token) and act on alerts:
+	// acknowledge them and silence them. The admin token may too.
+	OperatorToken string `mapstructure:"operator_token" yaml:"operator_token"`
 	// ReadHeaderTimeout bounds reading a request's headers, ReadTimeout the
 	// whole request with its body, WriteTimeout the answer (it must outlast
 	// storage.tsdb.query_timeout), IdleTimeout a keep-alive connection
@@ -96,6 +103,9 @@ func (c HTTPConfig) Validate() error {
 	if t := c.ReadToken; t != "" && len(t) < 16 {
 		errs = append(errs, errors.New("http.read_token must be at least 16 characters"))
 	}
+	if t := c.OperatorToken; t != "" && len(t) < 16 {
+		errs = append(errs, errors.New("http.operator_token must be at least 16 characters"))
+	}
 	for _, d := range []struct {
 		key string
 		v   time.Duration
@@ -124,9 +134,10 @@ type DevicesConfig struct {
 
 // StorageConfig configures the stores.
 type StorageConfig struct {
-	TSDB    storage.TSDBConfig    `mapstructure:"tsdb" yaml:"tsdb"`
-	Influx  storage.InfluxConfig  `mapstructure:"influx" yaml:"influx"`
-	Archive storage.ArchiveConfig `mapstructure:"archive" yaml:"archive"`
+	TSDB        storage.TSDBConfig        `mapstructure:"tsdb" yaml:"tsdb"`
+	Influx      storage.InfluxConfig      `mapstructure:"influx" yaml:"influx"`
+	Archive     storage.ArchiveConfig     `mapstructure:"archive" yaml:"archive"`
+	RemoteWrite storage.RemoteWriteConfig `mapstructure:"remote_write" yaml:"remote_write"`
 }
 
 // DefaultConfig returns the embedded defaults: every gateway on its standard
@@ -141,7 +152,10 @@ func DefaultConfig() Config {
 		Pipeline: pipeline.Default(),
 		Vitals:   rules.DefaultVitals(),
 		Rules:    rules.Default(),
-		Storage:  StorageConfig{TSDB: storage.DefaultTSDB(), Influx: storage.DefaultInflux(), Archive: storage.DefaultArchive()},
+		Storage: StorageConfig{TSDB: storage.DefaultTSDB(), Influx: storage.DefaultInflux(), Archive: storage.DefaultArchive(),
+			RemoteWrite: storage.DefaultRemoteWrite()},
+		Signals:  signals.Default(),
+		OpenData: opendata.Default(),
 	}
 }
 
@@ -167,7 +181,8 @@ func (c Config) Validate() error {
 	if c.Devices.File == "" {
 		errs = append(errs, errors.New("devices.file must not be empty"))
 	}
-	errs = append(errs, c.Ingest.Validate(), c.Pipeline.Validate(), c.Storage.TSDB.Validate(), c.Storage.Influx.Validate(), c.Storage.Archive.Validate(), c.Vitals.Validate(), c.Rules.Validate())
+	errs = append(errs, c.Ingest.Validate(), c.Pipeline.Validate(), c.Storage.TSDB.Validate(), c.Storage.Influx.Validate(), c.Storage.Archive.Validate(), c.Storage.RemoteWrite.Validate(),
+		c.Vitals.Validate(), c.Rules.Validate(), c.Signals.Validate(), c.OpenData.Validate())
 	if c.Ingest.MaxPast > c.Storage.TSDB.OutOfOrderWindow {
 		// Such a reading would be acknowledged, then refused by the store.
 		errs = append(errs, fmt.Errorf("ingest.max_past (%v) must not exceed storage.tsdb.out_of_order_window (%v): readings the gateways accept must be storable",

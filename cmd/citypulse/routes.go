@@ -14,9 +14,12 @@ import (
 
 	"github.com/citypulse/citypulse/devices"
 	"github.com/citypulse/citypulse/internal/httpapi"
+	"github.com/citypulse/citypulse/opendata"
 	"github.com/citypulse/citypulse/pipeline"
 	"github.com/citypulse/citypulse/rules"
+	"github.com/citypulse/citypulse/silence"
 	"github.com/citypulse/citypulse/storage"
+	"github.com/citypulse/citypulse/stream"
 	"github.com/citypulse/citypulse/web"
 )
 
@@ -37,6 +40,9 @@ type api struct {
 	sinks   sinkStatuser
 	export  exporter // nil when the archive is off
 	rules   *rules.API
+	events  *stream.Hub    // the operations screen's live stream
+	acts    *silence.Store // silences and acknowledgements
+	feed    *opendata.Feed // nil when the public feed is off
 	reload  func() error
 	ready   *atomic.Bool
 	metrics *prometheus.Registry
@@ -66,19 +72,23 @@ func (s *server) routes() http.Handler {
 		ready:   &s.ready,
 		metrics: s.reg,
 		log:     s.log,
+		events:  s.events,
+		acts:    s.silences,
+		feed:    s.feed,
 	}
 	if s.archive != nil {
 		a.export = s.archive
 	}
 	if s.engine != nil {
-		a.rules = rules.NewAPI(s.engine, s.outbox, s.cfg.Rules.File)
+		a.rules = rules.NewAPI(s.engine, s.outbox, s.cfg.Rules.File, s.decorateAlert)
 	}
 	return routes(s.cfg.HTTP, a)
 }
 
 // routes mounts the HTTP API.
 func routes(c HTTPConfig, a api) http.Handler {
-	read := requireRead(c.ReadToken, c.AdminToken)
+	read := requireRead(c.ReadToken, c.OperatorToken, c.AdminToken)
+	operate := requireOperator(c.OperatorToken, c.AdminToken)
 	admin := requireAdmin(c.AdminToken)
 	mux := http.NewServeMux()
 
@@ -120,6 +130,14 @@ func routes(c HTTPConfig, a api) http.Handler {
 		mux.Handle("GET /api/v1/alerts", read(http.HandlerFunc(a.rules.Alerts)))
 		mux.Handle("GET /api/v1/outbox", read(http.HandlerFunc(a.rules.Outbox)))
 	}
+	mux.Handle("GET /api/v1/events", read(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		a.events.Serve(w, r, nil, nil)
+	})))
+	a.acts.Register(mux, read, operate)
+	if a.feed != nil {
+		// The public guidance feed: no token, its own rate limit per client.
+		mux.Handle("/ngsi-ld/", a.feed.Handler())
+	}
 	mux.Handle("POST /-/reload", admin(httpapi.LimitBody(maxReloadBody, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		if err := a.reload(); err != nil {
 			http.Error(w, err.Error(), http.StatusBadRequest)
@@ -134,15 +152,17 @@ func routes(c HTTPConfig, a api) http.Handler {
 }
 
 // requireRead guards the read endpoints: open when no read token is set,
-// otherwise the read or the admin token ("Authorization: Bearer <token>").
-func requireRead(readToken, adminToken string) func(http.Handler) http.Handler {
+// otherwise the read, the operator or the admin token ("Authorization: Bearer <token>").
+func requireRead(readToken, operatorToken, adminToken string) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		if readToken == "" {
 			return next
 		}
 		want := []string{readToken}
-		if adminToken != "" {
-			want = append(want, adminToken)
+		for _, t := range []string{operatorToken, adminToken} {
+			if t != "" {
+				want = append(want, t)
+			}
 		}
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if !hasToken(r, want) {
@@ -166,6 +186,31 @@ func requireAdmin(token string) func(http.Handler) http.Handler {
 			if !hasToken(r, []string{token}) {
 				w.Header().Set("WWW-Authenticate", `Bearer realm="citypulse"`)
 				http.Error(w, "missing or wrong admin bearer token", http.StatusUnauthorized)
+				return
+			}
+			next.ServeHTTP(w, r)
+		})
+	}
+}
+
+// requireOperator guards acting on alerts (acknowledge, silence): the
+// operator or the admin token; with neither configured it is disabled.
+func requireOperator(operatorToken, adminToken string) func(http.Handler) http.Handler {
+	var want []string
+	for _, t := range []string{operatorToken, adminToken} {
+		if t != "" {
+			want = append(want, t)
+		}
+	}
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if len(want) == 0 {
+				http.Error(w, "acting on alerts is disabled: set http.operator_token (CITYPULSE_HTTP_OPERATOR_TOKEN) to enable it", http.StatusForbidden)
+				return
+			}
+			if !hasToken(r, want) {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="citypulse"`)
+				http.Error(w, "missing or wrong operator bearer token", http.StatusUnauthorized)
 				return
 			}
 			next.ServeHTTP(w, r)

@@ -123,7 +123,7 @@ func (h *httpRunner) Run(ctx context.Context) error {
 // requests' contexts end when the server is closed.
 func (s *server) newHTTPServer() *http.Server {
 	c := s.cfg.HTTP
-	return &http.Server{
+	srv := &http.Server{
 		Handler:           s.Handler(),
 		ReadHeaderTimeout: c.ReadHeaderTimeout,
 		ReadTimeout:       c.ReadTimeout,
@@ -132,4 +132,11 @@ func (s *server) newHTTPServer() *http.Server {
 		MaxHeaderBytes:    c.MaxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 	}
+	// Live streams never go idle: end them when the server shuts down, or
+	// they would hold its graceful shutdown until the timeout.
+	srv.RegisterOnShutdown(s.events.Close)
+	if s.feed != nil {
+		srv.RegisterOnShutdown(s.feed.CloseStreams)
+	}
+	return srv
 }

@@ -20,9 +20,13 @@ import (
 	"github.com/citypulse/citypulse/ingest"
 	"github.com/citypulse/citypulse/internal/httpapi"
 	"github.com/citypulse/citypulse/notifier"
+	"github.com/citypulse/citypulse/opendata"
 	"github.com/citypulse/citypulse/pipeline"
 	"github.com/citypulse/citypulse/rules"
+	"github.com/citypulse/citypulse/signals"
+	"github.com/citypulse/citypulse/silence"
 	"github.com/citypulse/citypulse/storage"
+	"github.com/citypulse/citypulse/stream"
 )
 
 // server is the whole CityPulse server as a value: newServer opens and builds
@@ -41,7 +45,11 @@ type server struct {
 	vitals   *rules.Vitals // nil when vitals.enabled is false
 	engine   *rules.Engine // nil when rules.enabled is false
 	outbox   *notifier.Outbox
-	gateways []runner // the gateways and the vital-sign ticker: stopped first
+	gateways []runner          // the gateways and the vital-sign ticker: stopped first
+	events   *stream.Hub       // the operations screen's live stream
+	silences *silence.Store    // the operators' silences and acknowledgements
+	feed     *opendata.Feed    // nil when opendata.enabled is false
+	signals  *signals.Analyzer // nil when signals.enabled is false
 	ln       net.Listener
 	query    *storage.API
 	handler  http.Handler
@@ -90,7 +98,7 @@ func newServer(cfg Config, logOut io.Writer) (_ *server, err error) {
 	if s.devices, err = devices.NewRegistry(list, filepath.Join(cfg.DataDir, "devices-overlay.json")); err != nil {
 		return nil, err
 	}
-	for _, step := range []func() error{s.openStores, s.buildRules, s.buildPipeline, s.buildGateways, s.listenHTTP} {
+	for _, step := range []func() error{s.openStores, s.buildLive, s.buildRules, s.buildPipeline, s.buildGateways, s.listenHTTP} {
 		if err := step(); err != nil {
 			return nil, err
 		}
@@ -137,6 +145,14 @@ func (s *server) openStores() error {
 		s.sinks = append(s.sinks, pipeline.SinkSpec{Sink: ix, Batch: &cfg.Storage.Influx.Batch})
 		log.Info("writing to an InfluxDB-compatible store", "url", cfg.Storage.Influx.URL, "bucket", cfg.Storage.Influx.Bucket)
 	}
+	if cfg.Storage.RemoteWrite.Enabled {
+		rw, err := storage.OpenRemoteWrite(cfg.Storage.RemoteWrite, log.With("component", "remote-write"), s.reg)
+		if err != nil {
+			return err
+		}
+		s.sinks = append(s.sinks, pipeline.SinkSpec{Sink: rw, Batch: &cfg.Storage.RemoteWrite.Batch})
+		log.Info("writing to a Prometheus remote-write receiver", "url", cfg.Storage.RemoteWrite.URL)
+	}
 	if cfg.Storage.Archive.Enabled {
 		a, err := storage.OpenArchive(filepath.Join(cfg.DataDir, "archive"), cfg.Storage.Archive, log.With("component", "archive"), s.reg)
 		if err != nil {
@@ -173,7 +189,7 @@ func (s *server) buildRules() error {
 	if err != nil {
 		return err
 	}
-	s.engine = rules.NewEngine(cfg.Rules, rs, rules.EngineOptions{Shards: cfg.Pipeline.Shards, Devices: s.devices, Notifier: s.outbox,
+	s.engine = rules.NewEngine(cfg.Rules, rs, rules.EngineOptions{Shards: cfg.Pipeline.Shards, Devices: s.devices, Notifier: s.notifierFor(s.outbox),
 		StatePath: filepath.Join(cfg.DataDir, "rules-state.json"), FsyncEach: dur.FsyncEach(),
 		Logger: log.With("component", "rules"), Registerer: s.reg})
 	s.engine.Restore() // the saved alert states, before the first reading is evaluated
@@ -189,6 +205,12 @@ func (s *server) buildPipeline() error {
 	}
 	if s.engine != nil {
 		observers = append(observers, s.engine)
+	}
+	if s.feed != nil {
+		observers = append(observers, s.feed)
+	}
+	if s.signals != nil {
+		observers = append(observers, s.signals)
 	}
 	pipe, err := pipeline.New(pipeline.Options{
 		Config:     s.cfg.Pipeline,
@@ -217,8 +239,10 @@ func (s *server) buildGateways() error {
 		Logger: log.With("component", "ingest"), Registerer: s.reg,
 	})
 	if s.vitals != nil {
-		s.gateways = append(s.gateways, runFunc(func(ctx context.Context) error { return s.vitals.Run(ctx, s.pipe) }))
+		live := liveSubmitter{pipe: s.pipe, events: s.events}
+		s.gateways = append(s.gateways, runFunc(func(ctx context.Context) error { return s.vitals.Run(ctx, live) }))
 	}
+	s.gateways = append(s.gateways, s.liveRunners()...)
 	if cfg.Ingest.MQTT.Enabled {
 		b, err := ingest.NewBroker(cfg.Ingest.MQTT, s.devices, h, log.With("component", "mqtt"), s.reg)
 		if err != nil {
