@@ -117,8 +117,8 @@ func (tb *tab) click(css string) {
 // pageState is what the page shows, read from its DOM by stateJS.
 type pageState struct {
 	Status string `json:"status"`
-	Live   string `json:"live"`     // the indicator's class
-	Mode   string `json:"mode"`     // and its mode
+	Live   string `json:"live"` // the indicator's class
+	Mode   string `json:"mode"` // and its mode
 	Href   string `json:"href"`
 	Hash   string `json:"hash"`
 	Main   string `json:"main"`   // the text of the view

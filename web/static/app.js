@@ -114,6 +114,7 @@ function route() {
 
 function render() {
   setStatus();
+  paintLive(); // at once, not up to a second after the data arrived
   const main = document.getElementById("view");
   const r = route();
   const views = { city: renderCity, sinks: renderSinks, district: renderDistrict, device: renderDevice, alert: renderAlert };
