@@ -196,6 +196,15 @@ func (tb *tab) waitFor(what string, d time.Duration, cond func(pageState) error)
 	}
 }
 
+// screenshotsDir is CITYPULSE_SCREENSHOTS, taken out of the environment when
+// the tests start: the server they run rejects any CITYPULSE_* variable that
+// names no config key, and it inherits the test's environment.
+var screenshotsDir = func() string {
+	d := os.Getenv("CITYPULSE_SCREENSHOTS")
+	os.Unsetenv("CITYPULSE_SCREENSHOTS")
+	return d
+}()
+
 // screenshot saves the whole page as name.png in the test's temp dir and,
 // when CITYPULSE_SCREENSHOTS names a directory, there too.
 func (tb *tab) screenshot(dir, name string) {
@@ -205,7 +214,7 @@ func (tb *tab) screenshot(dir, name string) {
 	png, err := chromedp.Run(ctx, chromedp.FullScreenshot(100))
 	require.NoError(tb.t, err)
 	require.Greater(tb.t, len(png), 1000, "a screenshot with something on it")
-	for _, d := range []string{dir, os.Getenv("CITYPULSE_SCREENSHOTS")} {
+	for _, d := range []string{dir, screenshotsDir} {
 		if d == "" {
 			continue
 		}

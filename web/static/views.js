@@ -183,10 +183,12 @@ async function drawCharts(box, district, seconds) {
       if (!pts.length) { fig.appendChild(el("p", { class: "empty", text: "no data in this range" })); continue; }
       const xs = pts.map(p => p[0]), ys = pts.map(p => parseFloat(p[1]));
       // The text beside the canvas: what a screen reader (or a glance) gets.
-      fig.appendChild(el("p", { class: "summary", text: "latest " + fmt(ys[ys.length - 1], 2) + " · lowest " + fmt(Math.min(...ys), 2) +
-        " · highest " + fmt(Math.max(...ys), 2) + " (" + pts.length + " points)" }));
+      const num = v => fmt(v, Number.isInteger(v) ? 0 : 2);
+      fig.appendChild(el("p", { class: "summary", text: "latest " + num(ys[ys.length - 1]) + " · lowest " + num(Math.min(...ys)) +
+        " · highest " + num(Math.max(...ys)) + " (" + pts.length + (pts.length === 1 ? " point)" : " points)") }));
       // eslint-disable-next-line no-undef
       new uPlot({ width: Math.min(560, box.clientWidth || 560), height: 180, series: [{}, { label: name, stroke: "#1565c0", width: 2 }],
+        scales: { x: { time: true, range: () => [start, end] } }, // the chosen range, however few points it holds
         axes: [{}, { size: 60 }], legend: { show: false } }, [xs, ys], fig);
     } catch (e) {
       fig.appendChild(el("p", { class: "empty", text: "cannot load: " + e.message }));
