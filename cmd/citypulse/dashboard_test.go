@@ -63,25 +63,30 @@ func newBrowser(t *testing.T) context.Context {
 // tab is one browser tab (in a browser context of its own: its own
 // sessionStorage) and everything its console said.
 type tab struct {
-	t    *testing.T
 	ctx  context.Context
 	base string // http://host:port
 
-	mu      sync.Mutex
-	console []chromedp.ConsoleMessage
+	mu        sync.Mutex
+	console   []chromedp.ConsoleMessage
+	listenErr error // why the console stopped being read early
 }
 
 func openTab(t *testing.T, browser context.Context, base string) *tab {
 	t.Helper()
 	ctx, cancel := chromedp.NewContext(browser, chromedp.WithNewBrowserContext())
 	require.NoError(t, chromedp.Do(ctx), "open a tab")
-	tb := &tab{t: t, ctx: ctx, base: base}
+	tb := &tab{ctx: ctx, base: base}
 	messages := chromedp.Console(ctx)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		for m, err := range messages {
 			if err != nil {
+				if ctx.Err() == nil { // not the tab closing: the test stopped listening
+					tb.mu.Lock()
+					tb.listenErr = err
+					tb.mu.Unlock()
+				}
 				return
 			}
 			tb.mu.Lock()
@@ -95,23 +100,23 @@ func openTab(t *testing.T, browser context.Context, base string) *tab {
 
 // do runs steps with a bound, so a page that never answers fails the test
 // instead of hanging it.
-func (tb *tab) do(d time.Duration, steps ...chromedp.Action[chromedp.Void]) {
-	tb.t.Helper()
+func (tb *tab) do(t *testing.T, d time.Duration, steps ...chromedp.Action[chromedp.Void]) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(tb.ctx, d)
 	defer cancel()
-	require.NoError(tb.t, chromedp.Do(ctx, steps...))
+	require.NoError(t, chromedp.Do(ctx, steps...))
 }
 
 // open loads path (relative to the server) in the tab.
-func (tb *tab) open(path string) {
-	tb.t.Helper()
-	tb.do(30*time.Second, chromedp.Navigate(tb.base+path))
+func (tb *tab) open(t *testing.T, path string) {
+	t.Helper()
+	tb.do(t, 30*time.Second, chromedp.Navigate(tb.base+path))
 }
 
 // click clicks the first element matching the CSS selector, as a user would.
-func (tb *tab) click(css string) {
-	tb.t.Helper()
-	tb.do(10*time.Second, chromedp.Click(chromedp.CSS(css), chromedp.NodeVisible))
+func (tb *tab) click(t *testing.T, css string) {
+	t.Helper()
+	tb.do(t, 10*time.Second, chromedp.Click(chromedp.CSS(css), chromedp.NodeVisible))
 }
 
 // pageState is what the page shows, read from its DOM by stateJS.
@@ -179,8 +184,8 @@ func (tb *tab) state() (pageState, error) {
 
 // waitFor reads the page until cond accepts it (returns nil) or d passes.
 // It polls from Go: the CSP forbids the eval that chromedp.Poll needs.
-func (tb *tab) waitFor(what string, d time.Duration, cond func(pageState) error) pageState {
-	tb.t.Helper()
+func (tb *tab) waitFor(t *testing.T, what string, d time.Duration, cond func(pageState) error) pageState {
+	t.Helper()
 	deadline := time.Now().Add(d)
 	for {
 		st, err := tb.state()
@@ -190,7 +195,7 @@ func (tb *tab) waitFor(what string, d time.Duration, cond func(pageState) error)
 			}
 		}
 		if time.Now().After(deadline) {
-			tb.t.Fatalf("%s: not within %v: %v\nstatus %q, live %q, hash %q, view:\n%s", what, d, err, st.Status, st.Live, st.Hash, st.Main)
+			t.Fatalf("%s: not within %v: %v\nstatus %q, live %q, hash %q, view:\n%s", what, d, err, st.Status, st.Live, st.Hash, st.Main)
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
@@ -207,21 +212,21 @@ var screenshotsDir = func() string {
 
 // screenshot saves the whole page as name.png in the test's temp dir and,
 // when CITYPULSE_SCREENSHOTS names a directory, there too.
-func (tb *tab) screenshot(dir, name string) {
-	tb.t.Helper()
+func (tb *tab) screenshot(t *testing.T, dir, name string) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(tb.ctx, 20*time.Second)
 	defer cancel()
 	png, err := chromedp.Run(ctx, chromedp.FullScreenshot(100))
-	require.NoError(tb.t, err)
-	require.Greater(tb.t, len(png), 1000, "a screenshot with something on it")
+	require.NoError(t, err)
+	require.Greater(t, len(png), 1000, "a screenshot with something on it")
 	for _, d := range []string{dir, screenshotsDir} {
 		if d == "" {
 			continue
 		}
-		require.NoError(tb.t, os.MkdirAll(d, 0o755))
+		require.NoError(t, os.MkdirAll(d, 0o755))
 		p := filepath.Join(d, name+".png")
-		require.NoError(tb.t, os.WriteFile(p, png, 0o644))
-		tb.t.Logf("screenshot %s", p)
+		require.NoError(t, os.WriteFile(p, png, 0o644))
+		t.Logf("screenshot %s", p)
 	}
 }
 
@@ -232,6 +237,9 @@ func (tb *tab) consoleErrors(allowed func(chromedp.ConsoleMessage) bool) []strin
 	tb.mu.Lock()
 	defer tb.mu.Unlock()
 	var bad []string
+	if tb.listenErr != nil {
+		bad = append(bad, "reading the console: "+tb.listenErr.Error())
+	}
 	for _, m := range tb.console {
 		failed := m.IsException() || m.Type == chromedp.ConsoleError || m.Type == "assert"
 		if m.Source == "network" && allowed != nil && allowed(m) {
@@ -343,8 +351,8 @@ func TestDashboardInHeadlessChromium(t *testing.T) {
 	browser := newBrowser(t)
 	shots := t.TempDir()
 	tb := openTab(t, browser, "http://"+s.http)
-	tb.open("/#token=" + dashReadToken)
-	tb.do(5*time.Second, chromedp.Evaluate[chromedp.Void](`window.citypulseTestMarker = "the same page"`))
+	tb.open(t, "/#token="+dashReadToken)
+	tb.do(t, 5*time.Second, chromedp.Evaluate[chromedp.Void](`window.citypulseTestMarker = "the same page"`))
 	samePage := func(st pageState) error {
 		if st.Marker != "the same page" {
 			return fmt.Errorf("the page was reloaded")
@@ -358,7 +366,7 @@ func TestDashboardInHeadlessChromium(t *testing.T) {
 		run  func(t *testing.T)
 	}{
 		{"city view", func(t *testing.T) {
-			st := tb.waitFor("the city view with vital signs and the alert", 30*time.Second, func(st pageState) error {
+			st := tb.waitFor(t, "the city view with vital signs and the alert", 30*time.Second, func(st pageState) error {
 				switch {
 				case !strings.HasPrefix(st.Status, "updated "):
 					return fmt.Errorf("status %q", st.Status)
@@ -380,11 +388,11 @@ func TestDashboardInHeadlessChromium(t *testing.T) {
 			require.Equal(t, "live ok", st.Live, "fresh data: %q", st.Mode)
 			require.Contains(t, []string{"live", "polling"}, st.Mode, "the stream, or polling where the server has none")
 			require.Empty(t, st.Unlabelled, "every control has an accessible name")
-			tb.screenshot(shots, "dashboard-city")
+			tb.screenshot(t, shots, "dashboard-city")
 		}},
 		{"live values change without a reload", func(t *testing.T) {
 			publishReading(t, s, "pipe-0001", `{"pressure":390}`)
-			tb.waitFor("gulou's new minimum on its card", 30*time.Second, func(st pageState) error {
+			tb.waitFor(t, "gulou's new minimum on its card", 30*time.Second, func(st pageState) error {
 				if err := samePage(st); err != nil {
 					return err
 				}
@@ -392,8 +400,8 @@ func TestDashboardInHeadlessChromium(t *testing.T) {
 			})
 		}},
 		{"sinks", func(t *testing.T) {
-			tb.click(`header nav a[href="#/sinks"]`)
-			st := tb.waitFor("the sinks table", 10*time.Second, func(st pageState) error {
+			tb.click(t, `header nav a[href="#/sinks"]`)
+			st := tb.waitFor(t, "the sinks table", 10*time.Second, func(st pageState) error {
 				rows, ok := tableRows(st, "Where readings are stored")
 				if !ok || len(rows) == 0 || len(rows[0]) < 2 {
 					return fmt.Errorf("no sinks table")
@@ -408,9 +416,9 @@ func TestDashboardInHeadlessChromium(t *testing.T) {
 			require.Contains(t, names, "tsdb", "the embedded store's sink")
 		}},
 		{"district view draws trend charts", func(t *testing.T) {
-			tb.click(`header nav a[href="#/"]`)
-			tb.click(`article.district a[href="#/district/gulou"]`)
-			st := tb.waitFor("a chart with points", 30*time.Second, func(st pageState) error {
+			tb.click(t, `header nav a[href="#/"]`)
+			tb.click(t, `article.district a[href="#/district/gulou"]`)
+			st := tb.waitFor(t, "a chart with points", 30*time.Second, func(st pageState) error {
 				for _, c := range st.Charts {
 					if c.Title == "Mains pressure, lowest (kPa)" && c.Points > 0 && c.Canvas {
 						return nil
@@ -426,11 +434,11 @@ func TestDashboardInHeadlessChromium(t *testing.T) {
 			rows, ok := tableRows(st, "Devices in gulou")
 			require.True(t, ok)
 			require.Equal(t, [][]string{{"pipe-0001", "pipe", "10s"}, {"tl-0001", "traffic_light", "5s"}}, rows)
-			tb.screenshot(shots, "dashboard-district")
+			tb.screenshot(t, shots, "dashboard-district")
 		}},
 		{"device view shows the last readings", func(t *testing.T) {
-			tb.click(`table a[href="#/device/pipe-0001"]`)
-			st := tb.waitFor("pipe-0001's last readings", 15*time.Second, func(st pageState) error {
+			tb.click(t, `table a[href="#/device/pipe-0001"]`)
+			st := tb.waitFor(t, "pipe-0001's last readings", 15*time.Second, func(st pageState) error {
 				rows, ok := tableRows(st, "Latest value of each metric")
 				if !ok {
 					return fmt.Errorf("no readings table")
@@ -494,8 +502,8 @@ func TestDashboardToken(t *testing.T) {
 		{name: "no token", url: "/", want: noToken},
 		{name: "wrong token", url: "/#token=not-the-token", want: refused},
 		{name: "the token form", url: "/", want: noToken, then: func(t *testing.T, tb *tab) {
-			tb.do(10*time.Second, chromedp.SendKeys(chromedp.ID("token"), dashReadToken+"\n"))
-			st := tb.waitFor("the data", 20*time.Second, func(st pageState) error {
+			tb.do(t, 10*time.Second, chromedp.SendKeys(chromedp.ID("token"), dashReadToken+"\n"))
+			st := tb.waitFor(t, "the data", 20*time.Second, func(st pageState) error {
 				if !strings.HasPrefix(st.Status, "updated ") || len(st.Alerts) == 0 {
 					return fmt.Errorf("status %q, %d alerts", st.Status, len(st.Alerts))
 				}
@@ -505,14 +513,14 @@ func TestDashboardToken(t *testing.T) {
 			v, err := chromedp.Run(tb.ctx, chromedp.Value(chromedp.ID("token")))
 			require.NoError(t, err)
 			require.Empty(t, v, "the field is cleared once the token is taken")
-			tb.click("#forget")
-			tb.waitFor("no data again", 20*time.Second, noData(noToken))
+			tb.click(t, "#forget")
+			tb.waitFor(t, "no data again", 20*time.Second, noData(noToken))
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tb := openTab(t, browser, "http://"+s.http)
-			tb.open(tc.url)
-			tb.waitFor("the reason", 20*time.Second, noData(tc.want))
+			tb.open(t, tc.url)
+			tb.waitFor(t, "the reason", 20*time.Second, noData(tc.want))
 			if tc.then != nil {
 				tc.then(t, tb)
 			}
