@@ -148,7 +148,8 @@ type pageState struct {
 		Points int    `json:"points"`
 		Canvas bool   `json:"canvas"`
 	} `json:"charts"`
-	Unlabelled []string `json:"unlabelled"` // form controls without an accessible name
+	Facts      map[string]string `json:"facts"`      // the dl.facts of a device or an alert
+	Unlabelled []string          `json:"unlabelled"` // form controls without an accessible name
 }
 
 const stateJS = `(() => {
@@ -171,6 +172,7 @@ const stateJS = `(() => {
       rows: [...t.tBodies[0].rows].map(r => [...r.cells].map(text)) })),
     charts: all(main, "figure.chart").map(f => ({ title: text(f.querySelector("figcaption")),
       points: Number(f.dataset.points || 0), canvas: !!f.querySelector("canvas") })),
+    facts: Object.fromEntries(all(main, "dl.facts dt").map(dt => [text(dt), text(dt.nextElementSibling)])),
     unlabelled: all(document, "input, select, textarea, button").filter(e =>
       !(e.labels && e.labels.length) && !e.getAttribute("aria-label") && !e.textContent.trim()).map(e => e.outerHTML),
   };
@@ -456,6 +458,27 @@ func TestDashboardInHeadlessChromium(t *testing.T) {
 			})
 			require.NoError(t, samePage(st))
 			require.Contains(t, st.Main, "last reading ")
+			require.Equal(t, map[string]string{"kind": "pipe", "interval": "10s"}, st.Facts)
+			urgentIsGasLeak(t, st)
+		}},
+		{"alert view", func(t *testing.T) {
+			links, err := chromedp.Run(tb.ctx, chromedp.Evaluate[int](`document.querySelectorAll("li.alert a.name").length`))
+			require.NoError(t, err)
+			if links == 0 {
+				t.Skip("the server's /api/v1/alerts gives no fingerprint yet, so the page links to no alert view")
+			}
+			tb.click(t, `li.alert a.name`)
+			st := tb.waitFor(t, "the alert's labels and history", 15*time.Second, func(st pageState) error {
+				if st.Facts["alertname"] != "gas_leak" || strings.Contains(st.Main, "loading…") {
+					return fmt.Errorf("facts %v", st.Facts)
+				}
+				return nil
+			})
+			require.NoError(t, samePage(st))
+			require.True(t, strings.HasPrefix(st.Hash, "#/alert/"), st.Hash)
+			require.Equal(t, "pipe-0001", st.Facts["device"])
+			require.Equal(t, "gulou", st.Facts["district"])
+			require.Equal(t, "critical", st.Facts["severity"])
 			urgentIsGasLeak(t, st)
 		}},
 	} {

@@ -86,7 +86,8 @@ async function act(f, ctx) {
 function alertItem(a, ctx) {
   const l = a.labels;
   return el("li", { class: "alert " + (l.severity || "") },
-    el("a", { href: "#/alert/" + encodeURIComponent(a.fingerprint || ""), class: "name", text: l.alertname || "alert" }),
+    a.fingerprint ? el("a", { href: "#/alert/" + encodeURIComponent(a.fingerprint), class: "name", text: l.alertname || "alert" }) :
+      el("span", { class: "name", text: l.alertname || "alert" }), // no fingerprint from the server: no view to link to
     " ", el("span", { class: "badge " + (l.severity || ""), text: l.severity || "" }),
     l.district ? el("a", { href: "#/district/" + encodeURIComponent(l.district), text: l.district }) : null,
     l.device ? el("a", { href: "#/device/" + encodeURIComponent(l.device), text: l.device }) : null,
