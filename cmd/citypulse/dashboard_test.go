@@ -403,6 +403,21 @@ func TestDashboardInHeadlessChromium(t *testing.T) {
 				return vitalIs("gulou", "mains pressure min", "390 kPa")(st)
 			})
 		}},
+		{"live regions speak only when something changes", func(t *testing.T) {
+			// A screen reader reads a live region out at every change: the
+			// seconds counting up and each refresh's time must stay out of them.
+			tb.do(t, 5*time.Second, chromedp.Evaluate[chromedp.Void](`(() => {
+			  window.citypulseLiveChanges = [];
+			  const obs = new MutationObserver(ms => ms.forEach(m => window.citypulseLiveChanges.push(
+			    (m.target.parentElement || m.target).id + ": " + m.target.textContent)));
+			  document.querySelectorAll('[role=status], [role=alert], [aria-live]').forEach(e =>
+			    obs.observe(e, { childList: true, characterData: true, subtree: true }));
+			})()`))
+			tb.do(t, 15*time.Second, chromedp.Sleep(7*time.Second)) // a poll (5 s) and the ticking clock
+			changes, err := chromedp.Run(tb.ctx, chromedp.Evaluate[[]string](`window.citypulseLiveChanges`))
+			require.NoError(t, err)
+			require.Empty(t, changes, "live regions changed while nothing happened")
+		}},
 		{"sinks", func(t *testing.T) {
 			tb.click(t, `header nav a[href="#/sinks"]`)
 			st := tb.waitFor(t, "the sinks table", 10*time.Second, func(st pageState) error {
