@@ -39,27 +39,45 @@ function scheduleRefresh(ms) {
   refreshTimer = setTimeout(() => { refresh().finally(() => scheduleRefresh(liveState === "open" ? POLL_LIVE_MS : POLL_MS)); }, ms);
 }
 
-function setStatus() {
-  const st = document.getElementById("status");
-  const e = state.error;
-  if (!e) { st.textContent = "updated " + new Date(state.updated).toLocaleTimeString("en-GB"); st.className = ""; return; }
-  st.className = "error";
-  if (e.status === 401) st.textContent = token() ? "token refused: enter a valid read token" : "this dashboard needs a read token";
-  else if (e.status === 403) st.textContent = "token refused for this data";
-  else st.textContent = "cannot reach the API: " + e.message;
+// setText changes an element's text only when it differs, so a live region
+// announces a change once, not every refresh.
+function setText(id, text) {
+  const e = document.getElementById(id);
+  if (e.textContent !== text) e.textContent = text;
 }
 
-// The live indicator turns red when nothing has arrived for STALE_MS.
+// The status says when the data was fetched, or why there is none. Only the
+// words are a live region (announced when they change); the time is not.
+function setStatus() {
+  const e = state.error;
+  document.getElementById("status").className = e ? "error" : "";
+  if (!e) {
+    setText("status-msg", "updated");
+    const at = new Date(state.updated);
+    document.getElementById("status-at").dateTime = at.toISOString();
+    setText("status-at", at.toLocaleTimeString("en-GB"));
+    return;
+  }
+  setText("status-at", "");
+  if (e.status === 401) setText("status-msg", token() ? "token refused: enter a valid read token" : "this dashboard needs a read token");
+  else if (e.status === 403) setText("status-msg", "token refused for this data");
+  else setText("status-msg", "cannot reach the API: " + e.message);
+}
+
+// The live indicator turns red when nothing has arrived for STALE_MS. Its
+// mode is a live region; the seconds counting up beside it are not (a screen
+// reader would otherwise read them out every second).
 function paintLive() {
-  const live = document.getElementById("live");
   const quiet = Date.now() - lastBeat;
   const mode = liveState === "open" ? "live" : liveState === "unavailable" ? "polling" : "reconnecting";
-  if (lastBeat && quiet <= STALE_MS) {
-    live.className = "live ok";
-    live.textContent = mode + " · last update " + Math.round(quiet / 1000) + " s ago";
+  const fresh = lastBeat && quiet <= STALE_MS;
+  document.getElementById("live").className = fresh ? "live ok" : "live stale";
+  if (fresh) {
+    setText("live-mode", mode);
+    setText("live-age", "· last update " + Math.round(quiet / 1000) + " s ago");
   } else {
-    live.className = "live stale";
-    live.textContent = lastBeat ? "no update for " + Math.round(quiet / 1000) + " s (" + mode + ")" : mode + "…";
+    setText("live-mode", lastBeat ? "stale (" + mode + ")" : mode + "…");
+    setText("live-age", lastBeat ? "· no update for " + Math.round(quiet / 1000) + " s" : "");
   }
 }
 
@@ -96,6 +114,7 @@ function route() {
 
 function render() {
   setStatus();
+  paintLive(); // at once, not up to a second after the data arrived
   const main = document.getElementById("view");
   const r = route();
   const views = { city: renderCity, sinks: renderSinks, district: renderDistrict, device: renderDevice, alert: renderAlert };

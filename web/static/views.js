@@ -86,7 +86,8 @@ async function act(f, ctx) {
 function alertItem(a, ctx) {
   const l = a.labels;
   return el("li", { class: "alert " + (l.severity || "") },
-    el("a", { href: "#/alert/" + encodeURIComponent(a.fingerprint || ""), class: "name", text: l.alertname || "alert" }),
+    a.fingerprint ? el("a", { href: "#/alert/" + encodeURIComponent(a.fingerprint), class: "name", text: l.alertname || "alert" }) :
+      el("span", { class: "name", text: l.alertname || "alert" }), // no fingerprint from the server: no view to link to
     " ", el("span", { class: "badge " + (l.severity || ""), text: l.severity || "" }),
     l.district ? el("a", { href: "#/district/" + encodeURIComponent(l.district), text: l.district }) : null,
     l.device ? el("a", { href: "#/device/" + encodeURIComponent(l.device), text: l.device }) : null,
@@ -182,8 +183,13 @@ async function drawCharts(box, district, seconds) {
       fig.dataset.points = String(pts.length);
       if (!pts.length) { fig.appendChild(el("p", { class: "empty", text: "no data in this range" })); continue; }
       const xs = pts.map(p => p[0]), ys = pts.map(p => parseFloat(p[1]));
+      // The text beside the canvas: what a screen reader (or a glance) gets.
+      const num = v => fmt(v, Number.isInteger(v) ? 0 : 2);
+      fig.appendChild(el("p", { class: "summary", text: "latest " + num(ys[ys.length - 1]) + " · lowest " + num(Math.min(...ys)) +
+        " · highest " + num(Math.max(...ys)) + " (" + pts.length + (pts.length === 1 ? " point)" : " points)") }));
       // eslint-disable-next-line no-undef
       new uPlot({ width: Math.min(560, box.clientWidth || 560), height: 180, series: [{}, { label: name, stroke: "#1565c0", width: 2 }],
+        scales: { x: { time: true, range: () => [start, end] } }, // the chosen range, however few points it holds
         axes: [{}, { size: 60 }], legend: { show: false } }, [xs, ys], fig);
     } catch (e) {
       fig.appendChild(el("p", { class: "empty", text: "cannot load: " + e.message }));
@@ -193,7 +199,10 @@ async function drawCharts(box, district, seconds) {
 
 export function renderDevice(main, s, id) {
   const d = s.devices.find(x => x.id === id);
-  const box = el("section", {}, el("h3", { text: "Last readings" }), el("p", { class: "empty", text: "loading…" }));
+  // A refresh keeps what the box shows until the new answer is in (no flicker).
+  const prev = main.querySelector("section.readings");
+  const box = prev && prev.dataset.device === id ? prev :
+    el("section", { class: "readings", "data-device": id }, el("h3", { text: "Last readings" }), el("p", { class: "empty", text: "loading…" }));
   main.replaceChildren(
     el("h2", {}, el("a", { href: "#/", text: "City" }), " › ",
       d ? el("a", { href: "#/district/" + encodeURIComponent(d.district), text: d.district }) : "?", " › ", id),
@@ -211,12 +220,14 @@ export function renderDevice(main, s, id) {
       table("Latest value of each metric", ["metric", "value", "at"], res.map(r => el("tr", {},
         el("td", { text: r.metric.__name__ }), el("td", { class: "num", text: r.value[1] }),
         el("td", { text: new Date(r.value[0] * 1000).toLocaleTimeString("en-GB") }))), "no readings in the last 5 minutes"));
-  }).catch(e => box.replaceChildren(el("p", { class: "empty", text: "cannot load: " + e.message })));
+  }).catch(e => box.replaceChildren(el("h3", { text: "Last readings" }), el("p", { class: "empty", text: "cannot load: " + e.message })));
 }
 
 export function renderAlert(main, s, fp, ctx) {
   const a = s.alerts.find(x => x.fingerprint === fp);
-  const hist = el("section", {}, el("h3", { text: "History" }), el("p", { class: "empty", text: "loading…" }));
+  const prev = main.querySelector("section.history");
+  const hist = prev && prev.dataset.fingerprint === fp ? prev :
+    el("section", { class: "history", "data-fingerprint": fp }, el("h3", { text: "History" }), el("p", { class: "empty", text: "loading…" }));
   main.replaceChildren(el("h2", {}, el("a", { href: "#/", text: "City" }), " › alert"),
     a ? el("ul", { class: "alerts" }, alertItem(a, ctx)) : el("p", { class: "empty", text: "this alert is not pending or firing now" }),
     a ? el("dl", { class: "facts" }, Object.entries(a.labels).map(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })])) : null,
