@@ -87,11 +87,11 @@ function startLive() {
     onBeat: () => { lastBeat = Date.now(); },
     onState: s => { liveState = s; paintLive(); if (s === "open") scheduleRefresh(0); },
     onEvent: (name, data) => {
-      if (name === "vitals") {
-        try { mergeVitals(JSON.parse(data)); render(); } catch { /* a malformed event changes nothing */ }
-      } else {
-        scheduleRefresh(200); // an alert transition, a silence, ingest health: fetch the new picture
-      }
+      try {
+        if (name === "vitals") { mergeVitals(JSON.parse(data)); render(); }
+        else if (name === "health") { state.sinks = JSON.parse(data).sinks || state.sinks; render(); }
+        else scheduleRefresh(200); // an alert transition: fetch the new picture
+      } catch { /* a malformed event changes nothing */ }
     },
   });
 }
