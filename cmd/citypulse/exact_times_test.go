@@ -5,10 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
-	"net/http"
 	"net/url"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -145,37 +142,15 @@ func TestMillisecondReadingsKeepTheirExactTimes(t *testing.T) {
 	require.Zero(t, sinkRefused(t, s.http, "tsdb")["duplicate"], "no reading was taken for another's duplicate")
 }
 
-// startInfluxDB18 runs a real InfluxDB 1.8 with a citypulse database and
-// returns its HTTP address.
+// startInfluxDB18 runs a real InfluxDB 1.8 with a citypulse database until
+// the test ends and returns its address.
 func startInfluxDB18(t *testing.T) string {
 	t.Helper()
-	bin := requireBinary(t, "influxd", "it runs go install github.com/influxdata/influxdb/cmd/influxd@v1.8.10")
-	dir := t.TempDir()
-	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp"))
-	rpc := fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp"))
-	conf := filepath.Join(dir, "influxdb.conf")
-	require.NoError(t, os.WriteFile(conf, fmt.Appendf(nil, `reporting-disabled = true
-bind-address = %q
-[meta]
-  dir = %q
-[data]
-  dir = %q
-  wal-dir = %q
-  query-log-enabled = false
-[http]
-  bind-address = %q
-  log-enabled = false
-[logging]
-  level = "error"
-`, rpc, filepath.Join(dir, "meta"), filepath.Join(dir, "data"), filepath.Join(dir, "wal"), addr), 0o644))
-	st := &store{t: t, name: "InfluxDB 1.8", addr: addr, args: []string{bin, "run", "-config", conf}}
-	st.ready = func() error { return httpOK("http://" + addr + "/ping") }
+	st := newInfluxDB18(t)
 	st.start()
 	t.Cleanup(st.stop)
-	resp, err := http.PostForm("http://"+addr+"/query", url.Values{"q": {"CREATE DATABASE citypulse"}})
-	require.NoError(t, err)
-	resp.Body.Close()
-	return addr
+	createInfluxDB(t, st.addr)
+	return st.addr
 }
 
 // queryAt runs an instant query at an RFC 3339 time (the API takes float

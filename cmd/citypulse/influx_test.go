@@ -163,32 +163,11 @@ func TestInfluxSinkAgainstVictoriaMetrics(t *testing.T) {
 
 func TestInfluxSinkAgainstInfluxDB18(t *testing.T) {
 	skipShort(t)
-	bin := requireBinary(t, "influxd", "it runs go install github.com/influxdata/influxdb/cmd/influxd@v1.8.10")
-	dir := t.TempDir()
-	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp"))
-	rpc := fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp"))
-	conf := filepath.Join(dir, "influxdb.conf")
-	require.NoError(t, os.WriteFile(conf, []byte(fmt.Sprintf(`reporting-disabled = true
-bind-address = %q
-[meta]
-  dir = %q
-[data]
-  dir = %q
-  wal-dir = %q
-  query-log-enabled = false
-[http]
-  bind-address = %q
-  log-enabled = false
-[logging]
-  level = "error"
-`, rpc, filepath.Join(dir, "meta"), filepath.Join(dir, "data"), filepath.Join(dir, "wal"), addr)), 0o644))
-	st := &store{t: t, name: "InfluxDB 1.8", addr: addr, args: []string{bin, "run", "-config", conf}}
-	st.ready = func() error { return httpOK("http://" + addr + "/ping") }
+	st := newInfluxDB18(t)
+	addr := st.addr
 	st.start()
 	defer st.stop()
-	resp, err := http.PostForm("http://"+addr+"/query", url.Values{"q": {"CREATE DATABASE citypulse"}})
-	require.NoError(t, err)
-	resp.Body.Close()
+	createInfluxDB(t, addr)
 
 	runOutage(t, st, fmt.Sprintf("storage:\n  influx:\n    enabled: true\n    url: http://%s\n    bucket: citypulse\n    batch: {max_readings: 50, max_bytes: 0, max_age: 100ms}\n", addr),
 		func() (int, int, error) {
@@ -213,4 +192,40 @@ bind-address = %q
 			}
 			return int(r.Results[0].Series[0].Values[0][1].(float64)), 0, nil
 		})
+}
+
+// newInfluxDB18 prepares a real InfluxDB 1.8 (go install'd) on free loopback
+// ports with its own directories; start it with start.
+func newInfluxDB18(t *testing.T) *store {
+	t.Helper()
+	bin := requireBinary(t, "influxd", "it runs go install github.com/influxdata/influxdb/cmd/influxd@v1.8.10")
+	dir := t.TempDir()
+	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp"))
+	rpc := fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp"))
+	conf := filepath.Join(dir, "influxdb.conf")
+	require.NoError(t, os.WriteFile(conf, fmt.Appendf(nil, `reporting-disabled = true
+bind-address = %q
+[meta]
+  dir = %q
+[data]
+  dir = %q
+  wal-dir = %q
+  query-log-enabled = false
+[http]
+  bind-address = %q
+  log-enabled = false
+[logging]
+  level = "error"
+`, rpc, filepath.Join(dir, "meta"), filepath.Join(dir, "data"), filepath.Join(dir, "wal"), addr), 0o644))
+	st := &store{t: t, name: "InfluxDB 1.8", addr: addr, args: []string{bin, "run", "-config", conf}}
+	st.ready = func() error { return httpOK("http://" + addr + "/ping") }
+	return st
+}
+
+// createInfluxDB creates the citypulse database on the InfluxDB 1.8 at addr.
+func createInfluxDB(t *testing.T, addr string) {
+	t.Helper()
+	resp, err := http.PostForm("http://"+addr+"/query", url.Values{"q": {"CREATE DATABASE citypulse"}})
+	require.NoError(t, err)
+	resp.Body.Close()
 }
