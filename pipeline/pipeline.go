@@ -203,20 +203,6 @@ func (p *Pipeline) Shards() int { return len(p.shards) }
 // ShardOf returns the shard that owns device.
 func (p *Pipeline) ShardOf(device string) int { return ShardOf(device, len(p.shards)) }
 
-// ShardOf returns which of n shards owns device (FNV-1a of the ID, modulo n).
-// Whatever keeps per-device state beside the shard loops (the rules engine)
-// shards it with this function, so that a device's state lives with the loop
-// that evaluates it.
-func ShardOf(device string, n int) int {
-	// FNV-1a, inline: no allocation.
-	h := uint32(2166136261)
-	for i := 0; i < len(device); i++ {
-		h ^= uint32(device[i])
-		h *= 16777619
-	}
-	return int(h % uint32(n))
-}
-
 // Submit journals the readings of one device (one kind, one district) and returns when they are durable
 // by the fsync policy: then, and only then, may the device be acknowledged. It
 // returns ErrBackpressure (wrapped) when the journal is at its bound or cannot

@@ -110,3 +110,17 @@ func (s *shard) syncErr() error {
 	s.p.m.fsyncs.Observe(time.Since(start).Seconds())
 	return err
 }
+
+// ShardOf returns which of n shards owns device (FNV-1a of the ID, modulo n).
+// Whatever keeps per-device state beside the shard loops (the rules engine)
+// shards it with this function, so that a device's state lives with the loop
+// that evaluates it.
+func ShardOf(device string, n int) int {
+	// FNV-1a, inline: no allocation.
+	h := uint32(2166136261)
+	for i := 0; i < len(device); i++ {
+		h ^= uint32(device[i])
+		h *= 16777619
+	}
+	return int(h % uint32(n))
+}
