@@ -114,9 +114,20 @@ func (tb *tab) open(t *testing.T, path string) {
 }
 
 // click clicks the first element matching the CSS selector, as a user would.
+// The page re-renders its view when live data arrives, so the node found may
+// be replaced before the click lands: then it is looked up again.
 func (tb *tab) click(t *testing.T, css string) {
 	t.Helper()
-	tb.do(t, 10*time.Second, chromedp.Click(chromedp.CSS(css), chromedp.NodeVisible))
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(tb.ctx, time.Until(deadline))
+		err := chromedp.Do(ctx, chromedp.Click(chromedp.CSS(css), chromedp.NodeVisible))
+		cancel()
+		if err == nil || !strings.Contains(err.Error(), "Could not find node") || time.Now().After(deadline) {
+			require.NoError(t, err, "click %s", css)
+			return
+		}
+	}
 }
 
 // pageState is what the page shows, read from its DOM by stateJS.

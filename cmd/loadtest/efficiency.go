@@ -377,6 +377,11 @@ func (e *effEnv) run(ctx context.Context, bin, mode string, round int) (effRun, 
 	stores := map[string]*api{"citypulse TSDB": cpAPI}
 	if mode == "external" {
 		stores["VictoriaMetrics"] = store
+		// The clock stopped when VictoriaMetrics had every reading; the
+		// embedded TSDB, another sink with its own cursor, may be behind.
+		if _, err := waitCount(ctx, cpAPI, sinkWrote(cpAPI, res.Readings), countQuery(r.fleet, prefix), countAt, res.Readings, e.o.drainTimeout); err != nil {
+			return res, fmt.Errorf("citypulse TSDB: %w", err)
+		}
 	}
 	if res.Verified, err = verify(ctx, r, sent, stores); err != nil {
 		return res, err

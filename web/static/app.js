@@ -118,7 +118,25 @@ function render() {
   const main = document.getElementById("view");
   const r = route();
   const views = { city: renderCity, sinks: renderSinks, district: renderDistrict, device: renderDevice, alert: renderAlert };
+  const focus = focusKey(main);
   (views[r.view] || renderCity)(main, state, r.arg, { refresh });
+  restoreFocus(main, focus);
+}
+
+// A re-render replaces the view's nodes: keep the keyboard focus on the
+// control that had it (same element, link target and text), so live updates
+// never throw a keyboard user back to the top.
+function focusKey(main) {
+  const f = document.activeElement;
+  if (!f || f === main || !main.contains(f)) return null;
+  return { tag: f.tagName, href: f.getAttribute("href"), text: f.textContent };
+}
+
+function restoreFocus(main, key) {
+  if (!key) return;
+  for (const n of main.querySelectorAll(key.tag)) {
+    if (n.getAttribute("href") === key.href && n.textContent === key.text) { n.focus(); return; }
+  }
 }
 
 document.getElementById("token-form").addEventListener("submit", ev => {
