@@ -154,8 +154,13 @@ type runningOwner struct {
 
 func startOwner(t *testing.T, url string, cfg Config, rec *recorder, m *Metrics) *runningOwner {
 	t.Helper()
+	return startOwnerWith(t, url, cfg, rec.handler(cfg.Index), rec.ownership(cfg.Index), m)
+}
+
+func startOwnerWith(t *testing.T, url string, cfg Config, handle Handler, owned OwnershipFunc, m *Metrics) *runningOwner {
+	t.Helper()
 	nc := connect(t, url)
-	o, err := NewOwner(nc, cfg, rec.handler(cfg.Index), rec.ownership(cfg.Index), nil, m)
+	o, err := NewOwner(nc, cfg, handle, owned, nil, m)
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(context.Background())
 	ro := &runningOwner{cancel: cancel, done: make(chan error, 1)}
@@ -268,6 +273,50 @@ func TestTwoNodesSplitThePartitionsAndHandThemOverOnShutdownAndBack(t *testing.T
 		return h[1] > 0
 	}, 30*time.Second, 500*time.Millisecond, "node 1 gets its preferred partitions back")
 	rec.requireInOrder(t)
+}
+
+// TestACleanHandOverKeepsTheOrderOfTheBatchesTheOldOwnerHadNotHandled shuts
+// node 1 down while its slow handler is behind: batches of partitions 1 and
+// 3 were delivered to it and not handled. Node 0 must handle them before any
+// newer batch (not after cluster.ack_wait, when they would come again).
+func TestACleanHandOverKeepsTheOrderOfTheBatchesTheOldOwnerHadNotHandled(t *testing.T) {
+	c := natstest.Start(t, 3)
+	cfg0, cfg1 := fastConfig(2, 0), fastConfig(2, 1)
+	cfg1.MaxBatch = 16
+	l, err := NewLog(connect(t, c.URL()), cfg0, nil)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	_, err = l.EnsureStream(ctx)
+	require.NoError(t, err)
+
+	rec := newRecorder()
+	startOwner(t, c.Nodes[0].URL(), cfg0, rec, nil)
+	handle := rec.handler(1)
+	slow := func(ctx context.Context, msgs []Message) error {
+		time.Sleep(200 * time.Millisecond) // a store that is behind
+		return handle(ctx, msgs)
+	}
+	o1 := startOwnerWith(t, c.Nodes[1].URL(), cfg1, slow, rec.ownership(1), nil)
+	publish(t, l, 0, 40, 4)
+	require.Eventually(t, func() bool { return rec.count() == 40 }, 30*time.Second, 20*time.Millisecond)
+
+	// Batches flow at about 200/s; a burst of 400 puts node 1 behind.
+	stopFlow := flow(t, ctx, l, 1000)
+	publish(t, l, 40, 400, 4)
+	stopped := time.Now()
+	o1.stop(t)
+	require.Eventually(t, func() bool { return rec.lastGain(1, 0).After(stopped) && rec.lastGain(3, 0).After(stopped) },
+		30*time.Second, 10*time.Millisecond, "node 0 takes partitions 1 and 3 over")
+	time.Sleep(time.Second)
+	published := 440 + stopFlow()
+	require.Eventually(t, func() bool { return rec.count() == published }, 30*time.Second, 20*time.Millisecond)
+	var took time.Duration
+	for _, p := range []int{1, 3} {
+		took = max(took, rec.lastGain(p, 0).Sub(stopped))
+	}
+	repeats := rec.requireInOrder(t)
+	t.Logf("clean shutdown of node 1 while behind: node 0 owned its partitions %v after the shutdown began; %d batches, %d repeats", took.Round(time.Millisecond), published, repeats)
 }
 
 func (r *recorder) lastSeq() map[int]uint64 {
