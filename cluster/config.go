@@ -50,9 +50,11 @@ type Config struct {
 	MaxAckPending int `mapstructure:"max_ack_pending" yaml:"max_ack_pending"`
 	// MaxBatch bounds the batches handed to the handler in one call.
 	MaxBatch int `mapstructure:"max_batch" yaml:"max_batch"`
-	// Settle is how long a node that gains a partition collects batches before
-	// the first call of the handler, to put redelivered batches back in stream
-	// order.
+	// Settle is how long a node that gains a partition collects batches at
+	// least before the first call of the handler, to put redelivered batches
+	// back in stream order. It then waits on (up to 2 × AckWait) while the
+	// consumer has batches delivered and unacknowledged elsewhere (the
+	// previous owner's), so that none is handled after a newer one.
 	Settle time.Duration `mapstructure:"settle" yaml:"settle"`
 	// AliveInterval is how often a node announces itself; a node not heard of
 	// for AliveTimeout is taken as gone and its partitions are pulled by the

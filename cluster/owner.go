@@ -197,7 +197,10 @@ func (o *Owner) consume(ctx context.Context, p int, c jetstream.Consumer) error 
 	cc, err := c.Consume(func(m jetstream.Msg) {
 		select {
 		case st.msgs <- m:
-		case <-st.stop: // not acknowledged: delivered again to the next owner
+		case <-st.stop:
+			// Released: given back at once, so that the next owner gets it
+			// before newer batches instead of after cluster.ack_wait.
+			_ = m.Nak()
 		}
 	},
 		jetstream.PullPriorityGroup(o.cfg.Group),
@@ -220,14 +223,7 @@ func (o *Owner) consume(ctx context.Context, p int, c jetstream.Consumer) error 
 		o.log.Warn("cannot pull partition; retrying", "partition", p, "err", err)
 		return nil
 	}
-	defer func() {
-		close(st.stop)
-		cc.Stop()
-		<-cc.Closed()
-		if st.owned {
-			o.release(st)
-		}
-	}()
+	defer o.stopConsuming(st, cc)
 	closed := cc.Closed()
 	t := time.NewTicker(o.cfg.AliveInterval / 2)
 	defer t.Stop()
@@ -260,12 +256,56 @@ func (o *Owner) consume(ctx context.Context, p int, c jetstream.Consumer) error 
 				o.m.changes.WithLabelValues("gained").Inc()
 				o.log.Info("partition gained", "partition", p)
 				o.onOwned(p, true)
-				batch = o.settle(ctx, st, batch)
+				var settled bool
+				if batch, settled = o.settle(ctx, st, batch); !settled {
+					nakAll(batch) // ctx done or lost: to the next owner at once
+					continue
+				}
 			} else {
 				batch = drain(st.msgs, batch, o.cfg.MaxBatch)
 			}
-			o.deliver(ctx, st, batch)
+			for len(batch) > 0 {
+				n := chunkEnd(batch, o.cfg.MaxBatch)
+				if !o.deliver(ctx, st, batch[:n]) {
+					nakAll(batch) // ctx done or lost: to the next owner at once
+					break
+				}
+				batch = batch[n:]
+			}
 		}
+	}
+}
+
+// stopConsuming ends pulling p. The batches delivered and not handled (in
+// the library's buffer or in st.msgs) are given back with a Nak before the
+// consumer is unpinned: they are then delivered again ahead of newer ones,
+// and the next owner need not wait cluster.ack_wait for them (see settle).
+func (o *Owner) stopConsuming(st *partition, cc jetstream.ConsumeContext) {
+	close(st.stop) // from now on the callback naks what it gets
+	cc.Drain()     // the buffered batches go through the callback
+	select {
+	case <-cc.Closed():
+	case <-time.After(2 * time.Second):
+		cc.Stop()
+		<-cc.Closed()
+	}
+	for {
+		select {
+		case m := <-st.msgs:
+			_ = m.Nak()
+			continue
+		default:
+		}
+		break
+	}
+	if st.owned {
+		o.release(st)
+	}
+}
+
+func nakAll(batch []jetstream.Msg) {
+	for _, m := range batch {
+		_ = m.Nak()
 	}
 }
 
@@ -289,27 +329,91 @@ func (o *Owner) release(st *partition) {
 	o.log.Info("partition released", "partition", st.p)
 }
 
-// settle collects batches for cluster.settle after a gain and sorts them by
-// stream sequence: redeliveries of the previous owner's unacknowledged
-// batches may arrive after newer ones.
-func (o *Owner) settle(ctx context.Context, st *partition, batch []jetstream.Msg) []jetstream.Msg {
-	if o.cfg.Settle > 0 {
-		t := time.NewTimer(o.cfg.Settle)
-	collect:
-		for len(batch) < o.cfg.MaxBatch {
-			select {
-			case m := <-st.msgs:
-				batch = append(batch, m)
-			case <-t.C:
-				break collect
-			case <-ctx.Done():
-				break collect
+// settle holds back the first call of the handler after a gain until the
+// batches still unacknowledged on p's consumer are all here, then sorts them
+// by stream sequence. The previous owner may have had batches delivered and
+// not acknowledged: given back (Nak) on a clean release, or redelivered
+// after cluster.ack_wait when it died or when they were in flight to it.
+// They come to this node again, possibly after newer ones; handling a newer
+// one first would break the partition's order. The check: the consumer's
+// num_ack_pending, asked after the batches held here were received, is no
+// more than their number, so no older batch is outstanding elsewhere; later
+// deliveries are new batches (newer) or repeats of held ones. It collects
+// for cluster.settle at least, and gives up waiting after 2 × ack_wait (a
+// batch acknowledged late by a previous owner can make the count disagree).
+// ok is false if ctx is done or p was lost meanwhile.
+func (o *Owner) settle(ctx context.Context, st *partition, batch []jetstream.Msg) (_ []jetstream.Msg, ok bool) {
+	start := time.Now()
+	deadline := start.Add(2 * o.cfg.AckWait)
+	wait := o.cfg.Settle
+	for {
+		if wait > 0 {
+			t := time.NewTimer(wait)
+		collect:
+			for {
+				select {
+				case m := <-st.msgs:
+					batch = append(batch, m)
+				case <-t.C:
+					break collect
+				case <-ctx.Done():
+					t.Stop()
+					return batch, false
+				case <-st.lost:
+					t.Stop()
+					st.lost <- struct{}{} // seen by the consume loop
+					return batch, false
+				}
 			}
 		}
-		t.Stop()
+		batch = append(batch, drainAll(st.msgs)...)
+		held := distinctSeqs(batch)
+		pending, err := o.ackPending(ctx, st.c)
+		if err == nil && pending <= held {
+			break
+		}
+		if time.Now().After(deadline) {
+			o.log.Warn("partition gained with batches outstanding elsewhere; handling on, out of order if they come", "partition", st.p, "held", held, "ack_pending", pending, "err", err)
+			break
+		}
+		wait = settlePoll
 	}
 	slices.SortStableFunc(batch, func(a, b jetstream.Msg) int { return compareSeq(streamSeq(a), streamSeq(b)) })
-	return batch
+	o.log.Info("partition settled", "partition", st.p, "batches", len(batch), "waited", time.Since(start))
+	return batch, true
+}
+
+// settlePoll is how often settle asks for the consumer's state.
+const settlePoll = 20 * time.Millisecond
+
+// ackPending asks JetStream how many of c's batches are delivered and not
+// acknowledged.
+func (o *Owner) ackPending(ctx context.Context, c jetstream.Consumer) (int, error) {
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	info, err := c.Info(ctx)
+	if err != nil {
+		return 0, err
+	}
+	return info.NumAckPending, nil
+}
+
+func distinctSeqs(batch []jetstream.Msg) int {
+	seen := make(map[uint64]struct{}, len(batch))
+	for _, m := range batch {
+		seen[streamSeq(m)] = struct{}{}
+	}
+	return len(seen)
+}
+
+// chunkEnd is the length of batch's first handler call: up to max, and the
+// repeats of its last batch with it (batch is sorted).
+func chunkEnd(batch []jetstream.Msg, max int) int {
+	n := min(len(batch), max)
+	for n < len(batch) && streamSeq(batch[n]) == streamSeq(batch[n-1]) {
+		n++
+	}
+	return n
 }
 
 func compareSeq(a, b uint64) int {
@@ -330,6 +434,19 @@ func streamSeq(m jetstream.Msg) uint64 {
 	return md.Sequence.Stream
 }
 
+// drainAll returns the batches already waiting.
+func drainAll(ch chan jetstream.Msg) []jetstream.Msg {
+	var out []jetstream.Msg
+	for {
+		select {
+		case m := <-ch:
+			out = append(out, m)
+		default:
+			return out
+		}
+	}
+}
+
 // drain appends the batches already waiting, up to max.
 func drain(ch chan jetstream.Msg, batch []jetstream.Msg, max int) []jetstream.Msg {
 	for len(batch) < max {
@@ -345,8 +462,10 @@ func drain(ch chan jetstream.Msg, batch []jetstream.Msg, max int) []jetstream.Ms
 
 // deliver hands a batch to the handler until it succeeds, then acknowledges
 // it. While it fails, the batch is kept in progress (no redelivery) and
-// retried with backoff, unless the partition was lost or ctx is done.
-func (o *Owner) deliver(ctx context.Context, st *partition, batch []jetstream.Msg) {
+// retried with backoff, unless the partition was lost or ctx is done: then
+// it returns false, the batch not acknowledged. Repeats of a batch in batch
+// (adjacent: sorted) are handed over once and all acknowledged.
+func (o *Owner) deliver(ctx context.Context, st *partition, batch []jetstream.Msg) bool {
 	msgs := make([]Message, 0, len(batch))
 	for _, m := range batch {
 		md, err := m.Metadata()
@@ -358,6 +477,9 @@ func (o *Owner) deliver(ctx context.Context, st *partition, batch []jetstream.Ms
 		if md.NumDelivered > 1 {
 			o.m.redelivered.Inc()
 		}
+		if len(msgs) > 0 && msgs[len(msgs)-1].Seq == md.Sequence.Stream {
+			continue
+		}
 		msgs = append(msgs, Message{Partition: st.p, Seq: md.Sequence.Stream, Delivered: md.NumDelivered,
 			MsgID: m.Headers().Get(jetstream.MsgIDHeader), Data: m.Data()})
 	}
@@ -368,7 +490,7 @@ func (o *Owner) deliver(ctx context.Context, st *partition, batch []jetstream.Ms
 			for _, m := range batch {
 				_ = m.Ack()
 			}
-			return
+			return true
 		}
 		o.m.handlerErrs.Inc()
 		o.log.Warn("partition handler failed; retrying", "partition", st.p, "batches", len(msgs), "err", err)
@@ -377,10 +499,10 @@ func (o *Owner) deliver(ctx context.Context, st *partition, batch []jetstream.Ms
 		}
 		select {
 		case <-ctx.Done():
-			return
+			return false
 		case <-st.lost:
 			st.lost <- struct{}{} // seen by the consume loop
-			return
+			return false
 		case <-time.After(backoff):
 		}
 		backoff = min(2*backoff, o.cfg.AckWait/2)

@@ -33,6 +33,7 @@ type handled struct {
 	node int
 	seq  uint64
 	data string
+	at   time.Time
 }
 
 type gain struct {
@@ -50,7 +51,7 @@ func (r *recorder) handler(node int) Handler {
 		r.mu.Lock()
 		defer r.mu.Unlock()
 		for _, m := range msgs {
-			r.handled[m.Partition] = append(r.handled[m.Partition], handled{node, m.Seq, string(m.Data)})
+			r.handled[m.Partition] = append(r.handled[m.Partition], handled{node, m.Seq, string(m.Data), time.Now()})
 		}
 		return nil
 	}
@@ -119,6 +120,27 @@ func (r *recorder) requireInOrder(t *testing.T) (repeats int) {
 	return repeats
 }
 
+// requireStream creates the stream, retrying: a JetStream API request sent
+// while a fresh cluster settles its leaders may get no reply (seen: the
+// stream was created, the request timed out after 2 minutes).
+func requireStream(t *testing.T, l *Log) jetstream.Stream {
+	t.Helper()
+	var s jetstream.Stream
+	var last error
+	for range 12 {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		s, last = l.EnsureStream(ctx)
+		cancel()
+		if last == nil {
+			return s
+		}
+		t.Logf("create the stream: %v; retrying", last)
+		time.Sleep(200 * time.Millisecond)
+	}
+	require.NoError(t, last)
+	return nil
+}
+
 func fastConfig(nodes, index int) Config {
 	c := testConfig(3, 4)
 	c.Nodes, c.Index = nodes, index
@@ -154,8 +176,13 @@ type runningOwner struct {
 
 func startOwner(t *testing.T, url string, cfg Config, rec *recorder, m *Metrics) *runningOwner {
 	t.Helper()
+	return startOwnerWith(t, url, cfg, rec.handler(cfg.Index), rec.ownership(cfg.Index), m)
+}
+
+func startOwnerWith(t *testing.T, url string, cfg Config, handle Handler, owned OwnershipFunc, m *Metrics) *runningOwner {
+	t.Helper()
 	nc := connect(t, url)
-	o, err := NewOwner(nc, cfg, rec.handler(cfg.Index), rec.ownership(cfg.Index), nil, m)
+	o, err := NewOwner(nc, cfg, handle, owned, nil, m)
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(context.Background())
 	ro := &runningOwner{cancel: cancel, done: make(chan error, 1)}
@@ -187,8 +214,7 @@ func TestOwnerHandlesEveryPartitionInOrderAndUnpinsOnShutdown(t *testing.T) {
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	s, err := l.EnsureStream(ctx)
-	require.NoError(t, err)
+	s := requireStream(t, l)
 	publish(t, l, 0, 200, cfg.Partitions)
 
 	reg := prometheus.NewRegistry()
@@ -230,8 +256,7 @@ func TestTwoNodesSplitThePartitionsAndHandThemOverOnShutdownAndBack(t *testing.T
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	_, err = l.EnsureStream(ctx)
-	require.NoError(t, err)
+	requireStream(t, l)
 
 	rec := newRecorder()
 	startOwner(t, c.Nodes[0].URL(), cfg0, rec, nil)
@@ -251,13 +276,15 @@ func TestTwoNodesSplitThePartitionsAndHandThemOverOnShutdownAndBack(t *testing.T
 		30*time.Second, 10*time.Millisecond, "node 0 takes partitions 1 and 3 over")
 	published := 40 + stopFlow()
 	require.Eventually(t, func() bool { return rec.count() == published }, 30*time.Second, 20*time.Millisecond)
-	var took time.Duration
+	var took, first time.Duration
 	for _, p := range []int{1, 3} {
 		g := rec.gained[p][len(rec.gained[p])-1]
 		require.Equal(t, gain{node: 0, owned: true, at: g.at}, g, "partition %d: node 0 took it over", p)
 		took = max(took, g.at.Sub(stopped))
+		first = max(first, rec.firstHandled(p, 0, stopped).Sub(stopped))
 	}
-	t.Logf("clean shutdown of node 1 while batches flow: node 0 owned its partitions %v after the shutdown began", took.Round(time.Millisecond))
+	t.Logf("clean shutdown of node 1 while batches flow: node 0 owned its partitions %v and handled their first batch %v after the shutdown began",
+		took.Round(time.Millisecond), first.Round(time.Millisecond))
 	require.Less(t, took, cfg0.PinnedTTL, "a clean shutdown unpins: no wait for the pin to expire")
 
 	seen := rec.lastSeq()
@@ -268,6 +295,63 @@ func TestTwoNodesSplitThePartitionsAndHandThemOverOnShutdownAndBack(t *testing.T
 		return h[1] > 0
 	}, 30*time.Second, 500*time.Millisecond, "node 1 gets its preferred partitions back")
 	rec.requireInOrder(t)
+}
+
+// TestACleanHandOverKeepsTheOrderOfTheBatchesTheOldOwnerHadNotHandled shuts
+// node 1 down while its slow handler is behind: batches of partitions 1 and
+// 3 were delivered to it and not handled. Node 0 must handle them before any
+// newer batch (not after cluster.ack_wait, when they would come again).
+func TestACleanHandOverKeepsTheOrderOfTheBatchesTheOldOwnerHadNotHandled(t *testing.T) {
+	c := natstest.Start(t, 3)
+	cfg0, cfg1 := fastConfig(2, 0), fastConfig(2, 1)
+	cfg1.MaxBatch = 16
+	l, err := NewLog(connect(t, c.URL()), cfg0, nil)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	requireStream(t, l)
+
+	rec := newRecorder()
+	startOwner(t, c.Nodes[0].URL(), cfg0, rec, nil)
+	handle := rec.handler(1)
+	slow := func(ctx context.Context, msgs []Message) error {
+		time.Sleep(200 * time.Millisecond) // a store that is behind
+		return handle(ctx, msgs)
+	}
+	o1 := startOwnerWith(t, c.Nodes[1].URL(), cfg1, slow, rec.ownership(1), nil)
+	publish(t, l, 0, 40, 4)
+	require.Eventually(t, func() bool { return rec.count() == 40 }, 30*time.Second, 20*time.Millisecond)
+
+	// Batches flow at about 200/s; a burst of 400 puts node 1 behind.
+	stopFlow := flow(t, ctx, l, 1000)
+	publish(t, l, 40, 400, 4)
+	stopped := time.Now()
+	o1.stop(t)
+	require.Eventually(t, func() bool { return rec.lastGain(1, 0).After(stopped) && rec.lastGain(3, 0).After(stopped) },
+		30*time.Second, 10*time.Millisecond, "node 0 takes partitions 1 and 3 over")
+	time.Sleep(time.Second)
+	published := 440 + stopFlow()
+	require.Eventually(t, func() bool { return rec.count() == published }, 30*time.Second, 20*time.Millisecond)
+	var took, first time.Duration
+	for _, p := range []int{1, 3} {
+		took = max(took, rec.lastGain(p, 0).Sub(stopped))
+		first = max(first, rec.firstHandled(p, 0, stopped).Sub(stopped))
+	}
+	repeats := rec.requireInOrder(t)
+	t.Logf("clean shutdown of node 1 while behind: node 0 owned its partitions %v and handled their first batch %v after the shutdown began; %d batches, %d repeats",
+		took.Round(time.Millisecond), first.Round(time.Millisecond), published, repeats)
+}
+
+// firstHandled is when node first handled a batch of p after t (zero if never).
+func (r *recorder) firstHandled(p, node int, t time.Time) time.Time {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, h := range r.handled[p] {
+		if h.node == node && h.at.After(t) {
+			return h.at
+		}
+	}
+	return time.Time{}
 }
 
 func (r *recorder) lastSeq() map[int]uint64 {
@@ -332,8 +416,7 @@ func TestAKilledOwnerProcessesPartitionsMoveToTheOtherNode(t *testing.T) {
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	_, err = l.EnsureStream(ctx)
-	require.NoError(t, err)
+	requireStream(t, l)
 
 	child := startOwnerProcess(t, c.Nodes[1].URL(), 1)
 	rec, m := newRecorder(), NewMetrics(nil)
@@ -507,8 +590,7 @@ func TestReadingsFlowFromAppendThroughTheOwnerAndDedupe(t *testing.T) {
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	_, err = l.EnsureStream(ctx)
-	require.NoError(t, err)
+	requireStream(t, l)
 
 	dedupe, err := NewDedupe(64, 1000, m)
 	require.NoError(t, err)
