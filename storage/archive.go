@@ -370,8 +370,13 @@ func writeParquet(path, kind string, rows []row) error {
 func encodeParquet(w io.Writer, kind string, rows []row) error {
 	rec := buildRecord(kind, rows)
 	defer rec.Release()
-	props := parquet.NewWriterProperties(parquet.WithCompression(compress.Codecs.Zstd), parquet.WithDictionaryDefault(true))
-	fw, err := pqarrow.NewFileWriter(archiveSchema, w, props, pqarrow.DefaultWriterProps())
+	return writeRecord(w, rec, parquet.NewWriterProperties(parquet.WithCompression(compress.Codecs.Zstd), parquet.WithDictionaryDefault(true)))
+}
+
+// writeRecord writes rec as one Parquet file to w: the one Parquet writer of
+// the archive and the export.
+func writeRecord(w io.Writer, rec arrow.Record, props *parquet.WriterProperties) error {
+	fw, err := pqarrow.NewFileWriter(rec.Schema(), w, props, pqarrow.DefaultWriterProps())
 	if err != nil {
 		return err
 	}

@@ -21,6 +21,8 @@ import (
 	"github.com/apache/arrow/go/v15/parquet/compress"
 	"github.com/apache/arrow/go/v15/parquet/file"
 	"github.com/apache/arrow/go/v15/parquet/pqarrow"
+
+	"github.com/citypulse/citypulse/devices"
 )
 
 // ExportQuery selects archived readings for open-data release.
@@ -217,15 +219,7 @@ func encodeAggregates(w io.Writer, gs []aggregate) error {
 	}
 	rec := b.NewRecord()
 	defer rec.Release()
-	fw, err := pqarrow.NewFileWriter(aggregateSchema, w, parquet.NewWriterProperties(parquet.WithCompression(compress.Codecs.Zstd)), pqarrow.DefaultWriterProps())
-	if err != nil {
-		return err
-	}
-	if err := fw.Write(rec); err != nil {
-		fw.Close()
-		return err
-	}
-	return fw.Close()
+	return writeRecord(w, rec, parquet.NewWriterProperties(parquet.WithCompression(compress.Codecs.Zstd)))
 }
 
 // ExportHandler serves GET /api/v1/export?kind=&district=&from=&to=&format=parquet|csv&coarsen=district.
@@ -266,7 +260,7 @@ func parseExport(r *http.Request, now time.Time) (ExportQuery, error) {
 	if q.Kind == "" {
 		return q, errors.New("kind is required (pipe, power, water, traffic_light, parking)")
 	}
-	if !kindRE(q.Kind) {
+	if !knownKind(q.Kind) {
 		return q, fmt.Errorf("unknown kind %q", q.Kind)
 	}
 	if q.Format == "" {
@@ -302,10 +296,8 @@ func parseExport(r *http.Request, now time.Time) (ExportQuery, error) {
 	return q, nil
 }
 
-func kindRE(k string) bool {
-	switch k {
-	case "pipe", "power", "water", "traffic_light", "parking":
-		return true
-	}
-	return false
+// knownKind says k is a device kind (the archive partitions by kind).
+func knownKind(k string) bool {
+	_, ok := devices.SchemaOf(devices.Kind(k))
+	return ok
 }
