@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/citypulse/citypulse/pipeline"
 )
 
 // Float seconds in query and export parameters are exact to the millisecond
@@ -24,5 +26,20 @@ func TestParseTimeKeepsMilliseconds(t *testing.T) {
 		got, err := parseTime(c.in)
 		require.NoError(t, err, c.in)
 		require.True(t, c.want.Equal(got), "%s: got %s", c.in, got.Format(time.RFC3339Nano))
+	}
+}
+
+// City series of one junction or corridor carry it, so two junctions of a
+// district, or two corridors, are two series.
+func TestCitySeriesOfOneThingCarryIt(t *testing.T) {
+	for _, c := range []struct {
+		r    pipeline.Reading
+		want string
+	}{
+		{pipeline.Reading{Kind: "city", Device: "city", District: "gulou", Metric: "pipe_pressure_min"}, `{__name__="city_pipe_pressure_min", district="gulou"}`},
+		{pipeline.Reading{Kind: "city", Device: "tl-0001", District: "gulou", Metric: "signal_cycle_seconds"}, `{__name__="city_signal_cycle_seconds", device="tl-0001", district="gulou"}`},
+		{pipeline.Reading{Kind: "city", Device: "zhongshan-road", District: "city", Metric: "corridor_offset_error_seconds"}, `{__name__="city_corridor_offset_error_seconds", corridor="zhongshan-road"}`},
+	} {
+		require.Equal(t, c.want, seriesLabels(&c.r).String())
 	}
 }

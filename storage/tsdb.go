@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -319,10 +320,21 @@ func (t *TSDB) Refused() map[string]uint64 {
 }
 
 // seriesLabels names a reading's series: <kind>_<metric>{device, district,
-// kind}, or for a city roll-up (kind "city") city_<name>{district}.
+// kind}, or for a city series (kind "city") city_<name>{district}. A city
+// series that belongs to one thing rather than a district (its Device is not
+// "city") carries it too: the corridor of a green-wave series
+// (city_corridor_*{corridor}), otherwise the junction or device
+// (city_signal_cycle_seconds{device, district}).
 func seriesLabels(r *pipeline.Reading) labels.Labels {
 	if r.Kind == string(devices.KindCity) {
-		return labels.FromStrings(model.MetricNameLabel, "city_"+r.Metric, "district", r.District)
+		name := "city_" + r.Metric
+		switch {
+		case r.Device == "" || r.Device == cityDevice:
+			return labels.FromStrings(model.MetricNameLabel, name, "district", r.District)
+		case strings.HasPrefix(r.Metric, "corridor_"):
+			return labels.FromStrings(model.MetricNameLabel, name, "corridor", r.Device)
+		}
+		return labels.FromStrings(model.MetricNameLabel, name, "device", r.Device, "district", r.District)
 	}
 	return labels.FromStrings(
 		model.MetricNameLabel, r.Kind+"_"+r.Metric,
@@ -331,6 +343,9 @@ func seriesLabels(r *pipeline.Reading) labels.Labels {
 		"kind", r.Kind,
 	)
 }
+
+// cityDevice is the Device of a district's roll-up (rules.CityDevice).
+const cityDevice = "city"
 
 // Close flushes and closes the store; it is idempotent.
 func (t *TSDB) Close() error {
