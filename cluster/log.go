@@ -80,7 +80,24 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, cfg Config) (jets
 	if err != nil {
 		return nil, fmt.Errorf("create or update stream %s (%d replicas): %w", cfg.Stream, cfg.Replicas, err)
 	}
-	return s, nil
+	return s, waitForLeader(ctx, s)
+}
+
+// waitForLeader returns once a replicated stream has elected its leader: a
+// stream just created answers no publish before that ("no response from
+// stream"), and a gateway must not be told the log is ready when it is not.
+func waitForLeader(ctx context.Context, s jetstream.Stream) error {
+	for {
+		info, err := s.Info(ctx)
+		if err == nil && (info.Cluster == nil || info.Cluster.Leader != "") {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("stream %s has no leader yet: %w", s.CachedInfo().Config.Name, ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 // Append publishes payload to partition p. msgID, if not empty, is the
