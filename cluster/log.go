@@ -48,7 +48,13 @@ func NewLog(nc *nats.Conn, cfg Config, m *Metrics) (*Log, error) {
 		return nil, fmt.Errorf("cluster log: %w", err)
 	}
 	l.js = js
-	l.opts = []jetstream.PublishOpt{jetstream.WithExpectStream(cfg.Stream), jetstream.WithStallWait(cfg.PublishTimeout)}
+	// "No responders" is what a stream answers while its interest has not
+	// reached this connection's server yet (just after it was created) or
+	// while it elects a leader: resend, with the same message id (so never
+	// stored twice), for up to half of publish_timeout.
+	const retryWait = 100 * time.Millisecond
+	l.opts = []jetstream.PublishOpt{jetstream.WithExpectStream(cfg.Stream), jetstream.WithStallWait(cfg.PublishTimeout),
+		jetstream.WithRetryWait(retryWait), jetstream.WithRetryAttempts(max(2, int(cfg.PublishTimeout/retryWait/2)))}
 	return l, nil
 }
 

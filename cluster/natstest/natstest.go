@@ -12,18 +12,17 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/citypulse/citypulse/internal/servers"
 )
 
 // Binary returns the path of nats-server, or skips the test with the reason
@@ -85,9 +84,18 @@ func Start(t testing.TB, n int) *Cluster {
 	t.Helper()
 	bin := Binary(t)
 	c := &Cluster{t: t}
+	used := map[int]bool{}
+	port := func() int { // free, and not already given to another node or role
+		for {
+			if p := FreePort(t); !used[p] {
+				used[p] = true
+				return p
+			}
+		}
+	}
 	for i := range n {
 		c.Nodes = append(c.Nodes, &Node{t: t, bin: bin, Name: fmt.Sprintf("n%d", i),
-			Client: FreePort(t), Route: FreePort(t), Monitor: FreePort(t), Dir: t.TempDir()})
+			Client: port(), Route: port(), Monitor: port(), Dir: t.TempDir()})
 	}
 	for _, nd := range c.Nodes {
 		nd.writeConfig(c.Nodes)
@@ -318,33 +326,14 @@ func (n *Node) metaLeader() (string, error) {
 }
 
 // FreePort returns a loopback TCP port that was free a moment ago, below the
-// kernel's ephemeral range (so an outgoing connection cannot take it between
-// the check and the server's listen).
+// kernel's ephemeral range (servers.FreePort).
 func FreePort(t testing.TB) int {
 	t.Helper()
-	low := ephemeralLow()
-	for range 200 {
-		p := 10000 + rand.IntN(low-10000)
-		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
-		if err == nil {
-			l.Close()
-			return p
-		}
+	p, err := servers.FreePort("tcp")
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Fatalf("no free tcp port found in [10000, %d)", low)
-	return 0
-}
-
-func ephemeralLow() int {
-	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
-	if err == nil {
-		if f := strings.Fields(string(b)); len(f) == 2 {
-			if n, err := strconv.Atoi(f[0]); err == nil && n > 11000 {
-				return n
-			}
-		}
-	}
-	return 32768
+	return p
 }
 
 func tail(s string, n int) string {
