@@ -82,11 +82,30 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, cfg Config) (jets
 	if sc.MaxBytes == 0 {
 		sc.MaxBytes = -1
 	}
-	s, err := js.CreateOrUpdateStream(ctx, sc)
-	if err != nil {
-		return nil, fmt.Errorf("create or update stream %s (%d replicas): %w", cfg.Stream, cfg.Replicas, err)
+	for {
+		s, err := js.CreateOrUpdateStream(ctx, sc)
+		if err == nil {
+			return s, waitForLeader(ctx, s)
+		}
+		if !peersOffline(err) {
+			return nil, fmt.Errorf("create or update stream %s (%d replicas): %w", cfg.Stream, cfg.Replicas, err)
+		}
+		// A peer JetStream still thinks offline (a cluster starting, a node
+		// restarting): it passes once the peer is seen again.
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("create or update stream %s (%d replicas): %w (%w)", cfg.Stream, cfg.Replicas, err, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
 	}
-	return s, waitForLeader(ctx, s)
+}
+
+// errNoSuitablePeers is JetStream's "no suitable peers for placement".
+const errNoSuitablePeers jetstream.ErrorCode = 10005
+
+func peersOffline(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) && apiErr.ErrorCode == errNoSuitablePeers
 }
 
 // waitForLeader returns once a replicated stream has elected its leader: a
