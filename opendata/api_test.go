@@ -163,3 +163,23 @@ func TestLiveStreamCarriesChanges(t *testing.T) {
 	}
 	t.Fatalf("no notification of bay-0002 turning occupied; saw %v", seen)
 }
+
+func TestClientsAreCountedByAddressAndIPv6Slash64(t *testing.T) {
+	for _, c := range []struct{ remote, want string }{
+		{"192.0.2.7:4000", "192.0.2.7"},
+		{"[2001:db8:1:2:aaaa::1]:4000", "2001:db8:1:2::/64"},
+		{"[2001:db8:1:2:bbbb::9]:5000", "2001:db8:1:2::/64"},
+	} {
+		r := httptest.NewRequest(http.MethodGet, "/", nil)
+		r.RemoteAddr = c.remote
+		require.Equal(t, c.want, clientKey(r))
+	}
+	f := newCityFeed(t, Default())
+	for range f.cfg.MaxStreamsPerClient {
+		require.True(t, f.lim.openStream("2001:db8:1:2::/64"))
+	}
+	require.False(t, f.lim.openStream("2001:db8:1:2::/64"), "one more stream from the same /64 is refused")
+	require.True(t, f.lim.openStream("192.0.2.7"), "another address is not")
+	f.lim.closeStream("2001:db8:1:2::/64")
+	require.True(t, f.lim.openStream("2001:db8:1:2::/64"), "a closed stream gives its place back")
+}

@@ -22,8 +22,11 @@ type Config struct {
 	// MaxClients bounds the client addresses tracked by the rate limit; past it
 	// a new address is refused until an idle one expires.
 	MaxClients int `mapstructure:"max_clients" yaml:"max_clients"`
-	// MaxStreams bounds the live streams open at once.
-	MaxStreams int `mapstructure:"max_streams" yaml:"max_streams"`
+	// MaxStreams bounds the live streams open at once, MaxStreamsPerClient
+	// those of one client address (a stream holds an HTTP connection for as
+	// long as its client reads).
+	MaxStreams          int `mapstructure:"max_streams" yaml:"max_streams"`
+	MaxStreamsPerClient int `mapstructure:"max_streams_per_client" yaml:"max_streams_per_client"`
 	// StreamInterval is how often changed entities are sent to streams.
 	StreamInterval time.Duration `mapstructure:"stream_interval" yaml:"stream_interval"`
 	// StaleAfter is how many of a device's declared intervals its last value
@@ -39,16 +42,17 @@ var publicKinds = []string{"parking", "traffic_light"}
 // Default returns the defaults.
 func Default() Config {
 	return Config{
-		Enabled:            true,
-		Kinds:              slices.Clone(publicKinds),
-		RatePerSecond:      5,
-		Burst:              20,
-		TotalRatePerSecond: 500,
-		MaxClients:         10000,
-		MaxStreams:         500,
-		StreamInterval:     time.Second,
-		StaleAfter:         3,
-		AlmostFull:         0.9,
+		Enabled:             true,
+		Kinds:               slices.Clone(publicKinds),
+		RatePerSecond:       5,
+		Burst:               20,
+		TotalRatePerSecond:  500,
+		MaxClients:          10000,
+		MaxStreams:          100,
+		MaxStreamsPerClient: 4,
+		StreamInterval:      time.Second,
+		StaleAfter:          3,
+		AlmostFull:          0.9,
 	}
 }
 
@@ -64,8 +68,9 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("opendata.rate_per_second (%v) and opendata.burst (%d) must be > 0, and opendata.total_rate_per_second (%v) at least the first",
 			c.RatePerSecond, c.Burst, c.TotalRatePerSecond))
 	}
-	if c.MaxClients < 1 || c.MaxStreams < 1 {
-		errs = append(errs, fmt.Errorf("opendata.max_clients (%d) and opendata.max_streams (%d) must be at least 1", c.MaxClients, c.MaxStreams))
+	if c.MaxClients < 1 || c.MaxStreams < 1 || c.MaxStreamsPerClient < 1 || c.MaxStreamsPerClient > c.MaxStreams {
+		errs = append(errs, fmt.Errorf("opendata.max_clients (%d), opendata.max_streams (%d) and opendata.max_streams_per_client (%d) must be at least 1, per client no more than in all",
+			c.MaxClients, c.MaxStreams, c.MaxStreamsPerClient))
 	}
 	if c.StreamInterval < 100*time.Millisecond {
 		errs = append(errs, fmt.Errorf("opendata.stream_interval must be at least 100ms, got %v", c.StreamInterval))

@@ -3,6 +3,7 @@ package opendata
 import (
 	"net"
 	"net/http"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -19,7 +20,8 @@ type limiter struct {
 	total   *rate.Limiter
 	mu      sync.Mutex
 	clients map[string]*client
-	swept   time.Time // last expiry sweep: at most one a second
+	swept   time.Time      // last expiry sweep: at most one a second
+	streams map[string]int // open live streams per client address
 	refused *prometheus.CounterVec
 }
 
@@ -36,6 +38,7 @@ func newLimiter(c Config, reg prometheus.Registerer, now func() time.Time) *limi
 		cfg: c, now: now,
 		total:   rate.NewLimiter(rate.Limit(c.TotalRatePerSecond), max(c.Burst, int(c.TotalRatePerSecond))),
 		clients: make(map[string]*client),
+		streams: make(map[string]int),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "citypulse_opendata_requests_refused_total",
 			Help: "Public feed requests refused, by reason (client_rate, total_rate, clients_full).",
@@ -47,12 +50,44 @@ func newLimiter(c Config, reg prometheus.Registerer, now func() time.Time) *limi
 	return l
 }
 
-// allow says whether r may be served now; when not, the reason.
-func (l *limiter) allow(r *http.Request) (bool, string) {
+// clientKey is what the limits count by: the client's IPv4 address, or the
+// /64 of an IPv6 one (a host holds a whole /64).
+func clientKey(r *http.Request) string {
 	host, _, err := net.SplitHostPort(r.RemoteAddr)
 	if err != nil {
 		host = r.RemoteAddr
 	}
+	if ip, err := netip.ParseAddr(host); err == nil && ip.Is6() && !ip.Is4In6() {
+		if p, err := ip.Prefix(64); err == nil {
+			return p.String()
+		}
+	}
+	return host
+}
+
+// openStream counts a live stream of host, or says it has too many.
+func (l *limiter) openStream(host string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.streams[host] >= l.cfg.MaxStreamsPerClient {
+		l.refused.WithLabelValues("client_streams").Inc()
+		return false
+	}
+	l.streams[host]++
+	return true
+}
+
+func (l *limiter) closeStream(host string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.streams[host]--; l.streams[host] <= 0 {
+		delete(l.streams, host)
+	}
+}
+
+// allow says whether r may be served now; when not, the reason.
+func (l *limiter) allow(r *http.Request) (bool, string) {
+	host := clientKey(r)
 	now := l.now()
 	l.mu.Lock()
 	c, ok := l.clients[host]

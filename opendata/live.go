@@ -95,6 +95,13 @@ func (f *Feed) stream(w http.ResponseWriter, r *http.Request) {
 			now = append(now, e)
 		}
 	}
+	host := clientKey(r)
+	if !f.lim.openStream(host) {
+		w.Header().Set("Retry-After", "30")
+		problem(w, http.StatusTooManyRequests, "TooManyRequests", "too many live streams from this address")
+		return
+	}
+	defer f.lim.closeStream(host)
 	snap := []stream.Event{{Name: "notification", Data: notification(0, now, form == "keyValues")}}
 	f.hub.Serve(w, r, func(ev stream.Event) bool {
 		parts := strings.SplitN(ev.Topic, "/", 3) // type/form/id

@@ -32,7 +32,7 @@ func (s *Store) Register(mux *http.ServeMux, read, operate func(http.Handler) ht
 		}
 		sl, err := s.Add(sl)
 		if err != nil {
-			fail(w, http.StatusBadRequest, err)
+			fail(w, codeOf(err), err)
 			return
 		}
 		reply(w, http.StatusOK, sl)
@@ -59,7 +59,7 @@ func (s *Store) Register(mux *http.ServeMux, read, operate func(http.Handler) ht
 		}
 		a, err := s.Acknowledge(a)
 		if err != nil {
-			fail(w, http.StatusBadRequest, err)
+			fail(w, codeOf(err), err)
 			return
 		}
 		reply(w, http.StatusOK, a)
@@ -77,6 +77,16 @@ func decode(w http.ResponseWriter, r *http.Request, v any) error {
 		return errors.New("trailing data after the JSON body")
 	}
 	return nil
+}
+
+// codeOf is the status for a failed change: 400 for what was asked, 500
+// when it could not be saved.
+func codeOf(err error) int {
+	var ve *ValidationError
+	if errors.As(err, &ve) {
+		return http.StatusBadRequest
+	}
+	return http.StatusInternalServerError
 }
 
 func reply(w http.ResponseWriter, code int, data any) { httpapi.WriteData(w, code, data) }

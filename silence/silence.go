@@ -8,8 +8,10 @@ import (
 	"fmt"
 	"os"
 	"regexp"
+	"slices"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/citypulse/citypulse/internal/durable"
@@ -96,12 +98,15 @@ type state struct {
 	Acks     []Ack     `json:"acks"`
 }
 
-// Store keeps silences and acknowledgements, persisted to one file.
+// Store keeps silences and acknowledgements, persisted to one file. Readers
+// (the gate in the shard loop, the API) see an immutable snapshot and never
+// wait for a change being written to disk; a change takes effect only once it
+// is saved.
 type Store struct {
 	path string
 	now  func() time.Time
-	mu   sync.Mutex
-	st   state
+	mu   sync.Mutex            // serialises changes and their saves
+	snap atomic.Pointer[state] // the saved state; never modified in place
 }
 
 // Open loads the store from path (absent: empty). Expired silences are dropped.
@@ -110,25 +115,44 @@ func Open(path string, now func() time.Time) (*Store, error) {
 		now = time.Now
 	}
 	s := &Store{path: path, now: now}
+	var st state
 	b, err := os.ReadFile(path)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
-		return s, nil
 	case err != nil:
 		return nil, fmt.Errorf("read silences: %w", err)
+	default:
+		if err := json.Unmarshal(b, &st); err != nil {
+			return nil, fmt.Errorf("parse silences %s: %w", path, err)
+		}
 	}
-	if err := json.Unmarshal(b, &s.st); err != nil {
-		return nil, fmt.Errorf("parse silences %s: %w", path, err)
-	}
-	for i := range s.st.Silences {
-		for j := range s.st.Silences[i].Matchers {
-			if err := s.st.Silences[i].Matchers[j].compile(); err != nil {
+	for i := range st.Silences {
+		for j := range st.Silences[i].Matchers {
+			if err := st.Silences[i].Matchers[j].compile(); err != nil {
 				return nil, fmt.Errorf("silences %s: %w", path, err)
 			}
 		}
 	}
-	s.expireLocked()
+	st.Silences = unexpired(st.Silences, now())
+	s.snap.Store(&st)
 	return s, nil
+}
+
+// change applies f to a copy of the state, saves it, and only then makes it
+// the state: a change that could not be saved has no effect.
+func (s *Store) change(f func(st *state) error) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	old := s.snap.Load()
+	st := state{Silences: unexpired(slices.Clone(old.Silences), s.now()), Acks: slices.Clone(old.Acks)}
+	if err := f(&st); err != nil {
+		return err
+	}
+	if err := s.save(&st); err != nil {
+		return err
+	}
+	s.snap.Store(&st)
+	return nil
 }
 
 // validate checks a silence an operator asks for.
@@ -156,56 +180,62 @@ func validate(sl *Silence, now time.Time) error {
 	return nil
 }
 
-// Add stores a new silence and returns it with its id.
+// Add stores a new silence and returns it with its id. A *ValidationError
+// says the silence was refused; any other error, that it could not be saved.
 func (s *Store) Add(sl Silence) (Silence, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	if err := validate(&sl, s.now()); err != nil {
-		return Silence{}, err
-	}
-	s.expireLocked()
-	if len(s.st.Silences) >= MaxSilences {
-		return Silence{}, fmt.Errorf("%d silences already: expire some first", MaxSilences)
+		return Silence{}, &ValidationError{err}
 	}
 	var id [8]byte
 	_, _ = rand.Read(id[:])
 	sl.ID = hex.EncodeToString(id[:])
-	s.st.Silences = append(s.st.Silences, sl)
-	return sl, s.saveLocked()
+	err := s.change(func(st *state) error {
+		if len(st.Silences) >= MaxSilences {
+			return &ValidationError{fmt.Errorf("%d silences already: expire some first", MaxSilences)}
+		}
+		st.Silences = append(st.Silences, sl)
+		return nil
+	})
+	if err != nil {
+		return Silence{}, err
+	}
+	return sl, nil
 }
+
+// ValidationError is a change refused for what it asked, not for the disk.
+type ValidationError struct{ Err error }
+
+func (e *ValidationError) Error() string { return e.Err.Error() }
+func (e *ValidationError) Unwrap() error { return e.Err }
 
 // ErrNotFound says there is no such silence.
 var ErrNotFound = errors.New("no such silence")
 
 // Expire ends a silence now.
 func (s *Store) Expire(id string) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for i, sl := range s.st.Silences {
-		if sl.ID == id {
-			s.st.Silences = append(s.st.Silences[:i], s.st.Silences[i+1:]...)
-			return s.saveLocked()
+	return s.change(func(st *state) error {
+		for i, sl := range st.Silences {
+			if sl.ID == id {
+				st.Silences = slices.Delete(st.Silences, i, i+1)
+				return nil
+			}
 		}
-	}
-	return ErrNotFound
+		return ErrNotFound
+	})
 }
 
 // Silences lists the silences not yet ended, soonest end first.
 func (s *Store) Silences() []Silence {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.expireLocked()
-	out := append([]Silence(nil), s.st.Silences...)
+	out := unexpired(slices.Clone(s.snap.Load().Silences), s.now())
 	sort.Slice(out, func(i, j int) bool { return out[i].EndsAt.Before(out[j].EndsAt) })
 	return out
 }
 
-// Silenced returns the id of an active silence that matches labels.
+// Silenced returns the id of an active silence that matches labels. It reads
+// the snapshot only: the shard loop may call it.
 func (s *Store) Silenced(labels map[string]string) (string, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	now := s.now()
-	for _, sl := range s.st.Silences {
+	for _, sl := range s.snap.Load().Silences {
 		if sl.Active(now) && sl.Matches(labels) {
 			return sl.ID, true
 		}
@@ -216,23 +246,22 @@ func (s *Store) Silenced(labels map[string]string) (string, bool) {
 // Acknowledge records an ack for an alert (replacing an earlier one).
 func (s *Store) Acknowledge(a Ack) (Ack, error) {
 	if a.Fingerprint == "" || len(a.Fingerprint) > 64 || a.By == "" || len(a.By) > MaxTextLen || len(a.Comment) > MaxTextLen {
-		return Ack{}, fmt.Errorf("an ack needs the alert's fingerprint and who (at most %d bytes)", MaxTextLen)
+		return Ack{}, &ValidationError{fmt.Errorf("an ack needs the alert's fingerprint and who (at most %d bytes)", MaxTextLen)}
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	a.At = s.now()
-	s.st.Acks = append(removeAck(s.st.Acks, a.Fingerprint), a)
-	if len(s.st.Acks) > MaxSilences {
-		s.st.Acks = s.st.Acks[len(s.st.Acks)-MaxSilences:]
-	}
-	return a, s.saveLocked()
+	err := s.change(func(st *state) error {
+		st.Acks = append(removeAck(st.Acks, a.Fingerprint), a)
+		if len(st.Acks) > MaxSilences {
+			st.Acks = st.Acks[len(st.Acks)-MaxSilences:]
+		}
+		return nil
+	})
+	return a, err
 }
 
 // Acked returns the ack of the firing of fingerprint that started at startsAt.
 func (s *Store) Acked(fingerprint string, startsAt time.Time) (Ack, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for _, a := range s.st.Acks {
+	for _, a := range s.snap.Load().Acks {
 		if a.Fingerprint == fingerprint && a.StartsAt.Equal(startsAt) {
 			return a, true
 		}
@@ -242,10 +271,9 @@ func (s *Store) Acked(fingerprint string, startsAt time.Time) (Ack, bool) {
 
 // Acks returns the acknowledgements by fingerprint.
 func (s *Store) Acks() map[string]Ack {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	m := make(map[string]Ack, len(s.st.Acks))
-	for _, a := range s.st.Acks {
+	acks := s.snap.Load().Acks
+	m := make(map[string]Ack, len(acks))
+	for _, a := range acks {
 		m[a.Fingerprint] = a
 	}
 	return m
@@ -261,22 +289,22 @@ func removeAck(as []Ack, fp string) []Ack {
 	return out
 }
 
-func (s *Store) expireLocked() {
-	now := s.now()
-	out := s.st.Silences[:0]
-	for _, sl := range s.st.Silences {
+// unexpired keeps the silences that have not ended at now (in place).
+func unexpired(ss []Silence, now time.Time) []Silence {
+	out := ss[:0]
+	for _, sl := range ss {
 		if now.Before(sl.EndsAt) {
 			out = append(out, sl)
 		}
 	}
-	s.st.Silences = out
+	return out
 }
 
-// saveLocked writes the state durably (temporary file, fsync, rename, fsync
-// of the directory): an operator's silence is acknowledged only once a crash
-// cannot undo it.
-func (s *Store) saveLocked() error {
-	b, err := json.Marshal(s.st)
+// save writes st durably (temporary file, fsync, rename, fsync of the
+// directory): an operator's silence is acknowledged only once a crash cannot
+// undo it.
+func (s *Store) save(st *state) error {
+	b, err := json.Marshal(st)
 	if err != nil {
 		return err
 	}

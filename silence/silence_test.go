@@ -1,6 +1,7 @@
 package silence
 
 import (
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -106,11 +107,30 @@ func TestGateHoldsBackSilencedNotifications(t *testing.T) {
 		EndsAt: t0.Add(time.Hour), CreatedBy: "a", Comment: "b"})
 	require.NoError(t, err)
 	var sent recorder
-	g := NewGate(s, func(ev map[string]string) map[string]string { return ev }, &sent, prometheus.NewRegistry())
-	g.Enqueue(map[string]string{"district": "gulou"})
-	g.Enqueue(map[string]string{"district": "xuanwu"})
-	require.Equal(t, recorder{{"district": "xuanwu"}}, sent)
+	g := NewGate(s, func(ev map[string]string) map[string]string { return ev },
+		func(ev map[string]string) bool { return ev["kind"] == "resolved" }, &sent, prometheus.NewRegistry())
+	g.Enqueue(map[string]string{"district": "gulou", "kind": "firing"})
+	g.Enqueue(map[string]string{"district": "xuanwu", "kind": "firing"})
+	g.Enqueue(map[string]string{"district": "gulou", "kind": "resolved"})
+	require.Equal(t, recorder{{"district": "xuanwu", "kind": "firing"}, {"district": "gulou", "kind": "resolved"}}, sent,
+		"a silenced firing is held back; a resolution always passes")
 	require.Equal(t, 1.0, testutil.ToFloat64(g.suppressed))
+}
+
+// A change that cannot be saved has no effect and is no bad request.
+func TestAFailedSaveChangesNothing(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(filepath.Join(dir, "missing-dir", "s.json"), func() time.Time { return t0 })
+	require.NoError(t, err)
+	_, err = s.Add(Silence{Matchers: []Matcher{{Name: "district", Value: "gulou", IsEqual: true}},
+		EndsAt: t0.Add(time.Hour), CreatedBy: "a", Comment: "b"})
+	require.Error(t, err)
+	var ve *ValidationError
+	require.False(t, errors.As(err, &ve), "a disk failure is not the operator's mistake")
+	require.Equal(t, http.StatusInternalServerError, codeOf(err))
+	_, silenced := s.Silenced(map[string]string{"district": "gulou"})
+	require.False(t, silenced, "the silence that was not saved is not in force")
+	require.Empty(t, s.Silences())
 }
 
 func TestAPI(t *testing.T) {

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"reflect"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -183,6 +184,12 @@ func (c Config) Validate() error {
 	}
 	errs = append(errs, c.Ingest.Validate(), c.Pipeline.Validate(), c.Storage.TSDB.Validate(), c.Storage.Influx.Validate(), c.Storage.Archive.Validate(), c.Storage.RemoteWrite.Validate(),
 		c.Vitals.Validate(), c.Rules.Validate(), c.Signals.Validate(), c.OpenData.Validate())
+	if c.OpenData.Enabled && c.OpenData.MaxStreams > c.HTTP.MaxConnections/4 {
+		// A public stream holds an HTTP connection without a token: the
+		// public must never be able to take the operations centre's.
+		errs = append(errs, fmt.Errorf("opendata.max_streams (%d) must be at most a quarter of http.max_connections (%d): the public feed's streams share the API's connections",
+			c.OpenData.MaxStreams, c.HTTP.MaxConnections))
+	}
 	if c.Ingest.MaxPast > c.Storage.TSDB.OutOfOrderWindow {
 		// Such a reading would be acknowledged, then refused by the store.
 		errs = append(errs, fmt.Errorf("ingest.max_past (%v) must not exceed storage.tsdb.out_of_order_window (%v): readings the gateways accept must be storable",
@@ -309,8 +316,14 @@ func printConfig(w io.Writer, c Config) error {
 	}
 	mask(&c.HTTP.AdminToken)
 	mask(&c.HTTP.ReadToken)
+	mask(&c.HTTP.OperatorToken)
 	mask(&c.Ingest.External.Password)
 	mask(&c.Storage.Influx.Token)
+	mask(&c.Storage.RemoteWrite.BearerToken)
+	c.Rules.Notify.Receivers = slices.Clone(c.Rules.Notify.Receivers) // not the caller's
+	for i := range c.Rules.Notify.Receivers {
+		mask(&c.Rules.Notify.Receivers[i].Secret)
+	}
 	b, err := yaml.Marshal(c)
 	if err != nil {
 		return err

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/citypulse/citypulse/notifier"
 )
 
 func writeConfig(t *testing.T, s string) string {
@@ -74,8 +76,15 @@ func TestBadConfigIsRejectedWithTheKeyNamed(t *testing.T) {
 func TestPrintConfigMasksSecrets(t *testing.T) {
 	c := DefaultConfig()
 	c.HTTP.AdminToken = "super-secret-admin-token"
+	c.HTTP.ReadToken = "super-secret-read-token"
+	c.HTTP.OperatorToken = "super-secret-operator-token"
+	c.Ingest.External.Password = "super-secret-broker-password"
+	c.Storage.Influx.Token = "super-secret-influx-token"
+	c.Storage.RemoteWrite.BearerToken = "super-secret-remote-write-token"
+	c.Rules.Notify.Receivers = []notifier.ReceiverConfig{{Name: "ops", Type: "webhook", URL: "http://x", Secret: "super-secret-hmac-key"}}
 	var b syncBuffer
 	require.NoError(t, printConfig(&b, c))
 	require.NotContains(t, b.String(), "super-secret")
 	require.Contains(t, b.String(), "********")
+	require.Equal(t, "super-secret-hmac-key", c.Rules.Notify.Receivers[0].Secret, "the caller's config is not changed")
 }

@@ -47,7 +47,8 @@ func (s *server) buildLive() error {
 // operations screen shows every transition), the outbox unless an active
 // silence matches the alert.
 func (s *server) notifierFor(outbox *notifier.Outbox) rules.Notifier {
-	gate := silence.NewGate(s.silences, func(ev notifier.Event) map[string]string { return ev.Labels }, outbox, s.reg)
+	gate := silence.NewGate(s.silences, func(ev notifier.Event) map[string]string { return ev.Labels },
+		func(ev notifier.Event) bool { return ev.Kind == "resolved" }, outbox, s.reg)
 	return liveNotifier{next: gate, events: s.events}
 }
 
