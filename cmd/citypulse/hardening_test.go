@@ -107,7 +107,7 @@ func (p *inproc) metric(series string) float64 {
 // HTTP connections are bounded in total and per source address; the ones over
 // a limit are closed at once and counted.
 func TestHTTPConnectionLimits(t *testing.T) {
-	s := newInproc(t, "http: {max_connections: 6, max_connections_per_host: 4}\n")
+	s := newInproc(t, "http: {max_connections: 6, max_connections_per_host: 4}\nopendata: {max_streams: 1, max_streams_per_client: 1}\n")
 	s.run()
 	addr := s.s.HTTPAddr().String()
 	dial := func(from string) net.Conn {
