@@ -149,7 +149,7 @@ func TestTheTSDBRoundsToTheNearestMs(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			at := base.Add(time.Duration(c.wantMs) * time.Millisecond)
 			q := `count_over_time(pipe_pressure{device="pipe-` + strconv.Itoa(i) + `"}[1ms])`
-			require.Equal(t, "1", countAt(t, db, q, at), "stored at +%d ms", c.wantMs)
+			require.Equal(t, "1", count(t, db, q, at), "stored at +%d ms", c.wantMs)
 		})
 	}
 }
@@ -188,9 +188,9 @@ func TestADifferentValueAtTheSameMsIsCountedDuplicate(t *testing.T) {
 			}
 			require.Equal(t, tc.dup, db.Refused()["duplicate"])
 			require.Equal(t, float64(tc.dup), metricSum(t, reg, "citypulse_storage_tsdb_samples_rejected_total"))
-			require.Equal(t, tc.want, countAt(t, db, `pipe_pressure`, ms(1)))
-			require.Equal(t, "1", countAt(t, db, `count_over_time(pipe_pressure[1ms])`, ms(1)), "one sample at the ms")
-			require.Equal(t, tc.total, countAt(t, db, `count_over_time(pipe_pressure[10ms])`, ms(2)))
+			require.Equal(t, tc.want, count(t, db, `pipe_pressure`, ms(1)))
+			require.Equal(t, "1", count(t, db, `count_over_time(pipe_pressure[1ms])`, ms(1)), "one sample at the ms")
+			require.Equal(t, tc.total, count(t, db, `count_over_time(pipe_pressure[10ms])`, ms(2)))
 		})
 	}
 }
@@ -229,29 +229,9 @@ func TestALateDuplicateAfterAReopenIsCounted(t *testing.T) {
 	db, _ = open(t, dir)
 	require.NoError(t, db.Write(ctx, pipeline.Batch{Readings: []pipeline.Reading{p(9, ms(1)), p(3, ms(2)), p(1, ms(0))}}))
 	require.Equal(t, uint64(1), db.Refused()["duplicate"], "the late 9 at +1 ms; the identical re-sends are no-ops")
-	require.Equal(t, "2", countAt(t, db, `pipe_pressure`, ms(1)))
+	require.Equal(t, "2", count(t, db, `pipe_pressure`, ms(1)))
 	require.NoError(t, db.Write(ctx, pipeline.Batch{Readings: []pipeline.Reading{p(8, ms(2)), p(4, ms(3))}}))
 	require.Equal(t, uint64(2), db.Refused()["duplicate"], "another value at the latest ms")
-	require.Equal(t, "3", countAt(t, db, `pipe_pressure`, ms(2)))
-	require.Equal(t, "4", countAt(t, db, `count_over_time(pipe_pressure[10ms])`, ms(3)))
-}
-
-// countAt is count with the evaluation time in RFC 3339: the query API takes
-// float seconds through a float, which can land a ms early (see
-// docs/reliability.md, exact times).
-func countAt(t *testing.T, db *TSDB, q string, ts time.Time) string {
-	t.Helper()
-	_, body := get(t, serve(t, db), "/api/v1/query", url.Values{"query": {q}, "time": {ts.UTC().Format(time.RFC3339Nano)}})
-	var r struct {
-		Data struct {
-			Result []struct {
-				Value [2]any `json:"value"`
-			} `json:"result"`
-		} `json:"data"`
-	}
-	require.NoError(t, json.Unmarshal([]byte(body), &r), body)
-	if len(r.Data.Result) == 0 {
-		return "none"
-	}
-	return r.Data.Result[0].Value[1].(string)
+	require.Equal(t, "3", count(t, db, `pipe_pressure`, ms(2)))
+	require.Equal(t, "4", count(t, db, `count_over_time(pipe_pressure[10ms])`, ms(3)))
 }
