@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -241,38 +242,51 @@ func (o *Owner) consume(ctx context.Context, p int, c jetstream.Consumer) error 
 				return nil // handed back to a node before this one in p's order
 			}
 		case <-st.lost:
-			if st.owned {
-				st.owned = false
-				o.m.owned.Dec()
-				o.m.changes.WithLabelValues("lost").Inc()
-				o.log.Info("partition lost to another node", "partition", p)
-				o.onOwned(p, false)
-			}
+			o.lose(st)
 		case m := <-st.msgs:
-			batch := []jetstream.Msg{m}
-			if !st.owned {
-				st.owned = true
-				o.m.owned.Inc()
-				o.m.changes.WithLabelValues("gained").Inc()
-				o.log.Info("partition gained", "partition", p)
-				o.onOwned(p, true)
-				var settled bool
-				if batch, settled = o.settle(ctx, st, batch); !settled {
-					nakAll(batch) // ctx done or lost: to the next owner at once
-					continue
-				}
-			} else {
-				batch = drain(st.msgs, batch, o.cfg.MaxBatch)
-			}
-			for len(batch) > 0 {
-				n := chunkEnd(batch, o.cfg.MaxBatch)
-				if !o.deliver(ctx, st, batch[:n]) {
-					nakAll(batch) // ctx done or lost: to the next owner at once
-					break
-				}
-				batch = batch[n:]
-			}
+			o.take(ctx, st, m)
 		}
+	}
+}
+
+// lose records that another node took p's pin.
+func (o *Owner) lose(st *partition) {
+	if !st.owned {
+		return
+	}
+	st.owned = false
+	o.m.owned.Dec()
+	o.m.changes.WithLabelValues("lost").Inc()
+	o.log.Info("partition lost to another node", "partition", st.p)
+	o.onOwned(st.p, false)
+}
+
+// take hands m, and what waits behind it, to the handler in chunks of
+// cluster.max_batch; the first batch after gaining p waits until it is
+// settled (no older batch outstanding).
+func (o *Owner) take(ctx context.Context, st *partition, m jetstream.Msg) {
+	batch := []jetstream.Msg{m}
+	if !st.owned {
+		st.owned = true
+		o.m.owned.Inc()
+		o.m.changes.WithLabelValues("gained").Inc()
+		o.log.Info("partition gained", "partition", st.p)
+		o.onOwned(st.p, true)
+		var settled bool
+		if batch, settled = o.settle(ctx, st, batch); !settled {
+			nakAll(batch) // ctx done or lost: to the next owner at once
+			return
+		}
+	} else {
+		batch = drain(st.msgs, batch, o.cfg.MaxBatch)
+	}
+	for len(batch) > 0 {
+		n := chunkEnd(batch, o.cfg.MaxBatch)
+		if !o.deliver(ctx, st, batch[:n]) {
+			nakAll(batch) // ctx done or lost: to the next owner at once
+			return
+		}
+		batch = batch[n:]
 	}
 }
 
@@ -300,12 +314,6 @@ func (o *Owner) stopConsuming(st *partition, cc jetstream.ConsumeContext) {
 	}
 	if st.owned {
 		o.release(st)
-	}
-}
-
-func nakAll(batch []jetstream.Msg) {
-	for _, m := range batch {
-		_ = m.Nak()
 	}
 }
 
@@ -378,7 +386,7 @@ func (o *Owner) settle(ctx context.Context, st *partition, batch []jetstream.Msg
 		}
 		wait = settlePoll
 	}
-	slices.SortStableFunc(batch, func(a, b jetstream.Msg) int { return compareSeq(streamSeq(a), streamSeq(b)) })
+	slices.SortStableFunc(batch, func(a, b jetstream.Msg) int { return cmp.Compare(streamSeq(a), streamSeq(b)) })
 	o.log.Info("partition settled", "partition", st.p, "batches", len(batch), "waited", time.Since(start))
 	return batch, true
 }
@@ -396,68 +404,6 @@ func (o *Owner) ackPending(ctx context.Context, c jetstream.Consumer) (int, erro
 		return 0, err
 	}
 	return info.NumAckPending, nil
-}
-
-func distinctSeqs(batch []jetstream.Msg) int {
-	seen := make(map[uint64]struct{}, len(batch))
-	for _, m := range batch {
-		seen[streamSeq(m)] = struct{}{}
-	}
-	return len(seen)
-}
-
-// chunkEnd is the length of batch's first handler call: up to max, and the
-// repeats of its last batch with it (batch is sorted).
-func chunkEnd(batch []jetstream.Msg, max int) int {
-	n := min(len(batch), max)
-	for n < len(batch) && streamSeq(batch[n]) == streamSeq(batch[n-1]) {
-		n++
-	}
-	return n
-}
-
-func compareSeq(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
-}
-
-func streamSeq(m jetstream.Msg) uint64 {
-	md, err := m.Metadata()
-	if err != nil {
-		return 0
-	}
-	return md.Sequence.Stream
-}
-
-// drainAll returns the batches already waiting.
-func drainAll(ch chan jetstream.Msg) []jetstream.Msg {
-	var out []jetstream.Msg
-	for {
-		select {
-		case m := <-ch:
-			out = append(out, m)
-		default:
-			return out
-		}
-	}
-}
-
-// drain appends the batches already waiting, up to max.
-func drain(ch chan jetstream.Msg, batch []jetstream.Msg, max int) []jetstream.Msg {
-	for len(batch) < max {
-		select {
-		case m := <-ch:
-			batch = append(batch, m)
-		default:
-			return batch
-		}
-	}
-	return batch
 }
 
 // deliver hands a batch to the handler until it succeeds, then acknowledges
