@@ -240,24 +240,8 @@ func resolveSenML(in []senmlRecord, device string, now time.Time) ([]Record, []R
 		if r.Unit != nil {
 			rec.Unit = *r.Unit
 		}
-		switch {
-		case r.Value != nil:
-			rec.Value = bv + *r.Value
-		case r.BoolValue != nil:
-			if *r.BoolValue {
-				rec.Value = 1
-			}
-		case r.StringValue != nil:
-			rec.Str, rec.HasStr = *r.StringValue, true
-		case r.Sum != nil:
-			rec.Value = bs + *r.Sum
-		case r.DataValue != nil:
-			reject(i, ReasonBadRecord, fmt.Errorf("record %d (%s): data values (vd) are not supported", i, metric))
-			continue
-		case r.BaseValue != nil:
-			rec.Value = bv
-		default:
-			reject(i, ReasonBadRecord, fmt.Errorf("record %d (%s): no value", i, metric))
+		if err := senmlValue(r, bv, bs, &rec); err != nil {
+			reject(i, ReasonBadRecord, fmt.Errorf("record %d (%s): %w", i, metric, err))
 			continue
 		}
 		t := bt
@@ -273,6 +257,30 @@ func resolveSenML(in []senmlRecord, device string, now time.Time) ([]Record, []R
 		out = append(out, rec)
 	}
 	return out, rejects
+}
+
+// senmlValue sets rec's value from r with the base value and sum in force;
+// an error says why r has none CityPulse can store.
+func senmlValue(r senmlRecord, bv, bs float64, rec *Record) error {
+	switch {
+	case r.Value != nil:
+		rec.Value = bv + *r.Value
+	case r.BoolValue != nil:
+		if *r.BoolValue {
+			rec.Value = 1
+		}
+	case r.StringValue != nil:
+		rec.Str, rec.HasStr = *r.StringValue, true
+	case r.Sum != nil:
+		rec.Value = bs + *r.Sum
+	case r.DataValue != nil:
+		return errors.New("data values (vd) are not supported")
+	case r.BaseValue != nil:
+		rec.Value = bv
+	default:
+		return errors.New("no value")
+	}
+	return nil
 }
 
 var errForeign = fmt.Errorf("foreign device")
