@@ -22,7 +22,7 @@ func (o *Outbox) guard(_, address string, _ syscall.RawConn) error {
 		return err
 	}
 	ip = ip.Unmap()
-	if !(ip.IsLoopback() || ip.IsPrivate() || ip.IsLinkLocalUnicast() || ip.IsLinkLocalMulticast() || ip.IsUnspecified() || ip.IsMulticast()) {
+	if !internal(ip) {
 		return nil
 	}
 	for _, a := range o.cfg.AllowHosts {
@@ -37,6 +37,54 @@ func (o *Outbox) guard(_, address string, _ syscall.RawConn) error {
 		}
 	}
 	return fmt.Errorf("refusing to send a webhook to %s: loopback, link-local and private addresses need rules.notify.allow_hosts (SSRF guard)", ip)
+}
+
+// special are the ranges a webhook may not reach unless allow-listed beyond
+// what netip's predicates cover: shared address space (carrier-grade NAT, RFC
+// 6598), IETF protocol assignments, benchmarking, "this network" and the
+// reserved class E (RFC 6890).
+var special = []netip.Prefix{
+	netip.MustParsePrefix("0.0.0.0/8"),
+	netip.MustParsePrefix("100.64.0.0/10"),
+	netip.MustParsePrefix("192.0.0.0/24"),
+	netip.MustParsePrefix("198.18.0.0/15"),
+	netip.MustParsePrefix("240.0.0.0/4"),
+}
+
+// embedding are the IPv6 prefixes that carry an IPv4 address a router or
+// translator will reach: NAT64 (RFC 6052, RFC 8215) with the address in the
+// last 32 bits, and 6to4 (RFC 3056) with it in bits 16-47.
+var (
+	nat64  = []netip.Prefix{netip.MustParsePrefix("64:ff9b::/96"), netip.MustParsePrefix("64:ff9b:1::/48")}
+	sixTo4 = netip.MustParsePrefix("2002::/16")
+)
+
+// internal reports whether ip is not a public unicast address: loopback,
+// private, link-local, multicast, unspecified, a special range, or an IPv6
+// address that translates to one of those.
+func internal(ip netip.Addr) bool {
+	if ip.IsLoopback() || ip.IsPrivate() || ip.IsLinkLocalUnicast() || ip.IsLinkLocalMulticast() ||
+		ip.IsInterfaceLocalMulticast() || ip.IsUnspecified() || ip.IsMulticast() {
+		return true
+	}
+	for _, p := range special {
+		if p.Contains(ip) {
+			return true
+		}
+	}
+	if !ip.Is6() {
+		return false
+	}
+	b := ip.As16()
+	for _, p := range nat64 {
+		if p.Contains(ip) {
+			return internal(netip.AddrFrom4([4]byte(b[12:16])))
+		}
+	}
+	if sixTo4.Contains(ip) {
+		return internal(netip.AddrFrom4([4]byte(b[2:6])))
+	}
+	return false
 }
 
 // checkHost refuses, at start-up, a receiver whose host resolves to an

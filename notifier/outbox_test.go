@@ -211,10 +211,14 @@ func TestSSRFGuardRefusesPrivateAddresses(t *testing.T) {
 	_, err := NewOutbox(cfg, t.TempDir(), Durability{}, nil, nil)
 	require.ErrorContains(t, err, "SSRF")
 	o := &Outbox{cfg: cfg}
-	for _, addr := range []string{"127.0.0.1:80", "10.1.2.3:443", "192.168.0.1:80", "169.254.169.254:80", "[::1]:80", "0.0.0.0:80"} {
+	for _, addr := range []string{"127.0.0.1:80", "10.1.2.3:443", "192.168.0.1:80", "169.254.169.254:80", "[::1]:80", "0.0.0.0:80",
+		"100.64.0.1:80", "100.127.255.254:80", "198.18.0.1:80", "240.0.0.1:80", "0.1.2.3:80", "192.0.0.8:80",
+		"[64:ff9b::a9fe:a9fe]:80", "[64:ff9b::7f00:1]:80", "[64:ff9b:1::a00:1]:80", "[2002:a9fe:a9fe::1]:80", "[::ffff:127.0.0.1]:80"} {
 		require.Error(t, o.guard("tcp", addr, nil), addr)
 	}
-	require.NoError(t, o.guard("tcp", "93.184.216.34:443", nil), "a public address is fine")
+	for _, addr := range []string{"93.184.216.34:443", "100.128.0.1:443", "[64:ff9b::5db8:d822]:443", "[2002:5db8:d822::1]:443", "[2606:2800:220:1::1]:443"} {
+		require.NoError(t, o.guard("tcp", addr, nil), "a public address is fine: %s", addr)
+	}
 	o.cfg.AllowHosts = []string{"10.0.0.0/8"}
 	require.NoError(t, o.guard("tcp", "10.1.2.3:443", nil), "allow-listed by CIDR")
 }

@@ -15,7 +15,8 @@ type Batch struct {
 // Sink writes batches to a store. Write returns only when the batch is durable in
 // the store, or with an error saying why not. The pipeline retries a batch (with
 // backoff) until Write succeeds, unless the error wraps ErrPermanent, in which case
-// the batch is counted as dropped by that sink and logged.
+// the batch is counted as dropped by that sink and logged; an error that also has
+// a Dropped() int method counts only that many (the sink stored the rest).
 //
 // Readings are delivered at least once: after a crash, a batch whose cursor was not
 // yet committed is written again, so Write must be idempotent for identical

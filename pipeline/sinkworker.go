@@ -174,9 +174,10 @@ func (w *sinkWorker) write(ctx context.Context) bool {
 		}
 		w.p.m.sinkErrors.WithLabelValues(w.st.name).Inc()
 		if errors.Is(err, ErrPermanent) {
-			w.p.m.sinkDropped.WithLabelValues(w.st.name).Add(float64(len(w.batch)))
-			w.p.log.Error("sink refused a batch permanently; its readings stay in the journal until the segment is deleted but are not retried",
-				"sink", w.st.name, "shard", w.s.id, "readings", len(w.batch), "err", err)
+			dropped := droppedBy(err, len(w.batch))
+			w.p.m.sinkDropped.WithLabelValues(w.st.name).Add(float64(dropped))
+			w.p.log.Error("sink refused readings permanently; they stay in the journal until the segment is deleted but are not retried",
+				"sink", w.st.name, "shard", w.s.id, "readings", dropped, "batch", len(w.batch), "err", err)
 			w.st.fail(err, false)
 			return true
 		}
@@ -223,4 +224,15 @@ func isClosed(ch <-chan struct{}) bool {
 	default:
 		return false
 	}
+}
+
+// droppedBy is how many of a batch of n readings a permanent error refused:
+// n, unless the sink says fewer (an error with a Dropped() int method, when
+// it stored the rest).
+func droppedBy(err error, n int) int {
+	var d interface{ Dropped() int }
+	if errors.As(err, &d) && d.Dropped() >= 0 && d.Dropped() <= n {
+		return d.Dropped()
+	}
+	return n
 }

@@ -134,17 +134,48 @@ func OpenRemoteWrite(cfg RemoteWriteConfig, log *slog.Logger, reg prometheus.Reg
 // Name is the sink's name.
 func (w *RemoteWrite) Name() string { return "remote_write" }
 
-// Write sends the batch in requests of bounded size, in order; it returns
-// when every request was accepted, or at the first that failed (the pipeline
-// retries the whole batch: a store absorbs a repeated identical sample).
+// Write sends the batch in requests of bounded size, in order. A request
+// that failed in a way worth retrying stops the batch at once (the pipeline
+// retries the whole batch: a store absorbs a repeated identical sample). A
+// request whose samples the store refused does not stop the others: they are
+// sent, and the error returned counts only the refused samples.
 func (w *RemoteWrite) Write(ctx context.Context, b pipeline.Batch) error {
+	var refused *RefusedError
 	for _, req := range buildWriteRequests(b.Readings, w.cfg.MaxSamplesPerRequest, w.cfg.MaxRequestBytes) {
-		if err := w.send(ctx, req); err != nil {
+		err := w.send(ctx, req)
+		switch {
+		case err == nil:
+		case errors.Is(err, pipeline.ErrPermanent):
+			if refused == nil {
+				refused = &RefusedError{err: err}
+			}
+			refused.samples += countSamples(req)
+		default:
 			return err
 		}
 	}
+	if refused != nil {
+		return refused
+	}
 	return nil
 }
+
+// RefusedError is the store's refusal of some of a batch's samples: the
+// batch's other requests were accepted. It wraps pipeline.ErrPermanent.
+type RefusedError struct {
+	samples int
+	err     error
+}
+
+func (e *RefusedError) Error() string {
+	return fmt.Sprintf("%d samples refused: %v", e.samples, e.err)
+}
+
+// Unwrap returns the first refusal.
+func (e *RefusedError) Unwrap() error { return e.err }
+
+// Dropped is the number of readings refused (one sample per reading).
+func (e *RefusedError) Dropped() int { return e.samples }
 
 // maxSampleBytes bounds one encoded sample: tag and length (2), the value
 // (1+8), the timestamp (1 + a varint of up to 10 bytes).

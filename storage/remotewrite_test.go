@@ -17,7 +17,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/golang/snappy"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/prometheus/prometheus/prompb"
 	"github.com/stretchr/testify/require"
 
 	"github.com/citypulse/citypulse/pipeline"
@@ -239,4 +241,46 @@ func dedupSamples(s [][2]any) [][2]any {
 		}
 	}
 	return out
+}
+
+// A refusal of one request's samples must not drop the other requests of the
+// batch: they are sent, and only the refused samples are counted as dropped.
+func TestRemoteWriteRefusalDropsOnlyTheRefusedRequest(t *testing.T) {
+	var requests, refusedSamples, storedSamples int
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		wr := decodeWriteRequest(t, r)
+		requests++
+		if requests == 2 {
+			refusedSamples += countSamples(wr)
+			http.Error(w, "out of bounds", http.StatusBadRequest)
+			return
+		}
+		storedSamples += countSamples(wr)
+		w.WriteHeader(http.StatusNoContent)
+	}))
+	defer srv.Close()
+	cfg := DefaultRemoteWrite()
+	cfg.URL = srv.URL + "/api/v1/write"
+	cfg.MaxSamplesPerRequest = 1
+	w, err := OpenRemoteWrite(cfg, nil, nil)
+	require.NoError(t, err)
+	b := fixture()
+	err = w.Write(context.Background(), b)
+	require.ErrorIs(t, err, pipeline.ErrPermanent)
+	var refused *RefusedError
+	require.ErrorAs(t, err, &refused)
+	require.Greater(t, requests, 2, "the requests after the refused one are still sent")
+	require.Equal(t, refusedSamples, refused.Dropped())
+	require.Equal(t, len(b.Readings), storedSamples+refusedSamples, "every sample was sent once")
+}
+
+func decodeWriteRequest(t *testing.T, r *http.Request) *prompb.WriteRequest {
+	t.Helper()
+	body, err := io.ReadAll(r.Body)
+	require.NoError(t, err)
+	raw, err := snappy.Decode(nil, body)
+	require.NoError(t, err)
+	var wr prompb.WriteRequest
+	require.NoError(t, wr.Unmarshal(raw))
+	return &wr
 }
