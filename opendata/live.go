@@ -89,12 +89,6 @@ func (f *Feed) stream(w http.ResponseWriter, r *http.Request) {
 	want := func(e entity) bool {
 		return slices.Contains(types, e.typ) && (len(ids) == 0 || slices.Contains(ids, e.id))
 	}
-	var now []entity
-	for _, e := range f.snapshot().entities(f.cfg.AlmostFull) {
-		if want(e) {
-			now = append(now, e)
-		}
-	}
 	host := clientKey(r)
 	if !f.lim.openStream(host) {
 		w.Header().Set("Retry-After", "30")
@@ -102,7 +96,15 @@ func (f *Feed) stream(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer f.lim.closeStream(host)
-	snap := []stream.Event{{Name: "notification", Data: notification(0, now, form == "keyValues")}}
+	snap := func() []stream.Event {
+		var now []entity
+		for _, e := range f.snapshot().entities(f.cfg.AlmostFull) {
+			if want(e) {
+				now = append(now, e)
+			}
+		}
+		return []stream.Event{{Name: "notification", Data: notification(0, now, form == "keyValues")}}
+	}
 	f.hub.Serve(w, r, func(ev stream.Event) bool {
 		parts := strings.SplitN(ev.Topic, "/", 3) // type/form/id
 		return len(parts) == 3 && parts[1] == form && slices.Contains(types, parts[0]) &&

@@ -181,10 +181,11 @@ func (h *Hub) leave(c *client) {
 }
 
 // Serve streams events to one client until its request is done or the hub
-// drops it. snapshot (may be nil) is written first, after the client is
-// subscribed, so nothing published in between is missed; filter (may be nil)
-// selects what the client gets.
-func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, filter func(Event) bool, snapshot []Event) {
+// drops it. snapshot (may be nil) is called once the client is subscribed,
+// and what it returns is written first: a change published while the
+// snapshot is taken is then in the snapshot, or queued after it, never
+// missed. filter (may be nil) selects what the client gets.
+func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, filter func(Event) bool, snapshot func() []Event) {
 	c, err := h.add(filter)
 	if err != nil {
 		w.Header().Set("Retry-After", "5")
@@ -213,7 +214,11 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, filter func(Event) b
 		h.dropSlow(c)
 		return
 	}
-	for _, ev := range snapshot {
+	var snap []Event
+	if snapshot != nil {
+		snap = snapshot()
+	}
+	for _, ev := range snap {
 		if !write(func() error { return writeEvent(w, ev) }) {
 			h.dropSlow(c)
 			return

@@ -139,7 +139,7 @@ func TestStalledClientAffectsNoOther(t *testing.T) {
 func TestRefusesPastMaxClientsAndFilters(t *testing.T) {
 	h := New(Options{MaxClients: 1})
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		h.Serve(w, r, func(ev Event) bool { return ev.Topic == "alert" }, []Event{{Name: "snapshot", Data: []byte("s")}})
+		h.Serve(w, r, func(ev Event) bool { return ev.Topic == "alert" }, func() []Event { return []Event{{Name: "snapshot", Data: []byte("s")}} })
 	}))
 	defer srv.Close()
 	c, br := openStream(t, srv.URL, "/")
@@ -215,4 +215,22 @@ func TestAStreamOutlivesTheServersTimeouts(t *testing.T) {
 	got, err := readEvents(br, 1)
 	require.NoError(t, err)
 	require.Equal(t, []string{"still here"}, got)
+}
+
+// The snapshot is taken after the client is subscribed: an event published
+// while it is being taken reaches the client after it.
+func TestSnapshotIsTakenAfterSubscribing(t *testing.T) {
+	h := New(Options{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h.Serve(w, r, nil, func() []Event {
+			h.Publish(Event{Topic: "change", Data: []byte("change during snapshot")})
+			return []Event{{Name: "snapshot", Data: []byte("snapshot")}}
+		})
+	}))
+	defer srv.Close()
+	c, br := openStream(t, srv.URL, "/")
+	defer c.Close()
+	got, err := readEvents(br, 2)
+	require.NoError(t, err)
+	require.Equal(t, []string{"snapshot", "change during snapshot"}, got)
 }
