@@ -34,6 +34,12 @@ type Config struct {
 	StaleAfter float64 `mapstructure:"stale_after" yaml:"stale_after"`
 	// AlmostFull is the occupancy from which a car park is "almostFull".
 	AlmostFull float64 `mapstructure:"almost_full" yaml:"almost_full"`
+	// IDKey is the secret that turns a device id into its public alias (the
+	// first 16 hex digits of HMAC-SHA256(IDKey, device id)), so an entity id
+	// never reveals a device id, which is also its MQTT user name and DTLS
+	// identity. Empty: the server keeps a random key in its data directory.
+	// Nodes of a cluster must share it.
+	IDKey string `mapstructure:"id_key" yaml:"id_key"`
 }
 
 // publicKinds are the kinds the feed knows how to publish.

@@ -48,7 +48,7 @@ func (s snapshot) entities(almostFull float64) []entity {
 		case devices.KindParking:
 			park := d.Group
 			if park == "" && s.isCounter(d) {
-				park = d.ID // a car-park counter of its own
+				park = s.alias(d.ID) // a car-park counter of its own
 			}
 			if park != "" {
 				lots[park] = append(lots[park], d)
@@ -75,7 +75,7 @@ func (s snapshot) isCounter(d devices.Device) bool {
 }
 
 func (s snapshot) parkingSpot(d devices.Device) entity {
-	e := entity{id: entityID(TypeParkingSpot, d.ID), typ: TypeParkingSpot}
+	e := entity{id: entityID(TypeParkingSpot, s.alias(d.ID)), typ: TypeParkingSpot}
 	status, at := "unknown", int64(0)
 	if v, ok := s.values[d.ID]["occupied"]; ok {
 		at = v.t
@@ -189,7 +189,7 @@ func (s snapshot) parkLocation(ds []devices.Device) *devices.Location {
 // trafficSignal is one junction's status: working, dark (off), flashing,
 // faulty or unknown (nothing fresh).
 func (s snapshot) trafficSignal(d devices.Device) entity {
-	e := entity{id: entityID(TypeTrafficSignal, d.ID), typ: TypeTrafficSignal}
+	e := entity{id: entityID(TypeTrafficSignal, s.alias(d.ID)), typ: TypeTrafficSignal}
 	states := []string{"off", "red", "amber", "green", "flashing"}
 	st, okS := s.values[d.ID]["state"]
 	fa, okF := s.values[d.ID]["fault"]

@@ -1,6 +1,9 @@
 package opendata
 
 import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
 	"log/slog"
 	"maps"
 	"slices"
@@ -42,6 +45,7 @@ type Feed struct {
 	lim  *limiter
 
 	kinds map[string]bool
+	alias func(device string) string // a device's public id
 
 	mu   sync.Mutex
 	last map[string]map[string]value // device → metric → latest
@@ -77,7 +81,20 @@ func New(o Options) *Feed {
 	for _, k := range o.Config.Kinds {
 		f.kinds[k] = true
 	}
+	f.alias = func(id string) string { return id }
+	if o.Config.IDKey != "" {
+		f.alias = func(id string) string { return Alias(o.Config.IDKey, id) }
+	}
 	return f
+}
+
+// Alias is a device's public id under key: HMAC-SHA256 of its id, as 16 hex
+// digits (64 bits: collisions are negligible for a city's devices, and without
+// the key the alias cannot be computed from a device id nor reversed).
+func Alias(key, device string) string {
+	m := hmac.New(sha256.New, []byte(key))
+	m.Write([]byte(device))
+	return hex.EncodeToString(m.Sum(nil)[:8])
 }
 
 // Observe keeps the latest value of each public metric; it runs in the shard
@@ -112,6 +129,7 @@ type snapshot struct {
 	devices []devices.Device // public kinds only, sorted by id
 	values  map[string]map[string]value
 	fresh   func(d devices.Device, v value) bool
+	alias   func(device string) string // a device's public id
 }
 
 func (f *Feed) snapshot() snapshot {
@@ -132,7 +150,7 @@ func (f *Feed) snapshot() snapshot {
 	}
 	f.mu.Unlock()
 	stale := f.cfg.StaleAfter
-	return snapshot{now: now, devices: ds, values: vals, fresh: func(d devices.Device, v value) bool {
+	return snapshot{now: now, devices: ds, values: vals, alias: f.alias, fresh: func(d devices.Device, v value) bool {
 		return v.t != 0 && float64(now.UnixNano()-v.t) <= stale*float64(d.Interval)
 	}}
 }

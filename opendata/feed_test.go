@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"flag"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -172,4 +173,33 @@ func TestNothingPrivateIsPublished(t *testing.T) {
 func TestMain(m *testing.M) {
 	flag.Parse()
 	goleak.VerifyTestMain(m)
+}
+
+// With an id key, no entity id or name carries a device id (which is also its
+// MQTT user name and DTLS identity), and an entity is found by its alias.
+func TestPublicIDsAreAliasesUnderTheIDKey(t *testing.T) {
+	cfg := Default()
+	cfg.IDKey = "a city's secret"
+	f := newCityFeed(t, cfg)
+	srv := httptest.NewServer(f.Handler())
+	defer srv.Close()
+	resp, err := http.Get(srv.URL + "/ngsi-ld/v1/entities?type=ParkingSpot,OffStreetParking,TrafficSignal&limit=1000")
+	require.NoError(t, err)
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.NoError(t, err)
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	for _, device := range []string{"bay-0001", "bay-0002", "lot-0001", "tl-0001", "tl-0002"} {
+		require.NotContains(t, string(body), device)
+	}
+	alias := func(id string) string { return Alias(cfg.IDKey, id) }
+	require.Len(t, alias("bay-0001"), 16)
+	require.NotEqual(t, alias("bay-0001"), Alias("another key", "bay-0001"), "the alias depends on the key")
+	for _, id := range []string{"urn:ngsi-ld:ParkingSpot:" + alias("bay-0001"), "urn:ngsi-ld:OffStreetParking:" + alias("lot-0001"),
+		"urn:ngsi-ld:TrafficSignal:" + alias("tl-0001"), "urn:ngsi-ld:OffStreetParking:central"} {
+		resp, err := http.Get(srv.URL + "/ngsi-ld/v1/entities/" + id)
+		require.NoError(t, err)
+		resp.Body.Close()
+		require.Equal(t, http.StatusOK, resp.StatusCode, id)
+	}
 }

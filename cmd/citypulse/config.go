@@ -320,6 +320,7 @@ func printConfig(w io.Writer, c Config) error {
 	mask(&c.Ingest.External.Password)
 	mask(&c.Storage.Influx.Token)
 	mask(&c.Storage.RemoteWrite.BearerToken)
+	mask(&c.OpenData.IDKey)
 	c.Rules.Notify.Receivers = slices.Clone(c.Rules.Notify.Receivers) // not the caller's
 	for i := range c.Rules.Notify.Receivers {
 		mask(&c.Rules.Notify.Receivers[i].Secret)

@@ -1,12 +1,19 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
+	"os"
 	"path/filepath"
 	"time"
 
+	"github.com/citypulse/citypulse/internal/durable"
 	"github.com/citypulse/citypulse/notifier"
 	"github.com/citypulse/citypulse/opendata"
 	"github.com/citypulse/citypulse/pipeline"
@@ -28,6 +35,11 @@ func (s *server) buildLive() error {
 		return err
 	}
 	if cfg.OpenData.Enabled {
+		if cfg.OpenData.IDKey == "" {
+			if cfg.OpenData.IDKey, err = publicIDKey(filepath.Join(cfg.DataDir, "opendata-id.key")); err != nil {
+				return err
+			}
+		}
 		s.feed = opendata.New(opendata.Options{Config: cfg.OpenData, Devices: s.devices,
 			Logger: s.log.With("component", "opendata"), Registerer: s.reg})
 	}
@@ -138,4 +150,23 @@ func (s *server) decorateAlert(a *rules.AlertView) {
 	if ack, ok := s.silences.Acked(a.Fingerprint, a.ActiveAt); ok {
 		a.Ack = ack
 	}
+}
+
+// publicIDKey reads the key the public feed's aliases are made with, creating
+// a random one on first use, so a device keeps its public id across restarts.
+func publicIDKey(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err == nil && len(bytes.TrimSpace(b)) >= 32 {
+		return string(bytes.TrimSpace(b)), nil
+	}
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return "", fmt.Errorf("opendata: the public id key %s: %w", path, err)
+	}
+	key := make([]byte, 32)
+	_, _ = rand.Read(key)
+	enc := hex.EncodeToString(key)
+	if err := durable.WriteFile(path, []byte(enc+"\n"), 0o600, true); err != nil {
+		return "", fmt.Errorf("opendata: writing the public id key: %w", err)
+	}
+	return enc, nil
 }

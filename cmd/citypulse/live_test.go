@@ -6,11 +6,15 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/citypulse/citypulse/opendata"
 )
 
 const (
@@ -116,8 +120,13 @@ func TestTheOperationsStreamSilencesAndThePublicFeed(t *testing.T) {
 	require.NoError(t, err)
 	defer bay.Disconnect(100)
 	publish(t, bay, "devices/bay-0001/readings", 1, []byte(`{"occupied":true}`))
+	key, err := os.ReadFile(filepath.Join(p.cfg.DataDir, "opendata-id.key"))
+	require.NoError(t, err, "the server made the public id key")
+	code, _ = p.do("GET", "/ngsi-ld/v1/entities/urn:ngsi-ld:ParkingSpot:bay-0001", "", "")
+	require.Equal(t, http.StatusNotFound, code, "a device id is not a public id")
+	alias := opendata.Alias(strings.TrimSpace(string(key)), "bay-0001")
 	eventually(t, 10*time.Second, func() error {
-		code, body := p.do("GET", "/ngsi-ld/v1/entities/urn:ngsi-ld:ParkingSpot:bay-0001?options=keyValues", "", "")
+		code, body := p.do("GET", "/ngsi-ld/v1/entities/urn:ngsi-ld:ParkingSpot:"+alias+"?options=keyValues", "", "")
 		if code != http.StatusOK || !strings.Contains(body, `"status":"occupied"`) {
 			return fmt.Errorf("%d %s", code, body)
 		}
