@@ -101,20 +101,32 @@ type recorder []map[string]string
 func (r *recorder) Enqueue(ev map[string]string) { *r = append(*r, ev) }
 
 func TestGateHoldsBackSilencedNotifications(t *testing.T) {
-	s, err := Open(filepath.Join(t.TempDir(), "s.json"), func() time.Time { return t0 })
+	now := t0
+	s, err := Open(filepath.Join(t.TempDir(), "s.json"), func() time.Time { return now })
 	require.NoError(t, err)
 	_, err = s.Add(Silence{Matchers: []Matcher{{Name: "district", Value: "gulou", IsEqual: true}},
 		EndsAt: t0.Add(time.Hour), CreatedBy: "a", Comment: "b"})
 	require.NoError(t, err)
 	var sent recorder
-	g := NewGate(s, func(ev map[string]string) map[string]string { return ev },
-		func(ev map[string]string) bool { return ev["kind"] == "resolved" }, &sent, prometheus.NewRegistry())
-	g.Enqueue(map[string]string{"district": "gulou", "kind": "firing"})
-	g.Enqueue(map[string]string{"district": "xuanwu", "kind": "firing"})
-	g.Enqueue(map[string]string{"district": "gulou", "kind": "resolved"})
-	require.Equal(t, recorder{{"district": "xuanwu", "kind": "firing"}, {"district": "gulou", "kind": "resolved"}}, sent,
+	g := NewGate(s, GateFuncs[map[string]string]{
+		Labels:   func(ev map[string]string) map[string]string { return ev },
+		Key:      func(ev map[string]string) string { return ev["alert"] },
+		Resolved: func(ev map[string]string) bool { return ev["kind"] == "resolved" },
+	}, &sent, prometheus.NewRegistry())
+	g.Enqueue(map[string]string{"alert": "a", "district": "gulou", "kind": "firing"})
+	g.Enqueue(map[string]string{"alert": "b", "district": "xuanwu", "kind": "firing"})
+	g.Enqueue(map[string]string{"alert": "a", "district": "gulou", "kind": "resolved"})
+	g.Enqueue(map[string]string{"alert": "c", "district": "gulou", "kind": "firing"})
+	require.Equal(t, recorder{{"alert": "b", "district": "xuanwu", "kind": "firing"}, {"alert": "a", "district": "gulou", "kind": "resolved"}}, sent,
 		"a silenced firing is held back; a resolution always passes")
-	require.Equal(t, 1.0, testutil.ToFloat64(g.suppressed))
+	require.Equal(t, 2.0, testutil.ToFloat64(g.suppressed))
+
+	require.Zero(t, g.Release(), "nothing is released while the silence holds")
+	now = t0.Add(time.Hour + time.Second)
+	require.Equal(t, 1, g.Release(), "the silence expired: the alert still firing is notified, the resolved one is not")
+	require.Equal(t, map[string]string{"alert": "c", "district": "gulou", "kind": "firing"}, sent[len(sent)-1])
+	require.Zero(t, g.Release(), "sent once")
+	require.Equal(t, 1.0, testutil.ToFloat64(g.released))
 }
 
 // A change that cannot be saved has no effect and is no bad request.

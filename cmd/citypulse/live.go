@@ -59,8 +59,12 @@ func (s *server) buildLive() error {
 // operations screen shows every transition), the outbox unless an active
 // silence matches the alert.
 func (s *server) notifierFor(outbox *notifier.Outbox) rules.Notifier {
-	gate := silence.NewGate(s.silences, func(ev notifier.Event) map[string]string { return ev.Labels },
-		func(ev notifier.Event) bool { return ev.Kind == "resolved" }, outbox, s.reg)
+	gate := silence.NewGate(s.silences, silence.GateFuncs[notifier.Event]{
+		Labels:   func(ev notifier.Event) map[string]string { return ev.Labels },
+		Key:      func(ev notifier.Event) string { return ev.Fingerprint },
+		Resolved: func(ev notifier.Event) bool { return ev.Kind == "resolved" },
+	}, outbox, s.reg)
+	s.gate = gate
 	return liveNotifier{next: gate, events: s.events}
 }
 

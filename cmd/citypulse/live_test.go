@@ -4,11 +4,15 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -132,5 +136,68 @@ func TestTheOperationsStreamSilencesAndThePublicFeed(t *testing.T) {
 		}
 		return nil
 	})
+	p.stop()
+}
+
+// An alert that fires while silenced is held back, and notified once the
+// silence ends while it still fires (as Alertmanager does), not only at its
+// next repeat.
+func TestAnAlertStillFiringIsNotifiedWhenItsSilenceEnds(t *testing.T) {
+	var mu sync.Mutex
+	var firings []string
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		if strings.Contains(string(b), `"gas_leak"`) && strings.Contains(string(b), `"firing"`) {
+			firings = append(firings, string(b))
+		}
+		mu.Unlock()
+	}))
+	defer hook.Close()
+	count := func() int { mu.Lock(); defer mu.Unlock(); return len(firings) }
+	p := newInproc(t, fmt.Sprintf(`http: {read_token: %s, operator_token: %s}
+rules:
+  notify:
+    receivers:
+      - {name: ops, type: webhook, url: %q, secret: "live-test-webhook-secret-01"}
+    allow_hosts: ["127.0.0.1"]
+`, liveRead, liveOperator, hook.URL+"/hook"))
+	p.run()
+
+	silence := `{"matchers":[{"name":"alertname","value":"gas_leak","isEqual":true}],"endsAt":"` +
+		time.Now().Add(time.Hour).UTC().Format(time.RFC3339) + `","createdBy":"ops-anna","comment":"crew on site"}`
+	code, body := p.do("POST", "/api/v1/silences", liveOperator, silence)
+	require.Equal(t, http.StatusOK, code, body)
+	var sl struct {
+		Data struct {
+			ID string `json:"id"`
+		} `json:"data"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(body), &sl), body)
+	require.NotEmpty(t, sl.Data.ID, body)
+
+	c, err := mqttConnect(p.mqtt, "pipe-0001", "secret-pipe-0001", false)
+	require.NoError(t, err)
+	defer c.Disconnect(100)
+	publish(t, c, "devices/pipe-0001/readings", 1, []byte(`[{"n":"gas_concentration","v":35}]`))
+	eventually(t, 10*time.Second, func() error {
+		if _, body := p.do("GET", "/api/v1/alerts", liveRead, ""); !strings.Contains(body, `"gas_leak"`) {
+			return fmt.Errorf("no gas_leak alert yet: %s", body)
+		}
+		return nil
+	})
+	time.Sleep(2 * time.Second) // the release loop runs every second: it must keep holding
+	require.Zero(t, count(), "silenced: not notified")
+
+	code, body = p.do("DELETE", "/api/v1/silences/"+sl.Data.ID, liveOperator, "")
+	require.Equal(t, http.StatusOK, code, body)
+	eventually(t, 10*time.Second, func() error {
+		if count() == 0 {
+			return errors.New("the still-firing alert was not notified after its silence ended")
+		}
+		return nil
+	})
+	time.Sleep(2 * time.Second)
+	require.Equal(t, 1, count(), "notified once")
 	p.stop()
 }

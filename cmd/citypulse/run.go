@@ -54,7 +54,8 @@ func (s *server) Run(ctx context.Context) error {
 		startStage(late, "pipeline", s.pipe),
 	}
 	if s.engine != nil {
-		order = append(order, startStage(late, "rules", s.engine), startStage(late, "rules outbox", s.outbox))
+		release := runFunc(func(ctx context.Context) error { return s.gate.Run(ctx, time.Second) })
+		order = append(order, startStage(late, "rules", s.engine, release), startStage(late, "rules outbox", s.outbox))
 	}
 	web := startStage(late, "HTTP server", &httpRunner{srv: s.newHTTPServer(), ln: s.ln})
 	order = append(order, web)

@@ -45,11 +45,12 @@ type server struct {
 	vitals   *rules.Vitals // nil when vitals.enabled is false
 	engine   *rules.Engine // nil when rules.enabled is false
 	outbox   *notifier.Outbox
-	gateways []runner          // the gateways and the vital-sign ticker: stopped first
-	events   *stream.Hub       // the operations screen's live stream
-	silences *silence.Store    // the operators' silences and acknowledgements
-	feed     *opendata.Feed    // nil when opendata.enabled is false
-	signals  *signals.Analyzer // nil when signals.enabled is false
+	gateways []runner                      // the gateways and the vital-sign ticker: stopped first
+	events   *stream.Hub                   // the operations screen's live stream
+	silences *silence.Store                // the operators' silences and acknowledgements
+	gate     *silence.Gate[notifier.Event] // holds back silenced notifications; nil without rules
+	feed     *opendata.Feed                // nil when opendata.enabled is false
+	signals  *signals.Analyzer             // nil when signals.enabled is false
 	ln       net.Listener
 	query    *storage.API
 	handler  http.Handler
