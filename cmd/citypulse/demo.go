@@ -213,7 +213,7 @@ func (f *mqttFleet) client(ctx context.Context, d *sim.Device) (paho.Client, err
 	if dc.c != nil {
 		return dc.c, nil
 	}
-	c := paho.NewClient(paho.NewClientOptions().AddBroker("tcp://"+f.addr).
+	c := paho.NewClient(paho.NewClientOptions().AddBroker("tcp://" + f.addr).
 		SetClientID(d.ID).SetUsername(d.ID).SetPassword(d.Secret).
 		SetAutoReconnect(true).SetMaxReconnectInterval(5 * time.Second).SetConnectTimeout(10 * time.Second))
 	if err := wait(ctx, c.Connect()); err != nil {
