@@ -89,7 +89,7 @@ func timeline(t *testing.T, c *City, start time.Time, d, step time.Duration) str
 	for now := start; now.Sub(start) < d; now = now.Add(step) {
 		for _, r := range c.Due(now) {
 			perMinute[r.Device.Kind]++
-			if prev, ok := last[r.Device]; ok {
+			if prev, ok := last[r.Device]; ok && !r.Event {
 				gap := now.Sub(prev)
 				// a meter silenced by a power cut has a longer gap; every other
 				// report comes its interval after the last (on the clock's step)
@@ -100,7 +100,11 @@ func timeline(t *testing.T, c *City, start time.Time, d, step time.Duration) str
 			}
 			last[r.Device] = now
 			if r.Device == burst {
-				pressure = append(pressure, fmt.Sprintf("%.0f", r.Readings[0].V))
+				mark := ""
+				if r.Event {
+					mark = "!"
+				}
+				pressure = append(pressure, fmt.Sprintf("%.0f%s", r.Readings[0].V, mark))
 			}
 		}
 		if el := now.Sub(start) + step; el%time.Minute == 0 {
@@ -116,9 +120,10 @@ func timeline(t *testing.T, c *City, start time.Time, d, step time.Duration) str
 }
 
 // The demo city's first twenty minutes at 8:00 on an injected clock are
-// golden: every device reports at its declared interval, the power meters of
-// a tripped district fall silent, the burst main's pressure collapses and
-// comes back; the same seed gives the same city.
+// golden: every device reports at its declared interval (and at once when an
+// incident starts or ends for it), the power meters of a tripped district
+// fall silent, the burst main's pressure collapses and comes back; the same
+// seed gives the same city.
 func TestDemoCityTimeline(t *testing.T) {
 	opts := CityOptions{Spec: DemoSpec(1), Incidents: DemoIncidents(75*time.Second, 2*time.Minute), Noise: 0.01}
 	start := day.Add(8 * time.Hour)
@@ -162,4 +167,30 @@ func TestRunPublishesEveryDeviceAndStops(t *testing.T) {
 	require.Zero(t, failed)
 	body := rec.bodies["demo-pipe-gulou-0000"][0]
 	require.True(t, strings.HasPrefix(body, `[{"n":"pressure","t":`), body)
+}
+
+// An incident injected while the city runs starts where it says, and the
+// devices it hits report at once: the burst main's next report is its alarm.
+func TestInjectedIncidentIsReportedAtOnce(t *testing.T) {
+	c := NewCity(CityOptions{Spec: DemoSpec(1)})
+	start := day.Add(12 * time.Hour)
+	c.Start(start)
+	now := start
+	for ; now.Sub(start) < 20*time.Second; now = now.Add(100 * time.Millisecond) {
+		c.Due(now)
+	}
+	c.Inject(Incident{Type: "burst_main", At: c.Elapsed(now), Lasts: time.Minute, Devices: 1, District: 4})
+	reports := c.Due(now)
+	require.Len(t, reports, 1, "only the burst main reports at once")
+	r := reports[0]
+	require.Equal(t, "demo-pipe-qixia-0000", r.Device.ID)
+	require.True(t, r.Event)
+	require.Less(t, r.Readings[0].V, 100.0, "its pressure has collapsed")
+	require.Equal(t, []string{"burst_main in qixia demo-pipe-qixia-0000 (#1)"}, c.Active(c.Elapsed(now)))
+	for end := now.Add(time.Minute); now.Before(end); now = now.Add(100 * time.Millisecond) {
+		c.Due(now)
+	}
+	reports = c.Due(now)
+	require.Len(t, reports, 1, "and again when it is mended")
+	require.Greater(t, reports[0].Readings[0].V, 300.0)
 }
