@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/citypulse/citypulse/devices"
 )
 
@@ -27,6 +29,8 @@ type CityOptions struct {
 	// InFlight bounds the reports being published at once (default 16).
 	InFlight int
 	Logger   *slog.Logger
+	// Registerer, when set, gets citypulse_demo_reports_total{result}.
+	Registerer prometheus.Registerer
 }
 
 // City is a fleet reporting at its declared intervals, with incidents on a
@@ -44,6 +48,7 @@ type City struct {
 	incidents []Incident
 
 	sent, failed atomic.Int64
+	reports      *prometheus.CounterVec
 }
 
 // Report is one message of a device: every metric at one time.
@@ -65,8 +70,14 @@ func NewCity(o CityOptions) *City {
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &City{o: o, fleet: NewFleet(o.Spec), perKind: o.Spec.PerDistrict, active: map[string]bool{},
-		incidents: append([]Incident(nil), o.Incidents...)}
+	c := &City{o: o, fleet: NewFleet(o.Spec), perKind: o.Spec.PerDistrict, active: map[string]bool{},
+		incidents: append([]Incident(nil), o.Incidents...),
+		reports: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "citypulse_demo_reports_total",
+			Help: "Reports of the simulated city handed to the server, by result (published, failed)."}, []string{"result"})}
+	if o.Registerer != nil {
+		o.Registerer.MustRegister(c.reports)
+	}
+	return c
 }
 
 // Devices is the fleet, in a stable order.
@@ -207,10 +218,12 @@ func (c *City) Run(ctx context.Context, pub Publisher, clock func() time.Time) e
 					if ctx.Err() == nil {
 						lastErr.Store(fmt.Sprintf("%s: %v", r.Device.ID, err))
 						c.failed.Add(1)
+						c.reports.WithLabelValues("failed").Inc()
 					}
 					return
 				}
 				c.sent.Add(1)
+				c.reports.WithLabelValues("published").Inc()
 			})
 		}
 		if f := c.failed.Load(); f > warned && now.Sub(warnedAt) >= 10*time.Second {

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
@@ -150,7 +152,8 @@ func (r *recorder) Publish(_ context.Context, d *Device, body []byte) error {
 // Run publishes every device's first report within 3 s and stops with ctx,
 // leaving no goroutine behind.
 func TestRunPublishesEveryDeviceAndStops(t *testing.T) {
-	c := NewCity(CityOptions{Spec: DemoSpec(1), Noise: 0.01})
+	reg := prometheus.NewRegistry()
+	c := NewCity(CityOptions{Spec: DemoSpec(1), Noise: 0.01, Registerer: reg})
 	rec := &recorder{bodies: map[string][]string{}}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -165,6 +168,7 @@ func TestRunPublishesEveryDeviceAndStops(t *testing.T) {
 	sent, failed := c.Stats()
 	require.GreaterOrEqual(t, sent, int64(len(c.Devices())))
 	require.Zero(t, failed)
+	require.Equal(t, float64(sent), testutil.ToFloat64(c.reports.WithLabelValues("published")))
 	body := rec.bodies["demo-pipe-gulou-0000"][0]
 	require.True(t, strings.HasPrefix(body, `[{"n":"pressure","t":`), body)
 }

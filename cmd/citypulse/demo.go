@@ -62,7 +62,7 @@ type demoTokens struct{ Read, Operator, Admin string }
 // prepareDemoConfig completes cfg for the demo: the devices file of the
 // simulated city in the data dir (a fresh temporary one unless tmp is false)
 // and a random token for each role the config leaves without one.
-func prepareDemoConfig(cfg *Config, city *sim.City, tmp bool) (tmpDir string, err error) {
+func prepareDemoConfig(cfg *Config, fleet []*sim.Device, tmp bool) (tmpDir string, err error) {
 	if tmp {
 		if tmpDir, err = os.MkdirTemp("", "citypulse-demo-"); err != nil {
 			return "", err
@@ -73,7 +73,7 @@ func prepareDemoConfig(cfg *Config, city *sim.City, tmp bool) (tmpDir string, er
 		return tmpDir, err
 	}
 	var f devices.File
-	for _, d := range city.Devices() {
+	for _, d := range fleet {
 		f.Devices = append(f.Devices, d.Registration())
 	}
 	b, err := yaml.Marshal(f)
@@ -112,20 +112,21 @@ func newDemo(cfg Config, o demoOptions, tmp bool, logOut io.Writer) (_ *demo, er
 		o.seed = time.Now().UnixNano()
 	}
 	d := &demo{spec: sim.DemoSpec(o.seed)}
-	d.city = sim.NewCity(sim.CityOptions{Spec: d.spec, Incidents: sim.DemoIncidents(o.firstIncident, o.lasts),
-		Noise: 0.01, Logger: newLogger(cfg.Log, logOut).With("component", "demo-city")})
 	defer func() {
 		if err != nil && d.tmpDir != "" {
 			os.RemoveAll(d.tmpDir)
 		}
 	}()
-	if d.tmpDir, err = prepareDemoConfig(&cfg, d.city, tmp); err != nil {
+	// the same spec gives the city the same devices (ids, secrets) as the list
+	if d.tmpDir, err = prepareDemoConfig(&cfg, sim.NewFleet(d.spec), tmp); err != nil {
 		return nil, err
 	}
 	d.tokens = demoTokens{Read: cfg.HTTP.ReadToken, Operator: cfg.HTTP.OperatorToken, Admin: cfg.HTTP.AdminToken}
 	if d.s, err = newServer(cfg, logOut); err != nil {
 		return nil, err
 	}
+	d.city = sim.NewCity(sim.CityOptions{Spec: d.spec, Incidents: sim.DemoIncidents(o.firstIncident, o.lasts),
+		Noise: 0.01, Logger: d.s.log.With("component", "demo-city"), Registerer: d.s.reg})
 	d.pub = &mqttFleet{addr: dialable(d.s.mqttAddr, "127.0.0.1"), conns: map[string]*deviceConn{}}
 	return d, nil
 }

@@ -174,6 +174,10 @@ func TestDemoCityGoesLiveAndItsIncidentAlertsFireAndResolve(t *testing.T) {
 		return nil
 	})
 	t.Logf("every device live %v after start", time.Since(start).Round(100*time.Millisecond))
+	metrics, err := d.get("/metrics")
+	require.NoError(t, err)
+	require.Regexp(t, `citypulse_demo_reports_total\{result="published"\} [1-9]`, metrics)
+	require.Regexp(t, `citypulse_mqtt_clients 324\n`, metrics, "every device on its own connection")
 
 	const burst = "demo-pipe-gulou-0000" // seed 7's first incident: the first main of the first district
 	firing := map[string]bool{}
