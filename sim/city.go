@@ -137,10 +137,7 @@ func (c *City) Due(now time.Time) []Report {
 		if now.Before(c.next[i]) && !event {
 			continue
 		}
-		switch c.next[i] = c.next[i].Add(d.Interval); {
-		case event:
-			c.next[i] = now.Add(d.Interval)
-		case !c.next[i].After(now):
+		if c.next[i] = c.next[i].Add(d.Interval); event || !c.next[i].After(now) {
 			c.next[i] = now.Add(d.Interval)
 		}
 		c.last[i] = cond

@@ -19,7 +19,9 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/citypulse/citypulse/cmd/internal/servertest"
+	"github.com/citypulse/citypulse/devices"
 	"github.com/citypulse/citypulse/internal/servers"
+	"github.com/citypulse/citypulse/sim"
 )
 
 // demoProc is one run of `citypulse demo` with the tokens its banner printed.
@@ -217,4 +219,49 @@ func TestDemoCityGoesLiveAndItsIncidentAlertsFireAndResolve(t *testing.T) {
 	left, err := os.ReadDir(d.tmp)
 	require.NoError(t, err)
 	require.Empty(t, left, "the demo removes its temporary data dir")
+}
+
+// The demo's device list is the city's fleet and loads as any device list;
+// every role without a token gets a fresh one, a configured token is kept.
+func TestDemoConfig(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.DataDir = t.TempDir()
+	cfg.HTTP.ReadToken = "my-own-read-token-0001"
+	fleet := sim.NewFleet(sim.DemoSpec(3))
+	tmp, err := prepareDemoConfig(&cfg, fleet, false)
+	require.NoError(t, err)
+	require.Empty(t, tmp, "the user's data dir is no temporary one")
+	list, err := devices.LoadFile(cfg.Devices.File)
+	require.NoError(t, err)
+	require.Len(t, list, len(fleet))
+	for i, d := range list {
+		require.Equal(t, fleet[i].Registration(), d)
+	}
+	require.Equal(t, "my-own-read-token-0001", cfg.HTTP.ReadToken)
+	require.Regexp(t, `^demo-[0-9a-f]{24}$`, cfg.HTTP.OperatorToken)
+	require.Regexp(t, `^demo-[0-9a-f]{24}$`, cfg.HTTP.AdminToken)
+	require.NotEqual(t, cfg.HTTP.OperatorToken, cfg.HTTP.AdminToken)
+}
+
+func TestDemoRefuses(t *testing.T) {
+	ok := demoOptions{firstIncident: time.Second, lasts: time.Minute}
+	tests := []struct {
+		name string
+		cfg  func(*Config)
+		o    demoOptions
+		want string
+	}{
+		{"no embedded broker", func(c *Config) { c.Ingest.MQTT.Enabled = false }, ok, "embedded MQTT broker"},
+		{"incidents too short", func(*Config) {}, demoOptions{lasts: time.Second}, "--incident-lasts"},
+		{"an incident before the start", func(*Config) {}, demoOptions{firstIncident: -time.Second, lasts: time.Minute}, "--first-incident"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := DefaultConfig()
+			cfg.DataDir = t.TempDir()
+			tt.cfg(&cfg)
+			_, err := newDemo(cfg, tt.o, false, io.Discard)
+			require.ErrorContains(t, err, tt.want)
+		})
+	}
 }
