@@ -286,6 +286,9 @@ func (s Scenario) Validate() error {
 		if in.Lasts <= 0 {
 			add(fmt.Errorf("incidents[%d].lasts = %v: want > 0", i, in.Lasts))
 		}
+		if in.Devices < 0 || in.District < 0 {
+			add(fmt.Errorf("incidents[%d]: devices (%d) and district (%d) must be >= 0", i, in.Devices, in.District))
+		}
 		if in.Every != 0 && in.Every <= in.Lasts {
 			add(fmt.Errorf("incidents[%d].every = %v: want more than lasts (%v)", i, in.Every, in.Lasts))
 		}

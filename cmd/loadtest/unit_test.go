@@ -64,6 +64,9 @@ func TestScenarioValidate(t *testing.T) {
 		{"unknown incident", func(s *Scenario) {
 			s.Incidents = []Incident{{Incident: sim.Incident{Type: "flood", Lasts: time.Second}}}
 		}, `type "flood"`},
+		{"negative district", func(s *Scenario) {
+			s.Incidents = []Incident{{Incident: sim.Incident{Type: "burst_main", Lasts: time.Second, District: -1}}}
+		}, "must be >= 0"},
 		{"every shorter than lasts", func(s *Scenario) {
 			s.Incidents = []Incident{{Incident: sim.Incident{Type: "burst_main", Lasts: time.Minute, Every: time.Second}}}
 		}, "want more than lasts"},
