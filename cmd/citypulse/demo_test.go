@@ -147,7 +147,7 @@ func (d *demoProc) alertEvents(t *testing.T, ctx context.Context) <-chan map[str
 }
 
 // The demo city goes live within 30 s (every simulated device of the five
-// kinds has a value in the query API), its first incident (a burst main at
+// kinds has a value in the query API, every district its vital signs), its first incident (a burst main at
 // 5 s, lasting 45 s) raises mains_pressure_low for the burst main, which
 // resolves once the main is mended; SIGINT stops the demo cleanly and its
 // temporary data dir goes with it.
@@ -162,7 +162,9 @@ func TestDemoCityGoesLiveAndItsIncidentAlertsFireAndResolve(t *testing.T) {
 	// every device of the demo city: six districts x (10 mains, 8 meters,
 	// 4 probes, 12 junctions, 16 bays)
 	want := map[string]string{"pipe_pressure": "60", "power_active_power": "48", "water_level": "24",
-		"traffic_light_state": "72", "parking_occupied": "96", "parking_available_spot_number": "24"}
+		"traffic_light_state": "72", "parking_occupied": "96", "parking_available_spot_number": "24",
+		// and the vital signs the dashboard's district cards show: six districts and the city
+		"city_pipe_pressure_min": "7", "city_power_load_kw": "7", "city_parking_occupancy_ratio": "7"}
 	eventually(t, 30*time.Second-time.Since(start), func() error {
 		for series, n := range want {
 			got, err := d.count(series)
