@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/citypulse/citypulse/devices"
+	"github.com/citypulse/citypulse/history"
 	"github.com/citypulse/citypulse/internal/httpapi"
 	"github.com/citypulse/citypulse/opendata"
 	"github.com/citypulse/citypulse/pipeline"
@@ -40,6 +41,7 @@ type api struct {
 	sinks   sinkStatuser
 	export  exporter // nil when the archive is off
 	rules   *rules.API
+	history *history.Store // nil when the rules are off
 	events  *stream.Hub    // the operations screen's live stream
 	acts    *silence.Store // silences and acknowledgements
 	feed    *opendata.Feed // nil when the public feed is off
@@ -81,6 +83,7 @@ func (s *server) routes() http.Handler {
 	}
 	if s.engine != nil {
 		a.rules = rules.NewAPI(s.engine, s.outbox, s.cfg.Rules.File, s.decorateAlert)
+		a.history = s.history
 	}
 	return routes(s.cfg.HTTP, a)
 }
@@ -129,6 +132,7 @@ func routes(c HTTPConfig, a api) http.Handler {
 		mux.Handle("GET /api/v1/rules", read(http.HandlerFunc(a.rules.Rules)))
 		mux.Handle("GET /api/v1/alerts", read(http.HandlerFunc(a.rules.Alerts)))
 		mux.Handle("GET /api/v1/outbox", read(http.HandlerFunc(a.rules.Outbox)))
+		mux.Handle("GET /api/v1/alerts/{fingerprint}/history", read(http.HandlerFunc(a.history.Handler)))
 	}
 	mux.Handle("GET /api/v1/events", read(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		a.events.Serve(w, r, nil, nil)

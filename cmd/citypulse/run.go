@@ -54,7 +54,8 @@ func (s *server) Run(ctx context.Context) error {
 		startStage(late, "pipeline", s.pipe),
 	}
 	if s.engine != nil {
-		order = append(order, startStage(late, "rules", s.engine), startStage(late, "rules outbox", s.outbox))
+		order = append(order, startStage(late, "rules", s.engine), startStage(late, "rules outbox", s.outbox),
+			startStage(late, "alert history", s.history))
 	}
 	web := startStage(late, "HTTP server", &httpRunner{srv: s.newHTTPServer(), ln: s.ln})
 	order = append(order, web)
