@@ -19,9 +19,9 @@ type Event struct {
 	Annotations map[string]string `json:"annotations"`
 	StartsAt    time.Time         `json:"starts_at"`
 	// ActiveAt is when the alert went pending (before it fired, or at once).
-	ActiveAt time.Time `json:"active_at,omitzero"`
-	EndsAt      time.Time         `json:"ends_at"` // set when resolved
-	Fingerprint string            `json:"fingerprint"`
+	ActiveAt    time.Time `json:"active_at,omitzero"`
+	EndsAt      time.Time `json:"ends_at"` // set when resolved
+	Fingerprint string    `json:"fingerprint"`
 	// Key identifies the (alert, transition): the receiver's idempotency key.
 	Key string `json:"key"`
 }

@@ -46,7 +46,7 @@ type server struct {
 	vitals   *rules.Vitals // nil when vitals.enabled is false
 	engine   *rules.Engine // nil when rules.enabled is false
 	outbox   *notifier.Outbox
-	history  *history.Store // each alert's transitions and notifications (with the rules)
+	history  *history.Store    // each alert's transitions and notifications (with the rules)
 	gateways []runner          // the gateways and the vital-sign ticker: stopped first
 	events   *stream.Hub       // the operations screen's live stream
 	silences *silence.Store    // the operators' silences and acknowledgements
