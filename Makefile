@@ -1,4 +1,6 @@
-# CityPulse. `make run` starts the server on its embedded defaults; `make test`
+# CityPulse. `make demo` starts the server with a simulated city feeding it (a
+# first look: live values, incidents, alerts); `make run` starts a clean server
+# on configs/citypulse.yaml; `make test`
 # installs what the tests need (mosquitto, VictoriaMetrics, influxd, nats-server, chromium) and runs every test, integration
 # tests included.
 
@@ -22,7 +24,7 @@ INFLUXD     := github.com/influxdata/influxdb/cmd/influxd@v1.8.10
 NATS_SERVER := github.com/nats-io/nats-server/v2@v2.15.2
 GOBIN       := $(shell $(GO) env GOPATH)/bin
 
-.PHONY: all build run test test-short test-long deps bench bench-e2e fuzz lint clean
+.PHONY: all build run demo test test-short test-long deps bench bench-e2e fuzz lint clean
 
 all: build
 
@@ -32,6 +34,13 @@ build:
 
 run: build
 	./$(BIN)/citypulse serve --config configs/citypulse.yaml
+
+# demo runs the server on its embedded defaults with the simulated city of
+# package sim (324 devices in six districts, an incident every few minutes);
+# it prints the dashboard's address and the tokens. Data in a temporary
+# directory, removed on exit.
+demo: build
+	./$(BIN)/citypulse demo
 
 # deps installs the servers the integration tests run (as root, as on CI).
 deps:

@@ -3,6 +3,7 @@
 //
 //	citypulse serve [--config configs/citypulse.yaml] [--data-dir DIR]
 //	                [--mqtt-addr :1883] [--coap-addr :5683] [--http-addr :8080]
+//	citypulse demo  [--seed N] [--first-incident 75s] [--incident-lasts 2m] [serve's flags]
 package main
 
 import (
@@ -27,6 +28,7 @@ const usage = `usage: citypulse <command> [flags]
 
 commands:
   serve     run the server (gateways, pipeline, stores, HTTP API)
+  demo      run the server on its embedded defaults with a simulated city feeding it
   config    print the effective config (secrets masked) and exit
   version   print the version
 
@@ -38,7 +40,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return errors.New("no command")
 	}
 	switch args[0] {
-	case "serve", "config":
+	case "serve", "config", "demo":
 	case "version":
 		fmt.Fprintln(stdout, "citypulse", version)
 		return nil
@@ -51,13 +53,21 @@ func run(args []string, stdout, stderr io.Writer) error {
 	}
 	fs := flag.NewFlagSet("citypulse "+args[0], flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	cfgPath := fs.String("config", "configs/citypulse.yaml", "config file (YAML); every key can also be set by a CITYPULSE_<SECTION>_<KEY> environment variable")
+	defaultConfig := "configs/citypulse.yaml"
+	if args[0] == "demo" {
+		defaultConfig = "" // the embedded defaults
+	}
+	cfgPath := fs.String("config", defaultConfig, "config file (YAML); every key can also be set by a CITYPULSE_<SECTION>_<KEY> environment variable")
 	fs.String("data-dir", "", "data directory (data_dir)")
 	fs.String("mqtt-addr", "", "embedded MQTT broker listen address (ingest.mqtt.addr, default :1883)")
 	fs.String("coap-addr", "", "CoAP UDP listen address (ingest.coap.addr, default :5683)")
 	fs.String("dtls-addr", "", "CoAP DTLS listen address (ingest.coap.dtls_addr, default :5684)")
 	fs.String("http-addr", "", "HTTP API listen address (http.addr, default :8080)")
-	fs.String("devices", "", "device list (devices.file, default configs/devices.yaml)")
+	fs.String("devices", "", "device list (devices.file, default configs/devices.yaml; the demo writes its own)")
+	var demoOpts demoOptions
+	if args[0] == "demo" {
+		demoOpts.register(fs)
+	}
 	if err := fs.Parse(args[1:]); err != nil {
 		return err
 	}
@@ -74,26 +84,37 @@ func run(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if args[0] == "config" {
+	switch args[0] {
+	case "config":
 		return printConfig(stdout, cfg)
+	case "demo":
+		// a data dir of the user's (flag, variable or config file) is kept
+		tmp := !isSet(fs, "data-dir") && os.Getenv("CITYPULSE_DATA_DIR") == "" && *cfgPath == ""
+		d, err := newDemo(cfg, demoOpts, tmp, stderr)
+		if err != nil {
+			return err
+		}
+		fmt.Fprint(stdout, d.Banner(demoOpts))
+		return runWithSignals(d, d.s)
 	}
 	s, err := newServer(cfg, stderr)
 	if err != nil {
 		return err
 	}
-	return runWithSignals(s)
+	return runWithSignals(s, s)
 }
 
-// runWithSignals runs s; SIGINT and SIGTERM stop it, SIGHUP reloads the rules.
-// This is the one place the server meets signals.
-func runWithSignals(s *server) error {
+// runWithSignals runs r (the server s, or the demo around it); SIGINT and
+// SIGTERM stop it, SIGHUP reloads s's rules. This is the one place the
+// server meets signals.
+func runWithSignals(r runner, s *server) error {
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sigs)
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
 	done := make(chan error, 1)
-	go func() { done <- s.Run(ctx) }()
+	go func() { done <- r.Run(ctx) }()
 	for {
 		select {
 		case err := <-done:

@@ -53,6 +53,7 @@ type server struct {
 	feed     *opendata.Feed    // nil when opendata.enabled is false
 	signals  *signals.Analyzer // nil when signals.enabled is false
 	ln       net.Listener
+	mqttAddr net.Addr // the embedded broker's; nil when it is off
 	query    *storage.API
 	handler  http.Handler
 	ready    atomic.Bool
@@ -258,6 +259,7 @@ func (s *server) buildGateways() error {
 		s.onClose(b.Close)
 		s.gateways = append(s.gateways, b)
 		if a := b.Addr(); a != nil {
+			s.mqttAddr = a
 			log.Info("embedded MQTT broker listening", "addr", a.String())
 		}
 		if a := b.TLSAddr(); a != nil {

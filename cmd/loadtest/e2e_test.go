@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/citypulse/citypulse/cmd/internal/servertest"
+	"github.com/citypulse/citypulse/sim"
 )
 
 // The integration tests run the real citypulse binary and drive it with the
@@ -93,10 +94,10 @@ func testScenario(t *testing.T, s *servertest.Server, hook string) Scenario {
 	sc.Measure.Webhook, sc.Measure.WebhookSecret = hook, hookSecret
 	sc.Duration = 12 * time.Second
 	sc.Incidents = []Incident{
-		{Type: "burst_main", At: 2 * time.Second, Every: 4 * time.Second, Lasts: 2 * time.Second, Alert: "burst_main", Per: "device"},
-		{Type: "dark_junction", At: 3 * time.Second, Lasts: 4 * time.Second, Alert: "dark_junction", Per: "device"},
-		{Type: "substation_trip", At: 3 * time.Second, Lasts: 6 * time.Second, Alert: "district_power_outage", Per: "district"},
-		{Type: "car_park_filling", At: 4 * time.Second, Lasts: 5 * time.Second, Alert: "district_parking_full", Per: "district"},
+		{Incident: sim.Incident{Type: "burst_main", At: 2 * time.Second, Every: 4 * time.Second, Lasts: 2 * time.Second}, Alert: "burst_main", Per: "device"},
+		{Incident: sim.Incident{Type: "dark_junction", At: 3 * time.Second, Lasts: 4 * time.Second}, Alert: "dark_junction", Per: "device"},
+		{Incident: sim.Incident{Type: "substation_trip", At: 3 * time.Second, Lasts: 6 * time.Second}, Alert: "district_power_outage", Per: "district"},
+		{Incident: sim.Incident{Type: "car_park_filling", At: 4 * time.Second, Lasts: 5 * time.Second}, Alert: "district_parking_full", Per: "district"},
 	}
 	sc.Hostile.OfflineAt, sc.Hostile.OfflineFor = 4*time.Second, 3*time.Second
 	sc.Hostile.ReconnectStormAt = 6 * time.Second

@@ -17,6 +17,7 @@ import (
 	"github.com/citypulse/citypulse/cmd/internal/servertest"
 	"github.com/citypulse/citypulse/devices"
 	"github.com/citypulse/citypulse/internal/servers"
+	"github.com/citypulse/citypulse/sim"
 )
 
 // `loadtest efficiency` is the end-to-end efficiency benchmark (issue 13):
@@ -250,7 +251,7 @@ func prepare(r *runner, messages int) []*floodConn {
 		fc := &floodConn{dev: dev, packets: make([][]byte, 0, n), msgs: make([]*pubMsg, 0, n)}
 		topic := "devices/" + dev.ID + "/readings"
 		for k := range n {
-			m, body, err := r.build(dev, start, incidentState{}, false)
+			m, body, err := r.build(dev, start, sim.Conditions{}, false)
 			if err != nil {
 				panic(err) // senml-json encoding of finite values cannot fail
 			}
@@ -319,7 +320,7 @@ func (e *effEnv) run(ctx context.Context, bin, mode string, round int) (effRun, 
 	var probe *simDevice
 	if mode == "external" {
 		id := "probe-" + prefix // outside the fleet's prefix: not counted
-		probe = &simDevice{ID: id, Kind: devices.KindPipe, Secret: deviceSecret(13, id)}
+		probe = &simDevice{Device: &sim.Device{ID: id, Kind: devices.KindPipe, Secret: sim.Secret(13, id)}}
 	}
 	cfg, err := e.writeConfig(filepath.Join(e.dir, prefix), mode, r.fleet, probe)
 	if err != nil {

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/citypulse/citypulse/devices"
+	"github.com/citypulse/citypulse/sim"
 )
 
 // pubMsg is one publish of readings[first:first+n] of dev.
@@ -129,31 +130,15 @@ func (r *runner) partition() [][]*simDevice {
 
 // incidentAt says which incidents hold for dev at el into the run, and the
 // occurrence number of each that does.
-func (r *runner) incidentAt(dev *simDevice, el time.Duration) (incidentState, map[int]int) {
-	var st incidentState
+func (r *runner) incidentAt(dev *simDevice, el time.Duration) (sim.Conditions, map[int]int) {
+	var st sim.Conditions
 	var occ map[int]int
 	for i, in := range r.sc.Incidents {
-		if incidentTypes[in.Type] != dev.Kind || el < in.At {
+		k, ok := in.Hits(dev.Device, el, r.sc.Fleet.Districts, r.sc.Fleet.PerDistrict[dev.Kind])
+		if !ok {
 			continue
 		}
-		k := 0
-		if in.Every > 0 {
-			k = int((el - in.At) / in.Every)
-		}
-		start := in.At + time.Duration(k)*in.Every
-		if el-start >= in.Lasts || k%r.sc.Fleet.Districts != dev.District {
-			continue
-		}
-		switch in.Type {
-		case "burst_main":
-			st.burst = true
-		case "substation_trip":
-			st.trip = true
-		case "dark_junction":
-			st.dark = true
-		case "car_park_filling":
-			st.filling = true
-		}
+		st.Apply(in.Type)
 		if occ == nil {
 			occ = map[int]int{}
 		}
@@ -165,10 +150,10 @@ func (r *runner) incidentAt(dev *simDevice, el time.Duration) (incidentState, ma
 // build generates the next message of dev: ReadingsPerMessage readings,
 // cycling over its metrics; a new point (timestamp) starts whenever the
 // metrics wrap. Late messages are stamped LateBy in the past.
-func (r *runner) build(dev *simDevice, now time.Time, in incidentState, late bool) (*pubMsg, []byte, error) {
+func (r *runner) build(dev *simDevice, now time.Time, in sim.Conditions, late bool) (*pubMsg, []byte, error) {
 	k := r.sc.ReadingsPerMessage
 	m := &pubMsg{dev: dev, first: len(dev.readings), n: k}
-	enc := make([]encReading, 0, k)
+	enc := make([]sim.Reading, 0, k)
 	var ts int64
 	clock := now.Add(dev.skew)
 	for i := range k {
@@ -182,17 +167,17 @@ func (r *runner) build(dev *simDevice, now time.Time, in incidentState, late boo
 			}
 		}
 		mi := dev.cursor
-		met := dev.metrics[mi]
-		dev.cursor = (mi + 1) % len(dev.metrics)
-		v := dev.value(met, clock, r.sc.Fleet.Noise, in)
+		met := dev.Metrics[mi]
+		dev.cursor = (mi + 1) % len(dev.Metrics)
+		v := dev.Value(met, clock, r.sc.Fleet.Noise, in)
 		dev.readings = append(dev.readings, sentReading{ts: ts, value: v, metric: uint8(mi), msg: m})
-		enc = append(enc, encReading{name: met.Name, ts: ts, v: v})
+		enc = append(enc, sim.Reading{Name: met.Name, TS: ts, V: v})
 		if r.sc.Format == "json" && dev.cursor == 0 {
 			break // plain JSON carries one point per message
 		}
 	}
 	m.n = len(enc)
-	body, err := encode(r.sc.Format, enc)
+	body, err := sim.Encode(r.sc.Format, enc)
 	return m, body, err
 }
 
@@ -291,7 +276,7 @@ func (r *runner) connLoop(ctx context.Context, c conn, devs []*simDevice, rate f
 		}
 		dev := devs[i%len(devs)]
 		in, occ := r.incidentAt(dev, el)
-		if in.trip {
+		if in.Trip {
 			continue // a tripped substation's meters are silent
 		}
 		if budget.Add(-1) < 0 {
@@ -328,7 +313,7 @@ func (r *runner) connLoop(ctx context.Context, c conn, devs []*simDevice, rate f
 		} else {
 			if r.sc.Measure.QueryableSample > 0 && rng.Float64() < r.sc.Measure.QueryableSample {
 				rd := dev.readings[m.first]
-				m.probe = fmt.Sprintf(`%s_%s{device=%q}`, dev.Kind, dev.metrics[rd.metric].Name, dev.ID)
+				m.probe = fmt.Sprintf(`%s_%s{device=%q}`, dev.Kind, dev.Metrics[rd.metric].Name, dev.ID)
 				m.probeTS = rd.ts
 			}
 		}
@@ -483,7 +468,7 @@ func kindMetrics(fleet []*simDevice) map[devices.Kind][]string {
 		if seen[d.Kind] == nil {
 			seen[d.Kind] = map[string]bool{}
 		}
-		for _, m := range d.metrics {
+		for _, m := range d.Metrics {
 			seen[d.Kind][m.Name] = true
 		}
 	}

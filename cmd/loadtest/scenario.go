@@ -10,6 +10,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/citypulse/citypulse/devices"
+	"github.com/citypulse/citypulse/sim"
 )
 
 // Scenario is one simulated city and how it is driven. A YAML file under
@@ -96,16 +97,10 @@ type Target struct {
 	AllowRemote bool `yaml:"allow_remote" json:"allow_remote"`
 }
 
-// Incident is a scheduled event in the city that a rule should turn into an
-// alert.
+// Incident is a scheduled event in the city (the sim model's schedule) that
+// a rule should turn into an alert.
 type Incident struct {
-	// Type is burst_main, substation_trip, dark_junction or car_park_filling.
-	Type string `yaml:"type" json:"type"`
-	// At is when it starts, from the start of the run; Every repeats it in the
-	// next district; Lasts is how long the condition holds.
-	At    time.Duration `yaml:"at" json:"at"`
-	Every time.Duration `yaml:"every" json:"every"`
-	Lasts time.Duration `yaml:"lasts" json:"lasts"`
+	sim.Incident `yaml:",inline"`
 	// Alert is the alertname expected at the webhook receiver; Per says whether
 	// the rule alerts per device or per district (default: by type).
 	Alert string `yaml:"alert" json:"alert"`
@@ -212,13 +207,6 @@ func (s *Scenario) fillDefaults() {
 	}
 }
 
-var incidentTypes = map[string]devices.Kind{
-	"burst_main":       devices.KindPipe,
-	"substation_trip":  devices.KindPower,
-	"dark_junction":    devices.KindTrafficLight,
-	"car_park_filling": devices.KindParking,
-}
-
 func share(name string, v float64) error {
 	if v < 0 || v > 1 {
 		return fmt.Errorf("%s = %g: want a share between 0 and 1", name, v)
@@ -286,7 +274,7 @@ func (s Scenario) Validate() error {
 		add(fmt.Errorf("max_messages = %d: want >= 0", s.MaxMessages))
 	}
 	for i, in := range s.Incidents {
-		if _, ok := incidentTypes[in.Type]; !ok {
+		if _, ok := sim.IncidentKinds[in.Type]; !ok {
 			add(fmt.Errorf("incidents[%d].type %q: want burst_main, substation_trip, dark_junction or car_park_filling", i, in.Type))
 		}
 		if in.Per != "" && in.Per != "device" && in.Per != "district" {

@@ -421,7 +421,7 @@ func (r *runner) checkOnce(ctx context.Context, a *api, sent sentIndex) StoreChe
 				}
 			case acked:
 				c.Lost++
-				example("lost: %s %s @%d (acknowledged)", d.ID, d.metrics[rd.metric].Name, rd.ts)
+				example("lost: %s %s @%d (acknowledged)", d.ID, d.Metrics[rd.metric].Name, rd.ts)
 			default:
 				c.UnackedMissing++
 			}
@@ -431,7 +431,7 @@ func (r *runner) checkOnce(ctx context.Context, a *api, sent sentIndex) StoreChe
 }
 
 func metricIndex(d *simDevice, name string) int {
-	for i, m := range d.metrics {
+	for i, m := range d.Metrics {
 		if m.Name == name {
 			return i
 		}

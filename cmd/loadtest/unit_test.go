@@ -19,6 +19,7 @@ import (
 
 	"github.com/citypulse/citypulse/devices"
 	"github.com/citypulse/citypulse/ingest/payload"
+	"github.com/citypulse/citypulse/sim"
 )
 
 var update = flag.Bool("update", false, "rewrite golden files")
@@ -58,13 +59,13 @@ func TestScenarioValidate(t *testing.T) {
 		{"remote target", func(s *Scenario) { s.Target.MQTT = "10.0.0.1:1883" }, "not loopback"},
 		{"remote allowed", func(s *Scenario) { s.Target.MQTT = "10.0.0.1:1883"; s.Target.AllowRemote = true }, ""},
 		{"incident without receiver", func(s *Scenario) {
-			s.Incidents = []Incident{{Type: "burst_main", Lasts: time.Second, Alert: "burst_main"}}
+			s.Incidents = []Incident{{Incident: sim.Incident{Type: "burst_main", Lasts: time.Second}, Alert: "burst_main"}}
 		}, "measure.webhook"},
 		{"unknown incident", func(s *Scenario) {
-			s.Incidents = []Incident{{Type: "flood", Lasts: time.Second}}
+			s.Incidents = []Incident{{Incident: sim.Incident{Type: "flood", Lasts: time.Second}}}
 		}, `type "flood"`},
 		{"every shorter than lasts", func(s *Scenario) {
-			s.Incidents = []Incident{{Type: "burst_main", Lasts: time.Minute, Every: time.Second}}
+			s.Incidents = []Incident{{Incident: sim.Incident{Type: "burst_main", Lasts: time.Minute, Every: time.Second}}}
 		}, "want more than lasts"},
 		{"unique ids need provisioning", func(s *Scenario) { s.Target.Provision = false }, "fleet.unique"},
 		{"bare broker with a check", func(s *Scenario) { s.Target.HTTP = "" }, "target.http is empty"},
@@ -134,11 +135,11 @@ func TestEncodeDecodesExactly(t *testing.T) {
 			r := newRunner(sc, nil)
 			for _, dev := range r.fleet {
 				for i := range 20 {
-					m, body, err := r.build(dev, now.Add(time.Duration(i)*1234567*time.Microsecond), incidentState{}, i%7 == 3)
+					m, body, err := r.build(dev, now.Add(time.Duration(i)*1234567*time.Microsecond), sim.Conditions{}, i%7 == 3)
 					require.NoError(t, err)
 					f := payload.Sniff(body)
 					if format == "senml-cbor" {
-						f = payload.FromContentType(contentType(format))
+						f = payload.FromContentType(sim.ContentType(format))
 					}
 					recs, rejects, err := payload.Decode(f, body, dev.ID, now)
 					require.NoError(t, err)
@@ -146,7 +147,7 @@ func TestEncodeDecodesExactly(t *testing.T) {
 					require.Len(t, recs, m.n)
 					want := map[string]sentReading{}
 					for _, rd := range dev.readings[m.first : m.first+m.n] {
-						want[fmt.Sprintf("%s@%d", dev.metrics[rd.metric].Name, rd.ts)] = rd
+						want[fmt.Sprintf("%s@%d", dev.Metrics[rd.metric].Name, rd.ts)] = rd
 					}
 					for _, rec := range recs {
 						key := fmt.Sprintf("%s@%d", rec.Metric, rec.Time/int64(time.Millisecond))
@@ -160,52 +161,10 @@ func TestEncodeDecodesExactly(t *testing.T) {
 	}
 }
 
-// Over a whole day every simulated value lies in its metric's physical range,
-// so the server never rejects a good reading.
-func TestSignalsStayInRange(t *testing.T) {
-	sc := DefaultScenario()
-	for _, dev := range buildFleet(sc) {
-		for h := 0; h < 24*60; h += 7 {
-			at := time.Date(2026, 11, 25, 0, h, 0, 0, time.UTC)
-			for _, in := range []incidentState{{}, {burst: true, dark: true, filling: true}} {
-				for _, m := range dev.metrics {
-					v := dev.value(m, at, 0.05, in)
-					require.NoError(t, m.Check(dev.Kind, v), "%s %s at %s", dev.ID, m.Name, at.Format("15:04"))
-				}
-			}
-		}
-	}
-}
-
-func TestIncidentsChangeTheSignal(t *testing.T) {
-	sc := DefaultScenario()
-	at := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
-	fleet := buildFleet(sc)
-	find := func(k devices.Kind, metric string) (*simDevice, devices.Metric) {
-		for _, d := range fleet {
-			for _, m := range d.metrics {
-				if d.Kind == k && m.Name == metric {
-					return d, m
-				}
-			}
-		}
-		t.Fatalf("no %s %s", k, metric)
-		return nil, devices.Metric{}
-	}
-	d, m := find(devices.KindPipe, "pressure")
-	require.Greater(t, d.value(m, at, 0, incidentState{}), 300.0)
-	require.Less(t, d.value(m, at, 0, incidentState{burst: true}), 100.0, "a burst main collapses the pressure")
-	d, m = find(devices.KindTrafficLight, "state")
-	require.NotZero(t, d.value(m, at, 0, incidentState{}))
-	require.Zero(t, d.value(m, at, 0, incidentState{dark: true}), "a dark junction reports off")
-	d, m = find(devices.KindParking, "available_spot_number")
-	require.Zero(t, d.value(m, at, 0, incidentState{filling: true}), "a full car park has no free spot")
-}
-
 // The incident schedule moves to the next district each time it repeats.
 func TestIncidentSchedule(t *testing.T) {
 	sc := DefaultScenario()
-	sc.Incidents = []Incident{{Type: "burst_main", At: 10 * time.Second, Every: 10 * time.Second, Lasts: 3 * time.Second}}
+	sc.Incidents = []Incident{{Incident: sim.Incident{Type: "burst_main", At: 10 * time.Second, Every: 10 * time.Second, Lasts: 3 * time.Second}}}
 	r := newRunner(sc, nil)
 	pipeIn := func(district int) *simDevice {
 		for _, d := range r.fleet {
@@ -229,7 +188,7 @@ func TestIncidentSchedule(t *testing.T) {
 	}
 	for _, tt := range tests {
 		st, _ := r.incidentAt(pipeIn(tt.district), tt.el)
-		require.Equal(t, tt.want, st.burst, "at %v in d%02d", tt.el, tt.district)
+		require.Equal(t, tt.want, st.Burst, "at %v in d%02d", tt.el, tt.district)
 	}
 }
 
@@ -260,7 +219,7 @@ func schemaOf(prefix string, v any, out map[string]string) {
 // syntheticReport is a report from a runner that never touched a network.
 func syntheticReport(t *testing.T) Report {
 	sc := DefaultScenario()
-	sc.Incidents = []Incident{{Type: "burst_main", At: time.Second, Lasts: time.Second, Alert: "burst_main", Per: "device"}}
+	sc.Incidents = []Incident{{Incident: sim.Incident{Type: "burst_main", At: time.Second, Lasts: time.Second}, Alert: "burst_main", Per: "device"}}
 	r := newRunner(sc, nil)
 	r.start = time.Date(2026, 11, 25, 8, 0, 0, 0, time.UTC)
 	r.end = r.start.Add(10 * time.Second)
