@@ -72,8 +72,8 @@ function alertActions(a, ctx) {
     await act(() => api("/api/v1/silences", { method: "POST", body: { matchers, endsAt: new Date(Date.now() + 3600e3).toISOString(), createdBy: by, comment } }), ctx);
   };
   return el("span", { class: "actions" },
-    a.ack ? null : el("button", { type: "button", onclick: ack, text: "Acknowledge" }),
-    a.silencedBy ? null : el("button", { type: "button", onclick: silence, text: "Silence 1 h" }));
+    a.ack ? null : el("button", { type: "button", class: "ack", onclick: ack, text: "Acknowledge" }),
+    a.silencedBy ? null : el("button", { type: "button", class: "silence", onclick: silence, text: "Silence 1 h" }));
 }
 
 async function act(f, ctx) {
