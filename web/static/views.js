@@ -271,7 +271,7 @@ function corridorSection(c, alerts, ctx) {
         el("td", { class: "num" + (j.cycle_seconds === null ? " nodata" : ""), text: secs(j.cycle_seconds) }),
         el("td", { class: "num" + (j.green_ratio === null ? " nodata" : ""), text: j.green_ratio === null ? "no timing" : fmt(100 * j.green_ratio, 0) + " %" }),
         el("td", { class: "num", text: i ? (j.offset_seconds === undefined ? "–" : fmt(j.offset_seconds, 0) + " s") : "–" }),
-        el("td", { class: "num", text: i ? signed(j.offset_error_seconds) : "–" })))),
+        el("td", { class: "num", text: i ? signed(j.offset_error_seconds) : "–" }))),
       "no junctions"),
     alerts.length ? alertList(alerts, ctx, "") : null);
 }
