@@ -151,9 +151,10 @@ func (a *Analyzer) corridorError(c Corridor, now int64) (float64, bool) {
 	return worst, true
 }
 
-// offset is the time from junction i-1's last green start to junction i's,
-// and how far that is from the travel time between them, modulo the
-// upstream cycle, in (-cycle/2, cycle/2]; false when either has no timing.
+// offset is the time from junction i-1's green start to junction i's, in
+// [0, cycle) of the upstream junction, and how far that is from the travel
+// time between them, modulo the cycle, in (-cycle/2, cycle/2]; false when
+// either has no timing.
 func (a *Analyzer) offset(c Corridor, i int, now int64) (offset, diff int64, ok bool) {
 	up, down := a.js[c.Junctions[i-1].Device], a.js[c.Junctions[i].Device]
 	cycle, _, ok1 := up.timing(now)
@@ -161,7 +162,7 @@ func (a *Analyzer) offset(c Corridor, i int, now int64) (offset, diff int64, ok 
 	if !ok1 || !ok2 {
 		return 0, 0, false
 	}
-	offset = down.greenStart - up.greenStart
+	offset = mod(down.greenStart-up.greenStart, cycle)
 	diff = mod(offset-int64(c.Travel(i)), cycle)
 	if diff > cycle/2 {
 		diff -= cycle // into (-cycle/2, cycle/2]

@@ -30,8 +30,6 @@ type JunctionView struct {
 	GreenRatio  *float64 `json:"green_ratio"`
 	Offset      *float64 `json:"offset_seconds,omitempty"`
 	OffsetError *float64 `json:"offset_error_seconds,omitempty"`
-	// LastState is the age of the junction's newest state reading, s (null: none).
-	LastState *float64 `json:"last_state_seconds"`
 }
 
 // Corridors returns every configured corridor with its timing at now, the
@@ -51,7 +49,6 @@ func (a *Analyzer) Corridors(now time.Time) []CorridorView {
 			j := a.js[stop.Device]
 			if j != nil {
 				jv.District = j.district
-				jv.LastState = ptr(seconds(t - j.seen))
 			}
 			if cycle, ratio, ok := j.timing(t); ok {
 				jv.Cycle, jv.GreenRatio = ptr(seconds(cycle)), ptr(ratio)

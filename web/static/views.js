@@ -208,12 +208,14 @@ async function drawChart(fig, promql, start, end) {
 // cycle, green share and the offset after the previous junction against the
 // travel time at the design speed (GET /api/v1/corridors), and the trend of
 // the corridor's worst offset error (city_corridor_offset_error_seconds).
-let corridors = null, corridorsErr = null, corridorChartKey = "";
+let corridors = null, corridorsErr = null, corridorChartKey = "", corridorsAt = 0;
+const CORRIDORS_EVERY_MS = 5000; // the analysis computes every signals.interval (30 s)
 
 export function renderCorridors(main, s, _, ctx) {
   const range = sessionStorage.getItem("citypulse-range") || "6h";
   const prev = main.querySelector("#corridor-charts");
-  const key = range + "|" + (corridors || []).map(c => c.name).join(",");
+  // drawn again when a corridor's error becomes known (or unknown)
+  const key = range + "|" + (corridors || []).map(c => c.name + (c.offset_error_seconds === null ? "?" : "")).join(",");
   const charts = prev && key === corridorChartKey ? prev : null;
   const body = corridorsErr ? el("p", { class: "empty", text: corridorsErr }) :
     corridors === null ? el("p", { class: "empty", text: "loading…" }) :
@@ -241,6 +243,8 @@ export function renderCorridors(main, s, _, ctx) {
       }
     })();
   }
+  if (Date.now() - corridorsAt < CORRIDORS_EVERY_MS) return;
+  corridorsAt = Date.now();
   api("/api/v1/corridors").then(d => {
     const changed = JSON.stringify(d.corridors) !== JSON.stringify(corridors) || corridorsErr;
     corridors = d.corridors; corridorsErr = null;
@@ -308,7 +312,7 @@ function historyWhat(h) {
     const res = h.result + (h.attempts > 1 ? " after " + h.attempts + " attempts" : "");
     return "notification of “" + h.event + "” to " + h.receiver + ": " + res + (h.error ? " (" + h.error + ")" : "");
   }
-  const words = { pending: "pending: the condition holds, waiting for its hold-off", firing: "firing", resolved: "resolved",
+  const words = { pending: "pending: the condition began to hold", firing: "firing", resolved: "resolved",
     repeat: "still firing: notified again", flapping: "flapping: one notice instead of a storm" };
   return (words[h.kind] || h.kind) + (h.summary ? " — " + h.summary : "") +
     (h.silencedBy ? " (silenced: no notification sent; silence " + h.silencedBy + ")" : "");
@@ -340,6 +344,8 @@ function ackNote(a) {
 }
 
 const histories = new Map(); // fingerprint → the last history fetched (no flicker on refresh)
+const historyAt = new Map(); // fingerprint → when it was last asked for
+const HISTORY_EVERY_MS = 2000;
 
 export function renderAlert(main, s, fp, ctx) {
   const a = s.alerts.find(x => x.fingerprint === fp);
@@ -354,6 +360,9 @@ export function renderAlert(main, s, fp, ctx) {
     ackNote(a), silenceNote(s, a),
     labels ? el("dl", { class: "facts" }, Object.entries(labels).map(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })])) : null,
     hist);
+  if (Date.now() - (historyAt.get(fp) || 0) < HISTORY_EVERY_MS) return;
+  historyAt.set(fp, Date.now());
+  if (historyAt.size > 50) historyAt.delete(historyAt.keys().next().value);
   api("/api/v1/alerts/" + encodeURIComponent(fp) + "/history").then(h => {
     const before = histories.get(fp);
     histories.set(fp, h);
