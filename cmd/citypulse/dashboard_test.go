@@ -223,7 +223,8 @@ var screenshotsDir = func() string {
 	return d
 }()
 
-// screenshot saves the whole page as name.png in the test's temp dir and,
+// screenshot saves the whole page as name.png in the given dir (the test's
+// artifact dir: kept with go test -artifacts) and,
 // when CITYPULSE_SCREENSHOTS names a directory, there too.
 func (tb *tab) screenshot(t *testing.T, dir, name string) {
 	t.Helper()
@@ -368,7 +369,7 @@ func TestDashboardInHeadlessChromium(t *testing.T) {
 	publishReading(t, s, "pipe-0002", `{"pressure":180}`)
 
 	browser := newBrowser(t)
-	shots := t.TempDir()
+	shots := t.ArtifactDir() // kept with go test -artifacts [-outputdir DIR]
 	tb := openTab(t, browser, "http://"+s.http)
 	tb.open(t, "/#token="+dashReadToken)
 	tb.do(t, 5*time.Second, chromedp.Evaluate[chromedp.Void](`window.citypulseTestMarker = "the same page"`))

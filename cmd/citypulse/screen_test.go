@@ -308,7 +308,7 @@ func TestOperationsScreenOnTheDemoCity(t *testing.T) {
 	p := newDemoProc(t, rcv.URL+"/hook")
 	p.start()
 	base := "http://" + p.addrs.HTTP
-	shots := t.TempDir()
+	shots := t.ArtifactDir() // kept with go test -artifacts [-outputdir DIR]
 	t.Logf("screenshots in %s", shots)
 	var down outage
 	allowed := func(m chromedp.ConsoleMessage) bool { return down.during(m) }
