@@ -500,6 +500,14 @@ func TestDashboardInHeadlessChromium(t *testing.T) {
 			// configs/corridors.yaml: tl-0001, then tl-0002 900 m on at 50 km/h
 			// (64.8 s). Both run 90 s cycles, 30 s green; tl-0002's greens
 			// start 58 s after tl-0001's: 6.8 s early.
+			req, err := http.NewRequest(http.MethodPost, "http://"+s.http+"/api/v1/devices",
+				strings.NewReader(`{"id":"tl-0002","kind":"traffic_light","district":"xuanwu","interval":"5s","secret":"secret-tl-0002"}`))
+			require.NoError(t, err)
+			req.Header.Set("Authorization", "Bearer "+dashAdminToken)
+			resp, err := http.DefaultClient.Do(req)
+			require.NoError(t, err)
+			resp.Body.Close()
+			require.Equal(t, http.StatusCreated, resp.StatusCode, "the corridor's second junction joins the fleet")
 			now := time.Now().Truncate(time.Second)
 			publishReading(t, s, "tl-0001", signalPlan(now.Add(-330*time.Second), 4))
 			publishReading(t, s, "tl-0002", signalPlan(now.Add(-272*time.Second), 4))

@@ -256,7 +256,11 @@ export function renderCorridors(main, s, _, ctx) {
 }
 
 const secs = v => v === null || v === undefined ? "no timing" : fmt(v, 0) + " s";
-const signed = v => v === null || v === undefined ? "–" : (v > 0 ? "+" : v < 0 ? "−" : "") + fmt(Math.abs(v), 0) + " s";
+const signed = v => {
+  if (v === null || v === undefined) return "–";
+  const r = Math.round(v);
+  return (r > 0 ? "+" : r < 0 ? "−" : "") + fmt(Math.abs(r), 0) + " s";
+};
 
 function corridorSection(c, alerts, ctx) {
   const sev = worstSeverity(alerts);
