@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/citypulse/citypulse/devices"
 )
 
@@ -27,6 +29,8 @@ type CityOptions struct {
 	// InFlight bounds the reports being published at once (default 16).
 	InFlight int
 	Logger   *slog.Logger
+	// Registerer, when set, gets citypulse_demo_reports_total{result}.
+	Registerer prometheus.Registerer
 }
 
 // City is a fleet reporting at its declared intervals, with incidents on a
@@ -36,10 +40,15 @@ type City struct {
 	fleet   []*Device
 	perKind map[devices.Kind]int
 	start   time.Time
-	next    []time.Time // each device's next report
+	next    []time.Time  // each device's next report
+	last    []Conditions // the conditions of each device's last report
 	active  map[string]bool
 
+	mu        sync.Mutex // guards incidents: Inject may add one while Run runs
+	incidents []Incident
+
 	sent, failed atomic.Int64
+	reports      *prometheus.CounterVec
 }
 
 // Report is one message of a device: every metric at one time.
@@ -47,6 +56,10 @@ type Report struct {
 	Device   *Device
 	At       time.Time
 	Readings []Reading
+	// Event says the report is due to a change (an incident started or
+	// ended for the device), as a device reports an alarm at once, not on
+	// its interval; its next report comes an interval later.
+	Event bool
 }
 
 // NewCity builds the city's fleet; it starts nothing.
@@ -57,7 +70,14 @@ func NewCity(o CityOptions) *City {
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &City{o: o, fleet: NewFleet(o.Spec), perKind: o.Spec.PerDistrict, active: map[string]bool{}}
+	c := &City{o: o, fleet: NewFleet(o.Spec), perKind: o.Spec.PerDistrict, active: map[string]bool{},
+		incidents: append([]Incident(nil), o.Incidents...),
+		reports: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "citypulse_demo_reports_total",
+			Help: "Reports of the simulated city handed to the server, by result (published, failed)."}, []string{"result"})}
+	if o.Registerer != nil {
+		o.Registerer.MustRegister(c.reports)
+	}
+	return c
 }
 
 // Devices is the fleet, in a stable order.
@@ -69,15 +89,34 @@ func (c *City) Start(now time.Time) {
 	c.start = now
 	rng := rand.New(rand.NewPCG(uint64(c.o.Spec.Seed), 0x57a7))
 	c.next = make([]time.Time, len(c.fleet))
+	c.last = make([]Conditions, len(c.fleet))
 	for i, d := range c.fleet {
 		c.next[i] = now.Add(time.Duration(rng.Float64() * float64(min(d.Interval, 3*time.Second))))
 	}
 }
 
+// Inject adds an incident to the schedule, e.g. one that starts now: its At
+// counts from the start of the run.
+func (c *City) Inject(in Incident) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.incidents = append(c.incidents, in)
+}
+
+// Elapsed is the time since the start of the run at now.
+func (c *City) Elapsed(now time.Time) time.Duration { return now.Sub(c.start) }
+
+// schedule is a snapshot of the incidents.
+func (c *City) schedule() []Incident {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.incidents[:len(c.incidents):len(c.incidents)]
+}
+
 // Conditions are the incidents that hold for d el into the run.
 func (c *City) Conditions(d *Device, el time.Duration) Conditions {
 	var cond Conditions
-	for _, in := range c.o.Incidents {
+	for _, in := range c.schedule() {
 		if _, ok := in.Hits(d, el, len(c.o.Spec.Districts), c.perKind[d.Kind]); ok {
 			cond.Apply(in.Type)
 		}
@@ -87,18 +126,21 @@ func (c *City) Conditions(d *Device, el time.Duration) Conditions {
 
 // Due returns the reports due at now, in fleet order, and schedules each
 // device's next one an interval later (never bursting to catch up). A device
+// for which an incident started or ended reports at once (an Event); one
 // whose substation tripped sends nothing.
 func (c *City) Due(now time.Time) []Report {
 	el := now.Sub(c.start)
 	var out []Report
 	for i, d := range c.fleet {
-		if now.Before(c.next[i]) {
+		cond := c.Conditions(d, el)
+		event := cond != c.last[i] && !cond.Trip
+		if now.Before(c.next[i]) && !event {
 			continue
 		}
-		if c.next[i] = c.next[i].Add(d.Interval); !c.next[i].After(now) {
+		if c.next[i] = c.next[i].Add(d.Interval); event || !c.next[i].After(now) {
 			c.next[i] = now.Add(d.Interval)
 		}
-		cond := c.Conditions(d, el)
+		c.last[i] = cond
 		if cond.Trip {
 			continue
 		}
@@ -106,7 +148,7 @@ func (c *City) Due(now time.Time) []Report {
 		for j, m := range d.Metrics {
 			rs[j] = Reading{Name: m.Name, TS: now.UnixMilli(), V: d.Value(m, now, c.o.Noise, cond)}
 		}
-		out = append(out, Report{Device: d, At: now, Readings: rs})
+		out = append(out, Report{Device: d, At: now, Readings: rs, Event: event})
 	}
 	return out
 }
@@ -115,7 +157,7 @@ func (c *City) Due(now time.Time) []Report {
 // "<type> in <district>" (with the devices hit when it hits a few).
 func (c *City) Active(el time.Duration) []string {
 	var out []string
-	for _, in := range c.o.Incidents {
+	for _, in := range c.schedule() {
 		k, di, ok := in.Occurrence(el, len(c.o.Spec.Districts))
 		if !ok {
 			continue
@@ -173,10 +215,12 @@ func (c *City) Run(ctx context.Context, pub Publisher, clock func() time.Time) e
 					if ctx.Err() == nil {
 						lastErr.Store(fmt.Sprintf("%s: %v", r.Device.ID, err))
 						c.failed.Add(1)
+						c.reports.WithLabelValues("failed").Inc()
 					}
 					return
 				}
 				c.sent.Add(1)
+				c.reports.WithLabelValues("published").Inc()
 			})
 		}
 		if f := c.failed.Load(); f > warned && now.Sub(warnedAt) >= 10*time.Second {

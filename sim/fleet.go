@@ -102,7 +102,7 @@ func (s Spec) place(d *Device, rng *rand.Rand) {
 	d.Location = &devices.Location{Lat: round6(c.Lat + (rng.Float64()-0.5)*0.02), Lon: round6(c.Lon + (rng.Float64()-0.5)*0.02)}
 	switch {
 	case d.Kind == devices.KindParking && !d.IsLot():
-		d.Group = fmt.Sprintf("%s-car-park-%d", d.DistrictName, d.Index/8)
+		d.Group = fmt.Sprintf("%s-car-park-%d", d.DistrictName, d.Index/10) // the demo's 20: two car parks
 	case d.Kind == devices.KindTrafficLight:
 		d.Group = d.DistrictName + "-main-road"
 	}

@@ -62,7 +62,7 @@ type demoTokens struct{ Read, Operator, Admin string }
 // prepareDemoConfig completes cfg for the demo: the devices file of the
 // simulated city in the data dir (a fresh temporary one unless tmp is false)
 // and a random token for each role the config leaves without one.
-func prepareDemoConfig(cfg *Config, city *sim.City, tmp bool) (tmpDir string, err error) {
+func prepareDemoConfig(cfg *Config, fleet []*sim.Device, tmp bool) (tmpDir string, err error) {
 	if tmp {
 		if tmpDir, err = os.MkdirTemp("", "citypulse-demo-"); err != nil {
 			return "", err
@@ -73,7 +73,7 @@ func prepareDemoConfig(cfg *Config, city *sim.City, tmp bool) (tmpDir string, er
 		return tmpDir, err
 	}
 	var f devices.File
-	for _, d := range city.Devices() {
+	for _, d := range fleet {
 		f.Devices = append(f.Devices, d.Registration())
 	}
 	b, err := yaml.Marshal(f)
@@ -112,22 +112,36 @@ func newDemo(cfg Config, o demoOptions, tmp bool, logOut io.Writer) (_ *demo, er
 		o.seed = time.Now().UnixNano()
 	}
 	d := &demo{spec: sim.DemoSpec(o.seed)}
-	d.city = sim.NewCity(sim.CityOptions{Spec: d.spec, Incidents: sim.DemoIncidents(o.firstIncident, o.lasts),
-		Noise: 0.01, Logger: newLogger(cfg.Log, logOut).With("component", "demo-city")})
 	defer func() {
 		if err != nil && d.tmpDir != "" {
 			os.RemoveAll(d.tmpDir)
 		}
 	}()
-	if d.tmpDir, err = prepareDemoConfig(&cfg, d.city, tmp); err != nil {
+	// the same spec gives the city the same devices (ids, secrets) as the list
+	if d.tmpDir, err = prepareDemoConfig(&cfg, sim.NewFleet(d.spec), tmp); err != nil {
 		return nil, err
 	}
 	d.tokens = demoTokens{Read: cfg.HTTP.ReadToken, Operator: cfg.HTTP.OperatorToken, Admin: cfg.HTTP.AdminToken}
 	if d.s, err = newServer(cfg, logOut); err != nil {
 		return nil, err
 	}
-	d.pub = &mqttFleet{addr: d.s.mqttAddr.String(), conns: map[string]*deviceConn{}}
+	d.city = sim.NewCity(sim.CityOptions{Spec: d.spec, Incidents: sim.DemoIncidents(o.firstIncident, o.lasts),
+		Noise: 0.01, Logger: d.s.log.With("component", "demo-city"), Registerer: d.s.reg})
+	d.pub = &mqttFleet{addr: dialable(d.s.mqttAddr, "127.0.0.1"), conns: map[string]*deviceConn{}}
 	return d, nil
+}
+
+// dialable is a listen address as a client on this machine dials it: local
+// (127.0.0.1 or localhost) for an unspecified host (":1883").
+func dialable(a net.Addr, local string) string {
+	host, port, err := net.SplitHostPort(a.String())
+	if err != nil {
+		return a.String()
+	}
+	if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
+		host = local
+	}
+	return net.JoinHostPort(host, port)
 }
 
 // Run runs the server and the city until ctx is done or the server stops,
@@ -153,15 +167,7 @@ func (d *demo) Run(ctx context.Context) error {
 // Banner is what the demo prints on start: the dashboard's address, the
 // tokens, where the data go and when the incidents come.
 func (d *demo) Banner(o demoOptions) string {
-	host := "localhost"
-	port := "8080"
-	if h, p, err := net.SplitHostPort(d.s.HTTPAddr().String()); err == nil {
-		port = p
-		if ip := net.ParseIP(h); ip != nil && !ip.IsUnspecified() {
-			host = h
-		}
-	}
-	url := "http://" + net.JoinHostPort(host, port) + "/"
+	url := "http://" + dialable(d.s.HTTPAddr(), "localhost") + "/"
 	var sb strings.Builder
 	fmt.Fprintf(&sb, "\nCityPulse demo city: %d simulated devices of all five kinds in %d districts (%s),\n",
 		len(d.city.Devices()), len(d.spec.Districts), strings.Join(d.spec.Districts, ", "))
@@ -178,7 +184,7 @@ func (d *demo) Banner(o demoOptions) string {
 	fmt.Fprintf(&sb, "  incidents       a burst main at %v, a dark junction at %v, a district power cut at %v,\n"+
 		"                  car parks filling up at %v; again every %v, each time in another district\n\n",
 		in[0].At, in[1].At, in[2].At, in[3].At, in[0].Every)
-	sb.WriteString("Live values show within seconds, the first alert about 30 s after the first incident. Stop with Ctrl-C.\n\n")
+	sb.WriteString("Live values show within seconds, the first alert within seconds of the first incident. Stop with Ctrl-C.\n\n")
 	return sb.String()
 }
 
