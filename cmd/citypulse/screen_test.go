@@ -37,9 +37,9 @@ const (
 	demoAdmin    = "demo-admin-token-2f6d41"
 )
 
-// demoProc is `citypulse demo` on free loopback ports with a data dir that
+// screenDemo is `citypulse demo` on free loopback ports with a data dir that
 // outlives its runs.
-type demoProc struct {
+type screenDemo struct {
 	t     *testing.T
 	args  []string
 	env   []string
@@ -49,7 +49,7 @@ type demoProc struct {
 	data  string
 }
 
-func newDemoProc(t *testing.T, receiverURL string) *demoProc {
+func newScreenDemo(t *testing.T, receiverURL string) *screenDemo {
 	t.Helper()
 	dir := t.TempDir()
 	a, err := servertest.FreeAddrs()
@@ -76,7 +76,7 @@ signals: {file: %s, interval: 5s}
 http: {read_token: %s, operator_token: %s, admin_token: %s}
 `, filepath.Join(root, "configs", "vitals.yaml"), filepath.Join(root, "configs", "rules.yaml"), receiverURL, corridors,
 		demoRead, demoOperator, demoAdmin)), 0o600))
-	p := &demoProc{t: t, addrs: a, logs: &servers.SyncBuffer{}, data: filepath.Join(dir, "data")}
+	p := &screenDemo{t: t, addrs: a, logs: &servers.SyncBuffer{}, data: filepath.Join(dir, "data")}
 	p.args = []string{binPath, "demo", "--seed", "7", "--first-incident", "1h", "--config", config, "--data-dir", p.data,
 		"--mqtt-addr", a.MQTT, "--coap-addr", a.CoAP, "--dtls-addr", a.DTLS, "--http-addr", a.HTTP}
 	for _, kv := range os.Environ() {
@@ -95,7 +95,7 @@ http: {read_token: %s, operator_token: %s, admin_token: %s}
 	return p
 }
 
-func (p *demoProc) start() {
+func (p *screenDemo) start() {
 	p.t.Helper()
 	proc, err := servers.StartProc("citypulse demo", p.args, p.env, p.logs, func() error {
 		resp, err := http.Get("http://" + p.addrs.HTTP + "/readyz")
@@ -112,7 +112,7 @@ func (p *demoProc) start() {
 	p.proc = proc
 }
 
-func (p *demoProc) stop() {
+func (p *screenDemo) stop() {
 	p.t.Helper()
 	require.NoError(p.t, p.proc.Stop(60*time.Second), "a clean stop")
 	p.proc = nil
@@ -122,7 +122,7 @@ func (p *demoProc) stop() {
 // broker (citypulse_mqtt_clients). A SIGTERM while the 324 devices were still
 // connecting, 1.5 s after a start, once left the broker's Close hanging for
 // over a minute: the test stops the demo only once its city is connected.
-func (p *demoProc) waitCity(devices int) {
+func (p *screenDemo) waitCity(devices int) {
 	p.t.Helper()
 	re := regexp.MustCompile(`(?m)^citypulse_mqtt_clients (\d+)`)
 	eventually(p.t, 90*time.Second, func() error {
@@ -148,7 +148,7 @@ func (p *demoProc) waitCity(devices int) {
 
 // device returns the demo city's first device of kind in district, with its
 // secret, from the device list the demo wrote.
-func (p *demoProc) device(kind devices.Kind, district string) devices.Device {
+func (p *screenDemo) device(kind devices.Kind, district string) devices.Device {
 	p.t.Helper()
 	list, err := devices.LoadFile(filepath.Join(p.data, "demo-devices.yaml"))
 	require.NoError(p.t, err)
@@ -333,7 +333,7 @@ func TestOperationsScreenOnTheDemoCity(t *testing.T) {
 	skipShort(t)
 	chromiumPath(t)
 	rcv, delivered := webhook(t)
-	p := newDemoProc(t, rcv.URL+"/hook")
+	p := newScreenDemo(t, rcv.URL+"/hook")
 	p.start()
 	base := "http://" + p.addrs.HTTP
 	shots := t.ArtifactDir() // kept with go test -artifacts [-outputdir DIR]
