@@ -59,12 +59,14 @@ func (o *Outbox) deliver(ctx context.Context, r ReceiverConfig, p *pending) {
 			o.m.deliveries.WithLabelValues("ok").Inc()
 			o.m.latency.Observe(o.now().Sub(e.Event.At).Seconds())
 			_ = os.Remove(p.path)
+			o.observe(r, e, resultDelivered)
 			return
 		case err == nil && status/100 == 4 && status != http.StatusTooManyRequests && status != http.StatusRequestTimeout:
 			o.m.deliveries.WithLabelValues("rejected").Inc()
 			e.LastErr = fmt.Sprintf("HTTP %d (not retried)", status)
 			o.log.Error("notify: receiver refused a notification; it is kept in the dead letters", "receiver", r.Name, "status", status, "alert", e.Event.Labels["alertname"])
 			o.moveDead(r, p.path, e)
+			o.observe(r, e, resultRefused)
 			return
 		}
 		if ctx.Err() != nil {
@@ -79,8 +81,10 @@ func (o *Outbox) deliver(ctx context.Context, r ReceiverConfig, p *pending) {
 		if o.now().Sub(e.Queued) > o.cfg.MaxAge {
 			o.log.Error("notify: undelivered for longer than rules.notify.max_age; moved to the dead letters", "receiver", r.Name, "err", e.LastErr)
 			o.moveDead(r, p.path, e)
+			o.observe(r, e, resultDead)
 			return
 		}
+		o.observe(r, e, resultRetrying)
 		_ = o.write(p.path, e) // keep the attempt count and error for the API
 		wait := b.Next()
 		o.log.Warn("notify: delivery failed; retrying", "receiver", r.Name, "attempt", e.Attempts, "err", e.LastErr, "backoff", wait)
@@ -88,6 +92,26 @@ func (o *Outbox) deliver(ctx context.Context, r ReceiverConfig, p *pending) {
 			return
 		}
 	}
+}
+
+// Delivery results (Delivery.Result).
+const (
+	resultDelivered = "delivered"
+	resultRetrying  = "retrying"
+	resultRefused   = "refused"
+	resultDead      = "dead"
+)
+
+// observe tells the observer how an attempt went.
+func (o *Outbox) observe(r ReceiverConfig, e Entry, result string) {
+	if o.obs == nil {
+		return
+	}
+	d := Delivery{Receiver: r.Name, Event: e.Event, Result: result, Attempts: e.Attempts, At: o.now()}
+	if result != resultDelivered {
+		d.Err = e.LastErr
+	}
+	o.obs.Delivered(d)
 }
 
 // send delivers one event to one receiver and returns the HTTP status.

@@ -18,8 +18,10 @@ type Event struct {
 	Labels      map[string]string `json:"labels"`
 	Annotations map[string]string `json:"annotations"`
 	StartsAt    time.Time         `json:"starts_at"`
-	EndsAt      time.Time         `json:"ends_at"` // set when resolved
-	Fingerprint string            `json:"fingerprint"`
+	// ActiveAt is when the alert went pending (before it fired, or at once).
+	ActiveAt    time.Time `json:"active_at,omitzero"`
+	EndsAt      time.Time `json:"ends_at"` // set when resolved
+	Fingerprint string    `json:"fingerprint"`
 	// Key identifies the (alert, transition): the receiver's idempotency key.
 	Key string `json:"key"`
 }
@@ -29,4 +31,20 @@ func (ev Event) status() string {
 		return "resolved"
 	}
 	return "firing"
+}
+
+// Delivery is how one attempt to deliver an event to one receiver went.
+type Delivery struct {
+	Receiver string
+	Event    Event
+	Result   string // "delivered", "retrying", "refused" (4xx) or "dead" (too old)
+	Attempts int
+	Err      string
+	At       time.Time
+}
+
+// DeliveryObserver learns how deliveries go (the alert history); it must not
+// block (the delivery workers call it).
+type DeliveryObserver interface {
+	Delivered(d Delivery)
 }

@@ -43,6 +43,7 @@ type Outbox struct {
 	client *http.Client
 	now    func() time.Time
 	dur    Durability
+	obs    DeliveryObserver // nil: none
 
 	mu       sync.Mutex
 	queue    []Event
@@ -60,8 +61,18 @@ type outboxMetrics struct {
 
 const maxQueued = 100_000
 
+// OutboxOptions are what an outbox is built with besides its config and directory.
+type OutboxOptions struct {
+	Durability Durability
+	// Observer learns how each delivery went (nil: no one).
+	Observer   DeliveryObserver
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
+}
+
 // NewOutbox builds the outbox in dir; it starts nothing.
-func NewOutbox(cfg Config, dir string, dur Durability, log *slog.Logger, reg prometheus.Registerer) (*Outbox, error) {
+func NewOutbox(cfg Config, dir string, opts OutboxOptions) (*Outbox, error) {
+	dur, log, reg := opts.Durability, opts.Logger, opts.Registerer
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -71,7 +82,7 @@ func NewOutbox(cfg Config, dir string, dur Durability, log *slog.Logger, reg pro
 	if dur.Fsync == pipeline.FsyncInterval && dur.Interval <= 0 {
 		return nil, fmt.Errorf("outbox: fsync interval must be > 0, got %v", dur.Interval)
 	}
-	o := &Outbox{cfg: cfg, dir: dir, dur: dur, log: log, now: time.Now, wake: make(chan struct{}, 1), queues: map[string]*rqueue{}}
+	o := &Outbox{cfg: cfg, dir: dir, dur: dur, obs: opts.Observer, log: log, now: time.Now, wake: make(chan struct{}, 1), queues: map[string]*rqueue{}}
 	o.client = &http.Client{Transport: &http.Transport{
 		DialContext:         (&net.Dialer{Timeout: 10 * time.Second, Control: o.guard}).DialContext,
 		MaxIdleConnsPerHost: deliveriesPerReceiver, IdleConnTimeout: time.Minute,

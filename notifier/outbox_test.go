@@ -94,7 +94,7 @@ func startOutbox(t *testing.T, cfg Config, dir string) (*Outbox, func()) {
 
 func startOutboxWith(t *testing.T, cfg Config, dir string, dur Durability) (*Outbox, func()) {
 	t.Helper()
-	o, err := NewOutbox(cfg, dir, dur, nil, nil)
+	o, err := NewOutbox(cfg, dir, OutboxOptions{Durability: dur})
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -200,7 +200,7 @@ func TestPendingNotificationsSurviveARestart(t *testing.T) {
 }
 
 func TestOutboxRefusesAZeroFsyncInterval(t *testing.T) {
-	_, err := NewOutbox(testNotify(newReceiver(t)), t.TempDir(), Durability{Fsync: pipeline.FsyncInterval}, nil, nil)
+	_, err := NewOutbox(testNotify(newReceiver(t)), t.TempDir(), OutboxOptions{Durability: Durability{Fsync: pipeline.FsyncInterval}})
 	require.ErrorContains(t, err, "fsync interval")
 }
 
@@ -208,7 +208,7 @@ func TestSSRFGuardRefusesPrivateAddresses(t *testing.T) {
 	rcv := newReceiver(t)
 	cfg := testNotify(rcv)
 	cfg.AllowHosts = nil
-	_, err := NewOutbox(cfg, t.TempDir(), Durability{}, nil, nil)
+	_, err := NewOutbox(cfg, t.TempDir(), OutboxOptions{})
 	require.ErrorContains(t, err, "SSRF")
 	o := &Outbox{cfg: cfg}
 	for _, addr := range []string{"127.0.0.1:80", "10.1.2.3:443", "192.168.0.1:80", "169.254.169.254:80", "[::1]:80", "0.0.0.0:80",
@@ -304,7 +304,7 @@ func TestAFailedOutboxWriteKeepsTheRestOfThePass(t *testing.T) {
 	rcv := newReceiver(t)
 	dir := t.TempDir()
 	var logs syncBuffer
-	o, err := NewOutbox(testNotify(rcv), dir, Durability{}, slog.New(slog.NewTextHandler(&logs, nil)), nil)
+	o, err := NewOutbox(testNotify(rcv), dir, OutboxOptions{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	require.NoError(t, err)
 	// A file where the receiver's pending directory should be: every write fails.
 	pendingDir := filepath.Join(dir, "pending", "r0")

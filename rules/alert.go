@@ -92,7 +92,7 @@ func event(s *ruleShard, a *alert, r *Rule, tr Transition) notifier.Event {
 	if tr.Kind == NotifyFlapping {
 		labels["flapping"] = "true"
 	}
-	ev := notifier.Event{Kind: tr.Kind, At: tr.At, Labels: labels, StartsAt: a.state.FiredAt,
+	ev := notifier.Event{Kind: tr.Kind, At: tr.At, Labels: labels, StartsAt: a.state.FiredAt, ActiveAt: a.state.ActiveAt,
 		Annotations: r.annotate(templateData(s, a, r, labels))}
 	if tr.Kind == NotifyResolved {
 		ev.EndsAt = tr.At

@@ -142,20 +142,32 @@ func (a *Analyzer) Results(now time.Time) []pipeline.Reading {
 func (a *Analyzer) corridorError(c Corridor, now int64) (float64, bool) {
 	worst := 0.0
 	for i := 1; i < len(c.Junctions); i++ {
-		up, down := a.js[c.Junctions[i-1].Device], a.js[c.Junctions[i].Device]
-		cycle, _, ok1 := up.timing(now)
-		_, _, ok2 := down.timing(now)
-		if !ok1 || !ok2 {
+		_, diff, ok := a.offset(c, i, now)
+		if !ok {
 			return 0, false
-		}
-		offset := down.greenStart - up.greenStart
-		diff := mod(offset-int64(c.Travel(i)), cycle)
-		if diff > cycle/2 {
-			diff -= cycle // into (-cycle/2, cycle/2]
 		}
 		worst = math.Max(worst, math.Abs(seconds(diff)))
 	}
 	return worst, true
+}
+
+// offset is the time from junction i-1's green start to junction i's, in
+// [0, cycle) of the upstream junction, and how far that is from the travel
+// time between them, modulo the cycle, in (-cycle/2, cycle/2]; false when
+// either has no timing.
+func (a *Analyzer) offset(c Corridor, i int, now int64) (offset, diff int64, ok bool) {
+	up, down := a.js[c.Junctions[i-1].Device], a.js[c.Junctions[i].Device]
+	cycle, _, ok1 := up.timing(now)
+	_, _, ok2 := down.timing(now)
+	if !ok1 || !ok2 {
+		return 0, 0, false
+	}
+	offset = mod(down.greenStart-up.greenStart, cycle)
+	diff = mod(offset-int64(c.Travel(i)), cycle)
+	if diff > cycle/2 {
+		diff -= cycle // into (-cycle/2, cycle/2]
+	}
+	return offset, diff, true
 }
 
 func mod(a, m int64) int64 { return ((a % m) + m) % m }

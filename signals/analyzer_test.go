@@ -151,3 +151,41 @@ func TestRunSubmitsEachSeriesOwnerApart(t *testing.T) {
 		}
 	})
 }
+
+// The corridor view shows each junction's timing and each pair's offset
+// against the travel time, the same figures the series carry; a junction
+// without timing shows nulls, and leaves the corridor without an error.
+func TestCorridorView(t *testing.T) {
+	c := Corridor{Name: "zhongshan-road", Speed: 36, Junctions: []Stop{{Device: "tl-1"}, {Device: "tl-2", Distance: 500}, {Device: "tl-3", Distance: 250}}}
+	a := New([]Corridor{c}, time.Second, nil)
+	plan(a, "tl-1", 0, 30*time.Second, 90*time.Second, 4)
+	plan(a, "tl-2", 58*time.Second, 30*time.Second, 90*time.Second, 4) // 8 s late
+	now := t0.Add(5 * 90 * time.Second)
+	vs := a.Corridors(now)
+	require.Len(t, vs, 1)
+	v := vs[0]
+	require.Equal(t, "zhongshan-road", v.Name)
+	require.Nil(t, v.OffsetError, "tl-3 has no timing")
+	require.Len(t, v.Junctions, 3)
+	j1, j2, j3 := v.Junctions[0], v.Junctions[1], v.Junctions[2]
+	require.Equal(t, "tl-1", j1.Device)
+	require.InDelta(t, 90, *j1.Cycle, 1e-9)
+	require.InDelta(t, 30.0/90, *j1.GreenRatio, 1e-9)
+	require.Nil(t, j1.Offset, "the first junction has no previous one")
+	require.Equal(t, "gulou", j2.District)
+	require.InDelta(t, 500, j2.Distance, 1e-9)
+	require.InDelta(t, 50, j2.Travel, 1e-9)
+	require.InDelta(t, 58, *j2.Offset, 1e-9)
+	require.InDelta(t, 8, *j2.OffsetError, 1e-6)
+	require.Nil(t, j3.Cycle)
+	require.Nil(t, j3.OffsetError)
+
+	plan(a, "tl-3", 58*time.Second+15*time.Second, 30*time.Second, 90*time.Second, 4) // 10 s early after tl-2 (25 s away)
+	v = a.Corridors(now)[0]
+	require.InDelta(t, -10, *v.Junctions[2].OffsetError, 1e-6)
+	require.NotNil(t, v.OffsetError)
+	require.InDelta(t, 10, *v.OffsetError, 1e-6, "the worst pair")
+	got, ok := result(a.Results(now), "zhongshan-road", MetricCorridorError)
+	require.True(t, ok)
+	require.InDelta(t, *v.OffsetError, got, 1e-9, "the view and the series agree")
+}

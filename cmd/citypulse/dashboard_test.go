@@ -223,7 +223,8 @@ var screenshotsDir = func() string {
 	return d
 }()
 
-// screenshot saves the whole page as name.png in the test's temp dir and,
+// screenshot saves the whole page as name.png in the given dir (the test's
+// artifact dir: kept with go test -artifacts) and,
 // when CITYPULSE_SCREENSHOTS names a directory, there too.
 func (tb *tab) screenshot(t *testing.T, dir, name string) {
 	t.Helper()
@@ -265,16 +266,6 @@ func (tb *tab) consoleErrors(allowed func(chromedp.ConsoleMessage) bool) []strin
 	return bad
 }
 
-// optionalEndpoint accepts the 404s of the endpoints the page can do without
-// (it says "no history kept" when an alert's history is not served).
-// Drop a path from here once the server serves it.
-func optionalEndpoint(m chromedp.ConsoleMessage) bool {
-	if !strings.Contains(m.Text, "404") {
-		return false
-	}
-	return strings.Contains(m.URL, "/api/v1/alerts/") && strings.HasSuffix(m.URL, "/history")
-}
-
 // publishReading sends one reading of dev over MQTT as the device itself.
 func publishReading(t *testing.T, s *proc, dev, body string) {
 	t.Helper()
@@ -282,6 +273,25 @@ func publishReading(t *testing.T, s *proc, dev, body string) {
 	require.NoError(t, err)
 	defer c.Disconnect(100)
 	publish(t, c, "devices/"+dev+"/readings", 1, []byte(body))
+}
+
+// signalPlan is a junction's state transitions as one SenML pack: cycles
+// of 90 s from start, green 30 s, amber 3 s, red the rest, each change with
+// its own time (none after now).
+func signalPlan(start time.Time, cycles int) string {
+	var recs []string
+	for c := range cycles {
+		at := start.Add(time.Duration(c) * 90 * time.Second).Unix()
+		for _, st := range []struct {
+			off   int64
+			state string
+		}{{0, "green"}, {30, "amber"}, {33, "red"}} {
+			if at+st.off <= time.Now().Unix() {
+				recs = append(recs, fmt.Sprintf(`{"n":"state","vs":%q,"t":%d}`, st.state, at+st.off))
+			}
+		}
+	}
+	return "[" + strings.Join(recs, ",") + "]"
 }
 
 func cardVitals(st pageState, district string) map[string]string {
@@ -342,7 +352,9 @@ const dashReadToken, dashAdminToken = "dash-read-token-7f3a9c", "dash-admin-toke
 func TestDashboardInHeadlessChromium(t *testing.T) {
 	skipShort(t)
 	chromiumPath(t)
-	s := newProc(t, fmt.Sprintf("vitals:\n  interval: 1s\nhttp:\n  read_token: %s\n  admin_token: %s\n", dashReadToken, dashAdminToken))
+	corridors, _ := filepath.Abs("../../configs/corridors.yaml")
+	s := newProc(t, fmt.Sprintf("vitals:\n  interval: 1s\nhttp:\n  read_token: %s\n  admin_token: %s\n", dashReadToken, dashAdminToken),
+		"CITYPULSE_SIGNALS_FILE="+corridors)
 	s.start()
 	defer s.stop()
 
@@ -357,7 +369,7 @@ func TestDashboardInHeadlessChromium(t *testing.T) {
 	publishReading(t, s, "pipe-0002", `{"pressure":180}`)
 
 	browser := newBrowser(t)
-	shots := t.TempDir()
+	shots := t.ArtifactDir() // kept with go test -artifacts [-outputdir DIR]
 	tb := openTab(t, browser, "http://"+s.http)
 	tb.open(t, "/#token="+dashReadToken)
 	tb.do(t, 5*time.Second, chromedp.Evaluate[chromedp.Void](`window.citypulseTestMarker = "the same page"`))
@@ -487,13 +499,14 @@ func TestDashboardInHeadlessChromium(t *testing.T) {
 		{"alert view", func(t *testing.T) {
 			links, err := chromedp.Run(tb.ctx, chromedp.Evaluate[int](`document.querySelectorAll("li.alert a.name").length`))
 			require.NoError(t, err)
-			if links == 0 {
-				t.Skip("the server's /api/v1/alerts gives no fingerprint yet, so the page links to no alert view")
-			}
+			require.Positive(t, links, "the device view links its alert to the alert view")
 			tb.click(t, `li.alert a.name`)
 			st := tb.waitFor(t, "the alert's labels and history", 15*time.Second, func(st pageState) error {
 				if st.Facts["alertname"] != "gas_leak" || strings.Contains(st.Main, "loading…") {
 					return fmt.Errorf("facts %v", st.Facts)
+				}
+				if rows := historyRows(st); !hasRow(rows, `\| pending`) || !hasRow(rows, `\| firing — Gas at pipe-0001 \(gulou\) is 35 %LEL`) {
+					return fmt.Errorf("history %q", rows)
 				}
 				return nil
 			})
@@ -504,12 +517,43 @@ func TestDashboardInHeadlessChromium(t *testing.T) {
 			require.Equal(t, "critical", st.Facts["severity"])
 			urgentIsGasLeak(t, st)
 		}},
+		{"corridor view shows each junction's timing", func(t *testing.T) {
+			// configs/corridors.yaml: tl-0001, then tl-0002 900 m on at 50 km/h
+			// (64.8 s). Both run 90 s cycles, 30 s green; tl-0002's greens
+			// start 58 s after tl-0001's: 6.8 s early.
+			req, err := http.NewRequest(http.MethodPost, "http://"+s.http+"/api/v1/devices",
+				strings.NewReader(`{"id":"tl-0002","kind":"traffic_light","district":"xuanwu","interval":"5s","secret":"secret-tl-0002"}`))
+			require.NoError(t, err)
+			req.Header.Set("Authorization", "Bearer "+dashAdminToken)
+			resp, err := http.DefaultClient.Do(req)
+			require.NoError(t, err)
+			resp.Body.Close()
+			require.Equal(t, http.StatusCreated, resp.StatusCode, "the corridor's second junction joins the fleet")
+			now := time.Now().Truncate(time.Second)
+			publishReading(t, s, "tl-0001", signalPlan(now.Add(-330*time.Second), 4))
+			publishReading(t, s, "tl-0002", signalPlan(now.Add(-272*time.Second), 4))
+			tb.click(t, `header nav a[href="#/corridors"]`)
+			st := tb.waitFor(t, "the corridor's junctions with their timing", 20*time.Second, func(st pageState) error {
+				rows, ok := tableRows(st, "zhongshan-road: junctions in driving order, design speed 50 km/h")
+				if !ok || len(rows) != 2 || rows[1][7] == "–" {
+					return fmt.Errorf("tables %+v", st.Tables)
+				}
+				return samePage(st)
+			})
+			rows, _ := tableRows(st, "zhongshan-road: junctions in driving order, design speed 50 km/h")
+			require.Equal(t, [][]string{
+				{"1", "tl-0001", "–", "–", "90 s", "33 %", "–", "–"},
+				{"2", "tl-0002", "900 m", "65 s", "90 s", "33 %", "58 s", "−7 s"},
+			}, rows)
+			require.Contains(t, st.Main, "worst error 7 s")
+			tb.screenshot(t, shots, "dashboard-corridors")
+		}},
 	} {
 		if !t.Run(step.name, step.run) {
 			break
 		}
 	}
-	require.Empty(t, tb.consoleErrors(optionalEndpoint), "the page's console")
+	require.Empty(t, tb.consoleErrors(nil), "the page's console")
 	require.NotContains(t, s.Logs(), dashReadToken, "the token travels in a header, never in a URL the server logs")
 }
 
@@ -539,7 +583,7 @@ func TestDashboardToken(t *testing.T) {
 	browser := newBrowser(t)
 	const noToken, refused = "this dashboard needs a read token", "token refused: enter a valid read token"
 	refusedOrOptional := func(m chromedp.ConsoleMessage) bool {
-		return strings.Contains(m.Text, "401") && strings.Contains(m.URL, "/api/v1/") || optionalEndpoint(m)
+		return strings.Contains(m.Text, "401") && strings.Contains(m.URL, "/api/v1/")
 	}
 	for _, tc := range []struct {
 		name, url, want string

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/citypulse/citypulse/history"
 	"github.com/citypulse/citypulse/internal/durable"
 	"github.com/citypulse/citypulse/notifier"
 	"github.com/citypulse/citypulse/opendata"
@@ -55,26 +56,37 @@ func (s *server) buildLive() error {
 	return nil
 }
 
-// notifierFor is what the rules engine notifies: the live stream always (the
-// operations screen shows every transition), the outbox unless an active
-// silence matches the alert.
+// notifierFor is what the rules engine notifies: the alert history and the
+// live stream always (the operations screen shows every transition), the
+// outbox unless an active silence matches the alert.
 func (s *server) notifierFor(outbox *notifier.Outbox) rules.Notifier {
+	resolved := func(ev notifier.Event) bool { return ev.Kind == notifier.KindResolved }
 	gate := silence.NewGate(s.silences, silence.GateFuncs[notifier.Event]{
 		Labels:   func(ev notifier.Event) map[string]string { return ev.Labels },
 		Key:      func(ev notifier.Event) string { return ev.Fingerprint },
-		Resolved: func(ev notifier.Event) bool { return ev.Kind == "resolved" },
+		Resolved: resolved,
 	}, outbox, s.reg)
 	s.gate = gate
-	return liveNotifier{next: gate, events: s.events}
+	return liveNotifier{next: gate, events: s.events, history: s.history, silences: s.silences, resolved: resolved}
 }
 
-// liveNotifier hands an alert event to next and publishes it on the stream.
+// liveNotifier hands an alert event to next, records it in the alert
+// history (with the silence that holds its notification back) and publishes
+// it on the stream.
 type liveNotifier struct {
-	next   rules.Notifier
-	events *stream.Hub
+	next     rules.Notifier
+	events   *stream.Hub
+	history  *history.Store
+	silences *silence.Store
+	resolved func(notifier.Event) bool
 }
 
 func (n liveNotifier) Enqueue(ev notifier.Event) {
+	var by string
+	if id, ok := n.silences.Silenced(ev.Labels); ok && !n.resolved(ev) {
+		by = id
+	}
+	n.history.Record(ev, by)
 	n.next.Enqueue(ev)
 	if b, err := json.Marshal(ev); err == nil {
 		n.events.Publish(stream.Event{Topic: "alert", Name: "alert", Data: b})

@@ -13,10 +13,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/citypulse/citypulse/devices"
+	"github.com/citypulse/citypulse/history"
 	"github.com/citypulse/citypulse/internal/httpapi"
 	"github.com/citypulse/citypulse/opendata"
 	"github.com/citypulse/citypulse/pipeline"
 	"github.com/citypulse/citypulse/rules"
+	"github.com/citypulse/citypulse/signals"
 	"github.com/citypulse/citypulse/silence"
 	"github.com/citypulse/citypulse/storage"
 	"github.com/citypulse/citypulse/stream"
@@ -40,9 +42,11 @@ type api struct {
 	sinks   sinkStatuser
 	export  exporter // nil when the archive is off
 	rules   *rules.API
-	events  *stream.Hub    // the operations screen's live stream
-	acts    *silence.Store // silences and acknowledgements
-	feed    *opendata.Feed // nil when the public feed is off
+	history *history.Store    // nil when the rules are off
+	events  *stream.Hub       // the operations screen's live stream
+	acts    *silence.Store    // silences and acknowledgements
+	feed    *opendata.Feed    // nil when the public feed is off
+	signals *signals.Analyzer // nil when signals.enabled is false
 	reload  func() error
 	ready   *atomic.Bool
 	metrics *prometheus.Registry
@@ -75,12 +79,14 @@ func (s *server) routes() http.Handler {
 		events:  s.events,
 		acts:    s.silences,
 		feed:    s.feed,
+		signals: s.signals,
 	}
 	if s.archive != nil {
 		a.export = s.archive
 	}
 	if s.engine != nil {
 		a.rules = rules.NewAPI(s.engine, s.outbox, s.cfg.Rules.File, s.decorateAlert)
+		a.history = s.history
 	}
 	return routes(s.cfg.HTTP, a)
 }
@@ -129,6 +135,10 @@ func routes(c HTTPConfig, a api) http.Handler {
 		mux.Handle("GET /api/v1/rules", read(http.HandlerFunc(a.rules.Rules)))
 		mux.Handle("GET /api/v1/alerts", read(http.HandlerFunc(a.rules.Alerts)))
 		mux.Handle("GET /api/v1/outbox", read(http.HandlerFunc(a.rules.Outbox)))
+		mux.Handle("GET /api/v1/alerts/{fingerprint}/history", read(http.HandlerFunc(a.history.Handler)))
+	}
+	if a.signals != nil {
+		mux.Handle("GET /api/v1/corridors", read(http.HandlerFunc(a.signals.Handler)))
 	}
 	mux.Handle("GET /api/v1/events", read(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		a.events.Serve(w, r, nil, nil)

@@ -55,7 +55,8 @@ func (s *server) Run(ctx context.Context) error {
 	}
 	if s.engine != nil {
 		release := runFunc(func(ctx context.Context) error { return s.gate.Run(ctx, time.Second) })
-		order = append(order, startStage(late, "rules", s.engine, release), startStage(late, "rules outbox", s.outbox))
+		order = append(order, startStage(late, "rules", s.engine, release), startStage(late, "rules outbox", s.outbox),
+			startStage(late, "alert history", s.history))
 	}
 	web := startStage(late, "HTTP server", &httpRunner{srv: s.newHTTPServer(), ln: s.ln})
 	order = append(order, web)

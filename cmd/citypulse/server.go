@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/citypulse/citypulse/devices"
+	"github.com/citypulse/citypulse/history"
 	"github.com/citypulse/citypulse/ingest"
 	"github.com/citypulse/citypulse/internal/httpapi"
 	"github.com/citypulse/citypulse/notifier"
@@ -45,6 +46,7 @@ type server struct {
 	vitals   *rules.Vitals // nil when vitals.enabled is false
 	engine   *rules.Engine // nil when rules.enabled is false
 	outbox   *notifier.Outbox
+	history  *history.Store                // each alert's transitions and notifications (with the rules)
 	gateways []runner                      // the gateways and the vital-sign ticker: stopped first
 	events   *stream.Hub                   // the operations screen's live stream
 	silences *silence.Store                // the operators' silences and acknowledgements
@@ -187,7 +189,12 @@ func (s *server) buildRules() error {
 	}
 	// alerts are exactly as durable as the readings that raise them
 	dur := notifier.Durability{Fsync: cfg.Pipeline.Fsync, Interval: cfg.Pipeline.FsyncInterval}
-	s.outbox, err = notifier.NewOutbox(cfg.Rules.Notify, filepath.Join(cfg.DataDir, "outbox"), dur, log.With("component", "notify"), s.reg)
+	if s.history, err = history.Open(history.Options{Path: filepath.Join(cfg.DataDir, "alert-history.json"),
+		Logger: log.With("component", "history")}); err != nil {
+		return err
+	}
+	s.outbox, err = notifier.NewOutbox(cfg.Rules.Notify, filepath.Join(cfg.DataDir, "outbox"), notifier.OutboxOptions{
+		Durability: dur, Observer: s.history, Logger: log.With("component", "notify"), Registerer: s.reg})
 	if err != nil {
 		return err
 	}
