@@ -65,7 +65,7 @@ func (e *Engine) isSilent(d devices.Device, factor float64, now time.Time) bool 
 // tickDeadman raises or resolves rule r's alert of every selected device.
 func (e *Engine) tickDeadman(r *Rule, list []devices.Device, now time.Time) {
 	for _, d := range list {
-		if !r.Select.Matches(string(d.Kind), "", d.District, d.ID) {
+		if !r.Select.Matches(string(d.Kind), "", d.District, d.ID) || !e.owned(d.ID) {
 			continue
 		}
 		silent := e.isSilent(d, r.Factor, now)
@@ -100,6 +100,9 @@ func (e *Engine) tickFleet(r *Rule, list []devices.Device, now time.Time) {
 		}
 	}
 	for district, g := range groups {
+		if !e.owned(district) {
+			continue
+		}
 		s := e.shardFor(district)
 		k := alertKey{Rule: r.Name, District: district, Kind: r.Select.Kind}
 		ratio := float64(g.silent) / float64(g.total)
