@@ -1,0 +1,189 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Restore reads partition p's state for a new owner and marks p owned (Run
+// checkpoints it from now on). Call it before the first batch of p is
+// evaluated: from the owner's OwnershipFunc(p, true).
+func (s *StateStore) Restore(ctx context.Context, p int) (PartitionState, error) {
+	start := time.Now()
+	obs, str := s.handles()
+	if obs == nil {
+		return PartitionState{}, errors.New("cluster state: Ensure was not called")
+	}
+	var st PartitionState
+	var after uint64
+	info, err := obs.GetInfo(ctx, snapshotName(p))
+	switch {
+	case errors.Is(err, jetstream.ErrObjectNotFound):
+	case err != nil:
+		return st, fmt.Errorf("restore partition %d: snapshot: %w", p, err)
+	default:
+		if after, err = strconv.ParseUint(info.Metadata[afterMeta], 10, 64); err != nil {
+			return st, fmt.Errorf("restore partition %d: snapshot metadata %q: %w", p, info.Metadata[afterMeta], err)
+		}
+		if st.Snapshot, err = obs.GetBytes(ctx, snapshotName(p)); err != nil {
+			return st, fmt.Errorf("restore partition %d: snapshot: %w", p, err)
+		}
+	}
+	last, err := s.readLog(ctx, str, p, after, &st)
+	if err != nil {
+		return st, fmt.Errorf("restore partition %d: %w", p, err)
+	}
+	s.mu.Lock()
+	s.owned[p] = true
+	s.lastSeq[p] = max(last, after)
+	s.mu.Unlock()
+	s.m.restoreSeconds.Observe(time.Since(start).Seconds())
+	return st, nil
+}
+
+// readLog reads p's transitions after seq after, and its pending
+// notifications, in stream order; it returns the last transition's sequence.
+func (s *StateStore) readLog(ctx context.Context, str jetstream.Stream, p int, after uint64, st *PartitionState) (uint64, error) {
+	cons, err := str.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{transitionSubject(p), noteSubject(p)}})
+	if err != nil {
+		return 0, fmt.Errorf("read the state log: %w", err)
+	}
+	defer func() {
+		dctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = str.DeleteConsumer(dctx, cons.CachedInfo().Name)
+	}()
+	if cons.CachedInfo().NumPending == 0 {
+		return 0, nil
+	}
+	var last uint64
+	for {
+		batch, err := cons.FetchNoWait(512)
+		if err != nil {
+			return 0, fmt.Errorf("read the state log: %w", err)
+		}
+		n := 0
+		for m := range batch.Messages() {
+			n++
+			md, err := m.Metadata()
+			if err != nil {
+				return 0, fmt.Errorf("read the state log: %w", err)
+			}
+			seq := md.Sequence.Stream
+			switch m.Subject() {
+			case noteSubject(p):
+				st.Notes = append(st.Notes, m.Data())
+				s.mu.Lock()
+				s.notes[m.Headers().Get(noteKeyHeader)] = seq
+				s.mu.Unlock()
+			case transitionSubject(p):
+				if seq > after {
+					st.Transitions = append(st.Transitions, m.Data())
+					last = seq
+				}
+			}
+			if md.NumPending == 0 {
+				return last, nil
+			}
+		}
+		if err := batch.Error(); err != nil {
+			return 0, fmt.Errorf("read the state log: %w", err)
+		}
+		if n == 0 {
+			select { // not here yet: the consumer is still being filled
+			case <-ctx.Done():
+				return 0, fmt.Errorf("read the state log: %w", ctx.Err())
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+	}
+}
+
+func (s *StateStore) handles() (jetstream.ObjectStore, jetstream.Stream) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.obs, s.str
+}
+
+// Checkpoint writes partition p's snapshot (from the snapshotter), then
+// purges the transitions it holds. The sequence it records is read before
+// the snapshot is taken: every transition up to it changed the state first.
+func (s *StateStore) Checkpoint(ctx context.Context, p int) error {
+	obs, str := s.handles()
+	if obs == nil {
+		return errors.New("cluster state: Ensure was not called")
+	}
+	s.mu.Lock()
+	after := s.lastSeq[p]
+	s.mu.Unlock()
+	data, err := s.snap(p)
+	if err != nil {
+		s.m.checkpoints.WithLabelValues("error").Inc()
+		return fmt.Errorf("checkpoint partition %d: %w", p, err)
+	}
+	_, err = obs.Put(ctx, jetstream.ObjectMeta{Name: snapshotName(p),
+		Metadata: map[string]string{afterMeta: strconv.FormatUint(after, 10)}}, bytesReader(data))
+	if err == nil && after > 0 {
+		err = str.Purge(ctx, jetstream.WithPurgeSubject(transitionSubject(p)), jetstream.WithPurgeSequence(after+1))
+	}
+	if err != nil {
+		s.m.checkpoints.WithLabelValues("error").Inc()
+		return fmt.Errorf("checkpoint partition %d: %w", p, err)
+	}
+	s.m.checkpoints.WithLabelValues("ok").Inc()
+	s.m.snapshotBytes.Observe(float64(len(data)))
+	return nil
+}
+
+// Release checkpoints p for the next owner and stops checkpointing it. Call
+// it from the owner's OwnershipFunc(p, false), before the state is dropped.
+func (s *StateStore) Release(ctx context.Context, p int) error {
+	s.mu.Lock()
+	owned := s.owned[p]
+	delete(s.owned, p)
+	s.mu.Unlock()
+	if !owned {
+		return nil
+	}
+	return s.Checkpoint(ctx, p)
+}
+
+// Owned lists the partitions this store checkpoints.
+func (s *StateStore) Owned() []int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]int, 0, len(s.owned))
+	for p := range s.owned {
+		out = append(out, p)
+	}
+	return out
+}
+
+// Run checkpoints every owned partition every cluster.state.checkpoint until
+// ctx is done. A failed checkpoint is logged and retried on the next round
+// (the transitions stay in the log meanwhile).
+func (s *StateStore) Run(ctx context.Context) error {
+	t := time.NewTicker(s.cfg.Checkpoint)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		for _, p := range s.Owned() {
+			cctx, cancel := context.WithTimeout(ctx, s.cfg.Checkpoint)
+			err := s.Checkpoint(cctx, p)
+			cancel()
+			if err != nil && ctx.Err() == nil {
+				s.log.Warn("cannot checkpoint a partition's state; its transitions stay in the log", "partition", p, "err", err)
+			}
+		}
+	}
+}
