@@ -122,6 +122,10 @@ func (s *StateStore) Checkpoint(ctx context.Context, p int) error {
 	s.mu.Lock()
 	after := s.lastSeq[p]
 	s.mu.Unlock()
+	if err := s.superseded(ctx, obs, str, p, after); err != nil {
+		s.m.checkpoints.WithLabelValues("superseded").Inc()
+		return err
+	}
 	data, err := s.snap(p)
 	if err != nil {
 		s.m.checkpoints.WithLabelValues("error").Inc()
@@ -138,6 +142,35 @@ func (s *StateStore) Checkpoint(ctx context.Context, p int) error {
 	}
 	s.m.checkpoints.WithLabelValues("ok").Inc()
 	s.m.snapshotBytes.Observe(float64(len(data)))
+	return nil
+}
+
+// ErrSuperseded is returned by Checkpoint when another node recorded
+// partition p's state after this one did: it owns p now, and this node's
+// snapshot would be older than its.
+var ErrSuperseded = errors.New("another node owns the partition now")
+
+// superseded checks that no other node wrote p's snapshot or appended to its
+// log after this node's last transition (after): then this node lost p (its
+// pin expired) and must not overwrite the new owner's state. A small race
+// remains (the new owner appends between this check and the write); the
+// new owner's next checkpoint overwrites the snapshot again.
+func (s *StateStore) superseded(ctx context.Context, obs jetstream.ObjectStore, str jetstream.Stream, p int, after uint64) error {
+	if info, err := obs.GetInfo(ctx, snapshotName(p)); err == nil {
+		if v, _ := strconv.ParseUint(info.Metadata[afterMeta], 10, 64); v > after {
+			return fmt.Errorf("checkpoint partition %d: %w (its snapshot holds transitions up to %d, this node's up to %d)", p, ErrSuperseded, v, after)
+		}
+	} else if !errors.Is(err, jetstream.ErrObjectNotFound) {
+		return fmt.Errorf("checkpoint partition %d: %w", p, err)
+	}
+	m, err := str.GetLastMsgForSubject(ctx, transitionSubject(p))
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+	case err != nil:
+		return fmt.Errorf("checkpoint partition %d: %w", p, err)
+	case m.Sequence > after:
+		return fmt.Errorf("checkpoint partition %d: %w (its log has a transition at %d, this node's last is %d)", p, ErrSuperseded, m.Sequence, after)
+	}
 	return nil
 }
 
