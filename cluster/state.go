@@ -99,23 +99,48 @@ func NewStateStore(nc *nats.Conn, cfg StateConfig, snap Snapshotter, log *slog.L
 
 // Ensure creates or updates the snapshot bucket and the state log.
 func (s *StateStore) Ensure(ctx context.Context) error {
-	obs, err := s.js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
+	if _, err := s.js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
 		Bucket: s.cfg.Bucket, Description: "CityPulse partition snapshots (alert state)",
-		Storage: jetstream.FileStorage, Replicas: s.cfg.Replicas})
-	if err != nil {
+		Storage: jetstream.FileStorage, Replicas: s.cfg.Replicas}); err != nil {
 		return fmt.Errorf("create object store %s: %w", s.cfg.Bucket, err)
+	}
+	// Direct gets may be answered by a replica that lags: a new owner would
+	// read an older snapshot than the log was purged for. Every read goes to
+	// the stream leader instead.
+	if err := s.noDirectGets(ctx, "OBJ_"+s.cfg.Bucket); err != nil {
+		return err
+	}
+	obs, err := s.js.ObjectStore(ctx, s.cfg.Bucket)
+	if err != nil {
+		return fmt.Errorf("open object store %s: %w", s.cfg.Bucket, err)
 	}
 	str, err := s.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
 		Name: s.cfg.Stream, Description: "CityPulse alert transitions and pending notifications per partition",
 		Subjects: []string{StateSubjectPrefix + ".*.*"}, Storage: jetstream.FileStorage, Replicas: s.cfg.Replicas,
-		Retention: jetstream.LimitsPolicy, Discard: jetstream.DiscardNew, MaxBytes: s.cfg.MaxBytes,
-		AllowDirect: true})
+		Retention: jetstream.LimitsPolicy, Discard: jetstream.DiscardNew, MaxBytes: s.cfg.MaxBytes})
 	if err != nil {
 		return fmt.Errorf("create stream %s: %w", s.cfg.Stream, err)
 	}
 	s.mu.Lock()
 	s.obs, s.str = obs, str
 	s.mu.Unlock()
+	return nil
+}
+
+// noDirectGets turns direct gets off on a stream.
+func (s *StateStore) noDirectGets(ctx context.Context, name string) error {
+	str, err := s.js.Stream(ctx, name)
+	if err != nil {
+		return fmt.Errorf("stream %s: %w", name, err)
+	}
+	cfg := str.CachedInfo().Config
+	if !cfg.AllowDirect {
+		return nil
+	}
+	cfg.AllowDirect = false
+	if _, err := s.js.UpdateStream(ctx, cfg); err != nil {
+		return fmt.Errorf("stream %s: turn direct gets off: %w", name, err)
+	}
 	return nil
 }
 

@@ -48,7 +48,13 @@ func (s *StateStore) Restore(ctx context.Context, p int) (PartitionState, error)
 
 // readLog reads p's transitions after seq after, and its pending
 // notifications, in stream order; it returns the last transition's sequence.
+// It reads up to the last message of p that the stream leader has: the
+// consumer may be served by a replica that lags behind.
 func (s *StateStore) readLog(ctx context.Context, str jetstream.Stream, p int, after uint64, st *PartitionState) (uint64, error) {
+	target, err := lastSeq(ctx, str, transitionSubject(p), noteSubject(p))
+	if err != nil || target == 0 {
+		return 0, err
+	}
 	cons, err := str.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
 		FilterSubjects: []string{transitionSubject(p), noteSubject(p)}})
 	if err != nil {
@@ -59,18 +65,17 @@ func (s *StateStore) readLog(ctx context.Context, str jetstream.Stream, p int, a
 		defer cancel()
 		_ = str.DeleteConsumer(dctx, cons.CachedInfo().Name)
 	}()
-	if cons.CachedInfo().NumPending == 0 {
-		return 0, nil
-	}
 	var last uint64
 	for {
-		batch, err := cons.FetchNoWait(512)
+		batch, err := cons.Fetch(512, jetstream.FetchMaxWait(time.Second))
 		if err != nil {
-			return 0, fmt.Errorf("read the state log: %w", err)
+			if ctx.Err() != nil {
+				return 0, fmt.Errorf("read the state log: %w", err)
+			}
+			time.Sleep(50 * time.Millisecond) // the consumer is being (re)created
+			continue
 		}
-		n := 0
 		for m := range batch.Messages() {
-			n++
 			md, err := m.Metadata()
 			if err != nil {
 				return 0, fmt.Errorf("read the state log: %w", err)
@@ -88,21 +93,31 @@ func (s *StateStore) readLog(ctx context.Context, str jetstream.Stream, p int, a
 					last = seq
 				}
 			}
-			if md.NumPending == 0 {
+			if seq >= target {
 				return last, nil
 			}
 		}
-		if err := batch.Error(); err != nil {
-			return 0, fmt.Errorf("read the state log: %w", err)
-		}
-		if n == 0 {
-			select { // not here yet: the consumer is still being filled
-			case <-ctx.Done():
-				return 0, fmt.Errorf("read the state log: %w", ctx.Err())
-			case <-time.After(10 * time.Millisecond):
-			}
+		if ctx.Err() != nil {
+			return 0, fmt.Errorf("read the state log up to %d: %w", target, ctx.Err())
 		}
 	}
+}
+
+// lastSeq is the sequence of the last message on any of subjects, as the
+// stream leader has it (0: none).
+func lastSeq(ctx context.Context, str jetstream.Stream, subjects ...string) (uint64, error) {
+	var last uint64
+	for _, subj := range subjects {
+		m, err := str.GetLastMsgForSubject(ctx, subj)
+		switch {
+		case errors.Is(err, jetstream.ErrMsgNotFound):
+		case err != nil:
+			return 0, fmt.Errorf("read the state log: last message of %s: %w", subj, err)
+		default:
+			last = max(last, m.Sequence)
+		}
+	}
+	return last, nil
 }
 
 func (s *StateStore) handles() (jetstream.ObjectStore, jetstream.Stream) {
