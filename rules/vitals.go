@@ -236,7 +236,9 @@ func (v *Vitals) Compute(now time.Time) []pipeline.Reading {
 
 // aggregate applies def's aggregation over vals; ok is false when there is
 // no value to report (a min of nothing is not zero).
-func aggregate(def Rollup, vals []float64) (float64, bool) { return finalAgg(def, partialOf(def, vals)) }
+func aggregate(def Rollup, vals []float64) (float64, bool) {
+	return finalAgg(def, partialOf(def, vals))
+}
 
 func sum(vals []float64) float64 {
 	s := 0.0
