@@ -58,3 +58,19 @@ func TestHeartbeatCarriesTheOwnedPartitions(t *testing.T) {
 		})
 	}
 }
+
+func FuzzParseHeartbeat(f *testing.F) {
+	for _, s := range []string{"alive", "leave", "alive 0,3,6", "alive ", "alive 1,,2", "alive 99999999999999999999"} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		leave, owns := parseHeartbeat(b, 64)
+		require.LessOrEqual(t, len(owns), 64)
+		for _, p := range owns {
+			require.True(t, p >= 0 && p < 64)
+		}
+		if leave {
+			require.Empty(t, owns)
+		}
+	})
+}
