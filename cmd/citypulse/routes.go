@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"strings"
-	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -44,7 +43,8 @@ type api struct {
 	acts    *silence.Store // silences and acknowledgements
 	feed    *opendata.Feed // nil when the public feed is off
 	reload  func() error
-	ready   *atomic.Bool
+	ready   func() bool
+	cluster *clusterNode // nil in one-machine mode
 	metrics *prometheus.Registry
 	log     *slog.Logger
 }
@@ -69,7 +69,8 @@ func (s *server) routes() http.Handler {
 		query:   s.query,
 		sinks:   s.pipe,
 		reload:  s.Reload,
-		ready:   &s.ready,
+		ready:   func() bool { return s.ready.Load() && (s.cluster == nil || s.cluster.ready.Load()) },
+		cluster: s.cluster,
 		metrics: s.reg,
 		log:     s.log,
 		events:  s.events,
@@ -103,7 +104,7 @@ func routes(c HTTPConfig, a api) http.Handler {
 	mux.Handle("GET /debug/pprof/profile", admin(http.HandlerFunc(pprof.Profile)))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !a.ready.Load() {
+		if !a.ready() {
 			http.Error(w, "not ready", http.StatusServiceUnavailable)
 			return
 		}
@@ -115,6 +116,9 @@ func routes(c HTTPConfig, a api) http.Handler {
 	mux.Handle("GET /api/v1/devices/{id}", read(http.HandlerFunc(dapi.Get)))
 	mux.Handle("POST /api/v1/devices", admin(http.HandlerFunc(dapi.Add)))
 	mux.Handle("DELETE /api/v1/devices/{id}", admin(http.HandlerFunc(dapi.Remove)))
+	if a.cluster != nil {
+		mux.Handle("GET /api/v1/cluster", read(http.HandlerFunc(a.cluster.serveStatus)))
+	}
 	mux.Handle("GET /api/v1/sinks", read(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		httpapi.WriteData(w, http.StatusOK, a.sinks.Status())
 	})))

@@ -50,6 +50,7 @@ type server struct {
 	silences *silence.Store    // the operators' silences and acknowledgements
 	feed     *opendata.Feed    // nil when opendata.enabled is false
 	signals  *signals.Analyzer // nil when signals.enabled is false
+	cluster  *clusterNode      // nil in one-machine mode (cluster.enabled false)
 	ln       net.Listener
 	query    *storage.API
 	handler  http.Handler
@@ -98,7 +99,7 @@ func newServer(cfg Config, logOut io.Writer) (_ *server, err error) {
 	if s.devices, err = devices.NewRegistry(list, filepath.Join(cfg.DataDir, "devices-overlay.json")); err != nil {
 		return nil, err
 	}
-	for _, step := range []func() error{s.openStores, s.buildLive, s.buildRules, s.buildPipeline, s.buildGateways, s.listenHTTP} {
+	for _, step := range []func() error{s.openStores, s.buildLive, s.buildRules, s.buildPipeline, s.buildCluster, s.buildGateways, s.listenHTTP} {
 		if err := step(); err != nil {
 			return nil, err
 		}
@@ -233,7 +234,13 @@ func (s *server) buildPipeline() error {
 // them: it stops before the pipeline drains.
 func (s *server) buildGateways() error {
 	cfg, log := s.cfg, s.log
-	h := ingest.NewHandler(s.pipe, ingest.HandlerOptions{
+	// One machine: the gateways journal locally. Cluster mode: they publish
+	// to JetStream and acknowledge a device after its acknowledgement.
+	var sub ingest.Submitter = s.pipe
+	if s.cluster != nil {
+		sub = s.cluster.pub
+	}
+	h := ingest.NewHandler(sub, ingest.HandlerOptions{
 		MaxPast: cfg.Ingest.MaxPast, MaxFuture: cfg.Ingest.MaxFuture,
 		RateLimit: cfg.Ingest.RateLimit.ReadingsPerSecond, RateBurst: cfg.Ingest.RateLimit.Burst,
 		Logger: log.With("component", "ingest"), Registerer: s.reg,
