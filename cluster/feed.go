@@ -34,7 +34,17 @@ type Feed struct {
 
 	mu     sync.Mutex
 	dedupe map[int]*Dedupe // partition → its filter while owned
+
+	barrier func(ctx context.Context) error // see SetBarrier
 }
+
+// SetBarrier sets f to be called after a batch's readings are in the local
+// journal (and seen by its observers) and before the batch is acknowledged:
+// the rules engine's Flush, so that the transitions the readings caused are
+// recorded before JetStream forgets the readings. When it fails the batch
+// is not acknowledged; its redelivery passes the filter as a duplicate and
+// calls f again. Set it before the owner runs.
+func (f *Feed) SetBarrier(barrier func(ctx context.Context) error) { f.barrier = barrier }
 
 // feedParallel bounds the devices submitted at once by one handler call.
 const feedParallel = 32
@@ -103,6 +113,11 @@ func (f *Feed) Handle(ctx context.Context, msgs []Message) error {
 		return fmt.Errorf("partition %d: %w", p, err)
 	}
 	f.m.fed.Add(float64(len(rs)))
+	if f.barrier != nil {
+		if err := f.barrier(ctx); err != nil {
+			return fmt.Errorf("partition %d: %w", p, err)
+		}
+	}
 	return nil
 }
 

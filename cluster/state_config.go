@@ -26,19 +26,30 @@ type StateConfig struct {
 	// MaxBytes bounds the stream; when full, transitions are not recorded
 	// (and notified all the same, logged as errors). 0: no limit.
 	MaxBytes int64 `mapstructure:"max_bytes" yaml:"max_bytes"`
+	// Devices is the key-value bucket of the runtime device changes (with
+	// the devices' secrets: see docs/cluster.md for its access control).
+	Devices string `mapstructure:"devices_bucket" yaml:"devices_bucket"`
+	// Leases is the key-value bucket of the leases (the node that combines
+	// the city roll-ups), LeaseTTL how long a lease outlives its last renewal.
+	Leases   string        `mapstructure:"leases_bucket" yaml:"leases_bucket"`
+	LeaseTTL time.Duration `mapstructure:"lease_ttl" yaml:"lease_ttl"`
 }
 
 // DefaultState returns the defaults: CITYPULSE_STATE, R3, a snapshot every 10 s.
 func DefaultState() StateConfig {
 	return StateConfig{Bucket: "CITYPULSE_STATE", Stream: "CITYPULSE_STATE_LOG", Replicas: 3,
-		Checkpoint: 10 * time.Second, MaxBytes: 1 << 30}
+		Checkpoint: 10 * time.Second, MaxBytes: 1 << 30, Devices: "CITYPULSE_DEVICES", Leases: "CITYPULSE_LEASES",
+		LeaseTTL: 6 * time.Second}
 }
 
 // Validate checks the config; messages name the key.
 func (c StateConfig) Validate() error {
 	var errs []error
-	if c.Bucket == "" || c.Stream == "" {
-		errs = append(errs, errors.New("cluster.state.bucket and cluster.state.stream must not be empty"))
+	if c.Bucket == "" || c.Stream == "" || c.Devices == "" || c.Leases == "" {
+		errs = append(errs, errors.New("cluster.state.bucket, stream, devices_bucket and leases_bucket must not be empty"))
+	}
+	if c.LeaseTTL < time.Second {
+		errs = append(errs, fmt.Errorf("cluster.state.lease_ttl must be at least 1s, got %v", c.LeaseTTL))
 	}
 	if c.Replicas != 1 && c.Replicas != 3 && c.Replicas != 5 {
 		errs = append(errs, fmt.Errorf("cluster.state.replicas must be 1, 3 or 5, got %d", c.Replicas))

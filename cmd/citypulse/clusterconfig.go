@@ -25,6 +25,9 @@ type ClusterConfig struct {
 	// most DedupeDevices devices per partition.
 	DedupeWindow  int `mapstructure:"dedupe_window" yaml:"dedupe_window"`
 	DedupeDevices int `mapstructure:"dedupe_devices" yaml:"dedupe_devices"`
+	// State is where the state that moves with a partition and the shared
+	// state are kept (docs/cluster.md, "State").
+	State cluster.StateConfig `mapstructure:"state" yaml:"state"`
 
 	cluster.Config `mapstructure:",squash" yaml:",inline"`
 }
@@ -36,6 +39,7 @@ func DefaultCluster() ClusterConfig {
 		DedupeWindow:  32,
 		DedupeDevices: 8192,
 		Config:        cluster.Default(),
+		State:         cluster.DefaultState(),
 	}
 }
 
@@ -44,7 +48,7 @@ func (c ClusterConfig) Validate() error {
 	if !c.Enabled {
 		return nil
 	}
-	errs := []error{c.Config.Validate()}
+	errs := []error{c.Config.Validate(), c.State.Validate()}
 	if len(c.URLs) == 0 {
 		errs = append(errs, errors.New("cluster.urls must name at least one NATS server"))
 	}

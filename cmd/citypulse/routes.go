@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/citypulse/citypulse/clusterstate"
 	"github.com/citypulse/citypulse/devices"
 	"github.com/citypulse/citypulse/internal/httpapi"
 	"github.com/citypulse/citypulse/opendata"
@@ -45,8 +46,10 @@ type api struct {
 	reload  func() error
 	ready   func() bool
 	cluster *clusterNode // nil in one-machine mode
-	metrics *prometheus.Registry
-	log     *slog.Logger
+	// sharedDevices changes the devices on every node (cluster mode; nil on one machine)
+	sharedDevices *clusterstate.Registry
+	metrics       *prometheus.Registry
+	log           *slog.Logger
 }
 
 // maxReloadBody bounds the body of POST /-/reload, which reads none.
@@ -65,17 +68,18 @@ func (s *server) routes() http.Handler {
 		Registerer:     s.reg,
 	})
 	a := api{
-		devices: s.devices,
-		query:   s.query,
-		sinks:   s.pipe,
-		reload:  s.Reload,
-		ready:   func() bool { return s.ready.Load() && (s.cluster == nil || s.cluster.ready.Load()) },
-		cluster: s.cluster,
-		metrics: s.reg,
-		log:     s.log,
-		events:  s.events,
-		acts:    s.silences,
-		feed:    s.feed,
+		devices:       s.devices,
+		query:         s.query,
+		sinks:         s.pipe,
+		reload:        s.Reload,
+		ready:         func() bool { return s.ready.Load() && (s.cluster == nil || s.cluster.ready.Load()) },
+		cluster:       s.cluster,
+		sharedDevices: s.sharedDevices(),
+		metrics:       s.reg,
+		log:           s.log,
+		events:        s.events,
+		acts:          s.silences,
+		feed:          s.feed,
 	}
 	if s.archive != nil {
 		a.export = s.archive
@@ -111,7 +115,16 @@ func routes(c HTTPConfig, a api) http.Handler {
 		fmt.Fprintln(w, "ready")
 	})
 
-	dapi := devices.NewAPI(a.devices, a.log.With("component", "devices-api"))
+	var dreg interface {
+		List() []devices.Device
+		Get(id string) (devices.Device, bool)
+		Add(d devices.Device) error
+		Remove(id string) error
+	} = a.devices
+	if a.sharedDevices != nil {
+		dreg = a.sharedDevices // cluster mode: a change reaches every node
+	}
+	dapi := devices.NewAPI(dreg, a.log.With("component", "devices-api"))
 	mux.Handle("GET /api/v1/devices", read(http.HandlerFunc(dapi.List)))
 	mux.Handle("GET /api/v1/devices/{id}", read(http.HandlerFunc(dapi.Get)))
 	mux.Handle("POST /api/v1/devices", admin(http.HandlerFunc(dapi.Add)))

@@ -51,6 +51,7 @@ type server struct {
 	feed     *opendata.Feed    // nil when opendata.enabled is false
 	signals  *signals.Analyzer // nil when signals.enabled is false
 	cluster  *clusterNode      // nil in one-machine mode (cluster.enabled false)
+	cstate   *clusterState     // nil in one-machine mode
 	ln       net.Listener
 	query    *storage.API
 	handler  http.Handler
@@ -96,10 +97,14 @@ func newServer(cfg Config, logOut io.Writer) (_ *server, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if s.devices, err = devices.NewRegistry(list, filepath.Join(cfg.DataDir, "devices-overlay.json")); err != nil {
+	overlay := filepath.Join(cfg.DataDir, "devices-overlay.json")
+	if cfg.Cluster.Enabled {
+		overlay = "" // the runtime changes live in the cluster's device bucket
+	}
+	if s.devices, err = devices.NewRegistry(list, overlay); err != nil {
 		return nil, err
 	}
-	for _, step := range []func() error{s.openStores, s.buildLive, s.buildRules, s.buildPipeline, s.buildCluster, s.buildGateways, s.listenHTTP} {
+	for _, step := range []func() error{s.openStores, s.buildLive, s.buildRules, s.buildPipeline, s.buildCluster, s.buildGateways, s.buildClusterState, s.listenHTTP} {
 		if err := step(); err != nil {
 			return nil, err
 		}
@@ -190,8 +195,13 @@ func (s *server) buildRules() error {
 	if err != nil {
 		return err
 	}
+	statePath := filepath.Join(cfg.DataDir, "rules-state.json")
+	journal := s.clusterJournal()
+	if journal != nil {
+		statePath = "" // cluster mode: the alert state moves with its partition, in JetStream
+	}
 	s.engine = rules.NewEngine(cfg.Rules, rs, rules.EngineOptions{Shards: cfg.Pipeline.Shards, Devices: s.devices, Notifier: s.notifierFor(s.outbox),
-		StatePath: filepath.Join(cfg.DataDir, "rules-state.json"), FsyncEach: dur.FsyncEach(),
+		StatePath: statePath, FsyncEach: dur.FsyncEach(), Journal: journal,
 		Logger: log.With("component", "rules"), Registerer: s.reg})
 	s.engine.Restore() // the saved alert states, before the first reading is evaluated
 	return nil
@@ -245,7 +255,7 @@ func (s *server) buildGateways() error {
 		RateLimit: cfg.Ingest.RateLimit.ReadingsPerSecond, RateBurst: cfg.Ingest.RateLimit.Burst,
 		Logger: log.With("component", "ingest"), Registerer: s.reg,
 	})
-	if s.vitals != nil {
+	if s.vitals != nil && s.cluster == nil { // cluster mode: the lease holder's (buildClusterState)
 		live := liveSubmitter{pipe: s.pipe, events: s.events}
 		s.gateways = append(s.gateways, runFunc(func(ctx context.Context) error { return s.vitals.Run(ctx, live) }))
 	}
