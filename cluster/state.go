@@ -154,6 +154,9 @@ func (s *StateStore) Append(ctx context.Context, recs []StateRecord) error {
 	if len(recs) == 0 {
 		return nil
 	}
+	if _, _, err := s.ensured(ctx); err != nil {
+		return fmt.Errorf("append to %s: %w", s.cfg.Stream, err)
+	}
 	type sent struct {
 		rec  *StateRecord
 		note bool

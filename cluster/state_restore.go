@@ -15,9 +15,9 @@ import (
 // evaluated: from the owner's OwnershipFunc(p, true).
 func (s *StateStore) Restore(ctx context.Context, p int) (PartitionState, error) {
 	start := time.Now()
-	obs, str := s.handles()
-	if obs == nil {
-		return PartitionState{}, errors.New("cluster state: Ensure was not called")
+	obs, str, err := s.ensured(ctx)
+	if err != nil {
+		return PartitionState{}, fmt.Errorf("restore partition %d: %w", p, err)
 	}
 	var st PartitionState
 	var after uint64
@@ -126,13 +126,26 @@ func (s *StateStore) handles() (jetstream.ObjectStore, jetstream.Stream) {
 	return s.obs, s.str
 }
 
+// ensured returns the bucket and the stream, created first if Ensure has
+// not succeeded yet.
+func (s *StateStore) ensured(ctx context.Context) (jetstream.ObjectStore, jetstream.Stream, error) {
+	if obs, str := s.handles(); obs != nil {
+		return obs, str, nil
+	}
+	if err := s.Ensure(ctx); err != nil {
+		return nil, nil, err
+	}
+	obs, str := s.handles()
+	return obs, str, nil
+}
+
 // Checkpoint writes partition p's snapshot (from the snapshotter), then
 // purges the transitions it holds. The sequence it records is read before
 // the snapshot is taken: every transition up to it changed the state first.
 func (s *StateStore) Checkpoint(ctx context.Context, p int) error {
-	obs, str := s.handles()
-	if obs == nil {
-		return errors.New("cluster state: Ensure was not called")
+	obs, str, err := s.ensured(ctx)
+	if err != nil {
+		return fmt.Errorf("checkpoint partition %d: %w", p, err)
 	}
 	s.mu.Lock()
 	after := s.lastSeq[p]

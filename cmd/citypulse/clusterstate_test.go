@@ -1,0 +1,203 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	mqtt "github.com/eclipse/paho.mqtt.golang"
+	"github.com/stretchr/testify/require"
+
+	"github.com/citypulse/citypulse/cluster"
+	"github.com/citypulse/citypulse/cmd/internal/servertest"
+)
+
+// alertReceiver is a real webhook receiver on loopback: it counts the
+// deliveries of each (alert, transition) by its Idempotency-Key.
+type alertReceiver struct {
+	srv  *httptest.Server
+	mu   sync.Mutex
+	keys map[string]int    // Idempotency-Key → deliveries
+	kind map[string]string // Idempotency-Key → firing/resolved
+}
+
+func newAlertReceiver(t *testing.T) *alertReceiver {
+	r := &alertReceiver{keys: map[string]int{}, kind: map[string]string{}}
+	r.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		var m struct {
+			Status string `json:"status"`
+			Alerts []struct {
+				Labels map[string]string `json:"labels"`
+			} `json:"alerts"`
+		}
+		b, _ := io.ReadAll(io.LimitReader(req.Body, 1<<20))
+		if json.Unmarshal(b, &m) != nil || len(m.Alerts) == 0 || m.Alerts[0].Labels["alertname"] != "burst_main" {
+			return
+		}
+		k := req.Header.Get("Idempotency-Key")
+		r.mu.Lock()
+		r.keys[k]++
+		r.kind[k] = m.Status
+		r.mu.Unlock()
+	}))
+	t.Cleanup(r.srv.Close)
+	return r
+}
+
+// distinct counts the distinct transitions of a status received, and all
+// their deliveries.
+func (r *alertReceiver) distinct(status string) (transitions, deliveries int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for k, n := range r.keys {
+		if r.kind[k] == status {
+			transitions++
+			deliveries += n
+		}
+	}
+	return transitions, deliveries
+}
+
+// alertNode prepares CityPulse node index of 3 with the burst_main rule (a
+// 5 s window) notifying hook.
+func (e *clusterEnv) alertNode(index, partitions int, rulesFile, hook string) *servertest.Server {
+	vitals, _ := filepath.Abs("../../configs/vitals.yaml")
+	s := servertest.New(e.t, binPath, "CITYPULSE_VITALS_FILE="+vitals, "CITYPULSE_RULES_FILE="+rulesFile)
+	s.SetConfig(fmt.Sprintf(`data_dir: {{data}}
+devices:
+  file: %s
+log:
+  format: json
+rules:
+  notify:
+    receivers:
+      - {name: ops, type: webhook, url: %q, secret: "0123456789abcdef-ops", timeout: 2s}
+    allow_hosts: [127.0.0.1]
+    retry_min: 100ms
+    retry_max: 1s
+storage:
+  remote_write:
+    enabled: true
+    url: http://%s/api/v1/write
+cluster:
+  enabled: true
+  urls: [%s]
+  nodes: 3
+  index: %d
+  partitions: %d
+  state:
+    checkpoint: 1s
+`, e.devices, hook, e.vm, strings.ReplaceAll(e.nats.URL(), ",", ", "), index, partitions))
+	return s
+}
+
+// TestClusterAlertFiresOnceAcrossANodeKill: a burst main on a pipe whose
+// partition node 1 owns fires there; node 1 is SIGKILLed; the survivor that
+// takes the partition over restores its alert state before it evaluates
+// anything, and resolves the alert when the pressure stays low. The webhook
+// receiver gets one firing and one resolved notification (by
+// Idempotency-Key): the new owner neither fires it again nor forgets it.
+func TestClusterAlertFiresOnceAcrossANodeKill(t *testing.T) {
+	skipUnlessCluster(t)
+	const partitions = 12
+	e := startClusterEnv(t, 24)
+	var pipe string
+	for _, id := range e.ids {
+		if cluster.PartitionOf(id, partitions)%3 == 1 {
+			pipe = id
+			break
+		}
+	}
+	rulesFile := filepath.Join(t.TempDir(), "rules.yaml")
+	require.NoError(t, os.WriteFile(rulesFile, []byte(
+		"rules:\n  - {name: burst_main, type: rate, select: {kind: pipe, metric: pressure}, drop: 80, window: 5s}\n"), 0o600))
+	hook := newAlertReceiver(t)
+	nodes := make([]*servertest.Server, 3)
+	var wg sync.WaitGroup
+	for i := range nodes {
+		nodes[i] = e.alertNode(i, partitions, rulesFile, hook.srv.URL)
+		wg.Add(1)
+		go func() { defer wg.Done(); nodes[i].Start() }()
+	}
+	wg.Wait()
+
+	// The device talks to node 0's broker; node 1 owns its partition.
+	c, err := mqttConnect(nodes[0].MQTT, pipe, "secret-"+pipe, false)
+	require.NoError(t, err)
+	defer c.Disconnect(0)
+	send := func(v int) {
+		t.Helper()
+		body := fmt.Sprintf(`{"time":%d,"pressure":%d}`, time.Now().UnixMilli(), v)
+		tok := c.Publish("devices/"+pipe+"/readings", 1, false, []byte(body))
+		require.True(t, tok.WaitTimeout(20*time.Second) && tok.Error() == nil, "PUBACK: %v", tok.Error())
+	}
+	for range 6 {
+		send(400)
+		time.Sleep(300 * time.Millisecond)
+	}
+	send(300) // the burst
+	eventually(t, 60*time.Second, func() error {
+		if n, _ := hook.distinct("firing"); n != 1 {
+			return fmt.Errorf("%d firing notifications", n)
+		}
+		return nil
+	})
+	part := cluster.PartitionOf(pipe, partitions)
+	require.Contains(t, nodes[1].Logs(), fmt.Sprintf(`"msg":"partition gained","component":"cluster","partition":%d}`, part), "node 1 owns the partition")
+
+	killedAt := time.Now()
+	nodes[1].Kill()
+	t.Logf("SIGKILLed CityPulse node 1, the owner of %s's partition %d", pipe, part)
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() { // the pressure stays low: the burst leaves the window
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(500 * time.Millisecond):
+				sendQuiet(c, pipe, 300)
+			}
+		}
+	}()
+	eventually(t, 90*time.Second, func() error {
+		if n, _ := hook.distinct("resolved"); n != 1 {
+			return fmt.Errorf("%d resolved notifications", n)
+		}
+		return nil
+	})
+	resolvedAfter := time.Since(killedAt)
+	time.Sleep(3 * time.Second) // a repeat would come by now
+	close(stop)
+	<-done
+	firing, firingDeliveries := hook.distinct("firing")
+	resolved, resolvedDeliveries := hook.distinct("resolved")
+	t.Logf("firing: %d (%d deliveries), resolved: %d (%d deliveries), resolved %v after the SIGKILL",
+		firing, firingDeliveries, resolved, resolvedDeliveries, resolvedAfter.Round(time.Millisecond))
+	require.Equal(t, 1, firing, "fired once")
+	require.Equal(t, 1, resolved, "resolved once")
+	restored := false
+	for _, i := range []int{0, 2} {
+		restored = restored || strings.Contains(nodes[i].Logs(), fmt.Sprintf(`"msg":"partition state restored","component":"cluster-state","partition":%d,`, part))
+	}
+	require.True(t, restored, "a survivor restored the partition's state")
+	for _, i := range []int{0, 2} {
+		nodes[i].Stop()
+	}
+}
+
+// sendQuiet publishes one pressure reading, ignoring a missing PUBACK (the
+// next one is sent anyway).
+func sendQuiet(c mqtt.Client, id string, v int) {
+	body := fmt.Sprintf(`{"time":%d,"pressure":%d}`, time.Now().UnixMilli(), v)
+	c.Publish("devices/"+id+"/readings", 1, false, []byte(body)).WaitTimeout(10 * time.Second)
+}
