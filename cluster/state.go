@@ -7,9 +7,12 @@ import (
 	"log/slog"
 	"strconv"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nuid"
 )
 
 // The state that moves with a partition lives in JetStream in two places:
@@ -68,6 +71,9 @@ type StateStore struct {
 	obs jetstream.ObjectStore
 	str jetstream.Stream
 
+	id   string        // prefix of this store's message ids
+	msgs atomic.Uint64 // numbers its messages
+
 	mu      sync.Mutex
 	owned   map[int]bool
 	lastSeq map[int]uint64    // the last transition of p appended or restored
@@ -93,7 +99,7 @@ func NewStateStore(nc *nats.Conn, cfg StateConfig, snap Snapshotter, log *slog.L
 	if m == nil {
 		m = NewStateMetrics(nil)
 	}
-	return &StateStore{js: js, cfg: cfg, snap: snap, log: log, m: m,
+	return &StateStore{js: js, cfg: cfg, snap: snap, log: log, m: m, id: nuid.Next(),
 		owned: map[int]bool{}, lastSeq: map[int]uint64{}, notes: map[string]uint64{}}, nil
 }
 
@@ -149,7 +155,10 @@ func noteSubject(p int) string       { return StateSubjectPrefix + "." + strconv
 func snapshotName(p int) string      { return "p" + strconv.Itoa(p) }
 
 // Append records transitions (and their notifications) and returns once
-// JetStream acknowledged every one: only then may they be notified.
+// JetStream acknowledged every one: only then may they be notified. A
+// message that fails (the publish window stalled, no answer in time, a
+// leader election) is sent again, with the ones after it, in order and
+// with its message id, so that JetStream stores it once; until ctx is done.
 func (s *StateStore) Append(ctx context.Context, recs []StateRecord) error {
 	if len(recs) == 0 {
 		return nil
@@ -157,54 +166,89 @@ func (s *StateStore) Append(ctx context.Context, recs []StateRecord) error {
 	if _, _, err := s.ensured(ctx); err != nil {
 		return fmt.Errorf("append to %s: %w", s.cfg.Stream, err)
 	}
-	type sent struct {
-		rec  *StateRecord
-		note bool
-		f    jetstream.PubAckFuture
-	}
-	var all []sent
-	var errs []error
+	var msgs []stateMsg
 	for i := range recs {
 		r := &recs[i]
-		f, err := s.js.PublishMsgAsync(&nats.Msg{Subject: transitionSubject(r.Partition), Data: r.Transition})
-		if err != nil {
-			errs = append(errs, err)
-			continue
+		msgs = append(msgs, stateMsg{rec: r, msg: s.message(transitionSubject(r.Partition), r.Transition)})
+		if r.NoteKey != "" {
+			m := s.message(noteSubject(r.Partition), r.Note)
+			m.Header.Set(noteKeyHeader, r.NoteKey)
+			msgs = append(msgs, stateMsg{rec: r, note: true, msg: m})
 		}
-		all = append(all, sent{rec: r, f: f})
-		if r.NoteKey == "" {
-			continue
-		}
-		msg := &nats.Msg{Subject: noteSubject(r.Partition), Data: r.Note, Header: nats.Header{}}
-		msg.Header.Set(noteKeyHeader, r.NoteKey)
-		if f, err = s.js.PublishMsgAsync(msg); err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		all = append(all, sent{rec: r, note: true, f: f})
 	}
-	for _, x := range all {
+	for attempt := 1; ; attempt++ {
+		var err error
+		if msgs, err = s.publish(ctx, msgs); len(msgs) == 0 {
+			s.m.appends.WithLabelValues("ok").Add(float64(len(recs)))
+			return nil
+		}
+		if ctx.Err() != nil {
+			s.m.appends.WithLabelValues("error").Add(float64(len(recs)))
+			return fmt.Errorf("append to %s: %d of %d messages not acknowledged after %d attempts: %w", s.cfg.Stream, len(msgs), len(recs), attempt, err)
+		}
+		s.log.Warn("state log append failed; sending again", "messages", len(msgs), "attempt", attempt, "err", err)
 		select {
-		case ack := <-x.f.Ok():
-			s.mu.Lock()
-			if x.note {
-				s.notes[x.rec.NoteKey] = ack.Sequence
-			} else if ack.Sequence > s.lastSeq[x.rec.Partition] {
-				s.lastSeq[x.rec.Partition] = ack.Sequence
-			}
-			s.mu.Unlock()
-		case err := <-x.f.Err():
-			errs = append(errs, err)
 		case <-ctx.Done():
-			errs = append(errs, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
 		}
 	}
-	if err := errors.Join(errs...); err != nil {
-		s.m.appends.WithLabelValues("error").Add(float64(len(recs)))
-		return fmt.Errorf("append to %s: %w", s.cfg.Stream, err)
+}
+
+// stateMsg is one message of an Append: a transition or its notification.
+type stateMsg struct {
+	rec  *StateRecord
+	note bool
+	msg  *nats.Msg
+}
+
+// message is a message with a message id unique to this store.
+func (s *StateStore) message(subject string, data []byte) *nats.Msg {
+	m := &nats.Msg{Subject: subject, Data: data, Header: nats.Header{}}
+	m.Header.Set(jetstream.MsgIDHeader, s.id+"-"+strconv.FormatUint(s.msgs.Add(1), 36))
+	return m
+}
+
+// publish sends msgs asynchronously and returns those not acknowledged, in
+// order, from the first one that failed: none after a failed one is sent.
+func (s *StateStore) publish(ctx context.Context, msgs []stateMsg) ([]stateMsg, error) {
+	stall := 5 * time.Second
+	if d, ok := ctx.Deadline(); ok {
+		stall = max(time.Until(d), time.Millisecond)
 	}
-	s.m.appends.WithLabelValues("ok").Add(float64(len(recs)))
-	return nil
+	futures := make([]jetstream.PubAckFuture, 0, len(msgs))
+	var err error
+	for _, m := range msgs {
+		var f jetstream.PubAckFuture
+		if f, err = s.js.PublishMsgAsync(m.msg, jetstream.WithStallWait(stall)); err != nil {
+			break
+		}
+		futures = append(futures, f)
+	}
+	first := len(futures) // the first message not acknowledged
+	for i, f := range futures {
+		select {
+		case ack := <-f.Ok():
+			if i < first {
+				s.acked(msgs[i], ack.Sequence)
+			}
+		case e := <-f.Err():
+			first, err = min(first, i), e
+		case <-ctx.Done():
+			return msgs[min(first, i):], ctx.Err()
+		}
+	}
+	return msgs[first:], err
+}
+
+// acked records an acknowledged message's sequence.
+func (s *StateStore) acked(m stateMsg, seq uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if m.note {
+		s.notes[m.rec.NoteKey] = seq
+	} else if seq > s.lastSeq[m.rec.Partition] {
+		s.lastSeq[m.rec.Partition] = seq
+	}
 }
 
 // Delivered removes a pending notification once every receiver has it; an
