@@ -62,12 +62,14 @@ func TestDeviceChangesReachEveryNode(t *testing.T) {
 	// through a's HTTP device API, as an operator would
 	srv := httptest.NewServer(http.HandlerFunc(devices.NewAPI(a, nil).Add))
 	defer srv.Close()
+	posted := time.Now()
 	resp, err := http.Post(srv.URL, "application/json", strings.NewReader(
 		`{"id":"pipe-0100","kind":"pipe","district":"gulou","interval":"10s","secret":"secret-pipe-0100"}`))
 	require.NoError(t, err)
 	resp.Body.Close()
 	require.Equal(t, http.StatusCreated, resp.StatusCode)
 	waitFor(t, "pipe-0100 on b", func() bool { _, ok := b.Get("pipe-0100"); return ok })
+	t.Logf("added through a's API, applied on b %v after the request", time.Since(posted))
 	_, ok := b.reg.Authenticate("pipe-0100", "secret-pipe-0100")
 	require.True(t, ok)
 	_, ok = b.reg.Authenticate("pipe-0100", "wrong-secret")
