@@ -1,7 +1,10 @@
 // Package cluster owns the building blocks of cluster mode on NATS JetStream:
 // the replicated log that gateways append reading batches to (Log), the
 // assignment of partitions to nodes, one owner at a time (Owner), and the
-// clean-up a new owner needs after a hand-over (Dedupe).
+// clean-up a new owner needs after a hand-over (Dedupe); the store of the
+// state that moves with a partition (StateStore: snapshots in an object
+// store, transitions and pending notifications in a stream) and the lease
+// that elects one node for a task (Lease).
 //
 // Readings are partitioned by device: partition = FNV-1a(device id) mod P, and
 // partition p is the subject citypulse.readings.<p> of the stream

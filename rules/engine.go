@@ -70,6 +70,7 @@ type engineMetrics struct {
 	transitions *prometheus.CounterVec
 	firing      prometheus.GaugeFunc
 	evals       prometheus.Counter
+	journalErrs prometheus.Counter
 }
 
 // EngineOptions are what the engine is built with besides its config and rules.
@@ -112,11 +113,17 @@ func NewEngine(cfg Config, rules []*Rule, opts EngineOptions) *Engine {
 			Name: "citypulse_rules_transitions_total", Help: "Alert transitions notified, by kind."}, []string{"kind"}),
 		evals: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "citypulse_rules_evaluations_total", Help: "Rule evaluations on readings."}),
+		journalErrs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "citypulse_rules_journal_errors_total",
+			Help: "Transitions the cluster's state log did not take (notified all the same; a next owner may not know them)."}),
 	}
 	e.m.firing = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "citypulse_rules_alerts_firing", Help: "Alerts firing now."}, func() float64 { return float64(e.count(Firing)) })
 	if opts.Registerer != nil {
 		opts.Registerer.MustRegister(e.m.transitions, e.m.firing, e.m.evals)
+		if opts.Journal != nil {
+			opts.Registerer.MustRegister(e.m.journalErrs)
+		}
 	}
 	return e
 }

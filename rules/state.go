@@ -156,6 +156,7 @@ func (e *Engine) record(held []heldTransition) error {
 	ctx, cancel := context.WithTimeout(context.Background(), journalTimeout)
 	defer cancel()
 	if err := e.journal.Record(ctx, recs); err != nil {
+		e.m.journalErrs.Add(float64(len(recs)))
 		return fmt.Errorf("record %d alert transitions in the journal: %w", len(recs), err)
 	}
 	return nil
