@@ -35,8 +35,10 @@ type JournalRecord struct {
 const journalTimeout = 10 * time.Second
 
 // SetOwns tells the engine which owners it judges on the tick: deadman rules
-// only owned devices, fleet rules only owned districts. nil (the default)
-// owns everything: one-machine mode. Readings are evaluated whatever the
+// only owned devices, fleet rules only owned districts, over the owned
+// devices of the district (whose silence this node knows: a sample of the
+// district in cluster mode). nil (the default) owns everything: one-machine
+// mode. Readings are evaluated whatever the
 // predicate says (a node is only given its own partitions' readings).
 func (e *Engine) SetOwns(owns func(owner string) bool) {
 	if owns == nil {

@@ -86,7 +86,9 @@ func (e *Engine) tickFleet(r *Rule, list []devices.Device, now time.Time) {
 	type agg struct{ total, silent int }
 	groups := map[string]*agg{}
 	for _, d := range list {
-		if !r.Select.Matches(string(d.Kind), "", d.District, d.ID) {
+		// In cluster mode only the owned devices' silence is known here: the
+		// ratio is over them (see SetOwns).
+		if !r.Select.Matches(string(d.Kind), "", d.District, d.ID) || !e.owned(d.ID) {
 			continue
 		}
 		g := groups[d.District]
