@@ -200,12 +200,38 @@ func (p *Publisher) runPartition(ctx context.Context, part int, q *queue) {
 	for {
 		select {
 		case <-q.kick:
+			p.linger(ctx, q)
 			for p.flush(part, q) {
 			}
 		case <-ctx.Done():
 			for p.flush(part, q) {
 			}
 			return
+		}
+	}
+}
+
+// linger waits up to cluster.publish_linger for more submissions to q,
+// while its batch is not full.
+func (p *Publisher) linger(ctx context.Context, q *queue) {
+	if p.cfg.PublishLinger <= 0 {
+		return
+	}
+	t := time.NewTimer(p.cfg.PublishLinger)
+	defer t.Stop()
+	for {
+		q.mu.Lock()
+		full := len(q.rs) >= p.maxBatch
+		q.mu.Unlock()
+		if full {
+			return
+		}
+		select {
+		case <-t.C:
+			return
+		case <-ctx.Done():
+			return
+		case <-q.kick:
 		}
 	}
 }

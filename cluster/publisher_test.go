@@ -157,3 +157,31 @@ func TestPublisherFailsWithoutJetStream(t *testing.T) {
 	stop()
 	require.ErrorIs(t, p.Submit(ctx, []pipeline.Reading{reading("dev-1", 3)}), ErrPublisherStopped)
 }
+
+// With cluster.publish_linger, submissions arriving within it go in one
+// batch even when nothing is in flight.
+func TestPublisherLingersForLargerBatches(t *testing.T) {
+	c := natstest.Start(t, 1)
+	cfg := testConfig(1, 1)
+	cfg.PublishLinger = 500 * time.Millisecond
+	l, err := NewLog(connect(t, c.URL()), cfg, nil)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, err = l.EnsureStream(ctx)
+	require.NoError(t, err)
+	p := NewPublisher(l, 0, nil)
+	runPublisher(t, p)
+	var wg sync.WaitGroup
+	for d := range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			require.NoError(t, p.Submit(ctx, []pipeline.Reading{reading(fmt.Sprintf("dev-%d", d), 1)}))
+		}()
+	}
+	wg.Wait()
+	got, batches := readStream(t, l, cfg)
+	require.Len(t, got, 20)
+	require.LessOrEqual(t, batches, 3, "20 submissions within the linger: one batch, or a few on a slow machine")
+}
