@@ -90,8 +90,12 @@ func newPublisher(l appender, cfg Config, node int, m *Metrics) *Publisher {
 
 // Submit publishes rs and returns nil once JetStream acknowledged all of
 // them. An error means some may not be stored: the device must not be
-// acknowledged (it sends again; the owner drops what is a duplicate). rs may
-// hold several devices; it may be reused once Submit returns.
+// acknowledged (it sends again; the owner drops what is a duplicate). When
+// JetStream did not acknowledge (no quorum, stream full, timeout) or too
+// many readings wait, the error wraps pipeline.ErrBackpressure (and
+// ErrNotDurable or ErrPublisherFull), as a full journal does on one machine;
+// ErrPublisherStopped when stopping; ctx's error. rs may hold several
+// devices; it may be reused once Submit returns.
 func (p *Publisher) Submit(ctx context.Context, rs []pipeline.Reading) error {
 	if len(rs) == 0 {
 		return nil
@@ -107,7 +111,8 @@ func (p *Publisher) Submit(ctx context.Context, rs []pipeline.Reading) error {
 		done, err := p.enqueue(part, group)
 		if err != nil {
 			p.m.submitFailed.WithLabelValues("full").Inc()
-			return err // what was enqueued already is published; the device sends all again
+			// What was enqueued already is published; the device sends all again.
+			return fmt.Errorf("%w: %w", pipeline.ErrBackpressure, err)
 		}
 		dones = append(dones, done)
 	}
@@ -116,7 +121,12 @@ func (p *Publisher) Submit(ctx context.Context, rs []pipeline.Reading) error {
 		case err := <-done:
 			if err != nil {
 				p.m.submitFailed.WithLabelValues(failReason(err)).Inc()
-				return err
+				if errors.Is(err, ErrPublisherStopped) {
+					return err
+				}
+				// For the gateways, JetStream not acknowledging is backpressure:
+				// not acknowledged, the device retries later.
+				return fmt.Errorf("%w: %w", pipeline.ErrBackpressure, err)
 			}
 		case <-ctx.Done():
 			p.m.submitFailed.WithLabelValues("canceled").Inc()

@@ -150,6 +150,7 @@ func TestPublisherFailsWithoutJetStream(t *testing.T) {
 	start := time.Now()
 	err = p.Submit(ctx, []pipeline.Reading{reading("dev-1", 2)})
 	require.ErrorIs(t, err, ErrNotDurable)
+	require.ErrorIs(t, err, pipeline.ErrBackpressure, "the gateways treat it as a full journal: not acknowledged, retry later")
 	require.Less(t, time.Since(start), 4*cfg.PublishTimeout, "bounded by cluster.publish_timeout")
 	require.Equal(t, 1.0, testutil.ToFloat64(m.submitFailed.WithLabelValues("not_acknowledged"))+
 		testutil.ToFloat64(m.submitFailed.WithLabelValues("timeout")))
