@@ -68,9 +68,11 @@ test-long: deps
 # test-cluster runs the cluster-mode tests (docs/cluster.md) verbosely, with
 # their figures: TestClusterLosesNothingAcknowledged (3 NATS servers, 3
 # CityPulse nodes, VictoriaMetrics; a node and the stream leader SIGKILLed;
-# about a minute, also part of `make test`) and TestClusterThroughput (one
-# machine vs 1 vs 3 cluster nodes, CITYPULSE_TEST_CLUSTER_SECONDS each,
-# CITYPULSE_TEST_CLUSTER_DEVICES devices; about 2 minutes, only here).
+# about a minute, also part of `make test`), TestClusterQuorumLossIsNotAcknowledged
+# (two of three NATS servers SIGKILLed: CoAP 5.03, /readyz 503, then back;
+# about 40 s) and TestClusterThroughput (one machine vs 1 vs 3 cluster nodes,
+# CITYPULSE_TEST_CLUSTER_SECONDS each, CITYPULSE_TEST_CLUSTER_DEVICES devices;
+# about 2 minutes).
 test-cluster: deps
 	CITYPULSE_TEST_CLUSTER=1 $(GO) test -count=1 -v -timeout 20m -run '^TestCluster' ./cmd/citypulse/
 
