@@ -448,8 +448,8 @@ func TestClusterLosesNothingAcknowledged(t *testing.T) {
 	dropped := metricSum(t, nodes, "citypulse_cluster_duplicates_dropped_total")
 	late := metricSum(t, nodes, "citypulse_cluster_readings_late_total")
 	vmDedup := vmMetric(t, e.vm, "vm_deduplicated_samples_total")
-	t.Logf("acknowledged %d readings of %d devices in %v (%.0f/s); stored %d; lost %d, duplicated %d, wrong value %d, stored but never acknowledged %d (sent again by the device)",
-		a.acked, nDevices, publishing.Round(time.Second), float64(a.acked)/publishing.Seconds(), a.stored, a.lost, a.duplicated, a.wrong, a.extra)
+	t.Logf("acknowledged %d readings of %d devices in %v (%.0f/s); stored %d; lost %d, duplicated %d, wrong value %d, stored but never acknowledged %d (sent again by the device); load average %s",
+		a.acked, nDevices, publishing.Round(time.Second), float64(a.acked)/publishing.Seconds(), a.stored, a.lost, a.duplicated, a.wrong, a.extra, loadAverage())
 	t.Logf("hand-over after the SIGKILL: %v (all %d partitions of node 1 by survivors); NATS leader killed at +%v",
 		handover.Round(time.Millisecond), len(taken), natsKilledAt.Sub(killedAt).Round(time.Second))
 	t.Logf("device-side PUBACK latency p50 %v p99 %v max %v; readings sent again after no PUBACK: %d",
