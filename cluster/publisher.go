@@ -109,6 +109,10 @@ func (p *Publisher) Submit(ctx context.Context, rs []pipeline.Reading) error {
 	var dones []chan error
 	for part, group := range p.byPartition(rs) {
 		done, err := p.enqueue(part, group)
+		if errors.Is(err, ErrPublisherStopped) {
+			p.m.submitFailed.WithLabelValues("stopped").Inc()
+			return err
+		}
 		if err != nil {
 			p.m.submitFailed.WithLabelValues("full").Inc()
 			// What was enqueued already is published; the device sends all again.
@@ -172,6 +176,12 @@ func (p *Publisher) enqueue(part int, rs []pipeline.Reading) (chan error, error)
 	q := p.parts[part]
 	done := make(chan error, 1)
 	q.mu.Lock()
+	select {
+	case <-p.stopped: // checked under the lock: Run fails what is queued after it closes stopped
+		q.mu.Unlock()
+		return nil, ErrPublisherStopped
+	default:
+	}
 	if len(q.rs)+len(rs) > p.maxQueue && len(q.rs) > 0 {
 		q.mu.Unlock()
 		return nil, fmt.Errorf("%w (%d readings for partition %d)", ErrPublisherFull, len(q.rs), part)
