@@ -13,7 +13,15 @@
 // consumer at a time per partition; heartbeats between nodes only decide who
 // should pull (a node prefers the partitions p with p mod N = its index).
 //
-// It must not know the server's wiring (transports, pipeline, rules): payloads
-// are opaque bytes here, and a handler decides what a message means. It does
-// not embed a NATS server or use NATS's MQTT listener.
+// The data path of cluster mode is built from these: a gateway submits to a
+// Publisher (readings coalesced per partition into batches, AppendBatch,
+// Log.Append; Submit returns once JetStream acknowledged them), and the
+// Owner hands a partition's batches to a Feed (DecodeBatch, Dedupe, Submit
+// into the node's local pipeline through the Submitter interface defined
+// here; the batches are acknowledged once the pipeline journaled them).
+//
+// It must not know the server's wiring (transports, rules, stores, config
+// files): it sees readings only as pipeline.Reading values and the pipeline
+// only as a Submitter. It does not embed a NATS server or use NATS's MQTT
+// listener (whose acknowledgement does not mean stored in our stream).
 package cluster

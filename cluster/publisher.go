@@ -90,8 +90,12 @@ func newPublisher(l appender, cfg Config, node int, m *Metrics) *Publisher {
 
 // Submit publishes rs and returns nil once JetStream acknowledged all of
 // them. An error means some may not be stored: the device must not be
-// acknowledged (it sends again; the owner drops what is a duplicate). rs may
-// hold several devices; it may be reused once Submit returns.
+// acknowledged (it sends again; the owner drops what is a duplicate). When
+// JetStream did not acknowledge (no quorum, stream full, timeout) or too
+// many readings wait, the error wraps pipeline.ErrBackpressure (and
+// ErrNotDurable or ErrPublisherFull), as a full journal does on one machine;
+// ErrPublisherStopped when stopping; ctx's error. rs may hold several
+// devices; it may be reused once Submit returns.
 func (p *Publisher) Submit(ctx context.Context, rs []pipeline.Reading) error {
 	if len(rs) == 0 {
 		return nil
@@ -105,9 +109,14 @@ func (p *Publisher) Submit(ctx context.Context, rs []pipeline.Reading) error {
 	var dones []chan error
 	for part, group := range p.byPartition(rs) {
 		done, err := p.enqueue(part, group)
+		if errors.Is(err, ErrPublisherStopped) {
+			p.m.submitFailed.WithLabelValues("stopped").Inc()
+			return err
+		}
 		if err != nil {
 			p.m.submitFailed.WithLabelValues("full").Inc()
-			return err // what was enqueued already is published; the device sends all again
+			// What was enqueued already is published; the device sends all again.
+			return fmt.Errorf("%w: %w", pipeline.ErrBackpressure, err)
 		}
 		dones = append(dones, done)
 	}
@@ -116,7 +125,12 @@ func (p *Publisher) Submit(ctx context.Context, rs []pipeline.Reading) error {
 		case err := <-done:
 			if err != nil {
 				p.m.submitFailed.WithLabelValues(failReason(err)).Inc()
-				return err
+				if errors.Is(err, ErrPublisherStopped) {
+					return err
+				}
+				// For the gateways, JetStream not acknowledging is backpressure:
+				// not acknowledged, the device retries later.
+				return fmt.Errorf("%w: %w", pipeline.ErrBackpressure, err)
 			}
 		case <-ctx.Done():
 			p.m.submitFailed.WithLabelValues("canceled").Inc()
@@ -162,6 +176,12 @@ func (p *Publisher) enqueue(part int, rs []pipeline.Reading) (chan error, error)
 	q := p.parts[part]
 	done := make(chan error, 1)
 	q.mu.Lock()
+	select {
+	case <-p.stopped: // checked under the lock: Run fails what is queued after it closes stopped
+		q.mu.Unlock()
+		return nil, ErrPublisherStopped
+	default:
+	}
 	if len(q.rs)+len(rs) > p.maxQueue && len(q.rs) > 0 {
 		q.mu.Unlock()
 		return nil, fmt.Errorf("%w (%d readings for partition %d)", ErrPublisherFull, len(q.rs), part)
@@ -200,12 +220,38 @@ func (p *Publisher) runPartition(ctx context.Context, part int, q *queue) {
 	for {
 		select {
 		case <-q.kick:
+			p.linger(ctx, q)
 			for p.flush(part, q) {
 			}
 		case <-ctx.Done():
 			for p.flush(part, q) {
 			}
 			return
+		}
+	}
+}
+
+// linger waits up to cluster.publish_linger for more submissions to q,
+// while its batch is not full.
+func (p *Publisher) linger(ctx context.Context, q *queue) {
+	if p.cfg.PublishLinger <= 0 {
+		return
+	}
+	t := time.NewTimer(p.cfg.PublishLinger)
+	defer t.Stop()
+	for {
+		q.mu.Lock()
+		full := len(q.rs) >= p.maxBatch
+		q.mu.Unlock()
+		if full {
+			return
+		}
+		select {
+		case <-t.C:
+			return
+		case <-ctx.Done():
+			return
+		case <-q.kick:
 		}
 	}
 }

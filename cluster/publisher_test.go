@@ -150,10 +150,39 @@ func TestPublisherFailsWithoutJetStream(t *testing.T) {
 	start := time.Now()
 	err = p.Submit(ctx, []pipeline.Reading{reading("dev-1", 2)})
 	require.ErrorIs(t, err, ErrNotDurable)
+	require.ErrorIs(t, err, pipeline.ErrBackpressure, "the gateways treat it as a full journal: not acknowledged, retry later")
 	require.Less(t, time.Since(start), 4*cfg.PublishTimeout, "bounded by cluster.publish_timeout")
 	require.Equal(t, 1.0, testutil.ToFloat64(m.submitFailed.WithLabelValues("not_acknowledged"))+
 		testutil.ToFloat64(m.submitFailed.WithLabelValues("timeout")))
 
 	stop()
 	require.ErrorIs(t, p.Submit(ctx, []pipeline.Reading{reading("dev-1", 3)}), ErrPublisherStopped)
+}
+
+// With cluster.publish_linger, submissions arriving within it go in one
+// batch even when nothing is in flight.
+func TestPublisherLingersForLargerBatches(t *testing.T) {
+	c := natstest.Start(t, 1)
+	cfg := testConfig(1, 1)
+	cfg.PublishLinger = 500 * time.Millisecond
+	l, err := NewLog(connect(t, c.URL()), cfg, nil)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, err = l.EnsureStream(ctx)
+	require.NoError(t, err)
+	p := NewPublisher(l, 0, nil)
+	runPublisher(t, p)
+	var wg sync.WaitGroup
+	for d := range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			require.NoError(t, p.Submit(ctx, []pipeline.Reading{reading(fmt.Sprintf("dev-%d", d), 1)}))
+		}()
+	}
+	wg.Wait()
+	got, batches := readStream(t, l, cfg)
+	require.Len(t, got, 20)
+	require.LessOrEqual(t, batches, 3, "20 submissions within the linger: one batch, or a few on a slow machine")
 }

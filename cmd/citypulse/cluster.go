@@ -38,6 +38,7 @@ type clusterNode struct {
 	m     *cluster.Metrics
 
 	hooks  []cluster.OwnershipFunc // called in order on every gain and loss; the feed's first
+	parts  []atomic.Bool           // partition → owned, as the hooks were told
 	ready  atomic.Bool             // connected to JetStream and the stream answers
 	status func(ctx context.Context) cluster.Status
 }
@@ -68,7 +69,7 @@ func (s *server) buildCluster() error {
 		return fmt.Errorf("cluster: connect to NATS %v: %w", c.URLs, err)
 	}
 	s.onClose(func() error { nc.Close(); return nil })
-	n := &clusterNode{cfg: c, log: log, nc: nc, m: cluster.NewMetrics(s.reg)}
+	n := &clusterNode{cfg: c, log: log, nc: nc, m: cluster.NewMetrics(s.reg), parts: make([]atomic.Bool, c.Partitions)}
 	if n.clog, err = cluster.NewLog(nc, c.Config, n.m); err != nil {
 		return err
 	}
@@ -102,16 +103,23 @@ func b2f(b bool) float64 {
 // (after the hooks registered before it). Call it before Run.
 func (n *clusterNode) onOwned(f cluster.OwnershipFunc) { n.hooks = append(n.hooks, f) }
 
-// owned is the owner's OwnershipFunc: the hooks in order.
+// owned is the owner's OwnershipFunc: the hooks in order. A gain is
+// recorded before the hooks run (they may ask owns), a loss after.
 func (n *clusterNode) owned(p int, owned bool) {
+	if owned {
+		n.parts[p].Store(true)
+	}
 	for _, f := range n.hooks {
 		f(p, owned)
+	}
+	if !owned {
+		n.parts[p].Store(false)
 	}
 }
 
 // owns reports whether this node owns device's partition now.
 func (n *clusterNode) owns(device string) bool {
-	return n.owner.Owns(cluster.PartitionOf(device, n.cfg.Partitions))
+	return n.parts[cluster.PartitionOf(device, n.cfg.Partitions)].Load()
 }
 
 // publisher is the runner of the gateways' publisher: it stops after the
