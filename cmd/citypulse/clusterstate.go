@@ -59,7 +59,11 @@ func (s *server) buildClusterState() error {
 		if err != nil {
 			return err
 		}
-		ps.Attach(s.engine, store, s.outbox)
+		var out clusterstate.Outbox
+		if len(s.cfg.Rules.Notify.Receivers) > 0 {
+			out = s.outbox // without receivers no notification is kept: none would be delivered
+		}
+		ps.Attach(s.engine, store, out)
 		n.onOwned(ps.OnOwned) // after the feed's: restored before the first batch
 		n.feed.SetBarrier(func(ctx context.Context) error {
 			ctx, cancel := context.WithTimeout(ctx, cfg.AckWait/2)
