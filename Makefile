@@ -24,7 +24,7 @@ INFLUXD     := github.com/influxdata/influxdb/cmd/influxd@v1.8.10
 NATS_SERVER := github.com/nats-io/nats-server/v2@v2.15.2
 GOBIN       := $(shell $(GO) env GOPATH)/bin
 
-.PHONY: all build run demo test test-short test-long deps bench bench-e2e fuzz lint clean
+.PHONY: all build run demo test test-short test-long test-cluster deps bench bench-e2e fuzz lint clean
 
 all: build
 
@@ -73,6 +73,17 @@ LONG_ENV := CITYPULSE_TEST_KILLS=100 CITYPULSE_TEST_CONNS=10000 CITYPULSE_TEST_I
 	LOADTEST_BAD_RATE=10000 LOADTEST_BAD_SECONDS=60 CITYPULSE_TEST_QUERY_TIMEOUT=2m
 test-long: deps
 	$(LONG_ENV) $(GO) test -count=1 -timeout 60m ./...
+
+# test-cluster runs the cluster-mode tests (docs/cluster.md) verbosely, with
+# their figures: TestClusterLosesNothingAcknowledged (3 NATS servers, 3
+# CityPulse nodes, VictoriaMetrics; a node and the stream leader SIGKILLed;
+# about a minute, also part of `make test`), TestClusterQuorumLossIsNotAcknowledged
+# (two of three NATS servers SIGKILLed: CoAP 5.03, /readyz 503, then back;
+# about 40 s) and TestClusterThroughput (one machine vs 1 vs 3 cluster nodes,
+# CITYPULSE_TEST_CLUSTER_SECONDS each, CITYPULSE_TEST_CLUSTER_DEVICES devices;
+# about 2 minutes).
+test-cluster: deps
+	CITYPULSE_TEST_CLUSTER=1 $(GO) test -count=1 -v -timeout 20m -run '^TestCluster' ./cmd/citypulse/
 
 # test-short skips the tests that start real servers.
 test-short:

@@ -31,6 +31,12 @@ type Config struct {
 	MaxInFlight int `mapstructure:"max_in_flight" yaml:"max_in_flight"`
 	// PublishTimeout bounds the wait for JetStream's acknowledgement of a batch.
 	PublishTimeout time.Duration `mapstructure:"publish_timeout" yaml:"publish_timeout"`
+	// PublishLinger is how long a gateway's publisher waits for more
+	// submissions to a partition before it publishes a batch (0: at once;
+	// while a partition's batch awaits its acknowledgement the next ones
+	// collect anyway). Larger batches cost JetStream less per reading and
+	// add this much to a device's acknowledgement (docs/cluster.md, sizing).
+	PublishLinger time.Duration `mapstructure:"publish_linger" yaml:"publish_linger"`
 
 	// Nodes is the number of nodes N (the same on every node), and Index this
 	// node's index (0..N-1, unique): the node prefers partitions p with
@@ -102,6 +108,9 @@ func (c Config) Validate() error {
 	}
 	if c.MaxBytes < 0 {
 		errs = append(errs, fmt.Errorf("cluster.max_bytes must be >= 0, got %d", c.MaxBytes))
+	}
+	if c.PublishLinger < 0 || c.PublishLinger > c.PublishTimeout/2 {
+		errs = append(errs, fmt.Errorf("cluster.publish_linger must be in [0, cluster.publish_timeout/2], got %v", c.PublishLinger))
 	}
 	if c.MaxInFlight < 1 || c.PublishTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("cluster.max_in_flight (%d) and cluster.publish_timeout (%v) must be > 0", c.MaxInFlight, c.PublishTimeout))

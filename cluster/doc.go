@@ -1,7 +1,10 @@
 // Package cluster owns the building blocks of cluster mode on NATS JetStream:
 // the replicated log that gateways append reading batches to (Log), the
 // assignment of partitions to nodes, one owner at a time (Owner), and the
-// clean-up a new owner needs after a hand-over (Dedupe).
+// clean-up a new owner needs after a hand-over (Dedupe); the store of the
+// state that moves with a partition (StateStore: snapshots in an object
+// store, transitions and pending notifications in a stream) and the lease
+// that elects one node for a task (Lease).
 //
 // Readings are partitioned by device: partition = FNV-1a(device id) mod P, and
 // partition p is the subject citypulse.readings.<p> of the stream
@@ -10,7 +13,15 @@
 // consumer at a time per partition; heartbeats between nodes only decide who
 // should pull (a node prefers the partitions p with p mod N = its index).
 //
-// It must not know the server's wiring (transports, pipeline, rules): payloads
-// are opaque bytes here, and a handler decides what a message means. It does
-// not embed a NATS server or use NATS's MQTT listener.
+// The data path of cluster mode is built from these: a gateway submits to a
+// Publisher (readings coalesced per partition into batches, AppendBatch,
+// Log.Append; Submit returns once JetStream acknowledged them), and the
+// Owner hands a partition's batches to a Feed (DecodeBatch, Dedupe, Submit
+// into the node's local pipeline through the Submitter interface defined
+// here; the batches are acknowledged once the pipeline journaled them).
+//
+// It must not know the server's wiring (transports, rules, stores, config
+// files): it sees readings only as pipeline.Reading values and the pipeline
+// only as a Submitter. It does not embed a NATS server or use NATS's MQTT
+// listener (whose acknowledgement does not mean stored in our stream).
 package cluster

@@ -3,6 +3,7 @@ package cluster
 import (
 	"context"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -19,16 +20,18 @@ const aliveSubject = "citypulse.cluster.alive"
 type members struct {
 	self    int
 	n       int
+	bound   int // partitions
 	timeout time.Duration
 	now     func() time.Time
 
 	mu      sync.Mutex
 	started time.Time
 	seen    []time.Time // zero: never heard of, or left
+	owns    [][]int     // the partitions each node said it owned in its last heartbeat
 }
 
 func newMembers(self, n int, timeout time.Duration) *members {
-	return &members{self: self, n: n, timeout: timeout, now: time.Now, seen: make([]time.Time, n)}
+	return &members{self: self, n: n, timeout: timeout, now: time.Now, seen: make([]time.Time, n), owns: make([][]int, n)}
 }
 
 func (m *members) start() {
@@ -37,7 +40,7 @@ func (m *members) start() {
 	m.mu.Unlock()
 }
 
-func (m *members) heard(index int, leave bool) {
+func (m *members) heard(index int, leave bool, owns []int) {
 	if index < 0 || index >= m.n || index == m.self {
 		return
 	}
@@ -45,9 +48,26 @@ func (m *members) heard(index int, leave bool) {
 	defer m.mu.Unlock()
 	if leave {
 		m.seen[index] = time.Time{}
+		m.owns[index] = nil
 		return
 	}
 	m.seen[index] = m.now()
+	m.owns[index] = owns
+}
+
+// alive returns the other nodes heard of within the timeout, and the
+// partitions each said it owned.
+func (m *members) alive() map[int][]int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	now := m.now()
+	out := map[int][]int{}
+	for i, t := range m.seen {
+		if !t.IsZero() && now.Sub(t) < m.timeout {
+			out[i] = m.owns[i]
+		}
+	}
+	return out
 }
 
 // shouldPull reports whether this node pulls partition p: the nodes before it
@@ -75,13 +95,15 @@ func (m *members) shouldPull(p int) bool {
 }
 
 // announce publishes this node's heartbeat every interval until ctx is done,
-// then a "leave" so the others take its partitions at once.
-func announce(ctx context.Context, nc *nats.Conn, self int, interval time.Duration) {
+// then a "leave" so the others take its partitions at once. A heartbeat is
+// "alive" and the partitions the node owns: "alive 0,3,6" (for
+// /api/v1/cluster; ownership itself is JetStream's pin).
+func announce(ctx context.Context, nc *nats.Conn, self int, interval time.Duration, owned func() []int) {
 	subj := aliveSubject + "." + strconv.Itoa(self)
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
-		_ = nc.Publish(subj, []byte("alive"))
+		_ = nc.Publish(subj, heartbeat(owned()))
 		select {
 		case <-ctx.Done():
 			_ = nc.Publish(subj, []byte("leave"))
@@ -99,6 +121,41 @@ func (m *members) listen(nc *nats.Conn) (*nats.Subscription, error) {
 		if err != nil {
 			return
 		}
-		m.heard(i, string(msg.Data) == "leave")
+		leave, owns := parseHeartbeat(msg.Data, m.bound)
+		m.heard(i, leave, owns)
 	})
+}
+
+// heartbeat is the payload of an "alive" heartbeat owning owned.
+func heartbeat(owned []int) []byte {
+	b := []byte("alive")
+	for i, p := range owned {
+		if i == 0 {
+			b = append(b, ' ')
+		} else {
+			b = append(b, ',')
+		}
+		b = strconv.AppendInt(b, int64(p), 10)
+	}
+	return b
+}
+
+// parseHeartbeat reads a heartbeat; partitions outside [0, bound) and
+// anything unreadable are ignored (an old node's plain "alive" owns none
+// as far as this node can tell).
+func parseHeartbeat(b []byte, bound int) (leave bool, owns []int) {
+	s := string(b)
+	if s == "leave" {
+		return true, nil
+	}
+	_, list, ok := strings.Cut(s, " ")
+	if !ok {
+		return false, nil
+	}
+	for f := range strings.SplitSeq(list, ",") {
+		if p, err := strconv.Atoi(f); err == nil && p >= 0 && p < bound && len(owns) < bound {
+			owns = append(owns, p)
+		}
+	}
+	return false, owns
 }

@@ -13,6 +13,12 @@ type Metrics struct {
 	duplicates  prometheus.Counter
 	late        prometheus.Counter
 	handlerErrs prometheus.Counter
+
+	submitSeconds prometheus.Histogram
+	submitFailed  *prometheus.CounterVec
+	batchReadings prometheus.Histogram
+	fed           prometheus.Counter
+	badBatches    prometheus.Counter
 }
 
 // NewMetrics builds the metrics and registers them with reg (nil: not registered).
@@ -45,9 +51,32 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		handlerErrs: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "citypulse_cluster_handler_errors_total",
 			Help: "Handler calls that failed; the batches are retried, not acknowledged."}),
+		submitSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "citypulse_cluster_submit_seconds",
+			Help:    "Time a gateway waits for JetStream to acknowledge a device's readings (queueing and coalescing included), for the submissions acknowledged.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
+		submitFailed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "citypulse_cluster_submit_failures_total",
+			Help: "Gateway submissions not acknowledged by JetStream (the device is not acknowledged and sends again), by reason: not_acknowledged (no quorum, stream full, ...), timeout, canceled, full (too many readings waiting), stopped."},
+			[]string{"reason"}),
+		batchReadings: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "citypulse_cluster_batch_readings",
+			Help:    "Readings per batch published to the log (submissions coalesced while the partition's previous batch awaited its acknowledgement).",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 12)}),
+		fed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "citypulse_cluster_readings_fed_total",
+			Help: "Readings of owned partitions journaled into this node's pipeline (duplicates dropped not included)."}),
+		badBatches: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "citypulse_cluster_bad_batches_total",
+			Help: "Batches in the log that could not be decoded (not written by a gateway of this version); skipped."}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.published, m.ackSeconds, m.owned, m.changes, m.redelivered, m.duplicates, m.late, m.handlerErrs)
+		reg.MustRegister(m.published, m.ackSeconds, m.owned, m.changes, m.redelivered, m.duplicates, m.late, m.handlerErrs,
+			m.submitSeconds, m.submitFailed, m.batchReadings, m.fed, m.badBatches)
 	}
 	return m
 }
+
+// AckSeconds is the publish-acknowledgement latency histogram (for a summary
+// on the node's status page).
+func (m *Metrics) AckSeconds() prometheus.Histogram { return m.ackSeconds }

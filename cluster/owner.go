@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -56,6 +57,8 @@ type Owner struct {
 	log     *slog.Logger
 	m       *Metrics
 	members *members
+	owned   []atomic.Bool // partition → pinned to this node now
+	pulling []atomic.Bool // partition → this node pulls it (owns it, or stands by for the pin)
 }
 
 // NewOwner builds an owner on nc. It starts nothing; Run consumes.
@@ -79,8 +82,10 @@ func NewOwner(nc *nats.Conn, cfg Config, handle Handler, onOwned OwnershipFunc, 
 	if m == nil {
 		m = NewMetrics(nil)
 	}
+	mb := newMembers(cfg.Index, cfg.Nodes, cfg.AliveTimeout)
+	mb.bound = cfg.Partitions
 	return &Owner{nc: nc, js: js, cfg: cfg, handle: handle, onOwned: onOwned, log: log, m: m,
-		members: newMembers(cfg.Index, cfg.Nodes, cfg.AliveTimeout)}, nil
+		members: mb, owned: make([]atomic.Bool, cfg.Partitions), pulling: make([]atomic.Bool, cfg.Partitions)}, nil
 }
 
 // consumerConfig is partition p's consumer.
@@ -116,7 +121,7 @@ func (o *Owner) Run(ctx context.Context) error {
 	o.members.start()
 
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { announce(gctx, o.nc, o.cfg.Index, o.cfg.AliveInterval); return nil })
+	g.Go(func() error { announce(gctx, o.nc, o.cfg.Index, o.cfg.AliveInterval, o.Owned); return nil })
 	for p := range cons {
 		g.Go(func() error { return o.runPartition(gctx, p, cons[p]) })
 	}
@@ -168,7 +173,10 @@ func (o *Owner) runPartition(ctx context.Context, p int, c jetstream.Consumer) e
 	defer t.Stop()
 	for {
 		if o.members.shouldPull(p) {
-			if err := o.consume(ctx, p, c); err != nil {
+			o.pulling[p].Store(true)
+			err := o.consume(ctx, p, c)
+			o.pulling[p].Store(false)
+			if err != nil {
 				return err
 			}
 		}
@@ -255,6 +263,7 @@ func (o *Owner) lose(st *partition) {
 		return
 	}
 	st.owned = false
+	o.owned[st.p].Store(false)
 	o.m.owned.Dec()
 	o.m.changes.WithLabelValues("lost").Inc()
 	o.log.Info("partition lost to another node", "partition", st.p)
@@ -266,8 +275,10 @@ func (o *Owner) lose(st *partition) {
 // settled (no older batch outstanding).
 func (o *Owner) take(ctx context.Context, st *partition, m jetstream.Msg) {
 	batch := []jetstream.Msg{m}
-	if !st.owned {
+	first := !st.owned
+	if first {
 		st.owned = true
+		o.owned[st.p].Store(true)
 		o.m.owned.Inc()
 		o.m.changes.WithLabelValues("gained").Inc()
 		o.log.Info("partition gained", "partition", st.p)
@@ -285,6 +296,11 @@ func (o *Owner) take(ctx context.Context, st *partition, m jetstream.Msg) {
 		if !o.deliver(ctx, st, batch[:n]) {
 			nakAll(batch) // ctx done or lost: to the next owner at once
 			return
+		}
+		if first {
+			// The end of a hand-over: the tests and the operators measure it.
+			o.log.Info("partition taken over: first batches handled", "partition", st.p, "batches", n)
+			first = false
 		}
 		batch = batch[n:]
 	}
@@ -321,6 +337,7 @@ func (o *Owner) stopConsuming(st *partition, cc jetstream.ConsumeContext) {
 // so a waiting node is pinned at once instead of after PinnedTTL.
 func (o *Owner) release(st *partition) {
 	st.owned = false
+	o.owned[st.p].Store(false)
 	o.m.owned.Dec()
 	o.m.changes.WithLabelValues("released").Inc()
 	o.onOwned(st.p, false)

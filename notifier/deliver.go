@@ -39,7 +39,9 @@ func (o *Outbox) deliverLoop(ctx context.Context, r ReceiverConfig, q *rqueue) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			o.deliver(ctx, r, p)
+			if o.deliver(ctx, r, p) {
+				o.finished(p.e.Event)
+			}
 			q.done(p)
 			<-slots
 		}()
@@ -48,7 +50,8 @@ func (o *Outbox) deliverLoop(ctx context.Context, r ReceiverConfig, q *rqueue) {
 
 // deliver sends one notification until it is delivered, refused (4xx), too
 // old (max_age) or ctx is done, retrying with exponential backoff and jitter.
-func (o *Outbox) deliver(ctx context.Context, r ReceiverConfig, p *pending) {
+// It reports whether the receiver is done with it (delivered or dead).
+func (o *Outbox) deliver(ctx context.Context, r ReceiverConfig, p *pending) bool {
 	b := backoff.Backoff{Min: o.cfg.RetryMin, Max: o.cfg.RetryMax}
 	e := p.e
 	for {
@@ -60,17 +63,17 @@ func (o *Outbox) deliver(ctx context.Context, r ReceiverConfig, p *pending) {
 			o.m.latency.Observe(o.now().Sub(e.Event.At).Seconds())
 			_ = os.Remove(p.path)
 			o.observe(r, e, resultDelivered)
-			return
+			return true
 		case err == nil && status/100 == 4 && status != http.StatusTooManyRequests && status != http.StatusRequestTimeout:
 			o.m.deliveries.WithLabelValues("rejected").Inc()
 			e.LastErr = fmt.Sprintf("HTTP %d (not retried)", status)
 			o.log.Error("notify: receiver refused a notification; it is kept in the dead letters", "receiver", r.Name, "status", status, "alert", e.Event.Labels["alertname"])
 			o.moveDead(r, p.path, e)
 			o.observe(r, e, resultRefused)
-			return
+			return true
 		}
 		if ctx.Err() != nil {
-			return
+			return false
 		}
 		o.m.deliveries.WithLabelValues("retry").Inc()
 		if err != nil {
@@ -82,14 +85,14 @@ func (o *Outbox) deliver(ctx context.Context, r ReceiverConfig, p *pending) {
 			o.log.Error("notify: undelivered for longer than rules.notify.max_age; moved to the dead letters", "receiver", r.Name, "err", e.LastErr)
 			o.moveDead(r, p.path, e)
 			o.observe(r, e, resultDead)
-			return
+			return true
 		}
 		o.observe(r, e, resultRetrying)
 		_ = o.write(p.path, e) // keep the attempt count and error for the API
 		wait := b.Next()
 		o.log.Warn("notify: delivery failed; retrying", "receiver", r.Name, "attempt", e.Attempts, "err", e.LastErr, "backoff", wait)
 		if !backoff.Sleep(ctx, wait) {
-			return
+			return false
 		}
 	}
 }

@@ -51,6 +51,10 @@ type Outbox struct {
 	wake     chan struct{}
 	queues   map[string]*rqueue
 	seq      uint64
+	// cluster mode (handover.go): OnDone's function, and how many receivers
+	// still have each event (by key); nil remaining: not counted
+	done      func(ev Event)
+	remaining map[string]int
 }
 
 type outboxMetrics struct {
@@ -205,26 +209,48 @@ func (o *Outbox) persistQueued() {
 	o.queue = nil
 	o.mu.Unlock()
 	for i, ev := range q {
-		for _, r := range o.cfg.Receivers {
-			o.seq++
-			name := fmt.Sprintf("%020d-%06d-%s.json", o.now().UnixNano(), o.seq%1e6, safeName(ev.Key))
-			e := Entry{Receiver: r.Name, Event: ev, Queued: o.now()}
-			path := filepath.Join(o.dir, "pending", r.Name, name)
-			if err := o.write(path, e); err != nil {
-				o.log.Error("notify: cannot write the outbox; the event is kept in memory and retried", "err", err)
-				o.mu.Lock()
-				o.queue = append(q[i:len(q):len(q)], o.queue...)
-				o.mu.Unlock()
-				return
+		ps, err := o.persist(ev)
+		if err != nil {
+			o.log.Error("notify: cannot write the outbox; the event is kept in memory and retried", "err", err)
+			o.mu.Lock()
+			o.queue = append(q[i:len(q):len(q)], o.queue...)
+			o.mu.Unlock()
+			return
+		}
+		o.mu.Lock()
+		for range ps {
+			o.expect(ev)
+		}
+		if o.dur.Fsync == pipeline.FsyncInterval {
+			for _, p := range ps {
+				o.unsynced = append(o.unsynced, p.path)
 			}
-			if o.dur.Fsync == pipeline.FsyncInterval {
-				o.mu.Lock()
-				o.unsynced = append(o.unsynced, path)
-				o.mu.Unlock()
-			}
-			o.queues[r.Name].push(&pending{path: path, e: e})
+		}
+		o.mu.Unlock()
+		for _, p := range ps {
+			o.queues[p.e.Receiver].push(p)
 		}
 	}
+}
+
+// persist writes ev's file for every receiver; on an error it removes those
+// it wrote.
+func (o *Outbox) persist(ev Event) ([]*pending, error) {
+	var ps []*pending
+	for _, r := range o.cfg.Receivers {
+		o.seq++
+		name := fmt.Sprintf("%020d-%06d-%s.json", o.now().UnixNano(), o.seq%1e6, safeName(ev.Key))
+		e := Entry{Receiver: r.Name, Event: ev, Queued: o.now()}
+		path := filepath.Join(o.dir, "pending", r.Name, name)
+		if err := o.write(path, e); err != nil {
+			for _, p := range ps {
+				_ = os.Remove(p.path)
+			}
+			return nil, err
+		}
+		ps = append(ps, &pending{path: path, e: e})
+	}
+	return ps, nil
 }
 
 func safeName(s string) string {
@@ -267,6 +293,9 @@ func (o *Outbox) load(r ReceiverConfig, q *rqueue) {
 			o.moveDead(r, path, e)
 			continue
 		}
+		o.mu.Lock()
+		o.expect(e.Event)
+		o.mu.Unlock()
 		q.mu.Lock()
 		q.items = append(q.items, &pending{path: path, e: e})
 		q.mu.Unlock()

@@ -10,7 +10,10 @@
 //   - state.go: persistence, the alert snapshot and the transition log;
 //   - alert.go, api.go: labels, fingerprints, the one template-data builder
 //     the notifications and the API share, and the HTTP API;
-//   - vitals.go: the roll-ups, submitted back into the pipeline.
+//   - vitals.go, vitals_partial.go: the roll-ups (a Partial of the owned
+//     devices, Combine of partials), submitted back into the pipeline;
+//   - partition.go: cluster mode: state exported, imported and dropped by
+//     owner, the Journal transitions are recorded in first, Flush, SetOwns.
 //
 // It must not deliver notifications (it hands notifier.Events to a Notifier;
 // package notifier delivers them), and work in the shard loop (Observe) is

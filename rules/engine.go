@@ -57,12 +57,20 @@ type Engine struct {
 	seq      atomic.Uint64 // numbers the transitions; the snapshot records the last it holds
 	tlog     *os.File      // the transition log, open while Run runs
 	restored sync.Once
+	// journal records transitions before they are notified (cluster mode),
+	// owns picks the owners the tick judges (nil: all); see partition.go.
+	journal Journal
+	owns    atomic.Pointer[func(owner string) bool]
+	logged  atomic.Uint64 // the number of the last transition logged (Flush)
+	flushed chan struct{} // closed and replaced when logged moves on
+	flushMu sync.Mutex
 }
 
 type engineMetrics struct {
 	transitions *prometheus.CounterVec
 	firing      prometheus.GaugeFunc
 	evals       prometheus.Counter
+	journalErrs prometheus.Counter
 }
 
 // EngineOptions are what the engine is built with besides its config and rules.
@@ -80,7 +88,10 @@ type EngineOptions struct {
 	StatePath string
 	// FsyncEach fsyncs the snapshot and every transition-log append
 	// (pipeline.fsync "always"; notifier.Durability.FsyncEach).
-	FsyncEach  bool
+	FsyncEach bool
+	// Journal records every transition before it is notified (cluster mode:
+	// the partition's log in JetStream); nil for none.
+	Journal    Journal
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
 }
@@ -91,8 +102,8 @@ func NewEngine(cfg Config, rules []*Rule, opts EngineOptions) *Engine {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	e := &Engine{cfg: cfg, log: log, devs: opts.Devices, notifier: opts.Notifier, statePath: opts.StatePath, fsyncEach: opts.FsyncEach,
-		now: time.Now, saveSoon: make(chan struct{}, 1), flap: FlapPolicy{Window: cfg.FlapWindow, Max: cfg.FlapMax}}
+	e := &Engine{cfg: cfg, log: log, devs: opts.Devices, notifier: opts.Notifier, statePath: opts.StatePath, fsyncEach: opts.FsyncEach, journal: opts.Journal,
+		now: time.Now, saveSoon: make(chan struct{}, 1), flushed: make(chan struct{}), flap: FlapPolicy{Window: cfg.FlapWindow, Max: cfg.FlapMax}}
 	e.rules.Store(&rules)
 	for i := 0; i < max(opts.Shards, 1); i++ {
 		e.shards = append(e.shards, &ruleShard{alerts: map[alertKey]*alert{}, lastSeen: map[string]time.Time{}})
@@ -102,11 +113,17 @@ func NewEngine(cfg Config, rules []*Rule, opts EngineOptions) *Engine {
 			Name: "citypulse_rules_transitions_total", Help: "Alert transitions notified, by kind."}, []string{"kind"}),
 		evals: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "citypulse_rules_evaluations_total", Help: "Rule evaluations on readings."}),
+		journalErrs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "citypulse_rules_journal_errors_total",
+			Help: "Transitions the cluster's state log did not take (notified all the same; a next owner may not know them)."}),
 	}
 	e.m.firing = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "citypulse_rules_alerts_firing", Help: "Alerts firing now."}, func() float64 { return float64(e.count(Firing)) })
 	if opts.Registerer != nil {
 		opts.Registerer.MustRegister(e.m.transitions, e.m.firing, e.m.evals)
+		if opts.Journal != nil {
+			opts.Registerer.MustRegister(e.m.journalErrs)
+		}
 	}
 	return e
 }
@@ -248,15 +265,17 @@ func (e *Engine) emit(s *ruleShard, a *alert, r *Rule, trs []Transition) {
 		e.m.transitions.WithLabelValues(tr.Kind).Inc()
 		switch {
 		case e.notifier == nil:
-		case e.statePath == "":
+		case e.statePath == "" && e.journal == nil:
 			e.notifier.Enqueue(ev)
 		default:
-			rec, err := json.Marshal(logRecord{Seq: e.seq.Add(1), Key: a.key, State: a.state})
+			// numbered under heldMu, so held is in number order (Flush)
+			e.heldMu.Lock()
+			seq := e.seq.Add(1)
+			rec, err := json.Marshal(logRecord{Seq: seq, Key: a.key, State: a.state})
 			if err != nil { // cannot happen for these types; notify all the same
 				e.log.Error("rules: cannot encode a transition", "err", err)
 			}
-			e.heldMu.Lock()
-			e.held = append(e.held, heldTransition{ev: ev, record: rec})
+			e.held = append(e.held, heldTransition{ev: ev, record: rec, seq: seq, owner: ownerOf(a.key)})
 			e.heldMu.Unlock()
 		}
 	}

@@ -3,6 +3,7 @@ package rules
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -26,6 +27,8 @@ import (
 type heldTransition struct {
 	ev     notifier.Event
 	record []byte
+	seq    uint64
+	owner  string // whose alert: see ownerOf
 }
 
 // logRecord is one line of the transition log.
@@ -130,12 +133,31 @@ func (e *Engine) logAndNotify() error {
 		if _, err = e.tlog.Write(buf); err == nil && e.fsyncEach {
 			err = e.tlog.Sync()
 		}
+		if err != nil {
+			err = fmt.Errorf("write the transition log: %w", err)
+		}
+	}
+	if e.journal != nil {
+		err = errors.Join(err, e.record(held))
 	}
 	for _, h := range held {
 		e.notifier.Enqueue(h.ev)
 	}
-	if err != nil {
-		return fmt.Errorf("write the transition log: %w", err)
+	e.markLogged(held[len(held)-1].seq)
+	return err
+}
+
+// record hands the held transitions to the journal.
+func (e *Engine) record(held []heldTransition) error {
+	recs := make([]JournalRecord, len(held))
+	for i, h := range held {
+		recs[i] = JournalRecord{Owner: h.owner, State: h.record, Event: h.ev}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), journalTimeout)
+	defer cancel()
+	if err := e.journal.Record(ctx, recs); err != nil {
+		e.m.journalErrs.Add(float64(len(recs)))
+		return fmt.Errorf("record %d alert transitions in the journal: %w", len(recs), err)
 	}
 	return nil
 }

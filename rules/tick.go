@@ -65,7 +65,7 @@ func (e *Engine) isSilent(d devices.Device, factor float64, now time.Time) bool 
 // tickDeadman raises or resolves rule r's alert of every selected device.
 func (e *Engine) tickDeadman(r *Rule, list []devices.Device, now time.Time) {
 	for _, d := range list {
-		if !r.Select.Matches(string(d.Kind), "", d.District, d.ID) {
+		if !r.Select.Matches(string(d.Kind), "", d.District, d.ID) || !e.owned(d.ID) {
 			continue
 		}
 		silent := e.isSilent(d, r.Factor, now)
@@ -86,7 +86,9 @@ func (e *Engine) tickFleet(r *Rule, list []devices.Device, now time.Time) {
 	type agg struct{ total, silent int }
 	groups := map[string]*agg{}
 	for _, d := range list {
-		if !r.Select.Matches(string(d.Kind), "", d.District, d.ID) {
+		// In cluster mode only the owned devices' silence is known here: the
+		// ratio is over them (see SetOwns).
+		if !r.Select.Matches(string(d.Kind), "", d.District, d.ID) || !e.owned(d.ID) {
 			continue
 		}
 		g := groups[d.District]
@@ -100,6 +102,9 @@ func (e *Engine) tickFleet(r *Rule, list []devices.Device, now time.Time) {
 		}
 	}
 	for district, g := range groups {
+		if !e.owned(district) {
+			continue
+		}
 		s := e.shardFor(district)
 		k := alertKey{Rule: r.Name, District: district, Kind: r.Select.Kind}
 		ratio := float64(g.silent) / float64(g.total)

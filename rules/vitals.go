@@ -6,11 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"os"
 	"regexp"
-	"slices"
-	"sort"
 	"sync"
 	"time"
 
@@ -155,6 +152,7 @@ type Vitals struct {
 	log    *slog.Logger
 	m      *vitalsMetrics
 	shards []*latestShard
+	owns   vitalsOwns // nil: every device
 }
 
 type latestShard struct {
@@ -227,131 +225,19 @@ func (v *Vitals) snapshot() (map[seriesKey]float64, map[string]int64) {
 	return series, seen
 }
 
-// Compute returns the roll-up readings at now.
+// Compute returns the roll-up readings at now (of the owned devices: every
+// device unless SetOwns says otherwise).
 func (v *Vitals) Compute(now time.Time) []pipeline.Reading {
 	start := time.Now()
-	series, seen := v.snapshot()
-	v.m.series.Set(float64(len(series)))
-	type group struct{ kind, district string }
-	reporting := map[group][]devices.Device{}
-	silent := map[group]int{}
-	districts := map[string]bool{}
-	totalSilent := 0
-	for _, d := range v.devs.List() {
-		districts[d.District] = true
-		limit := int64(v.cfg.StaleFactor * float64(d.Interval))
-		for _, g := range []group{{string(d.Kind), d.District}, {string(d.Kind), CityDistrict}} {
-			if last, ok := seen[d.ID]; ok && now.UnixNano()-last <= limit {
-				reporting[g] = append(reporting[g], d)
-			} else {
-				silent[g]++
-			}
-		}
-		if last, ok := seen[d.ID]; !ok || now.UnixNano()-last > limit {
-			totalSilent++
-		}
-	}
-	v.m.silent.Set(float64(totalSilent))
-	ds := make([]string, 0, len(districts)+1)
-	for d := range districts {
-		ds = append(ds, d)
-	}
-	sort.Strings(ds)
-	ds = append(ds, CityDistrict)
-
-	var out []pipeline.Reading
-	emit := func(district, name string, value float64) {
-		out = append(out, pipeline.Reading{Device: CityDevice, Kind: CityKind, District: district, Metric: name,
-			Value: value, Time: now.UnixNano(), Received: now.UnixNano()})
-	}
-	var vals []float64
-	for _, def := range v.defs {
-		for _, district := range ds {
-			g := group{def.Kind, district}
-			if len(reporting[g]) == 0 {
-				// No device of this kind here, or every one silent: there is
-				// no value, and a 0 would read as a blackout or an all-clear.
-				// city_fleet_<kind>_reporting and _silent say why.
-				continue
-			}
-			vals = vals[:0]
-			for _, d := range reporting[g] {
-				if x, ok := series[seriesKey{d.ID, def.Metric}]; ok {
-					vals = append(vals, x)
-				}
-			}
-			if x, ok := aggregate(def, vals); ok {
-				emit(district, def.Name, x)
-			}
-		}
-	}
-	for _, k := range devices.Kinds() {
-		for _, district := range ds {
-			g := group{string(k), district}
-			if len(reporting[g])+silent[g] == 0 {
-				continue
-			}
-			emit(district, "fleet_"+string(k)+"_reporting", float64(len(reporting[g])))
-			emit(district, "fleet_"+string(k)+"_silent", float64(silent[g]))
-		}
-	}
-	sort.SliceStable(out, func(i, j int) bool { return out[i].District < out[j].District })
+	out := v.Combine([]VitalsPartial{v.Partial(now)}, now)
 	v.m.duration.Observe(time.Since(start).Seconds())
 	return out
 }
 
-// aggregate applies def's aggregation over the values of the reporting
-// devices; ok is false when there is no value to report (a min of nothing is
-// not zero). Compute calls it only for a group with a reporting device.
+// aggregate applies def's aggregation over vals; ok is false when there is
+// no value to report (a min of nothing is not zero).
 func aggregate(def Rollup, vals []float64) (float64, bool) {
-	n := float64(len(vals))
-	switch def.Agg {
-	case "count":
-		return n, true
-	case "sum":
-		return sum(vals), true
-	case "count_eq":
-		c := 0.0
-		for _, x := range vals {
-			if x == def.Value {
-				c++
-			}
-		}
-		return c, true
-	}
-	if len(vals) == 0 {
-		return 0, false
-	}
-	switch def.Agg {
-	case "min":
-		return slices.Min(vals), true
-	case "max":
-		return slices.Max(vals), true
-	case "mean":
-		return sum(vals) / n, true
-	case "max_abs_dev":
-		m := 0.0
-		for _, x := range vals {
-			m = math.Max(m, math.Abs(x-def.Value))
-		}
-		return m, true
-	case "share_outside":
-		c := 0.0
-		for _, x := range vals {
-			if x < def.Lo || x > def.Hi {
-				c++
-			}
-		}
-		return c / n, true
-	case "quantile":
-		s := slices.Clone(vals)
-		slices.Sort(s)
-		pos := def.Q * (n - 1)
-		lo := int(math.Floor(pos))
-		hi := int(math.Ceil(pos))
-		return s[lo] + (s[hi]-s[lo])*(pos-float64(lo)), true
-	}
-	return 0, false
+	return finalAgg(def, partialOf(def, vals))
 }
 
 func sum(vals []float64) float64 {

@@ -46,6 +46,39 @@ func render(rs []pipeline.Reading) string {
 }
 
 func TestVitalsGolden(t *testing.T) {
+	got := render(goldenVitals(t).Compute(now))
+	golden := "../testdata/vitals/rollups.golden"
+	if *update {
+		require.NoError(t, os.WriteFile(golden, []byte(got), 0o644))
+	}
+	want, err := os.ReadFile(golden)
+	require.NoError(t, err, "run go test ./rules -update")
+	require.Equal(t, string(want), got)
+}
+
+// In cluster mode each node aggregates the devices it owns and one node
+// combines the partials: the roll-ups are the same as one machine's (the
+// golden file), whichever way the devices are split.
+func TestPartialsCombineIntoTheSameRollups(t *testing.T) {
+	want, err := os.ReadFile("../testdata/vitals/rollups.golden")
+	require.NoError(t, err)
+	for _, nodes := range []int{1, 2, 3, 5} {
+		t.Run(fmt.Sprintf("%d nodes", nodes), func(t *testing.T) {
+			var parts []VitalsPartial
+			var v *Vitals
+			for i := range nodes {
+				v = goldenVitals(t)
+				v.SetOwns(func(device string) bool { return pipeline.ShardOf(device, nodes) == i })
+				parts = append(parts, v.Partial(now))
+			}
+			require.Equal(t, string(want), render(v.Combine(parts, now)))
+		})
+	}
+}
+
+// goldenVitals is the roll-ups of the golden file: devices of every kind in
+// two districts, some silent, their readings observed.
+func goldenVitals(t *testing.T) *Vitals {
 	defs, err := LoadRollups("../configs/vitals.yaml")
 	require.NoError(t, err)
 	p1 := dev("pipe-0001", devices.KindPipe, "gulou", 10*time.Second)
@@ -87,15 +120,7 @@ func TestVitalsGolden(t *testing.T) {
 	observe(v, l1, "total_spot_number", 120, time.Minute)
 	observe(v, w1, "ph", 9.1, time.Minute)
 	observe(v, w1, "level", 3.2, time.Minute)
-
-	got := render(v.Compute(now))
-	golden := "../testdata/vitals/rollups.golden"
-	if *update {
-		require.NoError(t, os.WriteFile(golden, []byte(got), 0o644))
-	}
-	want, err := os.ReadFile(golden)
-	require.NoError(t, err, "run go test ./rules -update")
-	require.Equal(t, string(want), got)
+	return v
 }
 
 func TestAggregations(t *testing.T) {

@@ -38,6 +38,7 @@ type Config struct {
 	Rules    rules.Config       `mapstructure:"rules" yaml:"rules"`
 	Signals  signals.Config     `mapstructure:"signals" yaml:"signals"`
 	OpenData opendata.Config    `mapstructure:"opendata" yaml:"opendata"`
+	Cluster  ClusterConfig      `mapstructure:"cluster" yaml:"cluster"`
 }
 
 // LogConfig configures the structured log.
@@ -157,6 +158,7 @@ func DefaultConfig() Config {
 			RemoteWrite: storage.DefaultRemoteWrite()},
 		Signals:  signals.Default(),
 		OpenData: opendata.Default(),
+		Cluster:  DefaultCluster(),
 	}
 }
 
@@ -183,7 +185,12 @@ func (c Config) Validate() error {
 		errs = append(errs, errors.New("devices.file must not be empty"))
 	}
 	errs = append(errs, c.Ingest.Validate(), c.Pipeline.Validate(), c.Storage.TSDB.Validate(), c.Storage.Influx.Validate(), c.Storage.Archive.Validate(), c.Storage.RemoteWrite.Validate(),
-		c.Vitals.Validate(), c.Rules.Validate(), c.Signals.Validate(), c.OpenData.Validate())
+		c.Vitals.Validate(), c.Rules.Validate(), c.Signals.Validate(), c.OpenData.Validate(), c.Cluster.Validate())
+	if c.Cluster.Enabled && !c.Storage.RemoteWrite.Enabled {
+		// Each node stores only the partitions it owns: only a store every
+		// node writes to holds the whole city.
+		errs = append(errs, errors.New("cluster.enabled requires storage.remote_write.enabled: the nodes must share one store (e.g. VictoriaMetrics)"))
+	}
 	if c.OpenData.Enabled && c.OpenData.MaxStreams > c.HTTP.MaxConnections/4 {
 		// A public stream holds an HTTP connection without a token: the
 		// public must never be able to take the operations centre's.
@@ -281,6 +288,10 @@ func flattenKeys(t reflect.Type, prefix string) []string {
 	for i := 0; i < t.NumField(); i++ {
 		f := t.Field(i)
 		tag := strings.Split(f.Tag.Get("mapstructure"), ",")[0]
+		if tag == "" && f.Anonymous && strings.Contains(f.Tag.Get("mapstructure"), ",squash") {
+			out = append(out, flattenKeys(f.Type, prefix)...) // an embedded section's keys are the parent's
+			continue
+		}
 		if tag == "" || tag == "-" {
 			continue
 		}
@@ -321,6 +332,8 @@ func printConfig(w io.Writer, c Config) error {
 	mask(&c.Storage.Influx.Token)
 	mask(&c.Storage.RemoteWrite.BearerToken)
 	mask(&c.OpenData.IDKey)
+	mask(&c.Cluster.Password)
+	mask(&c.Cluster.Token)
 	c.Rules.Notify.Receivers = slices.Clone(c.Rules.Notify.Receivers) // not the caller's
 	for i := range c.Rules.Notify.Receivers {
 		mask(&c.Rules.Notify.Receivers[i].Secret)

@@ -81,10 +81,50 @@ func TestPrintConfigMasksSecrets(t *testing.T) {
 	c.Ingest.External.Password = "super-secret-broker-password"
 	c.Storage.Influx.Token = "super-secret-influx-token"
 	c.Storage.RemoteWrite.BearerToken = "super-secret-remote-write-token"
+	c.Cluster.Password = "super-secret-nats-password"
+	c.Cluster.Token = "super-secret-nats-token"
 	c.Rules.Notify.Receivers = []notifier.ReceiverConfig{{Name: "ops", Type: "webhook", URL: "http://x", Secret: "super-secret-hmac-key"}}
 	var b syncBuffer
 	require.NoError(t, printConfig(&b, c))
 	require.NotContains(t, b.String(), "super-secret")
 	require.Contains(t, b.String(), "********")
 	require.Equal(t, "super-secret-hmac-key", c.Rules.Notify.Receivers[0].Secret, "the caller's config is not changed")
+}
+
+func TestClusterSection(t *testing.T) {
+	t.Setenv("CITYPULSE_CLUSTER_URLS", "nats://10.0.0.1:4222,nats://10.0.0.2:4222")
+	t.Setenv("CITYPULSE_CLUSTER_PARTITIONS", "16")
+	t.Setenv("CITYPULSE_CLUSTER_INDEX", "2")
+	c, err := loadConfig(writeConfig(t, "cluster:\n  enabled: true\n  nodes: 3\nstorage:\n  remote_write:\n    enabled: true\n    url: http://127.0.0.1:8428/api/v1/write\n"), nil)
+	require.NoError(t, err)
+	require.True(t, c.Cluster.Enabled)
+	require.Equal(t, []string{"nats://10.0.0.1:4222", "nats://10.0.0.2:4222"}, c.Cluster.URLs)
+	require.Equal(t, 16, c.Cluster.Partitions)
+	require.Equal(t, 3, c.Cluster.Nodes)
+	require.Equal(t, 2, c.Cluster.Index)
+	require.Equal(t, "CITYPULSE_READINGS", c.Cluster.Stream, "the defaults of the keys not set")
+}
+
+func TestBadClusterConfigIsRejectedWithTheKeyNamed(t *testing.T) {
+	const rw = "storage:\n  remote_write:\n    enabled: true\n    url: http://127.0.0.1:8428/api/v1/write\n"
+	tests := []struct {
+		name string
+		yaml string
+		want string
+	}{
+		{"no shared store", "cluster:\n  enabled: true\n", "storage.remote_write.enabled"},
+		{"an index beyond the nodes", rw + "cluster:\n  enabled: true\n  nodes: 3\n  index: 3\n", "cluster.index"},
+		{"no NATS server", rw + "cluster:\n  enabled: true\n  urls: []\n", "cluster.urls"},
+		{"a URL that is not NATS", rw + "cluster:\n  enabled: true\n  urls: [http://x:4222]\n", "cluster.urls"},
+		{"a user without a password", rw + "cluster:\n  enabled: true\n  user: citypulse\n", "cluster.password"},
+		{"a token and a user", rw + "cluster:\n  enabled: true\n  user: a\n  password: b\n  token: c\n", "cluster.token"},
+		{"an ack wait beyond the pin", rw + "cluster:\n  enabled: true\n  ack_wait: 10s\n", "cluster.ack_wait"},
+		{"an unknown key", rw + "cluster:\n  enabled: true\n  partitons: 3\n", "partitons"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := loadConfig(writeConfig(t, tc.yaml), nil)
+			require.ErrorContains(t, err, tc.want)
+		})
+	}
 }

@@ -7,11 +7,11 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"strings"
-	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/citypulse/citypulse/clusterstate"
 	"github.com/citypulse/citypulse/devices"
 	"github.com/citypulse/citypulse/history"
 	"github.com/citypulse/citypulse/internal/httpapi"
@@ -48,9 +48,12 @@ type api struct {
 	feed    *opendata.Feed    // nil when the public feed is off
 	signals *signals.Analyzer // nil when signals.enabled is false
 	reload  func() error
-	ready   *atomic.Bool
-	metrics *prometheus.Registry
-	log     *slog.Logger
+	ready   func() bool
+	cluster *clusterNode // nil in one-machine mode
+	// sharedDevices changes the devices on every node (cluster mode; nil on one machine)
+	sharedDevices *clusterstate.Registry
+	metrics       *prometheus.Registry
+	log           *slog.Logger
 }
 
 // maxReloadBody bounds the body of POST /-/reload, which reads none.
@@ -69,17 +72,19 @@ func (s *server) routes() http.Handler {
 		Registerer:     s.reg,
 	})
 	a := api{
-		devices: s.devices,
-		query:   s.query,
-		sinks:   s.pipe,
-		reload:  s.Reload,
-		ready:   &s.ready,
-		metrics: s.reg,
-		log:     s.log,
-		events:  s.events,
-		acts:    s.silences,
-		feed:    s.feed,
-		signals: s.signals,
+		devices:       s.devices,
+		query:         s.query,
+		sinks:         s.pipe,
+		reload:        s.Reload,
+		ready:         func() bool { return s.ready.Load() && (s.cluster == nil || s.cluster.ready.Load()) },
+		cluster:       s.cluster,
+		sharedDevices: s.sharedDevices(),
+		metrics:       s.reg,
+		log:           s.log,
+		events:        s.events,
+		acts:          s.silences,
+		feed:          s.feed,
+		signals:       s.signals,
 	}
 	if s.archive != nil {
 		a.export = s.archive
@@ -109,18 +114,30 @@ func routes(c HTTPConfig, a api) http.Handler {
 	mux.Handle("GET /debug/pprof/profile", admin(http.HandlerFunc(pprof.Profile)))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !a.ready.Load() {
+		if !a.ready() {
 			http.Error(w, "not ready", http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ready")
 	})
 
-	dapi := devices.NewAPI(a.devices, a.log.With("component", "devices-api"))
+	var dreg interface {
+		List() []devices.Device
+		Get(id string) (devices.Device, bool)
+		Add(d devices.Device) error
+		Remove(id string) error
+	} = a.devices
+	if a.sharedDevices != nil {
+		dreg = a.sharedDevices // cluster mode: a change reaches every node
+	}
+	dapi := devices.NewAPI(dreg, a.log.With("component", "devices-api"))
 	mux.Handle("GET /api/v1/devices", read(http.HandlerFunc(dapi.List)))
 	mux.Handle("GET /api/v1/devices/{id}", read(http.HandlerFunc(dapi.Get)))
 	mux.Handle("POST /api/v1/devices", admin(http.HandlerFunc(dapi.Add)))
 	mux.Handle("DELETE /api/v1/devices/{id}", admin(http.HandlerFunc(dapi.Remove)))
+	if a.cluster != nil {
+		mux.Handle("GET /api/v1/cluster", read(http.HandlerFunc(a.cluster.serveStatus)))
+	}
 	mux.Handle("GET /api/v1/sinks", read(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		httpapi.WriteData(w, http.StatusOK, a.sinks.Status())
 	})))

@@ -49,10 +49,14 @@ func (st *stage) stop() error {
 func (s *server) Run(ctx context.Context) error {
 	defer s.Close()
 	late := context.WithoutCancel(ctx)
-	order := []*stage{
-		startStage(ctx, "gateways", s.gateways...),
-		startStage(late, "pipeline", s.pipe),
+	order := []*stage{startStage(ctx, "gateways", s.gateways...)}
+	if s.cluster != nil {
+		// After the gateways stop, their last submissions are published;
+		// the partitions are released before the pipeline drains.
+		order = append(order, startStage(late, "cluster publisher", s.cluster.publisher()),
+			startStage(late, "cluster consumers", s.cluster.consumers()...))
 	}
+	order = append(order, startStage(late, "pipeline", s.pipe))
 	if s.engine != nil {
 		release := runFunc(func(ctx context.Context) error { return s.gate.Run(ctx, time.Second) })
 		order = append(order, startStage(late, "rules", s.engine, release), startStage(late, "rules outbox", s.outbox),

@@ -53,6 +53,8 @@ type server struct {
 	gate     *silence.Gate[notifier.Event] // holds back silenced notifications; nil without rules
 	feed     *opendata.Feed                // nil when opendata.enabled is false
 	signals  *signals.Analyzer             // nil when signals.enabled is false
+	cluster  *clusterNode                  // nil in one-machine mode (cluster.enabled false)
+	cstate   *clusterState                 // nil in one-machine mode
 	ln       net.Listener
 	mqttAddr net.Addr // the embedded broker's; nil when it is off
 	query    *storage.API
@@ -99,10 +101,14 @@ func newServer(cfg Config, logOut io.Writer) (_ *server, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if s.devices, err = devices.NewRegistry(list, filepath.Join(cfg.DataDir, "devices-overlay.json")); err != nil {
+	overlay := filepath.Join(cfg.DataDir, "devices-overlay.json")
+	if cfg.Cluster.Enabled {
+		overlay = "" // the runtime changes live in the cluster's device bucket
+	}
+	if s.devices, err = devices.NewRegistry(list, overlay); err != nil {
 		return nil, err
 	}
-	for _, step := range []func() error{s.openStores, s.buildLive, s.buildRules, s.buildPipeline, s.buildGateways, s.listenHTTP} {
+	for _, step := range []func() error{s.openStores, s.buildLive, s.buildRules, s.buildPipeline, s.buildCluster, s.buildGateways, s.buildClusterState, s.listenHTTP} {
 		if err := step(); err != nil {
 			return nil, err
 		}
@@ -198,8 +204,13 @@ func (s *server) buildRules() error {
 	if err != nil {
 		return err
 	}
+	statePath := filepath.Join(cfg.DataDir, "rules-state.json")
+	journal := s.clusterJournal()
+	if journal != nil {
+		statePath = "" // cluster mode: the alert state moves with its partition, in JetStream
+	}
 	s.engine = rules.NewEngine(cfg.Rules, rs, rules.EngineOptions{Shards: cfg.Pipeline.Shards, Devices: s.devices, Notifier: s.notifierFor(s.outbox),
-		StatePath: filepath.Join(cfg.DataDir, "rules-state.json"), FsyncEach: dur.FsyncEach(),
+		StatePath: statePath, FsyncEach: dur.FsyncEach(), Journal: journal,
 		Logger: log.With("component", "rules"), Registerer: s.reg})
 	s.engine.Restore() // the saved alert states, before the first reading is evaluated
 	return nil
@@ -242,12 +253,18 @@ func (s *server) buildPipeline() error {
 // them: it stops before the pipeline drains.
 func (s *server) buildGateways() error {
 	cfg, log := s.cfg, s.log
-	h := ingest.NewHandler(s.pipe, ingest.HandlerOptions{
+	// One machine: the gateways journal locally. Cluster mode: they publish
+	// to JetStream and acknowledge a device after its acknowledgement.
+	var sub ingest.Submitter = s.pipe
+	if s.cluster != nil {
+		sub = s.cluster.pub
+	}
+	h := ingest.NewHandler(sub, ingest.HandlerOptions{
 		MaxPast: cfg.Ingest.MaxPast, MaxFuture: cfg.Ingest.MaxFuture,
 		RateLimit: cfg.Ingest.RateLimit.ReadingsPerSecond, RateBurst: cfg.Ingest.RateLimit.Burst,
 		Logger: log.With("component", "ingest"), Registerer: s.reg,
 	})
-	if s.vitals != nil {
+	if s.vitals != nil && s.cluster == nil { // cluster mode: the lease holder's (buildClusterState)
 		live := liveSubmitter{pipe: s.pipe, events: s.events}
 		s.gateways = append(s.gateways, runFunc(func(ctx context.Context) error { return s.vitals.Run(ctx, live) }))
 	}

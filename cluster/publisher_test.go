@@ -1,0 +1,188 @@
+package cluster
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/stretchr/testify/require"
+
+	"github.com/citypulse/citypulse/cluster/natstest"
+	"github.com/citypulse/citypulse/pipeline"
+)
+
+func reading(dev string, t int64) pipeline.Reading {
+	return pipeline.Reading{Device: dev, Kind: "pipe", District: "d0", Metric: "pressure", Value: float64(t), Time: t, Received: t}
+}
+
+// runPublisher starts p.Run and returns its stop function.
+func runPublisher(t *testing.T, p *Publisher) func() {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			cancel()
+			require.NoError(t, <-done)
+		})
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
+// readStream decodes every batch in the stream: device → reading times in
+// stream order, and the number of batches.
+func readStream(t *testing.T, l *Log, cfg Config) (map[string][]int64, int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s, err := l.JetStream().Stream(ctx, cfg.Stream)
+	require.NoError(t, err)
+	info, err := s.Info(ctx)
+	require.NoError(t, err)
+	got := map[string][]int64{}
+	for seq := info.State.FirstSeq; seq <= info.State.LastSeq; seq++ {
+		m, err := s.GetMsg(ctx, seq)
+		require.NoError(t, err)
+		rs, err := DecodeBatch(m.Data, nil)
+		require.NoError(t, err)
+		for _, r := range rs {
+			require.Equal(t, Subject(PartitionOf(r.Device, cfg.Partitions)), m.Subject, "a reading goes to its device's partition")
+			got[r.Device] = append(got[r.Device], r.Time)
+		}
+	}
+	return got, int(info.State.Msgs)
+}
+
+func TestPublisherReturnsOnceJetStreamAcknowledgedAndCoalesces(t *testing.T) {
+	c := natstest.Start(t, 1)
+	cfg := testConfig(1, 8)
+	m := NewMetrics(nil)
+	l, err := NewLog(connect(t, c.URL()), cfg, m)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, err = l.EnsureStream(ctx)
+	require.NoError(t, err)
+	p := NewPublisher(l, 0, m)
+	runPublisher(t, p)
+
+	// 64 devices submit 50 readings each, one at a time, all at once: the
+	// submissions share the window and are coalesced per partition.
+	const devices, each = 64, 50
+	var wg sync.WaitGroup
+	errs := make(chan error, devices*each)
+	for d := range devices {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			dev := fmt.Sprintf("dev-%02d", d)
+			for i := range each {
+				errs <- p.Submit(ctx, []pipeline.Reading{reading(dev, int64(i))})
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		require.NoError(t, err)
+	}
+	got, batches := readStream(t, l, cfg)
+	require.Len(t, got, devices)
+	for dev, times := range got {
+		want := make([]int64, each)
+		for i := range want {
+			want[i] = int64(i)
+		}
+		require.Equal(t, want, times, "%s: every acknowledged reading once, in submission order", dev)
+	}
+	require.Less(t, batches, devices*each, "submissions waiting for an acknowledgement go together")
+	t.Logf("%d submissions in %d batches", devices*each, batches)
+	require.Zero(t, testutil.CollectAndCount(m.submitFailed), "no submission failed")
+}
+
+func TestPublisherSplitsASubmissionByPartition(t *testing.T) {
+	c := natstest.Start(t, 1)
+	cfg := testConfig(1, 8)
+	l, err := NewLog(connect(t, c.URL()), cfg, nil)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, err = l.EnsureStream(ctx)
+	require.NoError(t, err)
+	p := NewPublisher(l, 0, nil)
+	runPublisher(t, p)
+	var rs []pipeline.Reading
+	for i := range 40 {
+		rs = append(rs, reading(fmt.Sprintf("dev-%d", i%10), int64(i)))
+	}
+	require.NoError(t, p.Submit(ctx, rs))
+	got, _ := readStream(t, l, cfg)
+	require.Len(t, got, 10)
+	for i := range 10 {
+		require.Equal(t, []int64{int64(i), int64(i + 10), int64(i + 20), int64(i + 30)}, got[fmt.Sprintf("dev-%d", i)])
+	}
+}
+
+// Without JetStream a submission fails (the device is not acknowledged)
+// within cluster.publish_timeout, and is counted; a stopped publisher
+// refuses at once.
+func TestPublisherFailsWithoutJetStream(t *testing.T) {
+	c := natstest.Start(t, 1)
+	cfg := testConfig(1, 4)
+	cfg.PublishTimeout = 2 * time.Second
+	m := NewMetrics(nil)
+	l, err := NewLog(connect(t, c.URL()), cfg, m)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, err = l.EnsureStream(ctx)
+	require.NoError(t, err)
+	p := NewPublisher(l, 0, m)
+	stop := runPublisher(t, p)
+	require.NoError(t, p.Submit(ctx, []pipeline.Reading{reading("dev-1", 1)}))
+
+	c.Nodes[0].Kill()
+	start := time.Now()
+	err = p.Submit(ctx, []pipeline.Reading{reading("dev-1", 2)})
+	require.ErrorIs(t, err, ErrNotDurable)
+	require.ErrorIs(t, err, pipeline.ErrBackpressure, "the gateways treat it as a full journal: not acknowledged, retry later")
+	require.Less(t, time.Since(start), 4*cfg.PublishTimeout, "bounded by cluster.publish_timeout")
+	require.Equal(t, 1.0, testutil.ToFloat64(m.submitFailed.WithLabelValues("not_acknowledged"))+
+		testutil.ToFloat64(m.submitFailed.WithLabelValues("timeout")))
+
+	stop()
+	require.ErrorIs(t, p.Submit(ctx, []pipeline.Reading{reading("dev-1", 3)}), ErrPublisherStopped)
+}
+
+// With cluster.publish_linger, submissions arriving within it go in one
+// batch even when nothing is in flight.
+func TestPublisherLingersForLargerBatches(t *testing.T) {
+	c := natstest.Start(t, 1)
+	cfg := testConfig(1, 1)
+	cfg.PublishLinger = 500 * time.Millisecond
+	l, err := NewLog(connect(t, c.URL()), cfg, nil)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, err = l.EnsureStream(ctx)
+	require.NoError(t, err)
+	p := NewPublisher(l, 0, nil)
+	runPublisher(t, p)
+	var wg sync.WaitGroup
+	for d := range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			require.NoError(t, p.Submit(ctx, []pipeline.Reading{reading(fmt.Sprintf("dev-%d", d), 1)}))
+		}()
+	}
+	wg.Wait()
+	got, batches := readStream(t, l, cfg)
+	require.Len(t, got, 20)
+	require.LessOrEqual(t, batches, 3, "20 submissions within the linger: one batch, or a few on a slow machine")
+}

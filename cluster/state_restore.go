@@ -1,0 +1,250 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Restore reads partition p's state for a new owner and marks p owned (Run
+// checkpoints it from now on). Call it before the first batch of p is
+// evaluated: from the owner's OwnershipFunc(p, true).
+func (s *StateStore) Restore(ctx context.Context, p int) (PartitionState, error) {
+	start := time.Now()
+	obs, str, err := s.ensured(ctx)
+	if err != nil {
+		return PartitionState{}, fmt.Errorf("restore partition %d: %w", p, err)
+	}
+	var st PartitionState
+	var after uint64
+	info, err := obs.GetInfo(ctx, snapshotName(p))
+	switch {
+	case errors.Is(err, jetstream.ErrObjectNotFound):
+	case err != nil:
+		return st, fmt.Errorf("restore partition %d: snapshot: %w", p, err)
+	default:
+		if after, err = strconv.ParseUint(info.Metadata[afterMeta], 10, 64); err != nil {
+			return st, fmt.Errorf("restore partition %d: snapshot metadata %q: %w", p, info.Metadata[afterMeta], err)
+		}
+		if st.Snapshot, err = obs.GetBytes(ctx, snapshotName(p)); err != nil {
+			return st, fmt.Errorf("restore partition %d: snapshot: %w", p, err)
+		}
+	}
+	last, err := s.readLog(ctx, str, p, after, &st)
+	if err != nil {
+		return st, fmt.Errorf("restore partition %d: %w", p, err)
+	}
+	s.mu.Lock()
+	s.owned[p] = true
+	s.lastSeq[p] = max(last, after)
+	s.mu.Unlock()
+	s.m.restoreSeconds.Observe(time.Since(start).Seconds())
+	return st, nil
+}
+
+// readLog reads p's transitions after seq after, and its pending
+// notifications, in stream order; it returns the last transition's sequence.
+// It reads up to the last message of p that the stream leader has: the
+// consumer may be served by a replica that lags behind.
+func (s *StateStore) readLog(ctx context.Context, str jetstream.Stream, p int, after uint64, st *PartitionState) (uint64, error) {
+	target, err := lastSeq(ctx, str, transitionSubject(p), noteSubject(p))
+	if err != nil || target == 0 {
+		return 0, err
+	}
+	cons, err := str.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{transitionSubject(p), noteSubject(p)}})
+	if err != nil {
+		return 0, fmt.Errorf("read the state log: %w", err)
+	}
+	defer func() {
+		dctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = str.DeleteConsumer(dctx, cons.CachedInfo().Name)
+	}()
+	var last uint64
+	for {
+		batch, err := cons.Fetch(512, jetstream.FetchMaxWait(time.Second))
+		if err != nil {
+			if ctx.Err() != nil {
+				return 0, fmt.Errorf("read the state log: %w", err)
+			}
+			time.Sleep(50 * time.Millisecond) // the consumer is being (re)created
+			continue
+		}
+		for m := range batch.Messages() {
+			md, err := m.Metadata()
+			if err != nil {
+				return 0, fmt.Errorf("read the state log: %w", err)
+			}
+			seq := md.Sequence.Stream
+			switch m.Subject() {
+			case noteSubject(p):
+				st.Notes = append(st.Notes, m.Data())
+				s.mu.Lock()
+				s.notes[m.Headers().Get(noteKeyHeader)] = seq
+				s.mu.Unlock()
+			case transitionSubject(p):
+				if seq > after {
+					st.Transitions = append(st.Transitions, m.Data())
+					last = seq
+				}
+			}
+			if seq >= target {
+				return last, nil
+			}
+		}
+		if ctx.Err() != nil {
+			return 0, fmt.Errorf("read the state log up to %d: %w", target, ctx.Err())
+		}
+	}
+}
+
+// lastSeq is the sequence of the last message on any of subjects, as the
+// stream leader has it (0: none).
+func lastSeq(ctx context.Context, str jetstream.Stream, subjects ...string) (uint64, error) {
+	var last uint64
+	for _, subj := range subjects {
+		m, err := str.GetLastMsgForSubject(ctx, subj)
+		switch {
+		case errors.Is(err, jetstream.ErrMsgNotFound):
+		case err != nil:
+			return 0, fmt.Errorf("read the state log: last message of %s: %w", subj, err)
+		default:
+			last = max(last, m.Sequence)
+		}
+	}
+	return last, nil
+}
+
+func (s *StateStore) handles() (jetstream.ObjectStore, jetstream.Stream) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.obs, s.str
+}
+
+// ensured returns the bucket and the stream, created first if Ensure has
+// not succeeded yet.
+func (s *StateStore) ensured(ctx context.Context) (jetstream.ObjectStore, jetstream.Stream, error) {
+	if obs, str := s.handles(); obs != nil {
+		return obs, str, nil
+	}
+	if err := s.Ensure(ctx); err != nil {
+		return nil, nil, err
+	}
+	obs, str := s.handles()
+	return obs, str, nil
+}
+
+// Checkpoint writes partition p's snapshot (from the snapshotter), then
+// purges the transitions it holds. The sequence it records is read before
+// the snapshot is taken: every transition up to it changed the state first.
+func (s *StateStore) Checkpoint(ctx context.Context, p int) error {
+	obs, str, err := s.ensured(ctx)
+	if err != nil {
+		return fmt.Errorf("checkpoint partition %d: %w", p, err)
+	}
+	s.mu.Lock()
+	after := s.lastSeq[p]
+	s.mu.Unlock()
+	if err := s.superseded(ctx, obs, str, p, after); err != nil {
+		s.m.checkpoints.WithLabelValues("superseded").Inc()
+		return err
+	}
+	data, err := s.snap(p)
+	if err != nil {
+		s.m.checkpoints.WithLabelValues("error").Inc()
+		return fmt.Errorf("checkpoint partition %d: %w", p, err)
+	}
+	_, err = obs.Put(ctx, jetstream.ObjectMeta{Name: snapshotName(p),
+		Metadata: map[string]string{afterMeta: strconv.FormatUint(after, 10)}}, bytesReader(data))
+	if err == nil && after > 0 {
+		err = str.Purge(ctx, jetstream.WithPurgeSubject(transitionSubject(p)), jetstream.WithPurgeSequence(after+1))
+	}
+	if err != nil {
+		s.m.checkpoints.WithLabelValues("error").Inc()
+		return fmt.Errorf("checkpoint partition %d: %w", p, err)
+	}
+	s.m.checkpoints.WithLabelValues("ok").Inc()
+	s.m.snapshotBytes.Observe(float64(len(data)))
+	return nil
+}
+
+// ErrSuperseded is returned by Checkpoint when another node recorded
+// partition p's state after this one did: it owns p now, and this node's
+// snapshot would be older than its.
+var ErrSuperseded = errors.New("another node owns the partition now")
+
+// superseded checks that no other node wrote p's snapshot or appended to its
+// log after this node's last transition (after): then this node lost p (its
+// pin expired) and must not overwrite the new owner's state. A small race
+// remains (the new owner appends between this check and the write); the
+// new owner's next checkpoint overwrites the snapshot again.
+func (s *StateStore) superseded(ctx context.Context, obs jetstream.ObjectStore, str jetstream.Stream, p int, after uint64) error {
+	if info, err := obs.GetInfo(ctx, snapshotName(p)); err == nil {
+		if v, _ := strconv.ParseUint(info.Metadata[afterMeta], 10, 64); v > after {
+			return fmt.Errorf("checkpoint partition %d: %w (its snapshot holds transitions up to %d, this node's up to %d)", p, ErrSuperseded, v, after)
+		}
+	} else if !errors.Is(err, jetstream.ErrObjectNotFound) {
+		return fmt.Errorf("checkpoint partition %d: %w", p, err)
+	}
+	m, err := str.GetLastMsgForSubject(ctx, transitionSubject(p))
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+	case err != nil:
+		return fmt.Errorf("checkpoint partition %d: %w", p, err)
+	case m.Sequence > after:
+		return fmt.Errorf("checkpoint partition %d: %w (its log has a transition at %d, this node's last is %d)", p, ErrSuperseded, m.Sequence, after)
+	}
+	return nil
+}
+
+// Release checkpoints p for the next owner and stops checkpointing it. Call
+// it from the owner's OwnershipFunc(p, false), before the state is dropped.
+func (s *StateStore) Release(ctx context.Context, p int) error {
+	s.mu.Lock()
+	owned := s.owned[p]
+	delete(s.owned, p)
+	s.mu.Unlock()
+	if !owned {
+		return nil
+	}
+	return s.Checkpoint(ctx, p)
+}
+
+// Owned lists the partitions this store checkpoints.
+func (s *StateStore) Owned() []int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]int, 0, len(s.owned))
+	for p := range s.owned {
+		out = append(out, p)
+	}
+	return out
+}
+
+// Run checkpoints every owned partition every cluster.state.checkpoint until
+// ctx is done. A failed checkpoint is logged and retried on the next round
+// (the transitions stay in the log meanwhile).
+func (s *StateStore) Run(ctx context.Context) error {
+	t := time.NewTicker(s.cfg.Checkpoint)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		for _, p := range s.Owned() {
+			cctx, cancel := context.WithTimeout(ctx, s.cfg.Checkpoint)
+			err := s.Checkpoint(cctx, p)
+			cancel()
+			if err != nil && ctx.Err() == nil {
+				s.log.Warn("cannot checkpoint a partition's state; its transitions stay in the log", "partition", p, "err", err)
+			}
+		}
+	}
+}

@@ -1,0 +1,15 @@
+// Package clusterstate joins a node's state to the cluster (package cluster)
+// in cluster mode:
+//   - partitions.go: the rules engine's alerts and the outbox's pending
+//     notifications move with their partition (restored by a new owner before
+//     it evaluates anything, checkpointed on release);
+//   - registry.go: runtime device changes shared by every node through a KV
+//     bucket;
+//   - rollup.go: district partial aggregates published by each owner and
+//     combined into the city-wide vital signs by one elected node.
+//
+// It translates between the packages that own the state (rules, notifier,
+// devices) and the JetStream stores of package cluster, which see opaque
+// bytes. It must not decide what an alert, a device or an aggregate is, and it
+// starts no goroutine outside a Run method.
+package clusterstate

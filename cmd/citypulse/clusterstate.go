@@ -1,0 +1,130 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/citypulse/citypulse/cluster"
+	"github.com/citypulse/citypulse/clusterstate"
+	"github.com/citypulse/citypulse/rules"
+)
+
+// clusterState is the state side of cluster mode (docs/cluster.md, "State"):
+// the alerts and pending notifications that move with a partition, the
+// device changes shared through a KV bucket, and the city roll-ups combined
+// by the lease holder.
+type clusterState struct {
+	parts    *clusterstate.Partitions // nil when rules are off
+	registry *clusterstate.Registry
+}
+
+// sharedDevices is the device registry shared by the nodes (nil on one machine).
+func (s *server) sharedDevices() *clusterstate.Registry {
+	if s.cstate == nil {
+		return nil
+	}
+	return s.cstate.registry
+}
+
+// clusterJournal returns the rules engine's journal in cluster mode (nil on
+// one machine): the partitions' state logs in JetStream. buildRules calls it
+// before the cluster node exists; buildClusterState completes it.
+func (s *server) clusterJournal() rules.Journal {
+	if !s.cfg.Cluster.Enabled {
+		return nil
+	}
+	s.cstate = &clusterState{parts: clusterstate.NewPartitions(s.cfg.Cluster.Partitions, s.log.With("component", "cluster-state"))}
+	return s.cstate.parts
+}
+
+// buildClusterState wires the state side to the cluster node: restore on a
+// gain before the first batch, checkpoint on a loss, the owned devices to the
+// engine and the roll-ups, the transitions recorded before a batch is
+// acknowledged, the device bucket, the roll-up lease. Its loops run with the
+// gateways (stopped first); a release's checkpoint runs in the owner's stop.
+func (s *server) buildClusterState() error {
+	n := s.cluster
+	if n == nil {
+		return nil
+	}
+	cfg, log := s.cfg.Cluster, s.log.With("component", "cluster-state")
+	if s.cstate == nil {
+		s.cstate = &clusterState{}
+	}
+	owns := n.owns
+	if ps := s.cstate.parts; ps != nil && s.engine != nil {
+		store, err := cluster.NewStateStore(n.nc, cfg.State, ps.Snapshot, log, cluster.NewStateMetrics(s.reg))
+		if err != nil {
+			return err
+		}
+		var out clusterstate.Outbox
+		if len(s.cfg.Rules.Notify.Receivers) > 0 {
+			out = s.outbox // without receivers no notification is kept: none would be delivered
+		}
+		ps.Attach(s.engine, store, out)
+		n.onOwned(ps.OnOwned) // after the feed's: restored before the first batch
+		n.feed.SetBarrier(func(ctx context.Context) error {
+			ctx, cancel := context.WithTimeout(ctx, cfg.AckWait/2)
+			defer cancel()
+			return s.engine.Flush(ctx)
+		})
+		owns = ps.Owns
+		s.gateways = append(s.gateways, runFunc(func(ctx context.Context) error {
+			if !retry(ctx, log, "state bucket", store.Ensure) {
+				return nil
+			}
+			return store.Run(ctx)
+		}))
+	}
+	reg, err := clusterstate.NewRegistry(n.nc, s.devices, cfg.State.Devices, cfg.State.Replicas, log, s.reg)
+	if err != nil {
+		return err
+	}
+	s.cstate.registry = reg
+	s.gateways = append(s.gateways, runFunc(func(ctx context.Context) error {
+		for retry(ctx, log, "device bucket", reg.Ensure) {
+			if err := reg.Run(ctx); err != nil {
+				log.Warn("device bucket watch ended; watching again", "err", err)
+			}
+		}
+		return nil
+	}))
+	if s.vitals != nil {
+		s.vitals.SetOwns(owns)
+		node := fmt.Sprintf("node%d", cfg.Index)
+		lease, err := cluster.NewLease(n.nc, cfg.State.Leases, "vitals", node, cfg.State.LeaseTTL, cfg.State.Replicas, log)
+		if err != nil {
+			return err
+		}
+		r, err := clusterstate.NewRollups(n.nc, s.vitals, lease, node, s.cfg.Vitals.Interval, log)
+		if err != nil {
+			return err
+		}
+		live := liveSubmitter{pipe: s.pipe, events: s.events}
+		s.gateways = append(s.gateways, runFunc(func(ctx context.Context) error { return r.Run(ctx, live) }))
+	}
+	return nil
+}
+
+// retry calls f until it succeeds (true) or ctx is done (false), with
+// backoff: JetStream may be unavailable for a while at the start.
+func retry(ctx context.Context, log *slog.Logger, what string, f func(context.Context) error) bool {
+	backoff := 200 * time.Millisecond
+	for ctx.Err() == nil {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := f(cctx)
+		cancel()
+		if err == nil {
+			return true
+		}
+		log.Warn("JetStream not available for the "+what+"; retrying", "err", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+	return false
+}
