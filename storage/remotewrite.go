@@ -44,6 +44,22 @@ type RemoteWriteConfig struct {
 	Batch pipeline.BatchPolicy `mapstructure:"batch" yaml:"batch"`
 	// MaxRetryAfter caps how long a Retry-After from the store is honoured.
 	MaxRetryAfter time.Duration `mapstructure:"max_retry_after" yaml:"max_retry_after"`
+	// QueryURL is the store's Prometheus query API base (URL + /api/v1/query
+	// is a query), which the query API forwards to in cluster mode. Empty:
+	// the write URL without its /api/v1/write (VictoriaMetrics, Prometheus).
+	QueryURL string `mapstructure:"query_url" yaml:"query_url"`
+}
+
+// QueryBase is the store's query API base: QueryURL, or the write URL
+// without /api/v1/write; empty when neither gives one.
+func (c RemoteWriteConfig) QueryBase() string {
+	if c.QueryURL != "" {
+		return c.QueryURL
+	}
+	if base, ok := strings.CutSuffix(c.URL, "/api/v1/write"); ok {
+		return base
+	}
+	return ""
 }
 
 // DefaultRemoteWrite returns the defaults (disabled).
@@ -65,6 +81,11 @@ func (c RemoteWriteConfig) Validate() error {
 	var errs []error
 	if u, err := url.Parse(c.URL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		errs = append(errs, fmt.Errorf("storage.remote_write.url %q: want http(s)://host:port/path (e.g. /api/v1/write)", c.URL))
+	}
+	if c.QueryURL != "" {
+		if u, err := url.Parse(c.QueryURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			errs = append(errs, fmt.Errorf("storage.remote_write.query_url %q: want http(s)://host:port[/prefix] (the Prometheus query API's base)", c.QueryURL))
+		}
 	}
 	if c.Timeout < time.Second {
 		errs = append(errs, fmt.Errorf("storage.remote_write.timeout must be at least 1s, got %v", c.Timeout))

@@ -460,9 +460,38 @@ func TestClusterLosesNothingAcknowledged(t *testing.T) {
 	require.Zero(t, a.duplicated, "duplicated in the store")
 	require.Zero(t, a.wrong, "stored with another value")
 	require.Positive(t, a.acked)
+
+	// Every node's query API answers from the shared store: the whole city,
+	// not the node's own partitions.
+	q := "/api/v1/query?query=" + url.QueryEscape("sum(count_over_time(pipe_pressure[1h]))")
+	direct := instantValue(t, "http://"+e.vm+q)
+	require.Positive(t, direct)
+	for _, i := range []int{0, 2} {
+		require.Equal(t, direct, instantValue(t, "http://"+nodes[i].HTTP+q), "node %d's query API answers from the shared store", i)
+	}
 	for _, n := range nodes {
 		n.Stop()
 	}
+}
+
+// instantValue is the single value of an instant query's answer.
+func instantValue(t *testing.T, u string) float64 {
+	t.Helper()
+	resp, err := http.Get(u)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	var ans struct {
+		Data struct {
+			Result []struct {
+				Value [2]any `json:"value"`
+			} `json:"result"`
+		} `json:"data"`
+	}
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(&ans))
+	require.Len(t, ans.Data.Result, 1, u)
+	v, err := strconv.ParseFloat(ans.Data.Result[0].Value[1].(string), 64)
+	require.NoError(t, err)
+	return v
 }
 
 // TestClusterThroughput measures acknowledged readings per second of QoS 1

@@ -191,6 +191,9 @@ func (c Config) Validate() error {
 		// node writes to holds the whole city.
 		errs = append(errs, errors.New("cluster.enabled requires storage.remote_write.enabled: the nodes must share one store (e.g. VictoriaMetrics)"))
 	}
+	if c.Cluster.Enabled && c.Storage.RemoteWrite.Enabled && c.Storage.RemoteWrite.QueryBase() == "" {
+		errs = append(errs, errors.New("cluster.enabled needs storage.remote_write.query_url (the shared store's Prometheus query API) when the write URL does not end in /api/v1/write: every node's query API answers from that store"))
+	}
 	if c.OpenData.Enabled && c.OpenData.MaxStreams > c.HTTP.MaxConnections/4 {
 		// A public stream holds an HTTP connection without a token: the
 		// public must never be able to take the operations centre's.

@@ -120,6 +120,8 @@ func TestBadClusterConfigIsRejectedWithTheKeyNamed(t *testing.T) {
 		{"a token and a user", rw + "cluster:\n  enabled: true\n  user: a\n  password: b\n  token: c\n", "cluster.token"},
 		{"an ack wait beyond the pin", rw + "cluster:\n  enabled: true\n  ack_wait: 10s\n", "cluster.ack_wait"},
 		{"an unknown key", rw + "cluster:\n  enabled: true\n  partitons: 3\n", "partitons"},
+		{"no query API for the shared store", "storage:\n  remote_write:\n    enabled: true\n    url: http://127.0.0.1:9009/api/v1/push\ncluster:\n  enabled: true\n", "storage.remote_write.query_url"},
+		{"a query URL that is not http", rw + "    query_url: ftp://x\ncluster:\n  enabled: true\n", "storage.remote_write.query_url"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"crypto/subtle"
 	"fmt"
 	"log/slog"
@@ -35,10 +36,17 @@ type exporter interface {
 	ExportHandler() http.Handler
 }
 
+// queryAPI is the Prometheus query API: storage.API over the embedded TSDB,
+// or storage.QueryProxy to the shared store in cluster mode.
+type queryAPI interface {
+	Register(mux *http.ServeMux)
+	Wait(ctx context.Context) error
+}
+
 // api is what the HTTP routes read and change.
 type api struct {
 	devices *devices.Registry
-	query   *storage.API
+	query   queryAPI
 	sinks   sinkStatuser
 	export  exporter // nil when the archive is off
 	rules   *rules.API
@@ -64,13 +72,7 @@ const maxReloadBody = 4 << 10
 func (s *server) Handler() http.Handler { return s.handler }
 
 func (s *server) routes() http.Handler {
-	s.query = storage.NewQueryAPI(s.db.DB(), storage.APIOptions{
-		Logger:         s.log.With("component", "query-api"),
-		Timeout:        s.cfg.Storage.TSDB.QueryTimeout,
-		MaxSamples:     s.cfg.Storage.TSDB.QueryMaxSamples,
-		MaxConcurrency: s.cfg.Storage.TSDB.QueryMaxConcurrency,
-		Registerer:     s.reg,
-	})
+	s.query = s.newQueryAPI()
 	a := api{
 		devices:       s.devices,
 		query:         s.query,
@@ -177,6 +179,34 @@ func routes(c HTTPConfig, a api) http.Handler {
 	mux.Handle("/api/v1/", read(qmux))
 	return httpapi.LimitBody(c.MaxBodyBytes, mux)
 }
+
+// newQueryAPI answers PromQL from the embedded TSDB on one machine; in
+// cluster mode, where each node's TSDB holds only its own partitions, from
+// the shared store every node writes to.
+func (s *server) newQueryAPI() queryAPI {
+	tsdb := s.cfg.Storage.TSDB
+	if s.cluster != nil {
+		p, err := storage.NewQueryProxy(storage.QueryProxyOptions{
+			URL: s.cfg.Storage.RemoteWrite.QueryBase(), BearerToken: s.cfg.Storage.RemoteWrite.BearerToken,
+			Timeout: tsdb.QueryTimeout, MaxConcurrency: tsdb.QueryMaxConcurrency, MaxAnswerBytes: maxProxiedAnswer,
+			Logger: s.log.With("component", "query-proxy"), Registerer: s.reg,
+		})
+		if err == nil {
+			return p
+		}
+		s.log.Error("cluster mode: the query API answers from this node's partitions only", "err", err) // Validate refuses this
+	}
+	return storage.NewQueryAPI(s.db.DB(), storage.APIOptions{
+		Logger:         s.log.With("component", "query-api"),
+		Timeout:        tsdb.QueryTimeout,
+		MaxSamples:     tsdb.QueryMaxSamples,
+		MaxConcurrency: tsdb.QueryMaxConcurrency,
+		Registerer:     s.reg,
+	})
+}
+
+// maxProxiedAnswer bounds one answer of the shared store passed on.
+const maxProxiedAnswer = 64 << 20
 
 // requireRead guards the read endpoints: open when no read token is set,
 // otherwise the read, the operator or the admin token ("Authorization: Bearer <token>").

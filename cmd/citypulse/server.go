@@ -57,7 +57,7 @@ type server struct {
 	cstate   *clusterState                 // nil in one-machine mode
 	ln       net.Listener
 	mqttAddr net.Addr // the embedded broker's; nil when it is off
-	query    *storage.API
+	query    queryAPI // the embedded TSDB's, or in cluster mode the shared store's
 	handler  http.Handler
 	ready    atomic.Bool
 
