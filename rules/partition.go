@@ -96,15 +96,7 @@ func (e *Engine) ImportState(snapshot []byte, transitions [][]byte) (int, error)
 		if err := json.Unmarshal(snapshot, &f); err != nil {
 			return 0, fmt.Errorf("import alert state: %w", err)
 		}
-		for _, p := range f.Alerts {
-			e.putAlert(p.Key, p.State)
-		}
-		for d, t := range f.LastSeen {
-			s := e.shardFor(d)
-			s.mu.Lock()
-			s.lastSeen[d] = t
-			s.mu.Unlock()
-		}
+		e.apply(f)
 		n = len(f.Alerts)
 	}
 	for i, b := range transitions {

@@ -178,15 +178,7 @@ func (e *Engine) load() error {
 	if err := json.Unmarshal(b, &f); err != nil {
 		return fmt.Errorf("alert state %s is damaged (%v); starting without it", e.statePath, err)
 	}
-	for _, p := range f.Alerts {
-		e.putAlert(p.Key, p.State)
-	}
-	for d, t := range f.LastSeen {
-		s := e.shardFor(d)
-		s.mu.Lock()
-		s.lastSeen[d] = t
-		s.mu.Unlock()
-	}
+	e.apply(f)
 	e.seq.Store(f.Seq)
 	return nil
 }
@@ -262,4 +254,18 @@ func (e *Engine) replayLog(r io.Reader) (applied, skipped int) {
 		skipped++
 	}
 	return applied, skipped
+}
+
+// apply puts a state file's alerts and devices' last-seen times into the
+// engine.
+func (e *Engine) apply(f stateFile) {
+	for _, p := range f.Alerts {
+		e.putAlert(p.Key, p.State)
+	}
+	for d, t := range f.LastSeen {
+		s := e.shardFor(d)
+		s.mu.Lock()
+		s.lastSeen[d] = t
+		s.mu.Unlock()
+	}
 }
