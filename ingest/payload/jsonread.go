@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"strconv"
+	"sync/atomic"
 	"unicode"
 	"unicode/utf16"
 	"unicode/utf8"
@@ -356,7 +357,7 @@ func (r *jsonReader) text() (s string, ok bool) {
 		return "", false
 	case '"':
 		b := r.str()
-		return string(b), r.err == nil
+		return intern(b), r.err == nil
 	}
 	r.typeError("string")
 	return "", false
@@ -378,4 +379,28 @@ func (r *jsonReader) end() {
 	if r.ws(); r.i < len(r.b) {
 		r.unexpected("after top-level value")
 	}
+}
+
+// names caches the strings of recent names, units and states, so that the
+// strings of a series are allocated once, not per message: a direct-mapped
+// table (a slot per hash, the last string wins), lock-free and bounded.
+var names [1024]atomic.Pointer[string]
+
+// intern returns b as a string, from names when it is there.
+func intern(b []byte) string {
+	if len(b) > 64 {
+		return string(b)
+	}
+	h := uint32(2166136261) // FNV-1a
+	for _, c := range b {
+		h ^= uint32(c)
+		h *= 16777619
+	}
+	slot := &names[h%uint32(len(names))]
+	if p := slot.Load(); p != nil && *p == string(b) {
+		return *p
+	}
+	s := string(b)
+	slot.Store(&s)
+	return s
 }

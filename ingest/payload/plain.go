@@ -72,7 +72,7 @@ func plainRecord(f plainField, ts int64) (Record, error) {
 	switch {
 	case raw[0] == '"':
 		r := jsonReader{b: raw}
-		rec.Str, rec.HasStr = string(r.str()), true
+		rec.Str, rec.HasStr = intern(r.str()), true
 	case string(raw) == "true":
 		rec.Value = 1
 	case string(raw) == "false":
@@ -104,7 +104,7 @@ func plainFields(b []byte) ([]plainField, error) {
 			r.ws()
 			start := r.i
 			r.skip()
-			fields = append(fields, plainField{key: string(key), raw: b[start:r.i]})
+			fields = append(fields, plainField{key: intern(key), raw: b[start:r.i]})
 		})
 	default:
 		r.typeError("JSON object")
