@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/citypulse/citypulse/devices"
 	"github.com/citypulse/citypulse/ingest/payload"
 	"github.com/citypulse/citypulse/pipeline"
@@ -21,7 +23,8 @@ import (
 func BenchmarkHotPath(b *testing.B) {
 	const devs, perMsg = 16, 4
 	sink := &countSink{}
-	p, err := pipeline.New(pipeline.Options{Config: pipeline.Default(), Dir: b.TempDir(), Sinks: []pipeline.SinkSpec{{Sink: sink}}})
+	reg := prometheus.NewRegistry()
+	p, err := pipeline.New(pipeline.Options{Config: pipeline.Default(), Dir: b.TempDir(), Sinks: []pipeline.SinkSpec{{Sink: sink}}, Registerer: reg})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -78,4 +81,20 @@ func BenchmarkHotPath(b *testing.B) {
 	b.ReportMetric(perMsg, "readings/op")
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(n), "ns/reading")
 	b.ReportMetric(float64(ms1.Mallocs-ms0.Mallocs)/float64(n), "allocs/reading")
+	b.ReportMetric(counter(b, reg, "citypulse_pipeline_journal_records_total")/counter(b, reg, "citypulse_pipeline_journal_writes_total"), "records/write")
+}
+
+// counter reads a counter of reg.
+func counter(b *testing.B, reg *prometheus.Registry, name string) float64 {
+	mfs, err := reg.Gather()
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			return mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	b.Fatalf("no metric %s", name)
+	return 0
 }
