@@ -41,11 +41,21 @@ type External struct {
 	ctx  context.Context
 
 	// inflight holds the received messages in arrival order for the acker;
-	// last is each device's latest message (handled by paho's single
-	// delivery goroutine, so it needs no lock); work tracks the handlers.
+	// queues holds, per device with messages being journaled, those waiting
+	// behind the one in hand (a device's messages go one after the other);
+	// work tracks the goroutines that drain them.
 	inflight chan *inflightMsg
-	last     map[string]chan struct{}
+	mu       sync.Mutex
+	queues   map[string]*deviceQueue
 	work     sync.WaitGroup
+}
+
+// deviceQueue is one device's messages waiting to be journaled, in arrival
+// order. One goroutine drains it while it is not empty and then exits, so a
+// busy device keeps one goroutine (whose stack has grown to what Handle
+// needs) instead of starting one per message.
+type deviceQueue struct {
+	msgs []*inflightMsg
 }
 
 // externalWindow bounds the messages being journaled or waiting for their
@@ -55,6 +65,7 @@ const externalWindow = 256
 // inflightMsg is one received message; ack receives whether to acknowledge it.
 type inflightMsg struct {
 	msg paho.Message
+	dev devices.Device
 	ack chan bool
 }
 
@@ -122,7 +133,7 @@ func (x *External) Run(ctx context.Context) error {
 		x.log.Warn("external broker: connection lost; reconnecting", "url", x.cfg.URL, "err", err)
 	})
 	x.inflight = make(chan *inflightMsg, externalWindow)
-	x.last = map[string]chan struct{}{}
+	x.queues = map[string]*deviceQueue{}
 	ackerDone := make(chan struct{})
 	go func() { defer close(ackerDone); x.acker(ctx) }()
 	c := paho.NewClient(o)
@@ -169,22 +180,42 @@ func (x *External) handle(_ paho.Client, msg paho.Message) {
 		p.ack <- true
 		return
 	}
-	prev, done := x.last[id], make(chan struct{})
-	x.last[id] = done
-	x.work.Add(1)
-	go func() {
-		defer x.work.Done()
-		defer close(done)
-		if prev != nil {
-			select {
-			case <-prev: // per-device order
-			case <-x.ctx.Done():
-				p.ack <- false
-				return
-			}
+	p.dev = dev
+	x.mu.Lock()
+	q, running := x.queues[id]
+	if !running {
+		q = &deviceQueue{}
+		x.queues[id] = q
+	}
+	q.msgs = append(q.msgs, p)
+	x.mu.Unlock()
+	if !running {
+		x.work.Add(1)
+		go x.drain(id, q)
+	}
+}
+
+// drain journals q's messages one after the other (per-device order) until q
+// is empty, then forgets it.
+func (x *External) drain(id string, q *deviceQueue) {
+	defer x.work.Done()
+	for {
+		x.mu.Lock()
+		if len(q.msgs) == 0 {
+			delete(x.queues, id)
+			x.mu.Unlock()
+			return
 		}
-		p.ack <- x.journal(dev, msg)
-	}()
+		p := q.msgs[0]
+		q.msgs[0] = nil
+		q.msgs = q.msgs[1:]
+		x.mu.Unlock()
+		if x.ctx.Err() != nil {
+			p.ack <- false
+			continue
+		}
+		p.ack <- x.journal(p.dev, p.msg)
+	}
 }
 
 // journal hands one message to the pipeline, retrying under backpressure; it
@@ -236,17 +267,93 @@ func deviceOfTopic(topic string) (string, bool) {
 	return id, true
 }
 
-// bufferedConn reads through a bufio.Reader. paho reads each packet straight
-// from its connection: one read for the fixed header's first byte, one per
-// remaining-length byte and one for the rest, so at least three system calls
-// per message; a flood of small PUBLISH packets spent 14 % of the external
-// mode's CPU there. Buffered, one read(2) fetches many packets.
+// bufferedConn reads through a bufio.Reader and coalesces writes. paho reads
+// each packet straight from its connection: one read for the fixed header's
+// first byte, one per remaining-length byte and one for the rest, so at least
+// three system calls per message; a flood of small PUBLISH packets spent 14 %
+// of the external mode's CPU there. Buffered, one read(2) fetches many
+// packets. paho also writes each PUBACK with its own write(2) (16 % of the
+// CPU under a flood once reads were buffered): writes are gathered for up to
+// externalWriteDelay and sent with one. A PUBACK leaves at most that much
+// later; it is sent only after the message was journaled, so a crash in
+// between means a re-delivery, never a loss.
 type bufferedConn struct {
 	net.Conn
 	r *bufio.Reader
+
+	wmu     sync.Mutex
+	w       []byte      // written, not yet sent
+	pending bool        // flush is scheduled
+	flusher *time.Timer // runs flush
+	werr    error       // the first failed send: every later Write fails
 }
 
 func (c *bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+// Write queues p; it is sent within externalWriteDelay, or at once when the
+// buffer is full.
+func (c *bufferedConn) Write(p []byte) (int, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.werr != nil {
+		return 0, c.werr
+	}
+	if len(c.w)+len(p) > externalWriteBuffer {
+		if err := c.flushLocked(); err != nil {
+			return 0, err
+		}
+		if len(p) > externalWriteBuffer {
+			return c.Conn.Write(p)
+		}
+	}
+	c.w = append(c.w, p...)
+	if !c.pending {
+		c.pending = true
+		if c.flusher == nil {
+			c.flusher = time.AfterFunc(externalWriteDelay, c.flush)
+		} else {
+			c.flusher.Reset(externalWriteDelay)
+		}
+	}
+	return len(p), nil
+}
+
+func (c *bufferedConn) flush() {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	_ = c.flushLocked()
+}
+
+func (c *bufferedConn) flushLocked() error {
+	c.pending = false
+	if len(c.w) == 0 || c.werr != nil {
+		return c.werr
+	}
+	_, err := c.Conn.Write(c.w)
+	c.w = c.w[:0]
+	if err != nil {
+		c.werr = err
+	}
+	return err
+}
+
+// Close sends what is queued (a DISCONNECT), then closes.
+func (c *bufferedConn) Close() error {
+	c.wmu.Lock()
+	_ = c.flushLocked()
+	if c.flusher != nil {
+		c.flusher.Stop()
+	}
+	c.wmu.Unlock()
+	return c.Conn.Close()
+}
+
+// externalWriteDelay bounds how long a written packet waits to be sent with
+// others; externalWriteBuffer bounds how much waits.
+const (
+	externalWriteDelay  = 500 * time.Microsecond
+	externalWriteBuffer = 16 << 10
+)
 
 // externalReadBuffer holds many small PUBLISH packets, or a large one in
 // a few reads.
