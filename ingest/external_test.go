@@ -56,7 +56,7 @@ func TestExternalJournalsConcurrentlyAndAcksInOrder(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	x.ctx = ctx
 	x.inflight = make(chan *inflightMsg, externalWindow)
-	x.queues = map[string]*deviceQueue{}
+	x.startWorkers(ctx)
 	ackerDone := make(chan struct{})
 	go func() { defer close(ackerDone); x.acker(ctx) }()
 
