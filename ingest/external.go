@@ -41,12 +41,18 @@ type External struct {
 	ctx  context.Context
 
 	// inflight holds the received messages in arrival order for the acker;
-	// last is each device's latest message (handled by paho's single
-	// delivery goroutine, so it needs no lock); work tracks the handlers.
+	// lanes feed the journaling workers, a device always to the same one
+	// (its messages go one after the other); work tracks the workers.
 	inflight chan *inflightMsg
-	last     map[string]chan struct{}
+	lanes    []chan *inflightMsg
 	work     sync.WaitGroup
 }
+
+// externalWorkers journal messages concurrently, each those of the devices
+// hashed to it, in order. Long-lived workers keep the stacks Handle grew
+// (ParseFloat's is large): a goroutine per message spent 6-10 % of the CPU
+// growing stacks under a flood.
+const externalWorkers = 64
 
 // externalWindow bounds the messages being journaled or waiting for their
 // acknowledgement.
@@ -55,6 +61,7 @@ const externalWindow = 256
 // inflightMsg is one received message; ack receives whether to acknowledge it.
 type inflightMsg struct {
 	msg paho.Message
+	dev devices.Device
 	ack chan bool
 }
 
@@ -122,7 +129,7 @@ func (x *External) Run(ctx context.Context) error {
 		x.log.Warn("external broker: connection lost; reconnecting", "url", x.cfg.URL, "err", err)
 	})
 	x.inflight = make(chan *inflightMsg, externalWindow)
-	x.last = map[string]chan struct{}{}
+	x.startWorkers(ctx)
 	ackerDone := make(chan struct{})
 	go func() { defer close(ackerDone); x.acker(ctx) }()
 	c := paho.NewClient(o)
@@ -169,22 +176,31 @@ func (x *External) handle(_ paho.Client, msg paho.Message) {
 		p.ack <- true
 		return
 	}
-	prev, done := x.last[id], make(chan struct{})
-	x.last[id] = done
-	x.work.Add(1)
-	go func() {
-		defer x.work.Done()
-		defer close(done)
-		if prev != nil {
-			select {
-			case <-prev: // per-device order
-			case <-x.ctx.Done():
-				p.ack <- false
-				return
+	p.dev = dev
+	// never blocks: a lane holds at most the messages in flight (the window
+	// and the one the acker holds)
+	x.lanes[pipeline.ShardOf(id, len(x.lanes))] <- p
+}
+
+// startWorkers starts the journaling workers; they return when ctx is done.
+func (x *External) startWorkers(ctx context.Context) {
+	x.lanes = make([]chan *inflightMsg, externalWorkers)
+	for i := range x.lanes {
+		lane := make(chan *inflightMsg, externalWindow+1) // the acker holds one more
+		x.lanes[i] = lane
+		x.work.Add(1)
+		go func() {
+			defer x.work.Done()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case p := <-lane:
+					p.ack <- ctx.Err() == nil && x.journal(p.dev, p.msg)
+				}
 			}
-		}
-		p.ack <- x.journal(dev, msg)
-	}()
+		}()
+	}
 }
 
 // journal hands one message to the pipeline, retrying under backpressure; it
@@ -236,17 +252,93 @@ func deviceOfTopic(topic string) (string, bool) {
 	return id, true
 }
 
-// bufferedConn reads through a bufio.Reader. paho reads each packet straight
-// from its connection: one read for the fixed header's first byte, one per
-// remaining-length byte and one for the rest, so at least three system calls
-// per message; a flood of small PUBLISH packets spent 14 % of the external
-// mode's CPU there. Buffered, one read(2) fetches many packets.
+// bufferedConn reads through a bufio.Reader and coalesces writes. paho reads
+// each packet straight from its connection: one read for the fixed header's
+// first byte, one per remaining-length byte and one for the rest, so at least
+// three system calls per message; a flood of small PUBLISH packets spent 14 %
+// of the external mode's CPU there. Buffered, one read(2) fetches many
+// packets. paho also writes each PUBACK with its own write(2) (16 % of the
+// CPU under a flood once reads were buffered): writes are gathered for up to
+// externalWriteDelay and sent with one. A PUBACK leaves at most that much
+// later; it is sent only after the message was journaled, so a crash in
+// between means a re-delivery, never a loss.
 type bufferedConn struct {
 	net.Conn
 	r *bufio.Reader
+
+	wmu     sync.Mutex
+	w       []byte      // written, not yet sent
+	pending bool        // flush is scheduled
+	flusher *time.Timer // runs flush
+	werr    error       // the first failed send: every later Write fails
 }
 
 func (c *bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+// Write queues p; it is sent within externalWriteDelay, or at once when the
+// buffer is full.
+func (c *bufferedConn) Write(p []byte) (int, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.werr != nil {
+		return 0, c.werr
+	}
+	if len(c.w)+len(p) > externalWriteBuffer {
+		if err := c.flushLocked(); err != nil {
+			return 0, err
+		}
+		if len(p) > externalWriteBuffer {
+			return c.Conn.Write(p)
+		}
+	}
+	c.w = append(c.w, p...)
+	if !c.pending {
+		c.pending = true
+		if c.flusher == nil {
+			c.flusher = time.AfterFunc(externalWriteDelay, c.flush)
+		} else {
+			c.flusher.Reset(externalWriteDelay)
+		}
+	}
+	return len(p), nil
+}
+
+func (c *bufferedConn) flush() {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	_ = c.flushLocked()
+}
+
+func (c *bufferedConn) flushLocked() error {
+	c.pending = false
+	if len(c.w) == 0 || c.werr != nil {
+		return c.werr
+	}
+	_, err := c.Conn.Write(c.w)
+	c.w = c.w[:0]
+	if err != nil {
+		c.werr = err
+	}
+	return err
+}
+
+// Close sends what is queued (a DISCONNECT), then closes.
+func (c *bufferedConn) Close() error {
+	c.wmu.Lock()
+	_ = c.flushLocked()
+	if c.flusher != nil {
+		c.flusher.Stop()
+	}
+	c.wmu.Unlock()
+	return c.Conn.Close()
+}
+
+// externalWriteDelay bounds how long a written packet waits to be sent with
+// others; externalWriteBuffer bounds how much waits.
+const (
+	externalWriteDelay  = 500 * time.Microsecond
+	externalWriteBuffer = 16 << 10
+)
 
 // externalReadBuffer holds many small PUBLISH packets, or a large one in
 // a few reads.

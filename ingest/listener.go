@@ -43,10 +43,11 @@ func (l *enduringListener) Accept() (net.Conn, error) {
 	for {
 		c, err := l.Listener.Accept()
 		if err == nil {
+			cc := newCoalescingConn(c)
 			if l.gate == nil {
-				return c, nil
+				return cc, nil
 			}
-			return l.gate.admit(c), nil
+			return l.gate.admit(cc), nil
 		}
 		select {
 		case <-l.closed:

@@ -185,7 +185,11 @@ func (c *pendingConn) Close() error {
 
 // abort closes an evicted connection with a reset: no TIME_WAIT left behind.
 func (c *pendingConn) abort() {
-	if tc, ok := c.Conn.(*net.TCPConn); ok {
+	raw := c.Conn
+	if cc, ok := raw.(*coalescingConn); ok {
+		raw = cc.Conn
+	}
+	if tc, ok := raw.(*net.TCPConn); ok {
 		_ = tc.SetLinger(0)
 	}
 	_ = c.Conn.Close()

@@ -43,7 +43,8 @@ type journal struct {
 	written atomic.Uint64
 	first   atomic.Uint64 // start of the oldest segment
 	notify  atomic.Pointer[chan struct{}]
-	dirty   bool // written since the last fsync; writer only
+	waiting atomic.Bool // a reader has called changed since the last wake
+	dirty   bool        // written since the last fsync; writer only
 	closed  bool
 }
 
@@ -201,16 +202,28 @@ func (j *journal) roll() error {
 	return nil
 }
 
-// wake tells waiting readers that written moved.
+// wake tells waiting readers that written moved. With no reader waiting (all
+// busy writing) it costs one atomic swap: no channel is made or closed.
 func (j *journal) wake() {
+	if !j.waiting.Swap(false) {
+		return
+	}
 	ch := make(chan struct{})
 	old := j.notify.Swap(&ch)
 	close(*old)
 }
 
-// changed returns a channel closed at the next append. Load it before reading
-// written, so no append can be missed.
-func (j *journal) changed() <-chan struct{} { return *j.notify.Load() }
+// changed returns a channel closed at the next append. Call it before reading
+// written, so no append can be missed. The channel is loaded before waiting is
+// set: a wake that finds waiting false ran before the Store, so the written it
+// published is seen by the read of written that follows; a wake that consumes
+// the flag closes the channel loaded here, or an earlier wake already has
+// (every swap closes the channel it replaces).
+func (j *journal) changed() <-chan struct{} {
+	ch := *j.notify.Load()
+	j.waiting.Store(true)
+	return ch
+}
 
 func (j *journal) sync() error {
 	if !j.dirty || j.closed {

@@ -6,6 +6,7 @@ type metrics struct {
 	submitted     prometheus.Counter
 	records       prometheus.Counter
 	groupCommits  prometheus.Counter
+	perWrite      prometheus.Histogram
 	fsyncs        prometheus.Histogram
 	backpressure  *prometheus.CounterVec
 	journalBytes  *prometheus.GaugeVec
@@ -52,13 +53,17 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "citypulse_sink_readings_dropped_total", Help: "Readings a sink refused permanently (ErrPermanent)."}, []string{"sink"}),
 		sinkLag: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "citypulse_sink_lag_bytes", Help: "Journal bytes a sink has yet to write, summed over shards."}, []string{"sink"}),
+		perWrite: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "citypulse_pipeline_journal_records_per_write",
+			Help:    "Journal records (submissions) per group commit: how much one write(2) carries.",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 11)}),
 		sinkReplay: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "citypulse_sink_replay_bytes_total",
 			Help: "Journal bytes a sink re-reads at start-up from its saved cursor: after a crash, an upper bound on what it may write a second time (the stores keep one copy)."},
 			[]string{"sink"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.submitted, m.records, m.groupCommits, m.fsyncs, m.backpressure, m.journalBytes,
+		reg.MustRegister(m.submitted, m.records, m.groupCommits, m.perWrite, m.fsyncs, m.backpressure, m.journalBytes,
 			m.recoveredRecs, m.droppedBytes, m.segmentsFreed, m.sinkWritten, m.sinkBatches, m.sinkErrors,
 			m.sinkDropped, m.sinkLag, m.sinkReplay)
 	}

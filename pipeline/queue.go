@@ -57,3 +57,10 @@ func (q *queue) take(spare []*request) []*request {
 	q.mu.Unlock()
 	return got
 }
+
+// len returns how many submissions are waiting.
+func (q *queue) len() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.buf)
+}

@@ -3,6 +3,7 @@ package pipeline
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"time"
 )
 
@@ -19,6 +20,9 @@ type shard struct {
 
 	batch []*request
 	buf   []byte
+	// busy: the last take found submissions waiting right after a commit,
+	// so more are on their way (see gather).
+	busy bool
 }
 
 func (s *shard) run(ctx context.Context) {
@@ -50,13 +54,40 @@ func (s *shard) run(ctx context.Context) {
 // takeAndCommit journals every waiting submission as one group commit; it
 // reports whether there were any.
 func (s *shard) takeAndCommit() bool {
+	s.gather()
 	s.batch = s.q.take(s.batch)
 	if len(s.batch) == 0 {
+		s.busy = false
 		return false
 	}
 	s.commit()
+	s.busy = true
 	return true
 }
+
+// gather lets a busy loop's write carry more: when the previous commit found
+// work waiting, the submitters are many and some are still decoding on other
+// goroutines, so the loop yields its processor to them before taking (up to
+// gatherYields times, stopping once the queue holds as many submissions as
+// the last write). An idle loop takes at once: a lone submission waits for
+// nothing. The cost is a few scheduler round trips on a loop that is busy
+// anyway; the gain is fewer write(2) calls, wake-ups and PUBACK rounds
+// (citypulse_pipeline_journal_records_per_write).
+func (s *shard) gather() {
+	if !s.busy {
+		return
+	}
+	last := len(s.batch)
+	for range gatherYields {
+		if s.q.len() >= max(last, 2) {
+			return
+		}
+		runtime.Gosched()
+	}
+}
+
+// gatherYields bounds how often a busy shard loop yields before a write.
+const gatherYields = 2
 
 func (s *shard) commit() {
 	base := s.j.written.Load()
@@ -81,6 +112,7 @@ func (s *shard) commit() {
 		err = fmt.Errorf("%w: %v", ErrBackpressure, err)
 	} else {
 		s.p.m.groupCommits.Inc()
+		s.p.m.perWrite.Observe(float64(len(s.batch)))
 		s.p.m.records.Add(float64(len(s.batch)))
 		s.p.m.submitted.Add(float64(n))
 		if s.p.obs != nil {

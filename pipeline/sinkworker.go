@@ -85,6 +85,7 @@ type sinkWorker struct {
 	s     *shard
 	r     *journalReader
 	batch []Reading
+	age   *time.Timer // the batch's MaxAge
 }
 
 func (w *sinkWorker) run(ctx context.Context, shardsDone <-chan struct{}) error {
@@ -92,65 +93,15 @@ func (w *sinkWorker) run(ctx context.Context, shardsDone <-chan struct{}) error 
 	w.st.mu.Lock()
 	pos := w.st.pos[w.s.id]
 	w.st.mu.Unlock()
-	policy := w.st.policy
-	var age *time.Timer
+	w.age = nil
 	defer func() {
-		if age != nil {
-			age.Stop()
+		if w.age != nil {
+			w.age.Stop()
 		}
 	}()
 	for {
-		w.batch = w.batch[:0]
-		readPos, size := pos, 0
-		var first time.Time
-		for {
-			changed := w.s.j.changed()
-			var n int
-			var err error
-			w.batch, readPos, n, err = w.r.read(readPos, w.batch, policy.MaxReadings, max(policy.MaxBytes-size, 0))
-			if err != nil {
-				w.p.log.Error("pipeline: reading the journal for a sink failed; retrying", "sink", w.st.name, "shard", w.s.id, "err", err)
-				if !backoff.Sleep(ctx, time.Second) {
-					return nil
-				}
-				continue
-			}
-			size += n
-			if len(w.batch) > 0 && first.IsZero() {
-				first = time.Now()
-			}
-			if policy.Full(len(w.batch), size) {
-				break
-			}
-			caughtUp := readPos >= w.s.j.written.Load()
-			if !caughtUp {
-				continue
-			}
-			stopping := isClosed(shardsDone)
-			if len(w.batch) > 0 && (stopping || policy.Due(first, time.Now())) {
-				break
-			}
-			if stopping {
-				return nil // caught up with everything the shard will ever write
-			}
-			var due <-chan time.Time
-			if len(w.batch) > 0 {
-				if age == nil {
-					age = time.NewTimer(time.Until(first.Add(policy.MaxAge)))
-				} else {
-					age.Reset(time.Until(first.Add(policy.MaxAge)))
-				}
-				due = age.C
-			}
-			select {
-			case <-changed:
-			case <-due:
-			case <-shardsDone:
-			case <-ctx.Done():
-				return nil
-			}
-		}
-		if !w.write(ctx) {
+		readPos, ok := w.fill(ctx, pos, shardsDone)
+		if !ok || !w.write(ctx) {
 			return nil
 		}
 		pos = readPos
@@ -158,6 +109,91 @@ func (w *sinkWorker) run(ctx context.Context, shardsDone <-chan struct{}) error 
 		w.p.m.sinkWritten.WithLabelValues(w.st.name).Add(float64(len(w.batch)))
 		w.p.m.sinkBatches.WithLabelValues(w.st.name).Inc()
 	}
+}
+
+// fill reads the journal from pos into w.batch until the policy says flush;
+// it returns the position after the batch, or false when the worker is to
+// stop (ctx done, or the shards stopped and everything is written).
+func (w *sinkWorker) fill(ctx context.Context, pos uint64, shardsDone <-chan struct{}) (uint64, bool) {
+	policy := w.st.policy
+	w.batch = w.batch[:0]
+	readPos, size := pos, 0
+	var first time.Time
+	for {
+		var n int
+		var err error
+		w.batch, readPos, n, err = w.r.read(readPos, w.batch, policy.MaxReadings, max(policy.MaxBytes-size, 0))
+		if err != nil {
+			w.p.log.Error("pipeline: reading the journal for a sink failed; retrying", "sink", w.st.name, "shard", w.s.id, "err", err)
+			if !backoff.Sleep(ctx, time.Second) {
+				return 0, false
+			}
+			continue
+		}
+		size += n
+		if len(w.batch) > 0 && first.IsZero() {
+			first = time.Now()
+		}
+		if policy.Full(len(w.batch), size) {
+			return readPos, true
+		}
+		if readPos < w.s.j.written.Load() {
+			continue // more to read
+		}
+		stopping := isClosed(shardsDone)
+		if len(w.batch) > 0 && (stopping || policy.Due(first, time.Now())) {
+			return readPos, true
+		}
+		if stopping {
+			return 0, false // caught up with everything the shard will ever write
+		}
+		if !w.wait(ctx, readPos, size, first, shardsDone) {
+			return 0, false
+		}
+	}
+}
+
+// wait returns when there is something to read: with an empty batch, any
+// append; with a batch begun, enough appended to fill it (estimated from the
+// bytes per reading so far), or its age due, so that a busy shard's every
+// group commit does not cost each sink a read(2). False: ctx is done.
+func (w *sinkWorker) wait(ctx context.Context, readPos uint64, size int, first time.Time, shardsDone <-chan struct{}) bool {
+	policy := w.st.policy
+	var due <-chan time.Time
+	if len(w.batch) > 0 {
+		if w.age == nil {
+			w.age = time.NewTimer(time.Until(first.Add(policy.MaxAge)))
+		} else {
+			w.age.Reset(time.Until(first.Add(policy.MaxAge)))
+		}
+		due = w.age.C
+	}
+	for {
+		changed := w.s.j.changed()
+		if avail := w.s.j.written.Load() - readPos; avail > 0 && w.fills(int(avail), size) {
+			return true
+		}
+		select {
+		case <-changed:
+		case <-due:
+			return true
+		case <-shardsDone:
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	}
+}
+
+// fills reports whether avail more journal bytes would fill the batch begun
+// (size bytes so far), or start one.
+func (w *sinkWorker) fills(avail, size int) bool {
+	p := w.st.policy
+	if len(w.batch) == 0 || p.MaxBytes > 0 && size+avail >= p.MaxBytes {
+		return true
+	}
+	perReading := max(size/len(w.batch), 1)
+	return len(w.batch)+avail/perReading >= p.MaxReadings
 }
 
 // write writes the batch, retrying with exponential backoff and jitter until it

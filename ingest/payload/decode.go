@@ -2,11 +2,9 @@ package payload
 
 import (
 	"bytes"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"mime"
-	"slices"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -85,46 +83,9 @@ func Decode(f Format, b []byte, device string, now time.Time) ([]Record, []Rejec
 		recs2, rej := resolveSenML(recs, device, now)
 		return recs2, rej, nil
 	case JSON:
-		return decodePlainJSON(b, now)
+		return decodePlainJSON(b, now.UnixNano())
 	}
 	return nil, nil, &Error{Reason: ReasonMalformed, Err: ErrUnknownFormat}
-}
-
-// senmlRecord is one SenML record as on the wire (RFC 8428 §4). Pointers tell
-// absent from zero.
-type senmlRecord struct {
-	BaseName    *string  `json:"bn" cbor:"-2,keyasint"`
-	BaseTime    *float64 `json:"bt" cbor:"-3,keyasint"`
-	BaseUnit    *string  `json:"bu" cbor:"-4,keyasint"`
-	BaseValue   *float64 `json:"bv" cbor:"-5,keyasint"`
-	BaseSum     *float64 `json:"bs" cbor:"-6,keyasint"`
-	BaseVersion *int64   `json:"bver" cbor:"-1,keyasint"`
-	Name        *string  `json:"n" cbor:"0,keyasint"`
-	Unit        *string  `json:"u" cbor:"1,keyasint"`
-	Value       *float64 `json:"v" cbor:"2,keyasint"`
-	StringValue *string  `json:"vs" cbor:"3,keyasint"`
-	BoolValue   *bool    `json:"vb" cbor:"4,keyasint"`
-	Sum         *float64 `json:"s" cbor:"5,keyasint"`
-	Time        *float64 `json:"t" cbor:"6,keyasint"`
-	UpdateTime  *float64 `json:"ut" cbor:"7,keyasint"`
-	DataValue   *string  `json:"vd" cbor:"8,keyasint"`
-}
-
-func parseSenMLJSON(b []byte) ([]senmlRecord, error) {
-	if n := countTop(b); n > MaxRecords {
-		return nil, &Error{Reason: ReasonTooManyRecords, Err: fmt.Errorf("%d records, over the limit of %d", n, MaxRecords)}
-	}
-	if !utf8.Valid(b) {
-		return nil, &Error{Reason: ReasonMalformed, Err: fmt.Errorf("senml+json: payload is not valid UTF-8")}
-	}
-	var recs []senmlRecord
-	if err := json.Unmarshal(b, &recs); err != nil {
-		return nil, &Error{Reason: ReasonMalformed, Err: fmt.Errorf("senml+json: %w", err)}
-	}
-	if len(recs) == 0 {
-		return nil, &Error{Reason: ReasonMalformed, Err: fmt.Errorf("senml+json: no records")}
-	}
-	return recs, nil
 }
 
 // countTop counts the top-level elements of a JSON array cheaply (commas at
@@ -173,16 +134,20 @@ var cborDec = func() cbor.DecMode {
 }()
 
 func parseSenMLCBOR(b []byte) ([]senmlRecord, error) {
-	var recs []senmlRecord
-	if err := cborDec.Unmarshal(b, &recs); err != nil {
+	var wire []senmlWire
+	if err := cborDec.Unmarshal(b, &wire); err != nil {
 		reason := ReasonMalformed
 		if strings.Contains(err.Error(), "exceeded max number of elements") {
 			reason = ReasonTooManyRecords
 		}
 		return nil, &Error{Reason: reason, Err: fmt.Errorf("senml+cbor: %w", err)}
 	}
-	if len(recs) == 0 {
+	if len(wire) == 0 {
 		return nil, &Error{Reason: ReasonMalformed, Err: fmt.Errorf("senml+cbor: no records")}
+	}
+	recs := make([]senmlRecord, len(wire))
+	for i := range wire {
+		recs[i] = wire[i].record()
 	}
 	return recs, nil
 }
@@ -200,29 +165,30 @@ func resolveSenML(in []senmlRecord, device string, now time.Time) ([]Record, []R
 	reject := func(i int, reason string, err error) {
 		rejects = append(rejects, Reject{Index: i, Reason: reason, Err: err})
 	}
-	for i, r := range in {
-		if r.BaseVersion != nil && (*r.BaseVersion < 1 || *r.BaseVersion > 10) {
-			reject(i, ReasonBadRecord, fmt.Errorf("record %d: unsupported SenML version %d", i, *r.BaseVersion))
+	for i := range in {
+		r := &in[i]
+		if r.has&fBVer != 0 && (r.bver < 1 || r.bver > 10) {
+			reject(i, ReasonBadRecord, fmt.Errorf("record %d: unsupported SenML version %d", i, r.bver))
 			continue
 		}
-		if r.BaseName != nil {
-			bn = *r.BaseName
+		if r.has&fBN != 0 {
+			bn = r.bn
 		}
-		if r.BaseTime != nil {
-			bt = *r.BaseTime
+		if r.has&fBT != 0 {
+			bt = r.bt
 		}
-		if r.BaseUnit != nil {
-			bu = *r.BaseUnit
+		if r.has&fBU != 0 {
+			bu = r.bu
 		}
-		if r.BaseValue != nil {
-			bv = *r.BaseValue
+		if r.has&fBV != 0 {
+			bv = r.bv
 		}
-		if r.BaseSum != nil {
-			bs = *r.BaseSum
+		if r.has&fBS != 0 {
+			bs = r.bs
 		}
 		name := bn
-		if r.Name != nil {
-			name += *r.Name
+		if r.has&fN != 0 {
+			name += r.n
 		}
 		metric, err := metricName(name, device)
 		if err != nil {
@@ -237,16 +203,16 @@ func resolveSenML(in []senmlRecord, device string, now time.Time) ([]Record, []R
 			continue
 		}
 		rec := Record{Metric: metric, Unit: bu}
-		if r.Unit != nil {
-			rec.Unit = *r.Unit
+		if r.has&fU != 0 {
+			rec.Unit = r.u
 		}
 		if err := senmlValue(r, bv, bs, &rec); err != nil {
 			reject(i, ReasonBadRecord, fmt.Errorf("record %d (%s): %w", i, metric, err))
 			continue
 		}
 		t := bt
-		if r.Time != nil {
-			t += *r.Time
+		if r.has&fT != 0 {
+			t += r.t
 		}
 		ns, err := senmlTime(t, now)
 		if err != nil {
@@ -261,21 +227,21 @@ func resolveSenML(in []senmlRecord, device string, now time.Time) ([]Record, []R
 
 // senmlValue sets rec's value from r with the base value and sum in force;
 // an error says why r has none CityPulse can store.
-func senmlValue(r senmlRecord, bv, bs float64, rec *Record) error {
+func senmlValue(r *senmlRecord, bv, bs float64, rec *Record) error {
 	switch {
-	case r.Value != nil:
-		rec.Value = bv + *r.Value
-	case r.BoolValue != nil:
-		if *r.BoolValue {
+	case r.has&fV != 0:
+		rec.Value = bv + r.v
+	case r.has&fVB != 0:
+		if r.vb {
 			rec.Value = 1
 		}
-	case r.StringValue != nil:
-		rec.Str, rec.HasStr = *r.StringValue, true
-	case r.Sum != nil:
-		rec.Value = bs + *r.Sum
-	case r.DataValue != nil:
+	case r.has&fVS != 0:
+		rec.Str, rec.HasStr = r.vs, true
+	case r.has&fS != 0:
+		rec.Value = bs + r.s
+	case r.has&fVD != 0:
 		return errors.New("data values (vd) are not supported")
-	case r.BaseValue != nil:
+	case r.has&fBV != 0:
 		rec.Value = bv
 	default:
 		return errors.New("no value")
@@ -314,82 +280,4 @@ func metricName(name, device string) (string, error) {
 		return "", fmt.Errorf("metric name of %d bytes is too long", len(m))
 	}
 	return m, nil
-}
-
-// decodePlainJSON decodes {"time": …, "<metric>": <number|bool|string>, …}.
-// time is an integer unix time in ns (> 1e15), ms (> 1e12) or s, a fractional
-// unix time in s, or an RFC 3339 string; absent means now.
-func decodePlainJSON(b []byte, now time.Time) ([]Record, []Reject, error) {
-	if !utf8.Valid(b) {
-		return nil, nil, &Error{Reason: ReasonMalformed, Err: fmt.Errorf("json: payload is not valid UTF-8")}
-	}
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.UseNumber()
-	var obj map[string]json.RawMessage
-	if err := dec.Decode(&obj); err != nil {
-		return nil, nil, &Error{Reason: ReasonMalformed, Err: fmt.Errorf("json: %w", err)}
-	}
-	if dec.More() {
-		return nil, nil, &Error{Reason: ReasonMalformed, Err: fmt.Errorf("json: trailing data after the object")}
-	}
-	if len(obj) > MaxRecords {
-		return nil, nil, &Error{Reason: ReasonTooManyRecords, Err: fmt.Errorf("%d fields, over the limit of %d", len(obj), MaxRecords)}
-	}
-	ts := now.UnixNano()
-	var timeErr error // a time out of range: every field is rejected with its reason
-	if raw, ok := obj["time"]; ok {
-		t, err := plainTime(raw)
-		var te *timeError
-		switch {
-		case errors.As(err, &te):
-			timeErr = err
-		case err != nil:
-			return nil, nil, &Error{Reason: ReasonMalformed, Err: fmt.Errorf("json: time: %w", err)}
-		}
-		ts = t
-		delete(obj, "time")
-	}
-	keys := make([]string, 0, len(obj))
-	for k := range obj {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	out := make([]Record, 0, len(keys))
-	var rejects []Reject
-	for i, k := range keys {
-		if k == "" || len(k) > 64 {
-			rejects = append(rejects, Reject{Index: i, Reason: ReasonBadRecord, Err: fmt.Errorf("field %q: bad metric name", k)})
-			continue
-		}
-		rec := Record{Metric: k, Time: ts}
-		raw := bytes.TrimSpace(obj[k])
-		switch {
-		case len(raw) == 0:
-			rejects = append(rejects, Reject{Index: i, Reason: ReasonBadRecord, Err: fmt.Errorf("field %q: no value", k)})
-			continue
-		case raw[0] == '"':
-			var s string
-			_ = json.Unmarshal(raw, &s)
-			rec.Str, rec.HasStr = s, true
-		case string(raw) == "true":
-			rec.Value = 1
-		case string(raw) == "false":
-		case raw[0] == '-' || raw[0] >= '0' && raw[0] <= '9':
-			var v float64
-			if err := json.Unmarshal(raw, &v); err != nil {
-				rejects = append(rejects, Reject{Index: i, Reason: ReasonBadRecord, Err: fmt.Errorf("field %q: %v", k, err)})
-				continue
-			}
-			rec.Value = v
-		default:
-			rejects = append(rejects, Reject{Index: i, Reason: ReasonBadRecord, Err: fmt.Errorf("field %q: want a number, boolean or state name, got %.20s", k, raw)})
-			continue
-		}
-		if timeErr != nil {
-			rejects = append(rejects, rejectTime(i, fmt.Sprintf("field %q: time", k), timeErr))
-			continue
-		}
-		out = append(out, rec)
-	}
-	return out, rejects, nil
 }

@@ -1,8 +1,6 @@
 package payload
 
 import (
-	"bytes"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
@@ -67,16 +65,13 @@ func rejectTime(i int, what string, err error) Reject {
 	return Reject{Index: i, Reason: reason, Err: fmt.Errorf("%s: %w", what, err)}
 }
 
-// plainTime decodes a plain-JSON time to unix ns. A number or date outside
-// what unix ns can hold (1678 to 2262) is a *timeError (too_old, too_new),
-// never a wrapped-around time.
-func plainTime(raw json.RawMessage) (int64, error) {
-	raw = bytes.TrimSpace(raw)
-	if len(raw) > 0 && raw[0] == '"' {
-		var s string
-		if err := json.Unmarshal(raw, &s); err != nil {
-			return 0, err
-		}
+// plainTime decodes a plain-JSON time (the raw bytes of its value) to unix
+// ns. A number or date outside what unix ns can hold (1678 to 2262) is a
+// *timeError (too_old, too_new), never a wrapped-around time.
+func plainTime(raw []byte) (int64, error) {
+	if raw[0] == '"' {
+		r := jsonReader{b: raw}
+		s := string(r.str())
 		t, err := time.Parse(time.RFC3339Nano, s)
 		if err != nil {
 			return 0, fmt.Errorf("want RFC 3339 or a unix time: %w", err)
@@ -89,14 +84,14 @@ func plainTime(raw json.RawMessage) (int64, error) {
 		}
 		return t.UnixNano(), nil
 	}
-	var n json.Number
-	if err := json.Unmarshal(raw, &n); err != nil {
+	if raw[0] != '-' && (raw[0] < '0' || raw[0] > '9') {
 		return 0, fmt.Errorf("want RFC 3339 or a unix time, got %.30s", raw)
 	}
-	if i, err := n.Int64(); err == nil {
+	n := string(raw)
+	if i, err := strconv.ParseInt(n, 10, 64); err == nil {
 		return intTime(i)
 	}
-	f, err := n.Float64()
+	f, err := strconv.ParseFloat(n, 64)
 	if err != nil && !errors.Is(err, strconv.ErrRange) {
 		return 0, fmt.Errorf("unix time %.30s: %w", n, err)
 	}
