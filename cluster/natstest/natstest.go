@@ -71,6 +71,10 @@ type Node struct {
 	Monitor int // HTTP monitoring port
 	Dir     string
 
+	cluster string // cluster name (routes); "citypulse-test" if empty
+	domain  string // JetStream domain, if any
+	extra   string // more configuration, appended (leaf nodes)
+
 	mu     sync.Mutex
 	cmd    *exec.Cmd
 	exited chan struct{}
@@ -81,6 +85,13 @@ type Node struct {
 // without routes) and waits until every node is healthy and JetStream has a
 // meta leader. The processes are killed when the test ends.
 func Start(t testing.TB, n int) *Cluster {
+	t.Helper()
+	return start(t, n, nil)
+}
+
+// start starts an n-node cluster; setup, if not nil, may set each node's
+// cluster name, domain and extra configuration before it is written.
+func start(t testing.TB, n int, setup func(*Node)) *Cluster {
 	t.Helper()
 	bin := Binary(t)
 	c := &Cluster{t: t}
@@ -98,6 +109,9 @@ func Start(t testing.TB, n int) *Cluster {
 			Client: port(), Route: port(), Monitor: port(), Dir: t.TempDir()})
 	}
 	for _, nd := range c.Nodes {
+		if setup != nil {
+			setup(nd)
+		}
 		nd.writeConfig(c.Nodes)
 	}
 	t.Cleanup(func() {
@@ -136,23 +150,32 @@ func (n *Node) writeConfig(all []*Node) {
 			routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", o.Route))
 		}
 	}
+	domain := ""
+	if n.domain != "" {
+		domain = fmt.Sprintf("\n  domain: %s", n.domain)
+	}
 	conf := fmt.Sprintf(`server_name: %s
 listen: 127.0.0.1:%d
 http: 127.0.0.1:%d
 jetstream {
   store_dir: %q
   max_memory_store: 64MB
-  max_file_store: 2GB
+  max_file_store: 2GB%s
 }
-`, n.Name, n.Client, n.Monitor, filepath.Join(n.Dir, "js"))
+`, n.Name, n.Client, n.Monitor, filepath.Join(n.Dir, "js"), domain)
 	if len(all) > 1 {
+		name := n.cluster
+		if name == "" {
+			name = "citypulse-test"
+		}
 		conf += fmt.Sprintf(`cluster {
-  name: citypulse-test
+  name: %s
   listen: 127.0.0.1:%d
   routes: [%s]
 }
-`, n.Route, strings.Join(routes, ", "))
+`, name, n.Route, strings.Join(routes, ", "))
 	}
+	conf += n.extra
 	if err := os.WriteFile(filepath.Join(n.Dir, "nats.conf"), []byte(conf), 0o600); err != nil {
 		n.t.Fatal(err)
 	}
