@@ -1,0 +1,163 @@
+package cluster
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/stretchr/testify/require"
+
+	"github.com/citypulse/citypulse/cluster/natstest"
+)
+
+const registryStream = "KV_citypulse_registry"
+
+// drSite is one site's view in a test: its JetStream, its Standby, metrics.
+type drSite struct {
+	js  jetstream.JetStream
+	sb  *Standby
+	reg *prometheus.Registry
+	log *Log
+}
+
+func newDRSite(t *testing.T, url, site, peer string, replicas int) *drSite {
+	t.Helper()
+	nc := connect(t, url)
+	cfg := DefaultStandby(site, peer)
+	cfg.Streams = []string{Default().Stream, registryStream}
+	cfg.Replicas = 1
+	cfg.RPOBudget = 2 * time.Second
+	cfg.PollInterval = 200 * time.Millisecond
+	cfg.LinkTimeout = time.Second
+	reg := prometheus.NewRegistry()
+	sb, err := NewStandby(nc, cfg, NewStandbyMetrics(reg), nil)
+	require.NoError(t, err)
+	l, err := NewLog(nc, testConfig(replicas, 8), nil)
+	require.NoError(t, err)
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	return &drSite{js: js, sb: sb, reg: reg, log: l}
+}
+
+// sync runs one Sync round; errors are expected while the link is down.
+func (d *drSite) sync(ctx context.Context) StandbyStatus {
+	_ = d.sb.Sync(ctx)
+	return d.sb.Status()
+}
+
+func (d *drSite) gauge(t *testing.T, name, label string) float64 {
+	t.Helper()
+	mfs, err := d.reg.Gather()
+	require.NoError(t, err)
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if len(m.GetLabel()) == 0 || m.GetLabel()[0].GetValue() == label {
+				return m.GetGauge().GetValue()
+			}
+		}
+	}
+	t.Fatalf("metric %s{%s} not found", name, label)
+	return 0
+}
+
+func (d *drSite) msgs(t *testing.T, ctx context.Context, stream string) uint64 {
+	t.Helper()
+	s, err := d.js.Stream(ctx, stream)
+	require.NoError(t, err)
+	return s.CachedInfo().State.Msgs
+}
+
+// appendN appends n batches at the site and waits for every acknowledgement.
+func (d *drSite) appendN(t *testing.T, ctx context.Context, prefix string, n int) {
+	t.Helper()
+	waits := make([]func(context.Context) error, 0, n)
+	for i := range n {
+		w, err := d.log.Append(ctx, i%8, fmt.Sprintf("%s/%d", prefix, i), fmt.Appendf(nil, "%s %d", prefix, i))
+		require.NoError(t, err)
+		waits = append(waits, w)
+	}
+	for _, w := range waits {
+		require.NoError(t, w(ctx))
+	}
+}
+
+// startPrimary creates the primary's readings stream and registry bucket,
+// puts a device in the registry and activates the site.
+func startPrimary(t *testing.T, ctx context.Context, p *drSite, replicas int) jetstream.KeyValue {
+	t.Helper()
+	_, err := p.log.EnsureStream(ctx)
+	require.NoError(t, err)
+	kv, err := p.js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "citypulse_registry", History: 4, Replicas: replicas})
+	require.NoError(t, err)
+	_, err = kv.Put(ctx, "pipe-0001", []byte(`{"district":"north"}`))
+	require.NoError(t, err)
+	require.NoError(t, p.sb.Activate(ctx))
+	require.Error(t, p.sb.Activate(ctx), "a second activation is refused")
+	return kv
+}
+
+func TestStandbyMirrorsCatchUpAfterTheLinkIsCutAndLagIsExported(t *testing.T) {
+	sites := natstest.StartSites(t, 1, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	p := newDRSite(t, sites.Primary.URL(), natstest.PrimaryDomain, natstest.StandbyDomain, 1)
+	s := newDRSite(t, sites.Standby.URL(), natstest.StandbyDomain, natstest.PrimaryDomain, 1)
+	kv := startPrimary(t, ctx, p, 1)
+	p.appendN(t, ctx, "before", 300)
+
+	require.Eventually(t, func() bool {
+		st := s.sync(ctx)
+		return st.Role == RoleStandby && st.ActiveSite == natstest.PrimaryDomain && s.sb.CheckRPO() == nil &&
+			s.msgs(t, ctx, Default().Stream) == 300
+	}, time.Minute, 100*time.Millisecond, "the standby mirrors the readings and follows the primary's record")
+	require.Error(t, s.sb.MayAcknowledge(), "a standby acknowledges nothing")
+	require.Equal(t, RoleActive, p.sync(ctx).Role)
+	require.NoError(t, p.sb.MayAcknowledge(), "the primary's record names it")
+	skv, err := s.js.KeyValue(ctx, "citypulse_registry")
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		e, err := skv.Get(ctx, "pipe-0001")
+		return err == nil && string(e.Value()) == `{"district":"north"}`
+	}, 30*time.Second, 100*time.Millisecond, "the registry bucket is readable as a key-value bucket at the standby")
+
+	sites.Link.Cut()
+	p.appendN(t, ctx, "during", 500)
+	_, err = kv.Put(ctx, "pipe-0002", []byte(`{"district":"south"}`))
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		st := s.sync(ctx)
+		return !st.PeerReachable && !st.Streams[0].LinkUp && s.sb.CheckRPO() != nil
+	}, time.Minute, 100*time.Millisecond, "with the link cut the lag grows past the 2 s budget")
+	st := s.sb.Status()
+	require.Equal(t, uint64(300), s.msgs(t, ctx, Default().Stream), "nothing crossed the cut link")
+	require.Greater(t, st.Streams[0].SecondsBehind, 2.0)
+	require.False(t, st.WithinRPO)
+	require.Equal(t, 1.0, s.gauge(t, "citypulse_dr_rpo_exceeded", ""))
+	require.Greater(t, s.gauge(t, "citypulse_dr_replication_lag_seconds", Default().Stream), 2.0)
+	require.Equal(t, 2.0, s.gauge(t, "citypulse_dr_rpo_budget_seconds", ""))
+
+	sites.Link.Restore()
+	restored := time.Now()
+	require.Eventually(t, func() bool {
+		st := s.sync(ctx)
+		return st.WithinRPO && st.PeerReachable && s.msgs(t, ctx, Default().Stream) == 800
+	}, time.Minute, 100*time.Millisecond, "the mirror catches up once the link is back")
+	t.Logf("caught up %v after the link was restored; lag now %.2f s", time.Since(restored), s.sb.Status().Streams[0].SecondsBehind)
+	require.Equal(t, 0.0, s.gauge(t, "citypulse_dr_rpo_exceeded", ""))
+	require.Equal(t, 0.0, s.gauge(t, "citypulse_dr_replication_lag_messages", Default().Stream))
+	require.Eventually(t, func() bool {
+		e, err := skv.Get(ctx, "pipe-0002")
+		return err == nil && string(e.Value()) == `{"district":"south"}`
+	}, 30*time.Second, 100*time.Millisecond, "a registry change made during the cut arrives")
+
+	time.Sleep(4 * time.Second) // idle, longer than the budget
+	st = s.sync(ctx)
+	t.Logf("idle link: %+v", st.Streams)
+	require.True(t, st.WithinRPO, "an idle, healthy link is not lag: the mirror hears the source's heartbeats")
+}
