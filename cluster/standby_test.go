@@ -161,3 +161,53 @@ func TestStandbyMirrorsCatchUpAfterTheLinkIsCutAndLagIsExported(t *testing.T) {
 	t.Logf("idle link: %+v", st.Streams)
 	require.True(t, st.WithinRPO, "an idle, healthy link is not lag: the mirror hears the source's heartbeats")
 }
+
+func TestPromoteFencesTheOtherSiteAndFailBackLosesNothing(t *testing.T) {
+	sites := natstest.StartSites(t, 1, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	p := newDRSite(t, sites.Primary.URL(), natstest.PrimaryDomain, natstest.StandbyDomain, 1)
+	s := newDRSite(t, sites.Standby.URL(), natstest.StandbyDomain, natstest.PrimaryDomain, 1)
+	startPrimary(t, ctx, p, 1)
+	p.appendN(t, ctx, "primary", 200)
+	require.Eventually(t, func() bool {
+		return s.sync(ctx).WithinRPO && s.msgs(t, ctx, Default().Stream) == 200
+	}, time.Minute, 100*time.Millisecond)
+
+	// The link cut: the standby cannot tell a dead primary from a cut link.
+	sites.Link.Cut()
+	err := s.sb.Promote(ctx, PromoteOptions{})
+	require.ErrorIs(t, err, ErrPeerNotFenced)
+	require.Equal(t, RoleStandby, s.sync(ctx).Role)
+	sites.Link.Restore()
+	sites.WaitLinked(time.Minute)
+
+	// Planned switch-over: the primary is fenced, the mirrors drained, then promoted.
+	require.Eventually(t, func() bool { return s.sync(ctx).PeerReachable }, time.Minute, 100*time.Millisecond)
+	require.NoError(t, s.sb.Promote(ctx, PromoteOptions{}))
+	require.Equal(t, RoleStandby, p.sync(ctx).Role, "the old primary's own record now names the standby")
+	require.Error(t, p.sb.MayAcknowledge())
+	require.NoError(t, s.sb.MayAcknowledge())
+	require.Equal(t, RoleActive, s.sync(ctx).Role)
+	require.Equal(t, 1.0, s.gauge(t, "citypulse_dr_role", RoleActive))
+	require.Equal(t, 2.0, s.gauge(t, "citypulse_dr_epoch", ""))
+	s.appendN(t, ctx, "standby", 100) // the promoted stream takes the gateways' appends
+	require.Equal(t, uint64(300), s.msgs(t, ctx, Default().Stream))
+	require.Equal(t, uint64(200), p.msgs(t, ctx, Default().Stream), "the link does not carry readings to the old primary's stream")
+
+	// Fail-back: the old primary becomes a mirror of the standby, then takes over again.
+	require.NoError(t, p.sb.Demote(ctx, DemoteOptions{}))
+	require.Eventually(t, func() bool {
+		return p.sync(ctx).WithinRPO && p.msgs(t, ctx, Default().Stream) == 300
+	}, time.Minute, 100*time.Millisecond, "the returned primary re-syncs from the standby")
+	require.NoError(t, p.sb.Promote(ctx, PromoteOptions{}))
+	require.Equal(t, RoleStandby, s.sync(ctx).Role)
+	require.Equal(t, RoleActive, p.sync(ctx).Role)
+	require.NoError(t, s.sb.Demote(ctx, DemoteOptions{}))
+	p.appendN(t, ctx, "back", 50)
+	require.Eventually(t, func() bool {
+		return s.sync(ctx).WithinRPO && s.msgs(t, ctx, Default().Stream) == 350
+	}, time.Minute, 100*time.Millisecond, "the standby mirrors the primary again")
+	require.Equal(t, uint64(350), p.msgs(t, ctx, Default().Stream), "nothing the standby acknowledged was lost")
+	require.Equal(t, 3.0, p.gauge(t, "citypulse_dr_epoch", ""))
+}
