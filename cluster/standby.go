@@ -147,6 +147,8 @@ func (s *Standby) Run(ctx context.Context) error {
 func (s *Standby) Sync(ctx context.Context) error {
 	s.op.Lock()
 	defer s.op.Unlock()
+	ctx, cancel := context.WithTimeout(ctx, syncTimeout(s.cfg))
+	defer cancel()
 	rec, role, ferr := s.syncFence(ctx)
 	var errs []error
 	if ferr != nil {
@@ -159,6 +161,10 @@ func (s *Standby) Sync(ctx context.Context) error {
 	s.publish(rec, role, streams)
 	return errors.Join(errs...)
 }
+
+// syncTimeout bounds a Sync round: requests to this site, and to the other
+// through the link (each bounded by link_timeout).
+func syncTimeout(c StandbyConfig) time.Duration { return 3*c.LinkTimeout + 5*time.Second }
 
 // MayAcknowledge returns nil when this site's gateways may acknowledge
 // devices: its own fence record names it (as of the last Sync).
