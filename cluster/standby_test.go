@@ -211,3 +211,97 @@ func TestPromoteFencesTheOtherSiteAndFailBackLosesNothing(t *testing.T) {
 	require.Equal(t, uint64(350), p.msgs(t, ctx, Default().Stream), "nothing the standby acknowledged was lost")
 	require.Equal(t, 3.0, p.gauge(t, "citypulse_dr_epoch", ""))
 }
+
+// A partition, not a disaster: the operator wrongly states the primary down
+// while only the link is cut, and the primary keeps acknowledging. When the
+// link returns, the higher epoch fences the primary, its tail (acknowledged
+// during the cut, never mirrored) is refused deletion, salvaged into the
+// promoted standby, and only then is the primary re-synced as a mirror.
+func TestAReturningPrimaryIsFencedAndItsUnreplicatedTailSalvaged(t *testing.T) {
+	sites := natstest.StartSites(t, 1, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	p := newDRSite(t, sites.Primary.URL(), natstest.PrimaryDomain, natstest.StandbyDomain, 1)
+	s := newDRSite(t, sites.Standby.URL(), natstest.StandbyDomain, natstest.PrimaryDomain, 1)
+	startPrimary(t, ctx, p, 1)
+	p.appendN(t, ctx, "mirrored", 100)
+	require.Eventually(t, func() bool {
+		return s.sync(ctx).WithinRPO && s.msgs(t, ctx, Default().Stream) == 100
+	}, time.Minute, 100*time.Millisecond)
+
+	sites.Link.Cut()
+	p.appendN(t, ctx, "tail", 40) // acknowledged at the primary, never mirrored
+	require.NoError(t, s.sb.Promote(ctx, PromoteOptions{PeerDown: true}))
+	s.appendN(t, ctx, "promoted", 60)
+	require.Equal(t, RoleActive, p.sync(ctx).Role, "cut off, the primary cannot know: this is why PeerDown must be true")
+	require.Equal(t, RoleActive, s.sync(ctx).Role)
+
+	sites.Link.Restore()
+	sites.WaitLinked(time.Minute)
+	require.Eventually(t, func() bool {
+		return s.sync(ctx).PeerReachable && p.sync(ctx).Role == RoleStandby
+	}, time.Minute, 100*time.Millisecond, "the active site writes its higher epoch into the primary's bucket")
+	require.Error(t, p.sb.MayAcknowledge())
+	require.Equal(t, 1.0, s.gauge(t, "citypulse_dr_role", RoleActive))
+
+	err := p.sb.Demote(ctx, DemoteOptions{})
+	require.ErrorIs(t, err, ErrUnreplicatedTail)
+	require.ErrorContains(t, err, "sequences 101..140")
+	copied, err := s.sb.Salvage(ctx)
+	require.NoError(t, err)
+	require.Equal(t, map[string]uint64{Default().Stream: 40}, copied)
+	require.Equal(t, uint64(200), s.msgs(t, ctx, Default().Stream), "100 mirrored + 60 promoted + 40 salvaged")
+	copied, err = s.sb.Salvage(ctx)
+	require.NoError(t, err)
+	require.Equal(t, map[string]uint64{Default().Stream: 0}, copied, "salvage is done once")
+
+	require.NoError(t, p.sb.Demote(ctx, DemoteOptions{}))
+	require.Eventually(t, func() bool {
+		return p.sync(ctx).WithinRPO && p.msgs(t, ctx, Default().Stream) == 200
+	}, time.Minute, 100*time.Millisecond)
+}
+
+func TestFenceRecordRule(t *testing.T) {
+	for _, tc := range []struct {
+		name            string
+		a, b            Record
+		aWins, conflict bool
+	}{
+		{"higher epoch wins", Record{Site: "standby", Epoch: 2}, Record{Site: "primary", Epoch: 1}, true, false},
+		{"lower epoch loses", Record{Site: "primary", Epoch: 1}, Record{Site: "standby", Epoch: 2}, false, false},
+		{"same record", Record{Site: "primary", Epoch: 3}, Record{Site: "primary", Epoch: 3}, false, false},
+		{"same epoch, two sites", Record{Site: "primary", Epoch: 3}, Record{Site: "standby", Epoch: 3}, false, true},
+		{"no record yet", Record{}, Record{}, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			require.Equal(t, tc.aWins, tc.a.Wins(tc.b))
+			require.Equal(t, tc.conflict, tc.a.Conflicts(tc.b))
+		})
+	}
+}
+
+func TestStandbyConfigValidate(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		edit func(*StandbyConfig)
+		want string
+	}{
+		{"defaults", func(*StandbyConfig) {}, ""},
+		{"same site and peer", func(c *StandbyConfig) { c.PeerDomain = c.Site }, "standby.site"},
+		{"no streams", func(c *StandbyConfig) { c.Streams = nil }, "standby.streams"},
+		{"replicas 2", func(c *StandbyConfig) { c.Replicas = 2 }, "standby.replicas"},
+		{"poll slower than the budget", func(c *StandbyConfig) { c.PollInterval = time.Minute }, "standby.poll_interval"},
+		{"zero timeout", func(c *StandbyConfig) { c.LinkTimeout = 0 }, "link_timeout"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := DefaultStandby("b", "a")
+			tc.edit(&c)
+			err := c.Validate()
+			if tc.want == "" {
+				require.NoError(t, err)
+				return
+			}
+			require.ErrorContains(t, err, tc.want)
+		})
+	}
+}
