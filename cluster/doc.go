@@ -1,7 +1,11 @@
 // Package cluster owns the building blocks of cluster mode on NATS JetStream:
 // the replicated log that gateways append reading batches to (Log), the
 // assignment of partitions to nodes, one owner at a time (Owner), and the
-// clean-up a new owner needs after a hand-over (Dedupe).
+// clean-up a new owner needs after a hand-over (Dedupe); and disaster
+// recovery between two sites (Standby): mirrors of the active site's streams
+// and key-value buckets at the standby site, their lag against an RPO budget,
+// the fence record deciding which site may acknowledge devices, promotion,
+// salvage and demotion (docs/disaster-recovery.md).
 //
 // Readings are partitioned by device: partition = FNV-1a(device id) mod P, and
 // partition p is the subject citypulse.readings.<p> of the stream

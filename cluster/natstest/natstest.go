@@ -1,7 +1,9 @@
 // Package natstest runs real nats-server processes with JetStream on free
 // loopback ports for integration tests: a cluster of N nodes (routes on
 // loopback, each with its own store directory under t.TempDir()), with ways to
-// stop, SIGKILL and restart a node. It is used by the tests of package cluster
+// stop, SIGKILL and restart a node; and two such clusters as the primary and
+// standby sites of disaster recovery, linked by a leaf node through a proxy
+// that can cut the link (site.go). It is used by the tests of package cluster
 // and is meant for the server's tests too.
 //
 // The binary is nats-server 2.11 or later (priority groups with the pinned
