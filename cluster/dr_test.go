@@ -250,7 +250,7 @@ func TestDisasterPrimarySiteLostStandbyPromoted(t *testing.T) {
 	}
 	rate := envInt("CITYPULSE_TEST_DR_RATE", 1000)
 	sites := natstest.StartSites(t, 3, 1)
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
 	p := newDRSite(t, sites.Primary.URL(), natstest.PrimaryDomain, natstest.StandbyDomain, 3)
 	s := newDRSite(t, sites.Standby.URL(), natstest.StandbyDomain, natstest.PrimaryDomain, 1)
@@ -286,8 +286,8 @@ func TestDisasterPrimarySiteLostStandbyPromoted(t *testing.T) {
 	sinfo, err := s.js.Stream(ctx, Default().Stream)
 	require.NoError(t, err)
 	disaster := killAll(sites.Primary)
-	t.Logf("at the disaster: standby %.3f s behind (last sync), %d messages behind (primary last seq %d, standby %d)",
-		lag.SecondsBehind, pinfo.CachedInfo().State.LastSeq-sinfo.CachedInfo().State.LastSeq,
+	t.Logf("at the disaster: standby %.3f s behind (last sync), %d messages behind (primary last seq %d, standby %d, read after it)",
+		lag.SecondsBehind, int64(pinfo.CachedInfo().State.LastSeq)-int64(sinfo.CachedInfo().State.LastSeq),
 		pinfo.CachedInfo().State.LastSeq, sinfo.CachedInfo().State.LastSeq)
 
 	require.ErrorIs(t, s.sb.Promote(ctx, PromoteOptions{}), ErrPeerNotFenced)
@@ -317,7 +317,7 @@ func TestDisasterPrimarySiteLostStandbyPromoted(t *testing.T) {
 	require.Less(t, rto, 30*time.Second)
 	requireUnackedResent(t, pub)
 
-	failBack(t, ctx, sites, p, s, acked, disaster)
+	failBack(t, ctx, sites, p, s, acked, disaster, pinfo.CachedInfo().State.LastSeq)
 }
 
 // killAll SIGKILLs every server of the site at once and returns when the
@@ -343,7 +343,7 @@ func requireUnackedResent(t *testing.T, pub *drPublisher) {
 // failBack: the primary's servers return; the standby fences the primary (its
 // record has the lower epoch), salvages the primary's unreplicated tail, and
 // the primary re-syncs as a mirror of the standby.
-func failBack(t *testing.T, ctx context.Context, sites *natstest.Sites, p, s *drSite, acked map[reading]ackAt, disaster time.Time) {
+func failBack(t *testing.T, ctx context.Context, sites *natstest.Sites, p, s *drSite, acked map[reading]ackAt, disaster time.Time, hadSeq uint64) {
 	t.Helper()
 	for _, nd := range sites.Primary.Nodes {
 		nd.Restart()
@@ -357,6 +357,20 @@ func failBack(t *testing.T, ctx context.Context, sites *natstest.Sites, p, s *dr
 	if err := p.sb.Demote(ctx, DemoteOptions{}); err != nil {
 		require.ErrorIs(t, err, ErrUnreplicatedTail, "the primary's unreplicated tail is not deleted unsalvaged")
 	}
+	// Recovery after a SIGKILL of every server: the stream reports its state
+	// once it has a leader again; it must hold at least what it held when
+	// last read before the disaster.
+	var state jetstream.StreamState
+	require.Eventually(t, func() bool {
+		ps, err := p.js.Stream(ctx, Default().Stream)
+		if err != nil {
+			return false
+		}
+		i := ps.CachedInfo()
+		state = i.State
+		return i.Cluster != nil && i.Cluster.Leader != "" && i.State.LastSeq >= hadSeq
+	}, time.Minute, 200*time.Millisecond, "the returned primary's stream recovers what it held (last seq %d before the disaster, now %+v)", hadSeq, &state)
+	t.Logf("the returned primary's stream: %d messages, last seq %d", state.Msgs, state.LastSeq)
 	copied, err := s.sb.Salvage(ctx)
 	require.NoError(t, err)
 	got := countStream(t, ctx, s.js, Default().Stream)

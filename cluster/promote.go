@@ -197,6 +197,9 @@ func (s *Standby) salvageStream(ctx context.Context, name string, from uint64) (
 	if err != nil {
 		return from, 0, fmt.Errorf("salvage %s: read it at %s: %w", name, s.cfg.PeerDomain, err)
 	}
+	if c := src.CachedInfo().Cluster; c != nil && c.Leader == "" {
+		return from, 0, fmt.Errorf("salvage %s: the stream at %s has no leader yet (recovering); retry", name, s.cfg.PeerDomain)
+	}
 	last := src.CachedInfo().State.LastSeq
 	if last <= from {
 		return from, 0, nil
@@ -211,7 +214,7 @@ func (s *Standby) salvageStream(ctx context.Context, name string, from uint64) (
 	if _, err := s.js.UpdateStream(ctx, c); err != nil {
 		return from, 0, fmt.Errorf("salvage %s: add the source: %w", name, err)
 	}
-	werr := s.waitSourced(ctx, name, last)
+	got, werr := s.waitSourced(ctx, name, last)
 	c.Sources = base
 	if _, err := s.js.UpdateStream(ctx, c); err != nil {
 		return from, 0, errors.Join(werr, fmt.Errorf("salvage %s: remove the source: %w", name, err))
@@ -219,30 +222,52 @@ func (s *Standby) salvageStream(ctx context.Context, name string, from uint64) (
 	if werr != nil {
 		return from, 0, werr
 	}
-	s.log.Warn("salvaged the old active site's unreplicated messages", "stream", name, "from", from+1, "to", last)
-	return last, last - from, nil
+	s.log.Warn("salvaged the old active site's unreplicated messages", "stream", name, "from", from+1, "to", got, "source_last", last)
+	return got, got - from, nil
 }
 
-// waitSourced waits until the source of name from the other site reports
-// having read sequence last.
-func (s *Standby) waitSourced(ctx context.Context, name string, last uint64) error {
+// waitSourced waits until the source of name from the other site has read
+// sequence last, or reports nothing left to read (Lag 0 at a recent contact,
+// its position unchanged for a second: the source's last sequences may be
+// gaps, e.g. messages a SIGKILLed server had not flushed). It returns the
+// last sequence read.
+func (s *Standby) waitSourced(ctx context.Context, name string, last uint64) (uint64, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.CatchUpTimeout)
 	defer cancel()
+	var seen uint64
+	var since time.Time
 	for {
-		st, err := s.js.Stream(ctx, name)
-		if err == nil {
-			for _, si := range st.CachedInfo().Sources {
-				if si.Name == name && si.Seq >= last {
-					return nil
-				}
+		if si := s.sourceInfo(ctx, name); si != nil {
+			if si.Seq >= last {
+				return si.Seq, nil
+			}
+			idle := si.Lag == 0 && si.Active >= 0 && si.Active < s.cfg.LinkTimeout && si.Seq > 0
+			switch {
+			case si.Seq != seen || !idle:
+				seen, since = si.Seq, time.Now()
+			case time.Since(since) > time.Second:
+				return si.Seq, nil
 			}
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("salvage %s: source did not reach sequence %d: %w", name, last, ctx.Err())
+			return seen, fmt.Errorf("salvage %s: source did not reach sequence %d (at %d): %w", name, last, seen, ctx.Err())
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+func (s *Standby) sourceInfo(ctx context.Context, name string) *jetstream.StreamSourceInfo {
+	st, err := s.js.Stream(ctx, name)
+	if err != nil {
+		return nil
+	}
+	for _, si := range st.CachedInfo().Sources {
+		if si.Name == name {
+			return si
+		}
+	}
+	return nil
 }
 
 // DemoteOptions are the operator's statements for a demotion.

@@ -32,6 +32,10 @@ func newDRSite(t *testing.T, url, site, peer string, replicas int) *drSite {
 	cfg.RPOBudget = 2 * time.Second
 	cfg.PollInterval = 200 * time.Millisecond
 	cfg.LinkTimeout = time.Second
+	// Adding the salvage source makes the server scan the whole stream
+	// backwards for earlier copies from that source: 130k messages took more
+	// than 30 s on the loaded test machine.
+	cfg.CatchUpTimeout = 2 * time.Minute
 	reg := prometheus.NewRegistry()
 	sb, err := NewStandby(nc, cfg, NewStandbyMetrics(reg), nil)
 	require.NoError(t, err)
