@@ -29,11 +29,11 @@ type drPublisher struct {
 	stopNew  bool // only resend what was not acknowledged
 	inflight int
 	log      *Log
-	site    string
-	next    []int
-	acked   map[reading]ackAt
-	unacked map[reading]bool
-	waits   chan pendingAck
+	site     string
+	next     []int
+	acked    map[reading]ackAt
+	unacked  map[reading]bool
+	waits    chan pendingAck
 }
 
 type ackAt struct {

@@ -222,36 +222,37 @@ func (s *Standby) salvageStream(ctx context.Context, name string, from uint64) (
 	if werr != nil {
 		return from, 0, werr
 	}
-	s.log.Warn("salvaged the old active site's unreplicated messages", "stream", name, "from", from+1, "to", got, "source_last", last)
+	s.log.Warn("salvaged the old active site's unreplicated messages", "stream", name, "from", from+1, "to", got)
 	return got, got - from, nil
 }
 
 // waitSourced waits until the source of name from the other site has read
-// sequence last, or reports nothing left to read (Lag 0 at a recent contact,
-// its position unchanged for a second: the source's last sequences may be
-// gaps, e.g. messages a SIGKILLed server had not flushed). It returns the
-// last sequence read.
+// sequence last, or has nothing left to read: Lag 0 at a recent contact, for
+// two seconds. (Sourced messages whose Nats-Msg-Id the stream has seen within
+// its duplicate window, e.g. readings the devices resent here, are dropped
+// and do not advance the source's position.) It returns the sequence up to
+// which the source has read.
 func (s *Standby) waitSourced(ctx context.Context, name string, last uint64) (uint64, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.CatchUpTimeout)
 	defer cancel()
-	var seen uint64
-	var since time.Time
+	var idleSince time.Time
 	for {
-		if si := s.sourceInfo(ctx, name); si != nil {
-			if si.Seq >= last {
-				return si.Seq, nil
+		si := s.sourceInfo(ctx, name)
+		switch {
+		case si != nil && si.Seq >= last:
+			return si.Seq, nil
+		case si != nil && si.Lag == 0 && si.Active >= 0 && si.Active < s.cfg.LinkTimeout:
+			if idleSince.IsZero() {
+				idleSince = time.Now()
+			} else if time.Since(idleSince) > 2*time.Second {
+				return last, nil
 			}
-			idle := si.Lag == 0 && si.Active >= 0 && si.Active < s.cfg.LinkTimeout && si.Seq > 0
-			switch {
-			case si.Seq != seen || !idle:
-				seen, since = si.Seq, time.Now()
-			case time.Since(since) > time.Second:
-				return si.Seq, nil
-			}
+		default:
+			idleSince = time.Time{}
 		}
 		select {
 		case <-ctx.Done():
-			return seen, fmt.Errorf("salvage %s: source did not reach sequence %d (at %d): %w", name, last, seen, ctx.Err())
+			return 0, fmt.Errorf("salvage %s: source did not reach sequence %d: %w", name, last, ctx.Err())
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
