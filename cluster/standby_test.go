@@ -136,12 +136,13 @@ func TestStandbyMirrorsCatchUpAfterTheLinkIsCutAndLagIsExported(t *testing.T) {
 	require.NoError(t, err)
 	require.Eventually(t, func() bool {
 		st := s.sync(ctx)
-		return !st.PeerReachable && !st.Streams[0].LinkUp && s.sb.CheckRPO() != nil
+		return !st.PeerReachable && !st.Streams[0].LinkUp && st.Streams[0].SecondsBehind > 2.5
 	}, time.Minute, 100*time.Millisecond, "with the link cut the lag grows past the 2 s budget")
 	st := s.sb.Status()
 	require.Equal(t, uint64(300), s.msgs(t, ctx, Default().Stream), "nothing crossed the cut link")
 	require.Greater(t, st.Streams[0].SecondsBehind, 2.0)
 	require.False(t, st.WithinRPO)
+	require.ErrorContains(t, s.sb.CheckRPO(), "behind the active site")
 	require.Equal(t, 1.0, s.gauge(t, "citypulse_dr_rpo_exceeded", ""))
 	require.Greater(t, s.gauge(t, "citypulse_dr_replication_lag_seconds", Default().Stream), 2.0)
 	require.Equal(t, 2.0, s.gauge(t, "citypulse_dr_rpo_budget_seconds", ""))

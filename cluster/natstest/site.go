@@ -73,7 +73,7 @@ func StartSites(t testing.TB, primaryNodes, standbyNodes int) *Sites {
 		n.Name = "s" + strings.TrimPrefix(n.Name, "n")
 		n.cluster, n.domain = "standby", StandbyDomain
 		n.extra = fmt.Sprintf(`leafnodes {
-  reconnect: 1
+  reconnect: "1s"
   remotes: [{
     url: "nats-leaf://127.0.0.1:%d"
     deny_imports: [%s]
