@@ -268,15 +268,7 @@ func TestDisasterPrimarySiteLostStandbyPromoted(t *testing.T) {
 	defer func() { stopPub(); <-pubDone }()
 
 	time.Sleep(3 * time.Second)
-	sites.Link.Cut()
-	time.Sleep(3 * time.Second)
-	cutLag := s.sb.Status().Streams[0]
-	t.Logf("after a 3 s cut: %.2f s behind, link up %v, within RPO %v", cutLag.SecondsBehind, cutLag.LinkUp, s.sb.Status().WithinRPO)
-	require.False(t, cutLag.LinkUp)
-	sites.Link.Restore()
-	restored := time.Now()
-	require.Eventually(t, func() bool { return s.sb.Status().WithinRPO }, time.Minute, 50*time.Millisecond)
-	t.Logf("back within the RPO budget %v after the link was restored", time.Since(restored).Round(time.Millisecond))
+	cutAndRestore(t, sites, s)
 	time.Sleep(3 * time.Second)
 
 	// The disaster.
@@ -318,6 +310,22 @@ func TestDisasterPrimarySiteLostStandbyPromoted(t *testing.T) {
 	requireUnackedResent(t, pub)
 
 	failBack(t, ctx, sites, p, s, acked, disaster, pinfo.CachedInfo().State.LastSeq)
+}
+
+// cutAndRestore cuts the link for 3 s under load and waits until the
+// standby is back within its RPO budget.
+func cutAndRestore(t *testing.T, sites *natstest.Sites, s *drSite) {
+	t.Helper()
+	sites.Link.Cut()
+	time.Sleep(3 * time.Second)
+	cutLag := s.sb.Status().Streams[0]
+	t.Logf("after a 3 s cut: %.2f s behind, link up %v, within RPO %v", cutLag.SecondsBehind, cutLag.LinkUp, s.sb.Status().WithinRPO)
+	require.False(t, cutLag.LinkUp)
+	require.False(t, s.sb.Status().WithinRPO)
+	sites.Link.Restore()
+	restored := time.Now()
+	require.Eventually(t, func() bool { return s.sb.Status().WithinRPO }, time.Minute, 50*time.Millisecond)
+	t.Logf("back within the RPO budget %v after the link was restored", time.Since(restored).Round(time.Millisecond))
 }
 
 // killAll SIGKILLs every server of the site at once and returns when the
