@@ -58,19 +58,19 @@ func DefaultStandby(site, peer string) StandbyConfig {
 func (c StandbyConfig) Validate() error {
 	var errs []error
 	if c.Site == "" || c.PeerDomain == "" || c.Site == c.PeerDomain {
-		errs = append(errs, fmt.Errorf("standby.site (%q) and standby.peer_domain (%q) must be set and differ", c.Site, c.PeerDomain))
+		errs = append(errs, fmt.Errorf("cluster.standby.site (%q) and cluster.standby.peer_domain (%q) must be set and differ", c.Site, c.PeerDomain))
 	}
 	if len(c.Streams) == 0 || slices.Contains(c.Streams, "") {
-		errs = append(errs, errors.New("standby.streams must name at least one stream, none empty"))
+		errs = append(errs, errors.New("cluster.standby.streams must name at least one stream, none empty"))
 	}
 	if c.Replicas != 1 && c.Replicas != 3 && c.Replicas != 5 {
-		errs = append(errs, fmt.Errorf("standby.replicas must be 1, 3 or 5, got %d", c.Replicas))
+		errs = append(errs, fmt.Errorf("cluster.standby.replicas must be 1, 3 or 5, got %d", c.Replicas))
 	}
 	if c.RPOBudget <= 0 || c.PollInterval <= 0 || c.LinkTimeout <= 0 || c.CatchUpTimeout <= 0 {
-		errs = append(errs, errors.New("standby.rpo_budget, poll_interval, link_timeout and catch_up_timeout must be > 0"))
+		errs = append(errs, errors.New("cluster.standby.rpo_budget, poll_interval, link_timeout and catch_up_timeout must be > 0"))
 	}
 	if c.PollInterval >= c.RPOBudget {
-		errs = append(errs, fmt.Errorf("standby.poll_interval (%v) must be below standby.rpo_budget (%v)", c.PollInterval, c.RPOBudget))
+		errs = append(errs, fmt.Errorf("cluster.standby.poll_interval (%v) must be below cluster.standby.rpo_budget (%v)", c.PollInterval, c.RPOBudget))
 	}
 	return errors.Join(errs...)
 }
