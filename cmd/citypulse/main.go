@@ -28,6 +28,8 @@ const usage = `usage: citypulse <command> [flags]
 commands:
   serve     run the server (gateways, pipeline, stores, HTTP API)
   config    print the effective config (secrets masked) and exit
+  standby   disaster recovery: standby <activate|promote|salvage|demote> [--peer-down] [--discard-tail]
+            (asks the node at http.addr of the config, with http.admin_token)
   version   print the version
 
 run 'citypulse serve -h' for the flags.`
@@ -39,6 +41,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 	}
 	switch args[0] {
 	case "serve", "config":
+	case "standby":
+		return runStandby(args[1:], stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "citypulse", version)
 		return nil
