@@ -154,7 +154,10 @@ func (s *Standby) Sync(ctx context.Context) error {
 	if ferr != nil {
 		errs = append(errs, ferr)
 	}
-	if role == RoleStandby {
+	// Mirror only once a record names the other site: before the first
+	// installation's Activate, a site that is to be the primary must not
+	// create mirrors of the other's streams in place of its own.
+	if role == RoleStandby && rec.Site != "" && rec.Site != s.cfg.Site {
 		errs = append(errs, s.ensureMirrors(ctx))
 	}
 	streams := s.readLag(ctx)

@@ -20,6 +20,7 @@ import (
 	"github.com/citypulse/citypulse/cluster"
 	"github.com/citypulse/citypulse/cluster/natstest"
 	"github.com/citypulse/citypulse/cmd/internal/servertest"
+	"github.com/citypulse/citypulse/internal/servers"
 	"github.com/citypulse/citypulse/pipeline"
 )
 
@@ -28,10 +29,14 @@ import (
 // (natstest.Sites), one CityPulse node per site. Run with CITYPULSE_TEST_DR=1
 // (make test-dr).
 
-const drToken = "dr-admin-token"
+const drToken = "dr-admin-token-of-the-test"
 
-// drNode prepares the CityPulse node of a site (not started).
+// drNode prepares the CityPulse node of a site (not started), with the
+// site's own VictoriaMetrics as its store.
 func drNode(t *testing.T, natsURL, site, peer, devices string) *servertest.Server {
+	vm, vmAddr, err := servers.StartVictoriaMetrics(t.TempDir())
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = vm.Stop(30 * time.Second) })
 	vitals, _ := filepath.Abs("../../configs/vitals.yaml")
 	rulesFile, _ := filepath.Abs("../../configs/rules.yaml")
 	s := servertest.New(t, binPath, "CITYPULSE_VITALS_FILE="+vitals, "CITYPULSE_RULES_FILE="+rulesFile)
@@ -40,6 +45,10 @@ devices:
   file: %s
 log:
   format: json
+storage:
+  remote_write:
+    enabled: true
+    url: http://%s/api/v1/write
 http:
   admin_token: %s
 cluster:
@@ -57,7 +66,7 @@ cluster:
     rpo_budget: 5s
     poll_interval: 200ms
     link_timeout: 1s
-`, devices, drToken, natsURL, site, peer))
+`, devices, vmAddr, drToken, natsURL, site, peer))
 	return s
 }
 
@@ -233,7 +242,7 @@ func TestStandbySiteTakesOverAfterThePrimarySiteIsLost(t *testing.T) {
 	refused := ids[len(ids)-1]
 	c, err := mqttConnect(standby.MQTT, refused, "secret-"+refused, false)
 	require.NoError(t, err)
-	tok := c.Publish("devices/"+refused+"/readings", 1, false, []byte(`{"pressure":-1}`))
+	tok := c.Publish("devices/"+refused+"/readings", 1, false, []byte(`{"pressure":4242}`))
 	require.False(t, tok.WaitTimeout(10*time.Second) && tok.Error() == nil, "the standby acknowledged a reading")
 	c.Disconnect(0)
 	require.Positive(t, metricSum(t, []*servertest.Server{standby}, `citypulse_cluster_submit_failures_total{reason="fenced"}`))
@@ -312,7 +321,7 @@ func TestStandbySiteTakesOverAfterThePrimarySiteIsLost(t *testing.T) {
 		}
 	}
 	got := streamReadings(t, sites.Standby.URL(), cluster.Default().Stream)
-	require.Zero(t, got[refused][-1], "the refused reading is not in the stream")
+	require.Zero(t, got[refused][4242], "the refused reading is not in the stream")
 	var acked, lost, dup int
 	var lostAt []time.Duration
 	for _, d := range devs {
