@@ -49,7 +49,7 @@ func DefaultCluster() ClusterConfig {
 
 func defaultStandby() StandbySection {
 	sc := cluster.DefaultStandby("", "")
-	sc.Streams = nil // the cluster's own names (mirrored)
+	sc.Streams = []string{} // the cluster's own names (mirrored)
 	return StandbySection{StandbyConfig: sc}
 }
 

@@ -347,6 +347,8 @@ func TestStandbySiteTakesOverAfterThePrimarySiteIsLost(t *testing.T) {
 		require.Less(t, ago, budget+time.Second, "a reading acknowledged %v before the disaster was lost: beyond the RPO budget", ago)
 	}
 	require.Positive(t, rto)
+	require.NotContains(t, standby.Logs(), `"level":"ERROR"`)
+	require.Equal(t, 1.0, metricSum(t, []*servertest.Server{standby}, `citypulse_dr_role{role="active"}`))
 	require.Contains(t, strings.ToLower(out), `"role":"active"`)
 }
 
