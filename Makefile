@@ -141,10 +141,15 @@ clean:
 # through a cuttable proxy; the link cut and restored under load, every
 # primary server SIGKILLed, the standby promoted, loss and duplicates counted
 # by device sequence, the primary salvaged and re-synced. About a minute per
-# rate; DR_RATES are the write rates (readings/s), one run each.
+# rate; DR_RATES are the write rates (readings/s), one run each. Then the
+# same disaster through the server (cmd/citypulse/dr_test.go): a CityPulse
+# node per site, MQTT devices, the standby refusing them, promoted with
+# `citypulse standby promote --peer-down` (about 30 s).
 DR_RATES ?= 1000 5000
 test-dr: deps
 	@set -o pipefail; for r in $(DR_RATES); do \
 		CITYPULSE_TEST_DR=1 CITYPULSE_TEST_DR_RATE=$$r $(GO) test -count=1 -timeout 10m -run 'TestDisasterPrimarySiteLostStandbyPromoted' -v ./cluster/ \
 			| grep -E 'dr_test.go|^(--- |ok|FAIL|PASS)' || exit 1; \
 	done
+	@set -o pipefail; CITYPULSE_TEST_DR=1 $(GO) test -count=1 -timeout 10m -run 'TestStandbySiteTakesOverAfterThePrimarySiteIsLost' -v ./cmd/citypulse/ \
+		| grep -E 'dr_test.go|^(--- |ok|FAIL|PASS)'
