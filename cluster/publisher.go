@@ -39,8 +39,8 @@ type Publisher struct {
 	seq      atomic.Uint64
 	parts    []*queue
 	m        *Metrics
-	maxBatch int // readings per batch
-	maxQueue int // readings waiting per partition
+	maxBatch int          // readings per batch
+	maxQueue int          // readings waiting per partition
 	fence    func() error // nil: always may acknowledge; see SetFence
 
 	stopped chan struct{} // closed when Run returns

@@ -358,4 +358,3 @@ func firstOr(ds []time.Duration) time.Duration {
 	}
 	return ds[0].Round(time.Millisecond)
 }
-
