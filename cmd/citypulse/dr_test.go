@@ -199,7 +199,8 @@ func streamReadings(t *testing.T, url, stream string) map[string]map[int]int {
 // to the primary; the standby refuses devices (counted, reason fenced) while
 // it mirrors; the primary site's processes are SIGKILLed; the standby is
 // promoted with `citypulse standby promote --peer-down`; the devices move to
-// it and are acknowledged. Every acknowledged reading is counted, by device
+// it and are acknowledged. Before the disaster the link is cut for longer
+// than the RPO budget (reported) and restored (caught up). Every acknowledged reading is counted, by device
 // sequence, in the standby's stream: the lost ones were acknowledged within
 // the RPO budget before the disaster; RTO = disaster to the first reading
 // acknowledged at the standby.
@@ -209,7 +210,7 @@ func TestStandbySiteTakesOverAfterThePrimarySiteIsLost(t *testing.T) {
 		t.Skip("the disaster-recovery test runs with CITYPULSE_TEST_DR=1 (make test-dr)")
 	}
 	sites := natstest.StartSites(t, 1, 1)
-	devFile, ids := clusterFleet(t, t.TempDir(), 21)
+	devFile, ids := clusterFleet(t, t.TempDir(), envInt(t, "CITYPULSE_TEST_DR_DEVICES", 20)+1)
 	{ // the readings stream at the primary, as its installation creates it
 		nc, err := nats.Connect(sites.Primary.URL())
 		require.NoError(t, err)
@@ -257,7 +258,42 @@ func TestStandbySiteTakesOverAfterThePrimarySiteIsLost(t *testing.T) {
 		wg.Add(1)
 		go func() { defer wg.Done(); d.run(stop) }()
 	}
-	time.Sleep(8 * time.Second)
+	time.Sleep(3 * time.Second)
+
+	// The link cut for longer than the RPO budget: the standby reports it
+	// (status and metric); restored, the mirror catches up.
+	sites.Link.Cut()
+	cut := time.Now()
+	var worst float64
+	eventually(t, 30*time.Second, func() error {
+		st, _ := drStatus(t, standby)
+		for _, ms := range st.Streams {
+			worst = max(worst, ms.SecondsBehind)
+		}
+		if st.WithinRPO || metricSum(t, []*servertest.Server{standby}, "citypulse_dr_rpo_exceeded") != 1 {
+			return fmt.Errorf("link cut %v ago: still within the RPO budget: %+v", time.Since(cut), st)
+		}
+		return nil
+	})
+	exceededAfter := time.Since(cut)
+	sites.Link.Restore()
+	restored := time.Now()
+	eventually(t, 60*time.Second, func() error {
+		st, _ := drStatus(t, standby)
+		for _, ms := range st.Streams {
+			worst = max(worst, ms.SecondsBehind)
+			if ms.Stream == cluster.Default().Stream && (ms.LagMessages != 0 || !ms.LinkUp) {
+				return fmt.Errorf("readings mirror not caught up: %+v", ms)
+			}
+		}
+		if !st.WithinRPO || metricSum(t, []*servertest.Server{standby}, "citypulse_dr_rpo_exceeded") != 0 {
+			return fmt.Errorf("restored %v ago: not within the RPO budget: %+v", time.Since(restored), st)
+		}
+		return nil
+	})
+	t.Logf("link cut: RPO budget (5 s) reported exceeded after %v; restored: caught up and within the budget after %v; worst seconds behind %.2f",
+		exceededAfter.Round(time.Millisecond), time.Since(restored).Round(time.Millisecond), worst)
+	time.Sleep(3 * time.Second)
 
 	// The disaster: the lag as the standby last saw it, then every process
 	// of the primary site SIGKILLed.
