@@ -45,7 +45,7 @@ func (n *clusterNode) whenActive(r runner) runner {
 		return r
 	}
 	return runFunc(func(ctx context.Context) error {
-		t := time.NewTicker(n.cfg.Standby.PollInterval / 4)
+		t := time.NewTicker(max(n.cfg.Standby.PollInterval/4, 10*time.Millisecond))
 		defer t.Stop()
 		for n.dr.MayAcknowledge() != nil {
 			select {
