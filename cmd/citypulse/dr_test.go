@@ -398,6 +398,63 @@ func TestStandbySiteTakesOverAfterThePrimarySiteIsLost(t *testing.T) {
 	require.NotContains(t, standby.Logs(), `"level":"ERROR"`)
 	require.Equal(t, 1.0, metricSum(t, []*servertest.Server{standby}, `citypulse_dr_role{role="active"}`))
 	require.Contains(t, strings.ToLower(out), `"role":"active"`)
+	failBack(t, sites, primary, standby, devs)
+}
+
+// failBack: the primary site's NATS server and node return; the primary is
+// fenced (its node acknowledges nothing), the standby salvages what it
+// lacked (`citypulse standby salvage`), the primary is demoted (`citypulse
+// standby demote`) and re-synced: its stream then holds every reading
+// acknowledged at either site.
+func failBack(t *testing.T, sites *natstest.Sites, primary, standby *servertest.Server, devs []*drDevice) {
+	t.Helper()
+	for _, n := range sites.Primary.Nodes {
+		n.Restart()
+	}
+	sites.WaitLinked(60 * time.Second)
+	returned := time.Now()
+	primary.Start()
+	eventually(t, 60*time.Second, func() error {
+		if st, owned := drStatus(t, primary); st.Role != cluster.RoleStandby || st.ActiveSite != natstest.StandbyDomain || len(owned) != 0 {
+			return fmt.Errorf("returned primary not fenced: %+v, owned %v", st, owned)
+		}
+		return nil
+	})
+	out, took, err := drCommand(t, standby, "salvage")
+	require.NoError(t, err, out)
+	t.Logf("fail-back: the returned primary fenced; citypulse standby salvage took %v: %s", took.Round(time.Millisecond), firstLine(out, 300))
+	out, took, err = drCommand(t, primary, "demote")
+	require.NoError(t, err, out)
+	t.Logf("citypulse standby demote took %v", took.Round(time.Millisecond))
+	eventually(t, 120*time.Second, func() error {
+		st, _ := drStatus(t, primary)
+		for _, ms := range st.Streams {
+			if ms.Stream == cluster.Default().Stream && (!ms.Mirror || ms.LagMessages != 0 || !ms.LinkUp || ms.Msgs == 0) {
+				return fmt.Errorf("primary's readings stream not yet a caught-up mirror: %+v", ms)
+			}
+		}
+		return nil
+	})
+	got := streamReadings(t, sites.Primary.URL(), cluster.Default().Stream)
+	lost := 0
+	for _, d := range devs {
+		for seq := range d.ackedAt {
+			if got[d.id][seq] == 0 {
+				lost++
+			}
+		}
+	}
+	t.Logf("re-synced %v after the primary's return: %d acknowledged readings missing at the primary", time.Since(returned).Round(time.Millisecond), lost)
+	require.Zero(t, lost)
+	require.NotContains(t, primary.Logs(), `"level":"ERROR"`)
+}
+
+func firstLine(s string, n int) string {
+	s, _, _ = strings.Cut(s, "\n")
+	if len(s) > n {
+		s = s[:n] + "..."
+	}
+	return s
 }
 
 func firstOr(ds []time.Duration) time.Duration {
