@@ -143,8 +143,8 @@ clean:
 # by device sequence, the primary salvaged and re-synced. About a minute per
 # rate; DR_RATES are the write rates (readings/s), one run each. Then the
 # same disaster through the server (cmd/citypulse/dr_test.go): a CityPulse
-# node per site, MQTT devices, the standby refusing them, promoted with
-# `citypulse standby promote --peer-down` (about 30 s).
+# node per site, MQTT devices, the standby refusing them, the link cut, promoted with
+# `citypulse standby promote --peer-down` and the fail-back (about a minute).
 DR_RATES ?= 1000 5000
 test-dr: deps
 	@set -o pipefail; for r in $(DR_RATES); do \
