@@ -3,8 +3,12 @@
 // assignment of partitions to nodes, one owner at a time (Owner), and the
 // clean-up a new owner needs after a hand-over (Dedupe); the store of the
 // state that moves with a partition (StateStore: snapshots in an object
-// store, transitions and pending notifications in a stream) and the lease
-// that elects one node for a task (Lease).
+// store, transitions and pending notifications in a stream); the lease that
+// elects one node for a task (Lease); and disaster recovery between two sites
+// (Standby): mirrors of the active site's streams and key-value buckets at the
+// standby site, their lag against an RPO budget, the fence record deciding
+// which site may acknowledge devices, promotion, salvage and demotion
+// (docs/disaster-recovery.md).
 //
 // Readings are partitioned by device: partition = FNV-1a(device id) mod P, and
 // partition p is the subject citypulse.readings.<p> of the stream

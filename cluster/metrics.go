@@ -57,7 +57,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
 		submitFailed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "citypulse_cluster_submit_failures_total",
-			Help: "Gateway submissions not acknowledged by JetStream (the device is not acknowledged and sends again), by reason: not_acknowledged (no quorum, stream full, ...), timeout, canceled, full (too many readings waiting), stopped."},
+			Help: "Gateway submissions not acknowledged by JetStream (the device is not acknowledged and sends again), by reason: not_acknowledged (no quorum, stream full, ...), timeout, canceled, full (too many readings waiting), stopped, fenced (a disaster-recovery site that is not the active one)."},
 			[]string{"reason"}),
 		batchReadings: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "citypulse_cluster_batch_readings",

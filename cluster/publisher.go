@@ -39,8 +39,9 @@ type Publisher struct {
 	seq      atomic.Uint64
 	parts    []*queue
 	m        *Metrics
-	maxBatch int // readings per batch
-	maxQueue int // readings waiting per partition
+	maxBatch int          // readings per batch
+	maxQueue int          // readings waiting per partition
+	fence    func() error // nil: always may acknowledge; see SetFence
 
 	stopped chan struct{} // closed when Run returns
 }
@@ -88,6 +89,12 @@ func newPublisher(l appender, cfg Config, node int, m *Metrics) *Publisher {
 	return p
 }
 
+// SetFence makes Submit refuse, as backpressure counted with reason
+// "fenced", whenever may returns an error: at a disaster-recovery site that
+// is not the active one (Standby.MayAcknowledge), devices are not
+// acknowledged and send again later. Call it before Run.
+func (p *Publisher) SetFence(may func() error) { p.fence = may }
+
 // Submit publishes rs and returns nil once JetStream acknowledged all of
 // them. An error means some may not be stored: the device must not be
 // acknowledged (it sends again; the owner drops what is a duplicate). When
@@ -104,6 +111,12 @@ func (p *Publisher) Submit(ctx context.Context, rs []pipeline.Reading) error {
 	case <-p.stopped:
 		return ErrPublisherStopped
 	default:
+	}
+	if p.fence != nil {
+		if err := p.fence(); err != nil {
+			p.m.submitFailed.WithLabelValues("fenced").Inc()
+			return fmt.Errorf("%w: %w", pipeline.ErrBackpressure, err)
+		}
 	}
 	start := time.Now()
 	var dones []chan error

@@ -186,3 +186,49 @@ func TestPublisherLingersForLargerBatches(t *testing.T) {
 	require.Len(t, got, 20)
 	require.LessOrEqual(t, batches, 3, "20 submissions within the linger: one batch, or a few on a slow machine")
 }
+
+// TestAFencedPublisherRefusesAsBackpressure: while the fence says no (a
+// disaster-recovery site that is not the active one), Submit stores nothing
+// and refuses as backpressure, counted with reason fenced; once it says yes,
+// the same readings are stored.
+func TestAFencedPublisherRefusesAsBackpressure(t *testing.T) {
+	c := natstest.Start(t, 1)
+	cfg := testConfig(1, 4)
+	m := NewMetrics(nil)
+	l, err := NewLog(connect(t, c.URL()), cfg, m)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, err = l.EnsureStream(ctx)
+	require.NoError(t, err)
+	p := NewPublisher(l, 0, m)
+	var active sync.Mutex
+	standby := true
+	p.SetFence(func() error {
+		active.Lock()
+		defer active.Unlock()
+		if standby {
+			return fmt.Errorf("site b is standby")
+		}
+		return nil
+	})
+	runPublisher(t, p)
+	rs := []pipeline.Reading{reading("dev-1", 1), reading("dev-2", 2)}
+
+	err = p.Submit(ctx, rs)
+	require.ErrorIs(t, err, pipeline.ErrBackpressure)
+	require.ErrorContains(t, err, "site b is standby")
+	require.Equal(t, 1.0, testutil.ToFloat64(m.submitFailed.WithLabelValues("fenced")))
+	s, err := l.JetStream().Stream(ctx, cfg.Stream)
+	require.NoError(t, err)
+	info, err := s.Info(ctx)
+	require.NoError(t, err)
+	require.Zero(t, info.State.Msgs, "nothing stored while fenced")
+
+	active.Lock()
+	standby = false
+	active.Unlock()
+	require.NoError(t, p.Submit(ctx, rs))
+	got, _ := readStream(t, l, cfg)
+	require.Equal(t, map[string][]int64{"dev-1": {1}, "dev-2": {2}}, got)
+}

@@ -1,7 +1,9 @@
 // Package natstest runs real nats-server processes with JetStream on free
 // loopback ports for integration tests: a cluster of N nodes (routes on
 // loopback, each with its own store directory under t.TempDir()), with ways to
-// stop, SIGKILL and restart a node. It is used by the tests of package cluster
+// stop, SIGKILL and restart a node; and two such clusters as the primary and
+// standby sites of disaster recovery, linked by a leaf node through a proxy
+// that can cut the link (site.go). It is used by the tests of package cluster
 // and is meant for the server's tests too.
 //
 // The binary is nats-server 2.11 or later (priority groups with the pinned
@@ -71,6 +73,10 @@ type Node struct {
 	Monitor int // HTTP monitoring port
 	Dir     string
 
+	cluster string // cluster name (routes); "citypulse-test" if empty
+	domain  string // JetStream domain, if any
+	extra   string // more configuration, appended (leaf nodes)
+
 	mu     sync.Mutex
 	cmd    *exec.Cmd
 	exited chan struct{}
@@ -81,6 +87,13 @@ type Node struct {
 // without routes) and waits until every node is healthy and JetStream has a
 // meta leader. The processes are killed when the test ends.
 func Start(t testing.TB, n int) *Cluster {
+	t.Helper()
+	return start(t, n, nil)
+}
+
+// start starts an n-node cluster; setup, if not nil, may set each node's
+// cluster name, domain and extra configuration before it is written.
+func start(t testing.TB, n int, setup func(*Node)) *Cluster {
 	t.Helper()
 	bin := Binary(t)
 	c := &Cluster{t: t}
@@ -98,6 +111,9 @@ func Start(t testing.TB, n int) *Cluster {
 			Client: port(), Route: port(), Monitor: port(), Dir: t.TempDir()})
 	}
 	for _, nd := range c.Nodes {
+		if setup != nil {
+			setup(nd)
+		}
 		nd.writeConfig(c.Nodes)
 	}
 	t.Cleanup(func() {
@@ -136,23 +152,32 @@ func (n *Node) writeConfig(all []*Node) {
 			routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", o.Route))
 		}
 	}
+	domain := ""
+	if n.domain != "" {
+		domain = fmt.Sprintf("\n  domain: %s", n.domain)
+	}
 	conf := fmt.Sprintf(`server_name: %s
 listen: 127.0.0.1:%d
 http: 127.0.0.1:%d
 jetstream {
   store_dir: %q
   max_memory_store: 64MB
-  max_file_store: 2GB
+  max_file_store: 2GB%s
 }
-`, n.Name, n.Client, n.Monitor, filepath.Join(n.Dir, "js"))
+`, n.Name, n.Client, n.Monitor, filepath.Join(n.Dir, "js"), domain)
 	if len(all) > 1 {
+		name := n.cluster
+		if name == "" {
+			name = "citypulse-test"
+		}
 		conf += fmt.Sprintf(`cluster {
-  name: citypulse-test
+  name: %s
   listen: 127.0.0.1:%d
   routes: [%s]
 }
-`, n.Route, strings.Join(routes, ", "))
+`, name, n.Route, strings.Join(routes, ", "))
 	}
+	conf += n.extra
 	if err := os.WriteFile(filepath.Join(n.Dir, "nats.conf"), []byte(conf), 0o600); err != nil {
 		n.t.Fatal(err)
 	}

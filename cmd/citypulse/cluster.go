@@ -36,6 +36,7 @@ type clusterNode struct {
 	owner *cluster.Owner
 	feed  *cluster.Feed
 	m     *cluster.Metrics
+	dr    *cluster.Standby // nil without cluster.standby (standby.go)
 
 	hooks  []cluster.OwnershipFunc // called in order on every gain and loss; the feed's first
 	parts  []atomic.Bool           // partition → owned, as the hooks were told
@@ -74,6 +75,9 @@ func (s *server) buildCluster() error {
 		return err
 	}
 	n.pub = cluster.NewPublisher(n.clog, c.Index, n.m)
+	if err := s.buildStandby(n); err != nil {
+		return err
+	}
 	if n.feed, err = cluster.NewFeed(s.pipe, c.DedupeWindow, c.DedupeDevices, log, n.m); err != nil {
 		return err
 	}
@@ -126,10 +130,15 @@ func (n *clusterNode) owns(device string) bool {
 // gateways, so that what they submitted is published and answered.
 func (n *clusterNode) publisher() runner { return n.pub }
 
-// consumers are the runners of the owner and the readiness check: they stop
-// before the pipeline, which they feed.
+// consumers are the runners of the owner and the readiness check (and of
+// the standby site's keeper): they stop before the pipeline, which they feed.
+// The owner consumes only while this site is the active one.
 func (n *clusterNode) consumers() []runner {
-	return []runner{n.owner, runFunc(n.watch)}
+	rs := []runner{n.whenActive(n.owner), runFunc(n.watch)}
+	if n.dr != nil {
+		rs = append(rs, n.dr)
+	}
+	return rs
 }
 
 // watch keeps n.ready: connected to NATS and the stream's info answered,
@@ -184,6 +193,9 @@ type clusterStatus struct {
 	// node's batches since it started.
 	Publish  latencySummary `json:"publish_ack_seconds"`
 	InFlight int            `json:"publish_in_flight"`
+	// DR is the disaster-recovery state (cluster.standby): role, epoch, the
+	// mirrors' lag against the RPO budget.
+	DR *cluster.StandbyStatus `json:"dr,omitempty"`
 }
 
 // serveStatus answers GET /api/v1/cluster.
@@ -191,7 +203,7 @@ func (n *clusterNode) serveStatus(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
 	defer cancel()
 	st := clusterStatus{Status: n.status(ctx), Connected: n.nc.IsConnected(), Server: n.nc.ConnectedUrlRedacted(),
-		Ready: n.ready.Load(), Publish: summarize(n.m.AckSeconds()), InFlight: n.clog.Pending()}
+		Ready: n.ready.Load(), Publish: summarize(n.m.AckSeconds()), InFlight: n.clog.Pending(), DR: n.standbyStatus()}
 	httpapi.WriteData(w, http.StatusOK, st)
 }
 

@@ -28,6 +28,9 @@ type ClusterConfig struct {
 	// State is where the state that moves with a partition and the shared
 	// state are kept (docs/cluster.md, "State").
 	State cluster.StateConfig `mapstructure:"state" yaml:"state"`
+	// Standby is this site's side of disaster recovery between two sites
+	// (docs/disaster-recovery.md); off by default.
+	Standby StandbySection `mapstructure:"standby" yaml:"standby"`
 
 	cluster.Config `mapstructure:",squash" yaml:",inline"`
 }
@@ -40,7 +43,40 @@ func DefaultCluster() ClusterConfig {
 		DedupeDevices: 8192,
 		Config:        cluster.Default(),
 		State:         cluster.DefaultState(),
+		Standby:       defaultStandby(),
 	}
+}
+
+func defaultStandby() StandbySection {
+	sc := cluster.DefaultStandby("", "")
+	sc.Streams = []string{} // the cluster's own names (mirrored)
+	return StandbySection{StandbyConfig: sc}
+}
+
+// StandbySection is cluster.standby: with enabled, the node keeps its site's
+// mirrors of the other site's streams (cluster.Standby) and its gateways and
+// owners work only while the fence record names this site. The streams
+// default to the readings stream and the state's (see mirrored).
+type StandbySection struct {
+	Enabled               bool `mapstructure:"enabled" yaml:"enabled"`
+	cluster.StandbyConfig `mapstructure:",squash" yaml:",inline"`
+}
+
+// standby returns the section's cluster config, its streams filled in from
+// the cluster's names when none are configured.
+func (c ClusterConfig) standby() cluster.StandbyConfig {
+	sc := c.Standby.StandbyConfig
+	if len(sc.Streams) == 0 {
+		sc.Streams = c.mirrored()
+	}
+	return sc
+}
+
+// mirrored names the streams a standby site mirrors: the readings, the
+// partitions' alert snapshots (an object store) and transitions, and the
+// shared device changes (a key-value bucket). The leases are the site's own.
+func (c ClusterConfig) mirrored() []string {
+	return []string{c.Stream, "OBJ_" + c.State.Bucket, c.State.Stream, "KV_" + c.State.Devices}
 }
 
 // Validate checks the section when it is enabled; messages name the key.
@@ -49,6 +85,9 @@ func (c ClusterConfig) Validate() error {
 		return nil
 	}
 	errs := []error{c.Config.Validate(), c.State.Validate()}
+	if c.Standby.Enabled {
+		errs = append(errs, c.standby().Validate())
+	}
 	if len(c.URLs) == 0 {
 		errs = append(errs, errors.New("cluster.urls must name at least one NATS server"))
 	}

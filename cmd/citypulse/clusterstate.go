@@ -71,26 +71,26 @@ func (s *server) buildClusterState() error {
 			return s.engine.Flush(ctx)
 		})
 		owns = ps.Owns
-		s.gateways = append(s.gateways, runFunc(func(ctx context.Context) error {
+		s.gateways = append(s.gateways, n.whenActive(runFunc(func(ctx context.Context) error {
 			if !retry(ctx, log, "state bucket", store.Ensure) {
 				return nil
 			}
 			return store.Run(ctx)
-		}))
+		})))
 	}
 	reg, err := clusterstate.NewRegistry(n.nc, s.devices, cfg.State.Devices, cfg.State.Replicas, log, s.reg)
 	if err != nil {
 		return err
 	}
 	s.cstate.registry = reg
-	s.gateways = append(s.gateways, runFunc(func(ctx context.Context) error {
+	s.gateways = append(s.gateways, n.whenActive(runFunc(func(ctx context.Context) error {
 		for retry(ctx, log, "device bucket", reg.Ensure) {
 			if err := reg.Run(ctx); err != nil {
 				log.Warn("device bucket watch ended; watching again", "err", err)
 			}
 		}
 		return nil
-	}))
+	})))
 	if s.vitals != nil {
 		s.vitals.SetOwns(owns)
 		node := fmt.Sprintf("node%d", cfg.Index)
@@ -103,7 +103,7 @@ func (s *server) buildClusterState() error {
 			return err
 		}
 		live := liveSubmitter{pipe: s.pipe, events: s.events}
-		s.gateways = append(s.gateways, runFunc(func(ctx context.Context) error { return r.Run(ctx, live) }))
+		s.gateways = append(s.gateways, n.whenActive(runFunc(func(ctx context.Context) error { return r.Run(ctx, live) })))
 	}
 	return nil
 }

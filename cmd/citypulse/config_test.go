@@ -105,6 +105,28 @@ func TestClusterSection(t *testing.T) {
 	require.Equal(t, "CITYPULSE_READINGS", c.Cluster.Stream, "the defaults of the keys not set")
 }
 
+func TestStandbyConfigFromTheEnvironmentMirrorsTheClusterStreams(t *testing.T) {
+	t.Setenv("CITYPULSE_CLUSTER_STANDBY_ENABLED", "true")
+	t.Setenv("CITYPULSE_CLUSTER_STANDBY_SITE", "east")
+	t.Setenv("CITYPULSE_CLUSTER_STANDBY_PEER_DOMAIN", "west")
+	t.Setenv("CITYPULSE_CLUSTER_STANDBY_RPO_BUDGET", "10s")
+	t.Setenv("CITYPULSE_CLUSTER_STATE_DEVICES_BUCKET", "DEVS")
+	c, err := loadConfig(writeConfig(t, "cluster:\n  enabled: true\nstorage:\n  remote_write:\n    enabled: true\n    url: http://127.0.0.1:8428/api/v1/write\n"), nil)
+	require.NoError(t, err)
+	sc := c.Cluster.standby()
+	require.True(t, c.Cluster.Standby.Enabled)
+	require.Equal(t, "east", sc.Site)
+	require.Equal(t, "west", sc.PeerDomain)
+	require.Equal(t, 10*time.Second, sc.RPOBudget)
+	require.Equal(t, []string{"CITYPULSE_READINGS", "OBJ_CITYPULSE_STATE", "CITYPULSE_STATE_LOG", "KV_DEVS"}, sc.Streams,
+		"by default the readings and the state's streams, by the names configured")
+
+	t.Setenv("CITYPULSE_CLUSTER_STANDBY_STREAMS", "CITYPULSE_READINGS,KV_DEVS")
+	c, err = loadConfig(writeConfig(t, "cluster:\n  enabled: true\nstorage:\n  remote_write:\n    enabled: true\n    url: http://127.0.0.1:8428/api/v1/write\n"), nil)
+	require.NoError(t, err)
+	require.Equal(t, []string{"CITYPULSE_READINGS", "KV_DEVS"}, c.Cluster.standby().Streams)
+}
+
 func TestBadClusterConfigIsRejectedWithTheKeyNamed(t *testing.T) {
 	const rw = "storage:\n  remote_write:\n    enabled: true\n    url: http://127.0.0.1:8428/api/v1/write\n"
 	tests := []struct {
@@ -122,6 +144,11 @@ func TestBadClusterConfigIsRejectedWithTheKeyNamed(t *testing.T) {
 		{"an unknown key", rw + "cluster:\n  enabled: true\n  partitons: 3\n", "partitons"},
 		{"no query API for the shared store", "storage:\n  remote_write:\n    enabled: true\n    url: http://127.0.0.1:9009/api/v1/push\ncluster:\n  enabled: true\n", "storage.remote_write.query_url"},
 		{"a query URL that is not http", rw + "    query_url: ftp://x\ncluster:\n  enabled: true\n", "storage.remote_write.query_url"},
+		{"a standby without its site", rw + "cluster:\n  enabled: true\n  standby:\n    enabled: true\n    peer_domain: b\n", "cluster.standby.site"},
+		{"a standby whose peer is itself", rw + "cluster:\n  enabled: true\n  standby:\n    enabled: true\n    site: a\n    peer_domain: a\n", "cluster.standby.peer_domain"},
+		{"a standby polling slower than its budget", rw + "cluster:\n  enabled: true\n  standby:\n    enabled: true\n    site: a\n    peer_domain: b\n    rpo_budget: 1s\n    poll_interval: 2s\n", "cluster.standby.poll_interval"},
+		{"a standby with 2 replicas", rw + "cluster:\n  enabled: true\n  standby:\n    enabled: true\n    site: a\n    peer_domain: b\n    replicas: 2\n", "cluster.standby.replicas"},
+		{"an unknown standby key", rw + "cluster:\n  enabled: true\n  standby:\n    rpo: 1s\n", "rpo"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -30,6 +30,8 @@ commands:
   serve     run the server (gateways, pipeline, stores, HTTP API)
   demo      run the server on its embedded defaults with a simulated city feeding it
   config    print the effective config (secrets masked) and exit
+  standby   disaster recovery: standby <activate|promote|salvage|demote> [--peer-down] [--discard-tail]
+            (asks the node at http.addr of the config, with http.admin_token)
   version   print the version
 
 run 'citypulse serve -h' for the flags.`
@@ -41,6 +43,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 	}
 	switch args[0] {
 	case "serve", "config", "demo":
+	case "standby":
+		return runStandby(args[1:], stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "citypulse", version)
 		return nil

@@ -139,6 +139,7 @@ func routes(c HTTPConfig, a api) http.Handler {
 	mux.Handle("DELETE /api/v1/devices/{id}", admin(http.HandlerFunc(dapi.Remove)))
 	if a.cluster != nil {
 		mux.Handle("GET /api/v1/cluster", read(http.HandlerFunc(a.cluster.serveStatus)))
+		mux.Handle("POST /api/v1/cluster/{action}", admin(http.HandlerFunc(a.cluster.serveDR)))
 	}
 	mux.Handle("GET /api/v1/sinks", read(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		httpapi.WriteData(w, http.StatusOK, a.sinks.Status())

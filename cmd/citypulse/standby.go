@@ -1,0 +1,121 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"time"
+
+	"github.com/citypulse/citypulse/cluster"
+	"github.com/citypulse/citypulse/internal/httpapi"
+)
+
+// The standby site (cluster.standby.enabled, docs/disaster-recovery.md): the
+// node runs its site's cluster.Standby (mirrors of the other site's streams,
+// their lag, the fence records). Its gateways acknowledge devices only while
+// the site's fence record names it, and everything that writes to the
+// site's streams and buckets (the owners and their consumers, the state
+// store, the device bucket, the roll-up lease) starts only once it does: at
+// a standby those streams are mirrors, which take no writes, and nothing is
+// evaluated or notified there.
+
+// buildStandby builds the site's keeper on the node's connection and fences
+// the gateways' publisher with it.
+func (s *server) buildStandby(n *clusterNode) error {
+	if !n.cfg.Standby.Enabled {
+		return nil
+	}
+	dr, err := cluster.NewStandby(n.nc, n.cfg.standby(), cluster.NewStandbyMetrics(s.reg), n.log.With("component", "standby"))
+	if err != nil {
+		return err
+	}
+	n.dr = dr
+	n.pub.SetFence(dr.MayAcknowledge)
+	n.log.Info("standby site: gateways acknowledge and owners consume only while the fence record names this site",
+		"site", n.cfg.Standby.Site, "peer_domain", n.cfg.Standby.PeerDomain, "streams", n.cfg.standby().Streams)
+	return nil
+}
+
+// whenActive returns r as a runner that starts only once this site may
+// acknowledge devices (at once without cluster.standby). It does not stop
+// r again on a demotion: a site is demoted with its CityPulse nodes stopped
+// (the fail-back runbook).
+func (n *clusterNode) whenActive(r runner) runner {
+	if n.dr == nil {
+		return r
+	}
+	return runFunc(func(ctx context.Context) error {
+		t := time.NewTicker(max(n.cfg.Standby.PollInterval/4, 10*time.Millisecond))
+		defer t.Stop()
+		for n.dr.MayAcknowledge() != nil {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-t.C:
+			}
+		}
+		n.log.Info("this site is active: starting", "role", n.dr.Status().Role, "epoch", n.dr.Status().Epoch)
+		return r.Run(ctx)
+	})
+}
+
+// standbyStatus is the disaster-recovery part of /api/v1/cluster (nil
+// without cluster.standby).
+func (n *clusterNode) standbyStatus() *cluster.StandbyStatus {
+	if n.dr == nil {
+		return nil
+	}
+	st := n.dr.Status()
+	return &st
+}
+
+// drOpTimeout bounds an operator's promote, salvage or demote: requests
+// through the link and a switch-over's catch-up.
+func (n *clusterNode) drOpTimeout() time.Duration {
+	c := n.cfg.Standby
+	return c.CatchUpTimeout + 4*c.LinkTimeout + 30*time.Second
+}
+
+// serveDR answers POST /api/v1/cluster/{activate,promote,salvage,demote}
+// (admin token): the operator's disaster-recovery actions. promote takes
+// ?peer_down=true (the other site is down or cut off from every device),
+// demote ?discard_tail=true.
+func (n *clusterNode) serveDR(w http.ResponseWriter, r *http.Request) {
+	if n.dr == nil {
+		httpapi.WriteError(w, http.StatusNotFound, "not_found", "cluster.standby is not enabled on this node")
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), n.drOpTimeout())
+	defer cancel()
+	action := r.PathValue("action")
+	start := time.Now()
+	var err error
+	var salvaged map[string]uint64
+	switch action {
+	case "activate":
+		if err = n.dr.Activate(ctx); err == nil {
+			err = n.dr.Sync(ctx) // the role as of now, not as of the next poll
+		}
+	case "promote":
+		err = n.dr.Promote(ctx, cluster.PromoteOptions{PeerDown: r.URL.Query().Get("peer_down") == "true"})
+	case "salvage":
+		salvaged, err = n.dr.Salvage(ctx)
+	case "demote":
+		err = n.dr.Demote(ctx, cluster.DemoteOptions{DiscardTail: r.URL.Query().Get("discard_tail") == "true"})
+	default:
+		httpapi.WriteError(w, http.StatusNotFound, "not_found", "unknown action "+action+" (activate, promote, salvage, demote)")
+		return
+	}
+	if err != nil {
+		code := http.StatusInternalServerError
+		if errors.Is(err, cluster.ErrPeerNotFenced) || errors.Is(err, cluster.ErrUnreplicatedTail) {
+			code = http.StatusConflict
+		}
+		n.log.Warn("disaster recovery: "+action+" failed", "err", err)
+		httpapi.WriteError(w, code, action+"_failed", err.Error())
+		return
+	}
+	n.log.Warn("disaster recovery: "+action+" done", "seconds", time.Since(start).Seconds())
+	httpapi.WriteData(w, http.StatusOK, map[string]any{"action": action, "seconds": time.Since(start).Seconds(),
+		"salvaged": salvaged, "dr": n.dr.Status()})
+}
