@@ -169,7 +169,7 @@ func (r *runner) build(dev *simDevice, now time.Time, in sim.Conditions, late bo
 		mi := dev.cursor
 		met := dev.Metrics[mi]
 		dev.cursor = (mi + 1) % len(dev.Metrics)
-		v := dev.Value(met, clock, r.sc.Fleet.Noise, in)
+		v := dev.Value(met, r.shapeTime(clock), r.sc.Fleet.Noise, in)
 		dev.readings = append(dev.readings, sentReading{ts: ts, value: v, metric: uint8(mi), msg: m})
 		enc = append(enc, sim.Reading{Name: met.Name, TS: ts, V: v})
 		if r.sc.Format == "json" && dev.cursor == 0 {
@@ -179,6 +179,13 @@ func (r *runner) build(dev *simDevice, now time.Time, in sim.Conditions, late bo
 	m.n = len(enc)
 	body, err := sim.Encode(r.sc.Format, enc)
 	return m, body, err
+}
+
+// shapeTime is the moment of the daily shapes whose values a device sends at
+// t: fleet.time_of_day on the run's first day, plus the time since the start.
+func (r *runner) shapeTime(t time.Time) time.Time {
+	y, m, d := r.start.Date()
+	return time.Date(y, m, d, 0, 0, 0, 0, r.start.Location()).Add(r.sc.Fleet.TimeOfDay + t.Sub(r.start))
 }
 
 // publish sends m (or, for a duplicate, sends it again) and records the outcome.

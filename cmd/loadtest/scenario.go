@@ -59,6 +59,11 @@ type Fleet struct {
 	Interval time.Duration `yaml:"interval" json:"interval"`
 	// Noise is the relative standard deviation of sensor noise.
 	Noise float64 `yaml:"noise" json:"noise"`
+	// TimeOfDay is the hour of the daily shapes (package sim: water demand,
+	// power load, car parks filling) the fleet starts at, run time added, so
+	// what a run raises does not depend on when it runs. Default 03:00: the
+	// quiet of the night, where only injected incidents raise alerts.
+	TimeOfDay time.Duration `yaml:"time_of_day" json:"time_of_day"`
 }
 
 // Transport says how devices reach the server.
@@ -158,10 +163,11 @@ func DefaultScenario() Scenario {
 				devices.KindPipe: 5, devices.KindPower: 5, devices.KindWater: 2,
 				devices.KindTrafficLight: 5, devices.KindParking: 5,
 			},
-			Prefix:   "lt",
-			Unique:   true,
-			Interval: 10 * time.Second,
-			Noise:    0.01,
+			Prefix:    "lt",
+			Unique:    true,
+			Interval:  10 * time.Second,
+			Noise:     0.01,
+			TimeOfDay: 3 * time.Hour,
 		},
 		Transport:          Transport{Protocol: "mqtt", QoS: 1, Confirmable: true, InFlight: 32},
 		Target:             Target{MQTT: "127.0.0.1:1883", CoAP: "127.0.0.1:5683", HTTP: "127.0.0.1:8080", Provision: true},
@@ -240,6 +246,9 @@ func (s Scenario) Validate() error {
 	}
 	if s.Fleet.Interval <= 0 {
 		add(fmt.Errorf("fleet.interval = %v: want > 0", s.Fleet.Interval))
+	}
+	if s.Fleet.TimeOfDay < 0 || s.Fleet.TimeOfDay >= 24*time.Hour {
+		add(fmt.Errorf("fleet.time_of_day = %v: want 0s..23h59m", s.Fleet.TimeOfDay))
 	}
 	switch s.Transport.Protocol {
 	case "mqtt":
