@@ -190,9 +190,9 @@ func (o *Owner) runPartition(ctx context.Context, p int, c jetstream.Consumer) e
 
 // partition is the state of one partition while this node pulls it.
 type partition struct {
-	p     int
-	c     jetstream.Consumer
-	msgs  chan jetstream.Msg
+	p    int
+	c    jetstream.Consumer
+	msgs chan jetstream.Msg
 	// lost is signalled (without blocking) by the library's error handler
 	// when JetStream moved the pin away; lostSeen records that settle or
 	// deliver took the signal, for take to act on it. The signal is never
