@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"runtime"
 	"testing"
 	"time"
 
@@ -45,6 +46,7 @@ func TestALostPinStopsSettleAndDeliverHoweverOftenItIsSignalled(t *testing.T) {
 					case <-st.stop:
 						return
 					default:
+						runtime.Gosched() // full: signal again at once
 					}
 				}
 			}()
