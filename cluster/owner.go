@@ -190,12 +190,18 @@ func (o *Owner) runPartition(ctx context.Context, p int, c jetstream.Consumer) e
 
 // partition is the state of one partition while this node pulls it.
 type partition struct {
-	p     int
-	c     jetstream.Consumer
-	msgs  chan jetstream.Msg
-	lost  chan struct{}
-	stop  chan struct{}
-	owned bool
+	p    int
+	c    jetstream.Consumer
+	msgs chan jetstream.Msg
+	// lost is signalled (without blocking) by the library's error handler
+	// when JetStream moved the pin away; lostSeen records that settle or
+	// deliver took the signal, for take to act on it. The signal is never
+	// put back into lost: the handler may have filled it again meanwhile,
+	// and the consume loop (the only reader) is the caller.
+	lost     chan struct{}
+	lostSeen bool
+	stop     chan struct{}
+	owned    bool
 }
 
 // consume pulls p until ctx is done or this node should no longer pull it.
@@ -286,6 +292,7 @@ func (o *Owner) take(ctx context.Context, st *partition, m jetstream.Msg) {
 		var settled bool
 		if batch, settled = o.settle(ctx, st, batch); !settled {
 			nakAll(batch) // ctx done or lost: to the next owner at once
+			o.loseIfSeen(st)
 			return
 		}
 	} else {
@@ -295,6 +302,7 @@ func (o *Owner) take(ctx context.Context, st *partition, m jetstream.Msg) {
 		n := chunkEnd(batch, o.cfg.MaxBatch)
 		if !o.deliver(ctx, st, batch[:n]) {
 			nakAll(batch) // ctx done or lost: to the next owner at once
+			o.loseIfSeen(st)
 			return
 		}
 		if first {
@@ -303,6 +311,14 @@ func (o *Owner) take(ctx context.Context, st *partition, m jetstream.Msg) {
 			first = false
 		}
 		batch = batch[n:]
+	}
+}
+
+// loseIfSeen records the loss of p that settle or deliver saw.
+func (o *Owner) loseIfSeen(st *partition) {
+	if st.lostSeen {
+		st.lostSeen = false
+		o.lose(st)
 	}
 }
 
@@ -386,7 +402,7 @@ func (o *Owner) settle(ctx context.Context, st *partition, batch []jetstream.Msg
 					return batch, false
 				case <-st.lost:
 					t.Stop()
-					st.lost <- struct{}{} // seen by the consume loop
+					st.lostSeen = true
 					return batch, false
 				}
 			}
@@ -464,7 +480,7 @@ func (o *Owner) deliver(ctx context.Context, st *partition, batch []jetstream.Ms
 		case <-ctx.Done():
 			return false
 		case <-st.lost:
-			st.lost <- struct{}{} // seen by the consume loop
+			st.lostSeen = true
 			return false
 		case <-time.After(backoff):
 		}

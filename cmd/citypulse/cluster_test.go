@@ -431,13 +431,15 @@ func TestClusterLosesNothingAcknowledged(t *testing.T) {
 
 	// Every acknowledged reading, in the store: wait until the counts settle.
 	var a audit
-	eventually(t, 90*time.Second, func() error {
-		a = auditStore(devs, exportPressure(t, e.vm))
-		if a.lost > 0 {
-			return fmt.Errorf("%d of %d acknowledged readings not (yet) in the store, e.g. %v", a.lost, a.acked, a.lostExamples)
+	for deadline := time.Now().Add(90 * time.Second); ; time.Sleep(time.Second) {
+		if a = auditStore(devs, exportPressure(t, e.vm)); a.lost == 0 {
+			break
 		}
-		return nil
-	})
+		if time.Now().After(deadline) {
+			lossDiagnostics(t, e, nodes, devs, a, partitions)
+			t.Fatalf("after 90 s, %d of %d acknowledged readings not in the store, e.g. %v", a.lost, a.acked, a.lostExamples)
+		}
+	}
 	var lat []time.Duration
 	resent := 0
 	for _, d := range devs {
