@@ -39,6 +39,10 @@ type clusterNode struct {
 	dr    *cluster.Standby // nil without cluster.standby (standby.go)
 
 	hooks  []cluster.OwnershipFunc // called in order on every gain and loss; the feed's first
+	// prereq, if set, must succeed before the owner consumes (the state
+	// store's bucket and stream exist, so a gain's restore does not wait on
+	// their creation while the partition's pin runs out); false: ctx ended.
+	prereq func(ctx context.Context) bool
 	parts  []atomic.Bool           // partition → owned, as the hooks were told
 	ready  atomic.Bool             // connected to JetStream and the stream answers
 	status func(ctx context.Context) cluster.Status
@@ -134,7 +138,13 @@ func (n *clusterNode) publisher() runner { return n.pub }
 // the standby site's keeper): they stop before the pipeline, which they feed.
 // The owner consumes only while this site is the active one.
 func (n *clusterNode) consumers() []runner {
-	rs := []runner{n.whenActive(n.owner), runFunc(n.watch)}
+	owner := runFunc(func(ctx context.Context) error {
+		if n.prereq != nil && !n.prereq(ctx) {
+			return nil
+		}
+		return n.owner.Run(ctx)
+	})
+	rs := []runner{n.whenActive(owner), runFunc(n.watch)}
 	if n.dr != nil {
 		rs = append(rs, n.dr)
 	}

@@ -71,6 +71,7 @@ func (s *server) buildClusterState() error {
 			return s.engine.Flush(ctx)
 		})
 		owns = ps.Owns
+		n.prereq = func(ctx context.Context) bool { return retry(ctx, log, "state bucket", store.Ensure) }
 		s.gateways = append(s.gateways, n.whenActive(runFunc(func(ctx context.Context) error {
 			if !retry(ctx, log, "state bucket", store.Ensure) {
 				return nil
