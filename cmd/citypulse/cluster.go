@@ -38,13 +38,13 @@ type clusterNode struct {
 	m     *cluster.Metrics
 	dr    *cluster.Standby // nil without cluster.standby (standby.go)
 
-	hooks  []cluster.OwnershipFunc // called in order on every gain and loss; the feed's first
+	hooks []cluster.OwnershipFunc // called in order on every gain and loss; the feed's first
 	// prereq, if set, must succeed before the owner consumes (the state
 	// store's bucket and stream exist, so a gain's restore does not wait on
 	// their creation while the partition's pin runs out); false: ctx ended.
 	prereq func(ctx context.Context) bool
-	parts  []atomic.Bool           // partition → owned, as the hooks were told
-	ready  atomic.Bool             // connected to JetStream and the stream answers
+	parts  []atomic.Bool // partition → owned, as the hooks were told
+	ready  atomic.Bool   // connected to JetStream and the stream answers
 	status func(ctx context.Context) cluster.Status
 }
 

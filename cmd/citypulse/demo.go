@@ -8,9 +8,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -19,6 +21,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/citypulse/citypulse/devices"
+	"github.com/citypulse/citypulse/signals"
 	"github.com/citypulse/citypulse/sim"
 )
 
@@ -85,12 +88,68 @@ func prepareDemoConfig(cfg *Config, fleet []*sim.Device, tmp bool) (tmpDir strin
 	if err := os.WriteFile(cfg.Devices.File, append([]byte(head), b...), 0o600); err != nil {
 		return tmpDir, err
 	}
+	if cfg.Signals.Enabled && cfg.Signals.File == "" {
+		if cfg.Signals.File, err = writeDemoCorridors(cfg.DataDir, fleet); err != nil {
+			return tmpDir, err
+		}
+	}
 	for _, t := range []*string{&cfg.HTTP.ReadToken, &cfg.HTTP.OperatorToken, &cfg.HTTP.AdminToken} {
 		if *t == "" {
 			*t = randomToken()
 		}
 	}
 	return tmpDir, cfg.Validate()
+}
+
+// writeDemoCorridors writes the green-wave corridors of the demo city: each
+// district's main road, its junctions in order, each distance measured
+// between the junctions' locations; it returns the file's path.
+func writeDemoCorridors(dir string, fleet []*sim.Device) (string, error) {
+	roads := map[string][]*sim.Device{}
+	var names []string
+	for _, d := range fleet {
+		if d.Kind != devices.KindTrafficLight || d.Group == "" || d.Location == nil {
+			continue
+		}
+		if roads[d.Group] == nil {
+			names = append(names, d.Group)
+		}
+		roads[d.Group] = append(roads[d.Group], d)
+	}
+	var f struct {
+		Corridors []signals.Corridor `yaml:"corridors"`
+	}
+	for _, name := range names {
+		js := roads[name]
+		slices.SortFunc(js, func(a, b *sim.Device) int { return a.Index - b.Index })
+		c := signals.Corridor{Name: name, Speed: 50}
+		for i, d := range js {
+			st := signals.Stop{Device: d.ID}
+			if i > 0 {
+				st.Distance = math.Round(metres(*js[i-1].Location, *d.Location))
+			}
+			c.Junctions = append(c.Junctions, st)
+		}
+		if len(c.Junctions) >= 2 {
+			f.Corridors = append(f.Corridors, c)
+		}
+	}
+	b, err := yaml.Marshal(f)
+	if err != nil {
+		return "", err
+	}
+	path := filepath.Join(dir, "demo-corridors.yaml")
+	return path, os.WriteFile(path, append([]byte("# The demo city's corridors, written by `citypulse demo`.\n"), b...), 0o600)
+}
+
+// metres is the distance between two nearby points (equirectangular: exact
+// enough within a city).
+func metres(a, b devices.Location) float64 {
+	const r = 6371e3
+	lat := (a.Lat + b.Lat) / 2 * math.Pi / 180
+	dx := (b.Lon - a.Lon) * math.Pi / 180 * math.Cos(lat) * r
+	dy := (b.Lat - a.Lat) * math.Pi / 180 * r
+	return math.Hypot(dx, dy)
 }
 
 func randomToken() string {

@@ -21,6 +21,7 @@ import (
 	"github.com/citypulse/citypulse/cmd/internal/servertest"
 	"github.com/citypulse/citypulse/devices"
 	"github.com/citypulse/citypulse/internal/servers"
+	"github.com/citypulse/citypulse/signals"
 	"github.com/citypulse/citypulse/sim"
 )
 
@@ -243,6 +244,20 @@ func TestDemoConfig(t *testing.T) {
 	require.Regexp(t, `^demo-[0-9a-f]{24}$`, cfg.HTTP.OperatorToken)
 	require.Regexp(t, `^demo-[0-9a-f]{24}$`, cfg.HTTP.AdminToken)
 	require.NotEqual(t, cfg.HTTP.OperatorToken, cfg.HTTP.AdminToken)
+
+	// The green-wave view has the demo's corridors: every district's main
+	// road, its junctions in order, distances from their locations.
+	cs, err := signals.LoadCorridors(cfg.Signals.File)
+	require.NoError(t, err)
+	require.Len(t, cs, 6)
+	for _, c := range cs {
+		require.True(t, strings.HasSuffix(c.Name, "-main-road"), c.Name)
+		require.GreaterOrEqual(t, len(c.Junctions), 2)
+		for _, j := range c.Junctions[1:] {
+			require.Positive(t, j.Distance, "%s: %s", c.Name, j.Device)
+			require.Less(t, j.Distance, 5000.0, "%s: %s", c.Name, j.Device)
+		}
+	}
 }
 
 func TestDemoRefuses(t *testing.T) {
