@@ -105,10 +105,20 @@ func NewStateStore(nc *nats.Conn, cfg StateConfig, snap Snapshotter, log *slog.L
 
 // Ensure creates or updates the snapshot bucket and the state log.
 func (s *StateStore) Ensure(ctx context.Context) error {
-	if _, err := s.js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
-		Bucket: s.cfg.Bucket, Description: "CityPulse partition snapshots (alert state)",
-		Storage: jetstream.FileStorage, Replicas: s.cfg.Replicas}); err != nil {
-		return fmt.Errorf("create object store %s: %w", s.cfg.Bucket, err)
+	// Create the bucket only when it is missing: an update would turn direct
+	// gets on again (an object store's default), and another node's handle,
+	// opened with direct gets off, would then read from a replica that lags,
+	// or a handle opened with them on would find no responders once a node
+	// turned them off again.
+	if _, err := s.js.ObjectStore(ctx, s.cfg.Bucket); errors.Is(err, jetstream.ErrBucketNotFound) {
+		_, err = s.js.CreateObjectStore(ctx, jetstream.ObjectStoreConfig{
+			Bucket: s.cfg.Bucket, Description: "CityPulse partition snapshots (alert state)",
+			Storage: jetstream.FileStorage, Replicas: s.cfg.Replicas})
+		if err != nil && !errors.Is(err, jetstream.ErrBucketExists) {
+			return fmt.Errorf("create object store %s: %w", s.cfg.Bucket, err)
+		}
+	} else if err != nil {
+		return fmt.Errorf("open object store %s: %w", s.cfg.Bucket, err)
 	}
 	// Direct gets may be answered by a replica that lags: a new owner would
 	// read an older snapshot than the log was purged for. Every read goes to

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/citypulse/citypulse/cluster"
@@ -71,9 +72,10 @@ func (s *server) buildClusterState() error {
 			return s.engine.Flush(ctx)
 		})
 		owns = ps.Owns
-		n.prereq = func(ctx context.Context) bool { return retry(ctx, log, "state bucket", store.Ensure) }
+		ensured := onceTrue(func(ctx context.Context) bool { return retry(ctx, log, "state bucket", store.Ensure) })
+		n.prereq = ensured // the owner consumes once the bucket and the log exist
 		s.gateways = append(s.gateways, n.whenActive(runFunc(func(ctx context.Context) error {
-			if !retry(ctx, log, "state bucket", store.Ensure) {
+			if !ensured(ctx) {
 				return nil
 			}
 			return store.Run(ctx)
@@ -128,4 +130,19 @@ func retry(ctx context.Context, log *slog.Logger, what string, f func(context.Co
 		backoff = min(2*backoff, 5*time.Second)
 	}
 	return false
+}
+
+// onceTrue runs f until it returned true once; a caller meanwhile waits for
+// the call under way (its callers share one lifetime: the server's Run).
+func onceTrue(f func(ctx context.Context) bool) func(ctx context.Context) bool {
+	var mu sync.Mutex
+	done := false
+	return func(ctx context.Context) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		if !done {
+			done = f(ctx)
+		}
+		return done
+	}
 }
