@@ -84,7 +84,11 @@ function paintLive() {
 function startLive() {
   if (stopLive) stopLive();
   stopLive = connect("/api/v1/events", {
-    onBeat: () => { lastBeat = Date.now(); },
+    onBeat: () => {
+      const was = lastBeat;
+      lastBeat = Date.now();
+      if (!was || lastBeat - was > STALE_MS) paintLive(); // turn green at the first sign of life, not at the next repaint
+    },
     onState: s => { liveState = s; paintLive(); if (s === "open") scheduleRefresh(0); },
     onEvent: (name, data) => {
       try {
