@@ -123,16 +123,7 @@ func routes(c HTTPConfig, a api) http.Handler {
 		fmt.Fprintln(w, "ready")
 	})
 
-	var dreg interface {
-		List() []devices.Device
-		Get(id string) (devices.Device, bool)
-		Add(d devices.Device) error
-		Remove(id string) error
-	} = a.devices
-	if a.sharedDevices != nil {
-		dreg = a.sharedDevices // cluster mode: a change reaches every node
-	}
-	dapi := devices.NewAPI(dreg, a.log.With("component", "devices-api"))
+	dapi := a.deviceAPI()
 	mux.Handle("GET /api/v1/devices", read(http.HandlerFunc(dapi.List)))
 	mux.Handle("GET /api/v1/devices/{id}", read(http.HandlerFunc(dapi.Get)))
 	mux.Handle("POST /api/v1/devices", admin(http.HandlerFunc(dapi.Add)))
@@ -179,6 +170,16 @@ func routes(c HTTPConfig, a api) http.Handler {
 	a.query.Register(qmux)
 	mux.Handle("/api/v1/", read(qmux))
 	return httpapi.LimitBody(c.MaxBodyBytes, mux)
+}
+
+// deviceAPI is the device API over this node's registry, or in cluster mode
+// over the shared one, so that a change reaches every node.
+func (a api) deviceAPI() *devices.API {
+	log := a.log.With("component", "devices-api")
+	if a.sharedDevices != nil {
+		return devices.NewAPI(a.sharedDevices, log)
+	}
+	return devices.NewAPI(a.devices, log)
 }
 
 // newQueryAPI answers PromQL from the embedded TSDB on one machine; in
