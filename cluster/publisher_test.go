@@ -34,6 +34,35 @@ func runPublisher(t *testing.T, p *Publisher) func() {
 	return stop
 }
 
+// publisherEnv is a one-server NATS "cluster" with the readings stream of
+// the given partitions and a publisher on it, not yet running.
+type publisherEnv struct {
+	c   *natstest.Cluster
+	cfg Config
+	m   *Metrics
+	l   *Log
+	p   *Publisher
+	ctx context.Context // ends with the test, a minute at most
+}
+
+func newPublisherEnv(t *testing.T, partitions int, tune func(*Config)) publisherEnv {
+	t.Helper()
+	e := publisherEnv{c: natstest.Start(t, 1), cfg: testConfig(1, partitions), m: NewMetrics(nil)}
+	if tune != nil {
+		tune(&e.cfg)
+	}
+	var err error
+	e.l, err = NewLog(connect(t, e.c.URL()), e.cfg, e.m)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	e.ctx = ctx
+	_, err = e.l.EnsureStream(ctx)
+	require.NoError(t, err)
+	e.p = NewPublisher(e.l, 0, e.m)
+	return e
+}
+
 // readStream decodes every batch in the stream: device → reading times in
 // stream order, and the number of batches.
 func readStream(t *testing.T, l *Log, cfg Config) (map[string][]int64, int) {
@@ -59,16 +88,8 @@ func readStream(t *testing.T, l *Log, cfg Config) (map[string][]int64, int) {
 }
 
 func TestPublisherReturnsOnceJetStreamAcknowledgedAndCoalesces(t *testing.T) {
-	c := natstest.Start(t, 1)
-	cfg := testConfig(1, 8)
-	m := NewMetrics(nil)
-	l, err := NewLog(connect(t, c.URL()), cfg, m)
-	require.NoError(t, err)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	_, err = l.EnsureStream(ctx)
-	require.NoError(t, err)
-	p := NewPublisher(l, 0, m)
+	e := newPublisherEnv(t, 8, nil)
+	cfg, m, l, p, ctx := e.cfg, e.m, e.l, e.p, e.ctx
 	runPublisher(t, p)
 
 	// 64 devices submit 50 readings each, one at a time, all at once: the
@@ -106,15 +127,8 @@ func TestPublisherReturnsOnceJetStreamAcknowledgedAndCoalesces(t *testing.T) {
 }
 
 func TestPublisherSplitsASubmissionByPartition(t *testing.T) {
-	c := natstest.Start(t, 1)
-	cfg := testConfig(1, 8)
-	l, err := NewLog(connect(t, c.URL()), cfg, nil)
-	require.NoError(t, err)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	_, err = l.EnsureStream(ctx)
-	require.NoError(t, err)
-	p := NewPublisher(l, 0, nil)
+	e := newPublisherEnv(t, 8, nil)
+	cfg, l, p, ctx := e.cfg, e.l, e.p, e.ctx
 	runPublisher(t, p)
 	var rs []pipeline.Reading
 	for i := range 40 {
@@ -132,23 +146,14 @@ func TestPublisherSplitsASubmissionByPartition(t *testing.T) {
 // within cluster.publish_timeout, and is counted; a stopped publisher
 // refuses at once.
 func TestPublisherFailsWithoutJetStream(t *testing.T) {
-	c := natstest.Start(t, 1)
-	cfg := testConfig(1, 4)
-	cfg.PublishTimeout = 2 * time.Second
-	m := NewMetrics(nil)
-	l, err := NewLog(connect(t, c.URL()), cfg, m)
-	require.NoError(t, err)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	_, err = l.EnsureStream(ctx)
-	require.NoError(t, err)
-	p := NewPublisher(l, 0, m)
+	e := newPublisherEnv(t, 4, func(cfg *Config) { cfg.PublishTimeout = 2 * time.Second })
+	c, cfg, m, p, ctx := e.c, e.cfg, e.m, e.p, e.ctx
 	stop := runPublisher(t, p)
 	require.NoError(t, p.Submit(ctx, []pipeline.Reading{reading("dev-1", 1)}))
 
 	c.Nodes[0].Kill()
 	start := time.Now()
-	err = p.Submit(ctx, []pipeline.Reading{reading("dev-1", 2)})
+	err := p.Submit(ctx, []pipeline.Reading{reading("dev-1", 2)})
 	require.ErrorIs(t, err, ErrNotDurable)
 	require.ErrorIs(t, err, pipeline.ErrBackpressure, "the gateways treat it as a full journal: not acknowledged, retry later")
 	require.Less(t, time.Since(start), 4*cfg.PublishTimeout, "bounded by cluster.publish_timeout")
@@ -162,16 +167,8 @@ func TestPublisherFailsWithoutJetStream(t *testing.T) {
 // With cluster.publish_linger, submissions arriving within it go in one
 // batch even when nothing is in flight.
 func TestPublisherLingersForLargerBatches(t *testing.T) {
-	c := natstest.Start(t, 1)
-	cfg := testConfig(1, 1)
-	cfg.PublishLinger = 500 * time.Millisecond
-	l, err := NewLog(connect(t, c.URL()), cfg, nil)
-	require.NoError(t, err)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	_, err = l.EnsureStream(ctx)
-	require.NoError(t, err)
-	p := NewPublisher(l, 0, nil)
+	e := newPublisherEnv(t, 1, func(cfg *Config) { cfg.PublishLinger = 500 * time.Millisecond })
+	cfg, l, p, ctx := e.cfg, e.l, e.p, e.ctx
 	runPublisher(t, p)
 	var wg sync.WaitGroup
 	for d := range 20 {
@@ -192,16 +189,8 @@ func TestPublisherLingersForLargerBatches(t *testing.T) {
 // and refuses as backpressure, counted with reason fenced; once it says yes,
 // the same readings are stored.
 func TestAFencedPublisherRefusesAsBackpressure(t *testing.T) {
-	c := natstest.Start(t, 1)
-	cfg := testConfig(1, 4)
-	m := NewMetrics(nil)
-	l, err := NewLog(connect(t, c.URL()), cfg, m)
-	require.NoError(t, err)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	_, err = l.EnsureStream(ctx)
-	require.NoError(t, err)
-	p := NewPublisher(l, 0, m)
+	e := newPublisherEnv(t, 4, nil)
+	cfg, m, l, p, ctx := e.cfg, e.m, e.l, e.p, e.ctx
 	var active sync.Mutex
 	standby := true
 	p.SetFence(func() error {
@@ -215,7 +204,7 @@ func TestAFencedPublisherRefusesAsBackpressure(t *testing.T) {
 	runPublisher(t, p)
 	rs := []pipeline.Reading{reading("dev-1", 1), reading("dev-2", 2)}
 
-	err = p.Submit(ctx, rs)
+	err := p.Submit(ctx, rs)
 	require.ErrorIs(t, err, pipeline.ErrBackpressure)
 	require.ErrorContains(t, err, "site b is standby")
 	require.Equal(t, 1.0, testutil.ToFloat64(m.submitFailed.WithLabelValues("fenced")))
