@@ -3,6 +3,8 @@ package cluster
 import (
 	"errors"
 	"fmt"
+	"os"
+	"strings"
 	"time"
 )
 
@@ -38,11 +40,12 @@ type Config struct {
 	// add this much to a device's acknowledgement (docs/cluster.md, sizing).
 	PublishLinger time.Duration `mapstructure:"publish_linger" yaml:"publish_linger"`
 
-	// Nodes is the number of nodes N (the same on every node), and Index this
-	// node's index (0..N-1, unique): the node prefers partitions p with
-	// p mod N = Index.
-	Nodes int `mapstructure:"nodes" yaml:"nodes"`
-	Index int `mapstructure:"index" yaml:"index"`
+	// NodeID names this node, unique in the cluster and stable across its
+	// restarts (default: the host name, its characters outside [A-Za-z0-9_-]
+	// replaced by "_"). The live nodes are those heard of recently; each
+	// prefers the partitions rendezvous hashing assigns it among them
+	// (Assign), so nodes join and leave without a change to the others.
+	NodeID string `mapstructure:"node_id" yaml:"node_id"`
 	// Group is the priority group of the partition consumers.
 	Group string `mapstructure:"group" yaml:"group"`
 	// PinnedTTL is how long JetStream keeps a partition pinned to a node that
@@ -63,8 +66,9 @@ type Config struct {
 	// previous owner's), so that none is handled after a newer one.
 	Settle time.Duration `mapstructure:"settle" yaml:"settle"`
 	// AliveInterval is how often a node announces itself; a node not heard of
-	// for AliveTimeout is taken as gone and its partitions are pulled by the
-	// next node in order.
+	// for AliveTimeout is taken as gone and its partitions are assigned to
+	// the others. A starting node pulls nothing for AliveTimeout (it hears
+	// the live nodes first).
 	AliveInterval time.Duration `mapstructure:"alive_interval" yaml:"alive_interval"`
 	AliveTimeout  time.Duration `mapstructure:"alive_timeout" yaml:"alive_timeout"`
 }
@@ -79,7 +83,7 @@ func Default() Config {
 		DuplicateWindow: 2 * time.Minute,
 		MaxInFlight:     1024,
 		PublishTimeout:  5 * time.Second,
-		Nodes:           1,
+		NodeID:          DefaultNodeID(),
 		Group:           "citypulse",
 		PinnedTTL:       4 * time.Second,
 		AckWait:         3 * time.Second,
@@ -115,8 +119,8 @@ func (c Config) Validate() error {
 	if c.MaxInFlight < 1 || c.PublishTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("cluster.max_in_flight (%d) and cluster.publish_timeout (%v) must be > 0", c.MaxInFlight, c.PublishTimeout))
 	}
-	if c.Nodes < 1 || c.Index < 0 || c.Index >= c.Nodes {
-		errs = append(errs, fmt.Errorf("cluster.index must be in [0, cluster.nodes), got index %d of %d nodes", c.Index, c.Nodes))
+	if err := checkNodeID(c.NodeID); err != nil {
+		errs = append(errs, err)
 	}
 	if c.Group == "" {
 		errs = append(errs, errors.New("cluster.group must not be empty"))
@@ -138,4 +142,42 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("cluster.alive_timeout (%v) must be at least twice cluster.alive_interval (%v)", c.AliveTimeout, c.AliveInterval))
 	}
 	return errors.Join(errs...)
+}
+
+// maxNodeID bounds cluster.node_id: it is a NATS subject token and the prefix
+// of every message id the node's gateways publish.
+const maxNodeID = 64
+
+// checkNodeID accepts 1 to 64 characters of [A-Za-z0-9_-]: a NATS subject
+// token (no ".", "*", ">" or space) that also reads well in logs.
+func checkNodeID(id string) error {
+	if id == "" || len(id) > maxNodeID || strings.IndexFunc(id, func(r rune) bool { return !idChar(r) }) >= 0 {
+		return fmt.Errorf("cluster.node_id must be 1 to %d characters of A-Z, a-z, 0-9, _ and - (unique in the cluster, stable across restarts), got %q", maxNodeID, id)
+	}
+	return nil
+}
+
+func idChar(r rune) bool {
+	return r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_' || r == '-'
+}
+
+// DefaultNodeID is the host name with the characters a node id may not hold
+// replaced by "_" (node1.example.org: node1_example_org), at most 64 of
+// them; "" if the host name is unknown (Validate then asks for
+// cluster.node_id).
+func DefaultNodeID() string {
+	h, err := os.Hostname()
+	if err != nil {
+		return ""
+	}
+	id := strings.Map(func(r rune) rune {
+		if idChar(r) {
+			return r
+		}
+		return '_'
+	}, h)
+	if len(id) > maxNodeID {
+		id = id[:maxNodeID]
+	}
+	return id
 }

@@ -2,7 +2,11 @@ package cluster
 
 import (
 	"context"
-	"strconv"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -10,28 +14,62 @@ import (
 	"github.com/nats-io/nats.go"
 )
 
-// aliveSubject carries the nodes' heartbeats: citypulse.cluster.alive.<index>
-// with payload "alive" or "leave" (a clean shutdown).
-const aliveSubject = "citypulse.cluster.alive"
+// memberSubject carries the nodes' heartbeats: citypulse.cluster.member.<node
+// id>, a JSON heartbeat. (Nodes before cluster.node_id announced themselves
+// on citypulse.cluster.alive.<index>: the two never read each other's.)
+const memberSubject = "citypulse.cluster.member"
 
-// members tracks which nodes were heard of recently. It only decides which
-// partitions a node pulls; exclusivity comes from the pinned consumers, so two
-// nodes that disagree about who is alive never consume a partition together.
+// heartbeat is what a node announces every cluster.alive_interval, and once
+// with Leave on a clean shutdown.
+type heartbeat struct {
+	// Inc is the node's incarnation: random, new at each start. Two
+	// processes announcing one id with different incarnations are a
+	// misconfiguration (cluster.node_id not unique), logged.
+	Inc   string `json:"inc"`
+	Leave bool   `json:"leave,omitempty"`
+	// Owns are the partitions pinned to the node (for /api/v1/cluster;
+	// ownership itself is JetStream's pin), Pulls those it pulls: a node
+	// standing in for a partition hands it over once its preferred node
+	// pulls it.
+	Owns  []int `json:"owns,omitempty"`
+	Pulls []int `json:"pulls,omitempty"`
+}
+
+// peer is another node as last heard of.
+type peer struct {
+	seen time.Time
+	hb   heartbeat
+}
+
+// members tracks which nodes were heard of recently, and from that which
+// node prefers which partition (Assign over the live nodes). It only
+// decides which partitions a node pulls; exclusivity comes from the pinned
+// consumers, so two nodes that disagree about who is alive never consume a
+// partition together.
 type members struct {
-	self    int
-	n       int
+	self    string
+	inc     string
 	bound   int // partitions
 	timeout time.Duration
 	now     func() time.Time
 
 	mu      sync.Mutex
 	started time.Time
-	seen    []time.Time // zero: never heard of, or left
-	owns    [][]int     // the partitions each node said it owned in its last heartbeat
+	peers   map[string]*peer
+	// assign caches Assign over the live set named by key.
+	key    string
+	assign []string
 }
 
-func newMembers(self, n int, timeout time.Duration) *members {
-	return &members{self: self, n: n, timeout: timeout, now: time.Now, seen: make([]time.Time, n), owns: make([][]int, n)}
+func newMembers(self string, partitions int, timeout time.Duration) *members {
+	return &members{self: self, inc: newIncarnation(), bound: partitions, timeout: timeout, now: time.Now, peers: map[string]*peer{}}
+}
+
+// newIncarnation is 64 random bits in hex.
+func newIncarnation() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:]) // never fails (crypto/rand)
+	return hex.EncodeToString(b[:])
 }
 
 func (m *members) start() {
@@ -40,73 +78,102 @@ func (m *members) start() {
 	m.mu.Unlock()
 }
 
-func (m *members) heard(index int, leave bool, owns []int) {
-	if index < 0 || index >= m.n || index == m.self {
-		return
+// heard records id's heartbeat; conflict reports a heartbeat of this node's
+// id from another incarnation (two nodes configured with one id).
+func (m *members) heard(id string, hb heartbeat) (conflict bool) {
+	if id == m.self {
+		return hb.Inc != m.inc
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if leave {
-		m.seen[index] = time.Time{}
-		m.owns[index] = nil
-		return
+	if hb.Leave {
+		if p := m.peers[id]; p != nil && p.hb.Inc == hb.Inc {
+			delete(m.peers, id)
+		}
+		return false
 	}
-	m.seen[index] = m.now()
-	m.owns[index] = owns
+	m.peers[id] = &peer{seen: m.now(), hb: hb}
+	return false
 }
 
-// alive returns the other nodes heard of within the timeout, and the
-// partitions each said it owned.
-func (m *members) alive() map[int][]int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	now := m.now()
-	out := map[int][]int{}
-	for i, t := range m.seen {
-		if !t.IsZero() && now.Sub(t) < m.timeout {
-			out[i] = m.owns[i]
+// liveLocked returns the ids of this node and the others heard of within
+// the timeout, sorted; it forgets the others.
+func (m *members) liveLocked(now time.Time) []string {
+	ids := []string{m.self}
+	for id, p := range m.peers {
+		if now.Sub(p.seen) < m.timeout {
+			ids = append(ids, id)
+		} else {
+			delete(m.peers, id)
 		}
 	}
-	return out
+	slices.Sort(ids)
+	return ids
 }
 
-// shouldPull reports whether this node pulls partition p: the nodes before it
-// in p's order (preferredRank) are all gone. For one alive timeout after the
-// start, a node pulls only its preferred partitions (it has not yet heard the
-// others); after that, a node never heard of counts as gone.
-func (m *members) shouldPull(p int) bool {
-	rank := preferredRank(p, m.self, m.n)
-	if rank == 0 {
-		return true
+// assignmentLocked is Assign over the live nodes (cached while they stay).
+func (m *members) assignmentLocked(live []string) []string {
+	key := strings.Join(live, " ")
+	if key != m.key || m.assign == nil {
+		m.key, m.assign = key, Assign(m.bound, live)
 	}
+	return m.assign
+}
+
+// view is the cluster as this node sees it now: the live nodes (sorted),
+// each one's heartbeat (this node's: zero), the preferred node of each
+// partition.
+func (m *members) view() (live []string, beats map[string]heartbeat, preferred []string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	live = m.liveLocked(m.now())
+	beats = make(map[string]heartbeat, len(live))
+	for _, id := range live {
+		if p := m.peers[id]; p != nil {
+			beats[id] = p.hb
+		}
+	}
+	return live, beats, slices.Clone(m.assignmentLocked(live))
+}
+
+// shouldPull reports whether this node pulls partition p: it is p's
+// preferred node among the live ones; or it owns p (stands in for it) and
+// p's preferred node does not pull it yet (it is starting, or was not
+// heard of since it preferred p): the stand-in keeps p until the preferred
+// node waits on its consumer, then releases it (rebalance on join). For one
+// alive timeout after the start a node pulls nothing: it has not yet heard
+// the others.
+func (m *members) shouldPull(p int, owned bool) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	now := m.now()
 	if now.Sub(m.started) < m.timeout {
 		return false
 	}
-	for k := 0; k < rank; k++ {
-		node := (p%m.n + k) % m.n
-		if t := m.seen[node]; !t.IsZero() && now.Sub(t) < m.timeout {
-			return false
-		}
+	pref := m.assignmentLocked(m.liveLocked(now))[p]
+	if pref == m.self {
+		return true
 	}
-	return true
+	if !owned {
+		return false
+	}
+	peer := m.peers[pref]
+	return peer == nil || !slices.Contains(peer.hb.Pulls, p)
 }
 
-// announce publishes this node's heartbeat every interval until ctx is done,
-// then a "leave" so the others take its partitions at once. A heartbeat is
-// "alive" and the partitions the node owns: "alive 0,3,6" (for
-// /api/v1/cluster; ownership itself is JetStream's pin).
-func announce(ctx context.Context, nc *nats.Conn, self int, interval time.Duration, owned func() []int) {
-	subj := aliveSubject + "." + strconv.Itoa(self)
+// announce publishes this node's heartbeat every interval until ctx is
+// done, then a leave so the others take its partitions at once.
+func (m *members) announce(ctx context.Context, nc *nats.Conn, interval time.Duration, owned, pulling func() []int) {
+	subj := memberSubject + "." + m.self
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
-		_ = nc.Publish(subj, heartbeat(owned()))
+		b, _ := json.Marshal(heartbeat{Inc: m.inc, Owns: owned(), Pulls: pulling()})
+		_ = nc.Publish(subj, b)
 		select {
 		case <-ctx.Done():
-			_ = nc.Publish(subj, []byte("leave"))
+			b, _ := json.Marshal(heartbeat{Inc: m.inc, Leave: true})
+			_ = nc.Publish(subj, b)
 			_ = nc.Flush()
 			return
 		case <-t.C:
@@ -114,48 +181,43 @@ func announce(ctx context.Context, nc *nats.Conn, self int, interval time.Durati
 	}
 }
 
-// listen records the others' heartbeats.
-func (m *members) listen(nc *nats.Conn) (*nats.Subscription, error) {
-	return nc.Subscribe(aliveSubject+".*", func(msg *nats.Msg) {
-		i, err := strconv.Atoi(msg.Subject[len(aliveSubject)+1:])
-		if err != nil {
+// listen records the others' heartbeats; a heartbeat of this node's id
+// from another process is logged (at most once a minute).
+func (m *members) listen(nc *nats.Conn, log *slog.Logger) (*nats.Subscription, error) {
+	var warned time.Time
+	return nc.Subscribe(memberSubject+".*", func(msg *nats.Msg) {
+		id := msg.Subject[len(memberSubject)+1:]
+		hb, ok := parseHeartbeat(msg.Data, m.bound)
+		if !ok || checkNodeID(id) != nil {
 			return
 		}
-		leave, owns := parseHeartbeat(msg.Data, m.bound)
-		m.heard(i, leave, owns)
+		if m.heard(id, hb) && time.Since(warned) > time.Minute {
+			warned = time.Now()
+			log.Error("another process announces this node's cluster.node_id: give each node its own (the partitions' spread is wrong until then; exclusivity holds)",
+				"node_id", id, "incarnation", m.inc, "other_incarnation", hb.Inc)
+		}
 	})
 }
 
-// heartbeat is the payload of an "alive" heartbeat owning owned.
-func heartbeat(owned []int) []byte {
-	b := []byte("alive")
-	for i, p := range owned {
-		if i == 0 {
-			b = append(b, ' ')
-		} else {
-			b = append(b, ',')
+// parseHeartbeat reads a heartbeat; partitions outside [0, bound) are
+// dropped, and lists are cut at bound entries. ok is false for anything
+// that is not a heartbeat.
+func parseHeartbeat(b []byte, bound int) (hb heartbeat, ok bool) {
+	if json.Unmarshal(b, &hb) != nil || hb.Inc == "" {
+		return heartbeat{}, false
+	}
+	keep := func(ps []int) []int {
+		var out []int
+		for _, p := range ps {
+			if p >= 0 && p < bound && len(out) < bound {
+				out = append(out, p)
+			}
 		}
-		b = strconv.AppendInt(b, int64(p), 10)
+		return out
 	}
-	return b
-}
-
-// parseHeartbeat reads a heartbeat; partitions outside [0, bound) and
-// anything unreadable are ignored (an old node's plain "alive" owns none
-// as far as this node can tell).
-func parseHeartbeat(b []byte, bound int) (leave bool, owns []int) {
-	s := string(b)
-	if s == "leave" {
-		return true, nil
+	hb.Owns, hb.Pulls = keep(hb.Owns), keep(hb.Pulls)
+	if hb.Leave {
+		hb.Owns, hb.Pulls = nil, nil
 	}
-	_, list, ok := strings.Cut(s, " ")
-	if !ok {
-		return false, nil
-	}
-	for f := range strings.SplitSeq(list, ",") {
-		if p, err := strconv.Atoi(f); err == nil && p >= 0 && p < bound && len(owns) < bound {
-			owns = append(owns, p)
-		}
-	}
-	return false, owns
+	return hb, true
 }

@@ -1,76 +1,144 @@
 package cluster
 
 import (
+	"encoding/json"
+	"slices"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 )
 
-func TestANodePullsAnotherNodesPartitionOnlyWhileThoseBeforeItAreGone(t *testing.T) {
+// testMembers is node self's view with a clock the test moves.
+func testMembers(self string, partitions int) (*members, *time.Time) {
 	now := time.Unix(1000, 0)
-	m := newMembers(2, 3, 2*time.Second) // node 2 of 3
+	m := newMembers(self, partitions, 2*time.Second)
 	m.now = func() time.Time { return now }
 	m.start()
-	pulls := func() []bool {
-		var out []bool
-		for p := range 3 {
-			out = append(out, m.shouldPull(p))
-		}
-		return out
-	}
-	// Partition 2 is node 2's own; 1 comes to it after node 1; 0 after nodes 0 and 1.
-	require.Equal(t, []bool{false, false, true}, pulls(), "before one alive timeout: only its own")
-	m.heard(0, false, nil)
-	m.heard(1, false, nil)
-	now = now.Add(3 * time.Second)
-	require.Equal(t, []bool{true, true, true}, pulls(), "nodes 0 and 1 not heard of for 3s: gone")
-	m.heard(0, false, nil)
-	require.Equal(t, []bool{false, true, true}, pulls(), "node 0 back: partition 0 is its again")
-	m.heard(1, false, nil)
-	require.Equal(t, []bool{false, false, true}, pulls())
-	m.heard(1, true, nil)
-	require.Equal(t, []bool{false, true, true}, pulls(), "node 1 left: its partition at once")
-	m.heard(0, true, nil)
-	require.Equal(t, []bool{true, true, true}, pulls())
-	m.heard(7, false, nil) // not a node of this cluster: ignored
-	require.Equal(t, []bool{true, true, true}, pulls())
+	return m, &now
 }
 
-func TestHeartbeatCarriesTheOwnedPartitions(t *testing.T) {
+// pulls lists the partitions m pulls, given those it owns.
+func pulls(m *members, owned ...int) []int {
+	out := []int{}
+	for p := range m.bound {
+		if m.shouldPull(p, slices.Contains(owned, p)) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// preferredBy lists the partitions Assign gives node id among ids.
+func preferredBy(partitions int, id string, ids ...string) []int {
+	out := []int{}
+	for p, n := range Assign(partitions, ids) {
+		if n == id {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func TestANodePullsWhatItPrefersAmongTheLiveNodes(t *testing.T) {
+	const P = 12
+	m, now := testMembers("b", P)
+	require.Empty(t, pulls(m), "during the first alive timeout: nothing (the others are not heard yet)")
+	m.heard("a", heartbeat{Inc: "1"})
+	m.heard("c", heartbeat{Inc: "2"})
+	*now = now.Add(2 * time.Second)
+	m.heard("a", heartbeat{Inc: "1"})
+	m.heard("c", heartbeat{Inc: "2"})
+	require.Equal(t, preferredBy(P, "b", "a", "b", "c"), pulls(m), "3 live nodes: its third")
+	require.Len(t, pulls(m), 4)
+
+	*now = now.Add(1500 * time.Millisecond)
+	m.heard("a", heartbeat{Inc: "1"})
+	*now = now.Add(time.Second) // c not heard for 2.5 s: gone
+	require.Equal(t, preferredBy(P, "b", "a", "b"), pulls(m), "c gone: its partitions are shared by a and b")
+	require.Len(t, pulls(m), 6)
+
+	m.heard("a", heartbeat{Inc: "1", Leave: true})
+	require.Equal(t, preferredBy(P, "b", "b"), pulls(m), "a left: all of them at once")
+
+	m.heard("a", heartbeat{Inc: "3"}) // a restarted
+	m.heard("a", heartbeat{Inc: "1", Leave: true})
+	require.Equal(t, preferredBy(P, "b", "a", "b"), pulls(m), "a stale leave of a's previous run is ignored")
+}
+
+func TestAStandInKeepsAPartitionUntilItsPreferredNodePullsIt(t *testing.T) {
+	const P = 8
+	m, now := testMembers("a", P)
+	*now = now.Add(3 * time.Second)
+	all := pulls(m)
+	require.Len(t, all, P, "alone: every partition")
+
+	m.heard("b", heartbeat{Inc: "1"}) // b joins: it prefers about half
+	toB := preferredBy(P, "b", "a", "b")
+	require.Len(t, toB, P/2)
+	require.Equal(t, preferredBy(P, "a", "a", "b"), pulls(m), "what a does not own, it stops pulling at once")
+	require.Equal(t, all, pulls(m, all...), "what a owns, it keeps while b does not pull it")
+
+	m.heard("b", heartbeat{Inc: "1", Pulls: toB[:1]}) // b pulls one of them
+	want := slices.DeleteFunc(slices.Clone(all), func(p int) bool { return p == toB[0] })
+	require.Equal(t, want, pulls(m, all...), "a releases the one b pulls")
+	m.heard("b", heartbeat{Inc: "1", Pulls: toB})
+	require.Equal(t, preferredBy(P, "a", "a", "b"), pulls(m, all...), "and the rest once b pulls them")
+}
+
+func TestAHeartbeatOfThisNodesIDFromAnotherProcessIsAConflict(t *testing.T) {
+	m, _ := testMembers("a", 4)
+	require.False(t, m.heard("a", heartbeat{Inc: m.inc}), "its own heartbeat")
+	require.True(t, m.heard("a", heartbeat{Inc: "other"}), "another process with the same cluster.node_id")
+	live, _, _ := m.view()
+	require.Equal(t, []string{"a"}, live)
+}
+
+func TestHeartbeatCarriesTheOwnedAndPulledPartitions(t *testing.T) {
+	enc := func(hb heartbeat) []byte { b, _ := json.Marshal(hb); return b }
 	tests := []struct {
-		name  string
-		in    []byte
-		leave bool
-		owns  []int
+		name string
+		in   []byte
+		ok   bool
+		want heartbeat
 	}{
-		{"owning some", heartbeat([]int{0, 3, 6}), false, []int{0, 3, 6}},
-		{"owning none", heartbeat(nil), false, nil},
-		{"an old node's heartbeat", []byte("alive"), false, nil},
-		{"leaving", []byte("leave"), true, nil},
-		{"partitions out of range and garbage ignored", []byte("alive 1,64,-1,x,63"), false, []int{1, 63}},
+		{"owning some", enc(heartbeat{Inc: "x", Owns: []int{0, 3}, Pulls: []int{0, 3, 6}}), true, heartbeat{Inc: "x", Owns: []int{0, 3}, Pulls: []int{0, 3, 6}}},
+		{"owning none", enc(heartbeat{Inc: "x"}), true, heartbeat{Inc: "x"}},
+		{"leaving", enc(heartbeat{Inc: "x", Leave: true, Owns: []int{1}}), true, heartbeat{Inc: "x", Leave: true}},
+		{"partitions out of range dropped", []byte(`{"inc":"x","owns":[1,64,-1,63]}`), true, heartbeat{Inc: "x", Owns: []int{1, 63}}},
+		{"no incarnation", []byte(`{"owns":[1]}`), false, heartbeat{}},
+		{"a heartbeat of a node before cluster.node_id", []byte("alive 0,3,6"), false, heartbeat{}},
+		{"garbage", []byte(`{"inc":"x","owns":"1"}`), false, heartbeat{}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			leave, owns := parseHeartbeat(tc.in, 64)
-			require.Equal(t, tc.leave, leave)
-			require.Equal(t, tc.owns, owns)
+			hb, ok := parseHeartbeat(tc.in, 64)
+			require.Equal(t, tc.ok, ok)
+			require.Equal(t, tc.want, hb)
 		})
 	}
 }
 
 func FuzzParseHeartbeat(f *testing.F) {
-	for _, s := range []string{"alive", "leave", "alive 0,3,6", "alive ", "alive 1,,2", "alive 99999999999999999999"} {
+	for _, s := range []string{`{"inc":"a"}`, `{"inc":"a","leave":true}`, `{"inc":"a","owns":[0,3,6],"pulls":[1]}`, "alive 0,3,6", `{"inc":"a","owns":[99999999999999999999]}`} {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
-		leave, owns := parseHeartbeat(b, 64)
-		require.LessOrEqual(t, len(owns), 64)
-		for _, p := range owns {
-			require.True(t, p >= 0 && p < 64)
+		hb, ok := parseHeartbeat(b, 64)
+		if !ok {
+			require.Equal(t, heartbeat{}, hb)
+			return
 		}
-		if leave {
-			require.Empty(t, owns)
+		require.NotEmpty(t, hb.Inc)
+		for _, ps := range [][]int{hb.Owns, hb.Pulls} {
+			require.LessOrEqual(t, len(ps), 64)
+			for _, p := range ps {
+				require.True(t, p >= 0 && p < 64)
+			}
+		}
+		if hb.Leave {
+			require.Empty(t, hb.Owns)
+			require.Empty(t, hb.Pulls)
 		}
 	})
 }

@@ -45,9 +45,12 @@ type OwnershipFunc func(partition int, owned bool)
 // delivers a partition's batches to one client at a time and moves the pin to
 // another waiting client only when the pinned one stopped pulling for
 // cluster.pinned_ttl, or was unpinned (on a clean release). Which node waits
-// on which partition is decided by heartbeats (see members): a node pulls its
-// preferred partitions (p mod N = index) always, and another node's only when
-// every node before it in that partition's order is gone.
+// on which partition is decided by heartbeats (see members): the live nodes
+// are those heard of within cluster.alive_timeout, and each pulls the
+// partitions rendezvous hashing prefers it for among them (Assign). A node
+// that owns a partition another live node now prefers keeps it until that
+// node pulls it, then releases it: partitions follow the nodes that join
+// and leave.
 type Owner struct {
 	nc      *nats.Conn
 	js      jetstream.JetStream
@@ -82,10 +85,8 @@ func NewOwner(nc *nats.Conn, cfg Config, handle Handler, onOwned OwnershipFunc, 
 	if m == nil {
 		m = NewMetrics(nil)
 	}
-	mb := newMembers(cfg.Index, cfg.Nodes, cfg.AliveTimeout)
-	mb.bound = cfg.Partitions
 	return &Owner{nc: nc, js: js, cfg: cfg, handle: handle, onOwned: onOwned, log: log, m: m,
-		members: mb, owned: make([]atomic.Bool, cfg.Partitions), pulling: make([]atomic.Bool, cfg.Partitions)}, nil
+		members: newMembers(cfg.NodeID, cfg.Partitions, cfg.AliveTimeout), owned: make([]atomic.Bool, cfg.Partitions), pulling: make([]atomic.Bool, cfg.Partitions)}, nil
 }
 
 // consumerConfig is partition p's consumer.
@@ -113,7 +114,7 @@ func (o *Owner) Run(ctx context.Context) error {
 	if err != nil || ctx.Err() != nil {
 		return err
 	}
-	sub, err := o.members.listen(o.nc)
+	sub, err := o.members.listen(o.nc, o.log)
 	if err != nil {
 		return fmt.Errorf("subscribe to cluster heartbeats: %w", err)
 	}
@@ -121,7 +122,7 @@ func (o *Owner) Run(ctx context.Context) error {
 	o.members.start()
 
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { announce(gctx, o.nc, o.cfg.Index, o.cfg.AliveInterval, o.Owned); return nil })
+	g.Go(func() error { o.members.announce(gctx, o.nc, o.cfg.AliveInterval, o.Owned, o.Pulling); return nil })
 	for p := range cons {
 		g.Go(func() error { return o.runPartition(gctx, p, cons[p]) })
 	}
@@ -172,7 +173,7 @@ func (o *Owner) runPartition(ctx context.Context, p int, c jetstream.Consumer) e
 	t := time.NewTicker(o.cfg.AliveInterval / 2)
 	defer t.Stop()
 	for {
-		if o.members.shouldPull(p) {
+		if o.members.shouldPull(p, false) {
 			o.pulling[p].Store(true)
 			err := o.consume(ctx, p, c)
 			o.pulling[p].Store(false)
@@ -252,8 +253,8 @@ func (o *Owner) consume(ctx context.Context, p int, c jetstream.Consumer) error 
 			o.log.Warn("pulling a partition stopped; starting again", "partition", p)
 			return nil
 		case <-t.C:
-			if !o.members.shouldPull(p) {
-				return nil // handed back to a node before this one in p's order
+			if !o.members.shouldPull(p, st.owned) {
+				return nil // another live node prefers p (and pulls it, if p is owned here)
 			}
 		case <-st.lost:
 			o.lose(st)

@@ -18,7 +18,7 @@ import (
 // handled to the end by this node (the only one), nothing left behind.
 func TestASlowGainLongerThanThePinnedTTLLeavesNoBatchBehind(t *testing.T) {
 	c := natstest.Start(t, 1)
-	cfg := fastConfig(1, 0)
+	cfg := fastConfig(0)
 	cfg.Replicas = 1
 	cfg.Partitions = 1
 	l, err := NewLog(connect(t, c.URL()), cfg, nil)

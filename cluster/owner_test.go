@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -141,9 +142,18 @@ func requireStream(t *testing.T, l *Log) jetstream.Stream {
 	return nil
 }
 
-func fastConfig(nodes, index int) Config {
+// testNodes are the node ids of the owner tests: node i is testNodes[i].
+// Between the two, rendezvous hashing puts 4 partitions as p mod 2
+// (TestTheTestNodesSplitFourPartitionsByParity).
+var testNodes = [2]string{"node-0a", "node-1a"}
+
+// nodeNum is the number of a test node id.
+func nodeNum(id string) int { return slices.Index(testNodes[:], id) }
+
+// fastConfig is the config of test node i (testNodes) on 4 partitions.
+func fastConfig(i int) Config {
 	c := testConfig(3, 4)
-	c.Nodes, c.Index = nodes, index
+	c.NodeID = testNodes[i]
 	c.PinnedTTL = 3 * time.Second
 	c.AckWait = 2 * time.Second
 	c.Settle = 100 * time.Millisecond
@@ -176,7 +186,7 @@ type runningOwner struct {
 
 func startOwner(t *testing.T, url string, cfg Config, rec *recorder, m *Metrics) *runningOwner {
 	t.Helper()
-	return startOwnerWith(t, url, cfg, rec.handler(cfg.Index), rec.ownership(cfg.Index), m)
+	return startOwnerWith(t, url, cfg, rec.handler(nodeNum(cfg.NodeID)), rec.ownership(nodeNum(cfg.NodeID)), m)
 }
 
 func startOwnerWith(t *testing.T, url string, cfg Config, handle Handler, owned OwnershipFunc, m *Metrics) *runningOwner {
@@ -206,9 +216,13 @@ func (ro *runningOwner) stop(t *testing.T) {
 	}
 }
 
+func TestTheTestNodesSplitFourPartitionsByParity(t *testing.T) {
+	require.Equal(t, []string{testNodes[0], testNodes[1], testNodes[0], testNodes[1]}, Assign(4, testNodes[:]))
+}
+
 func TestOwnerHandlesEveryPartitionInOrderAndUnpinsOnShutdown(t *testing.T) {
 	c := natstest.Start(t, 1)
-	cfg := fastConfig(1, 0)
+	cfg := fastConfig(0)
 	cfg.Replicas = 1
 	l, err := NewLog(connect(t, c.URL()), cfg, nil)
 	require.NoError(t, err)
@@ -251,7 +265,7 @@ func TestOwnerHandlesEveryPartitionInOrderAndUnpinsOnShutdown(t *testing.T) {
 
 func TestTwoNodesSplitThePartitionsAndHandThemOverOnShutdownAndBack(t *testing.T) {
 	c := natstest.Start(t, 3)
-	cfg0, cfg1 := fastConfig(2, 0), fastConfig(2, 1)
+	cfg0, cfg1 := fastConfig(0), fastConfig(1)
 	l, err := NewLog(connect(t, c.URL()), cfg0, nil)
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -264,7 +278,7 @@ func TestTwoNodesSplitThePartitionsAndHandThemOverOnShutdownAndBack(t *testing.T
 	publish(t, l, 0, 40, 4)
 	require.Eventually(t, func() bool { return rec.count() == 40 }, 30*time.Second, 20*time.Millisecond)
 	for p := range 4 {
-		require.Equal(t, map[int]int{p % 2: 10}, rec.handlers(p, 0), "partition %d goes to node p mod 2", p)
+		require.Equal(t, map[int]int{p % 2: 10}, rec.handlers(p, 0), "partition %d goes to node p mod 2 (rendezvous hashing of the test nodes)", p)
 	}
 
 	// Batches flow at about 200/s while node 1 shuts down.
@@ -303,7 +317,7 @@ func TestTwoNodesSplitThePartitionsAndHandThemOverOnShutdownAndBack(t *testing.T
 // newer batch (not after cluster.ack_wait, when they would come again).
 func TestACleanHandOverKeepsTheOrderOfTheBatchesTheOldOwnerHadNotHandled(t *testing.T) {
 	c := natstest.Start(t, 3)
-	cfg0, cfg1 := fastConfig(2, 0), fastConfig(2, 1)
+	cfg0, cfg1 := fastConfig(0), fastConfig(1)
 	cfg1.MaxBatch = 16
 	l, err := NewLog(connect(t, c.URL()), cfg0, nil)
 	require.NoError(t, err)
@@ -397,7 +411,7 @@ func runOwnerProcess() int {
 		fmt.Fprintf(out, "owned %d %v\n", p, owned)
 		_ = out.Flush()
 	}
-	o, err := NewOwner(nc, fastConfig(2, index), handle, owned, nil, nil)
+	o, err := NewOwner(nc, fastConfig(index), handle, owned, nil, nil)
 	if err != nil {
 		fmt.Println("error", err)
 		return 1
@@ -411,7 +425,7 @@ func runOwnerProcess() int {
 // the other node handles them.
 func TestAKilledOwnerProcessesPartitionsMoveToTheOtherNode(t *testing.T) {
 	c := natstest.Start(t, 3)
-	cfg := fastConfig(2, 0)
+	cfg := fastConfig(0)
 	l, err := NewLog(connect(t, c.URL()), cfg, nil)
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -583,7 +597,7 @@ func (r *recorder) duplicatesOf(op *ownerProcess) int {
 // each device's readings on in time order.
 func TestReadingsFlowFromAppendThroughTheOwnerAndDedupe(t *testing.T) {
 	c := natstest.Start(t, 1)
-	cfg := fastConfig(1, 0)
+	cfg := fastConfig(0)
 	cfg.Replicas = 1
 	m := NewMetrics(nil)
 	l, err := NewLog(connect(t, c.URL()), cfg, m)

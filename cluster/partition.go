@@ -27,10 +27,3 @@ func Subject(p int) string { return SubjectPrefix + "." + strconv.Itoa(p) }
 
 // consumerName is the durable consumer of partition p.
 func consumerName(p int) string { return "citypulse-p" + strconv.Itoa(p) }
-
-// preferredRank is node's place in the order in which the nodes of an n-node
-// cluster take partition p: 0 for the node with index p mod n, 1 for the next
-// index (mod n), and so on.
-func preferredRank(p, node, n int) int {
-	return ((node-p%n)%n + n) % n
-}

@@ -2,6 +2,8 @@ package cluster
 
 import (
 	"hash/fnv"
+	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -21,12 +23,6 @@ func TestPartitionOfIsFNV1aModP(t *testing.T) {
 	require.Equal(t, "citypulse.readings.15", Subject(15))
 }
 
-func TestPreferredRankOrdersTheNodesFromPModN(t *testing.T) {
-	// 3 nodes: partition 4 prefers node 1, then 2, then 0.
-	require.Equal(t, []int{2, 0, 1}, []int{preferredRank(4, 0, 3), preferredRank(4, 1, 3), preferredRank(4, 2, 3)})
-	require.Equal(t, 0, preferredRank(5, 0, 1))
-}
-
 func TestConfigValidateNamesTheKey(t *testing.T) {
 	require.NoError(t, Default().Validate())
 	tests := []struct {
@@ -35,7 +31,10 @@ func TestConfigValidateNamesTheKey(t *testing.T) {
 		key  string
 	}{
 		{"ack wait at the pin ttl", func(c *Config) { c.AckWait = c.PinnedTTL }, "cluster.ack_wait"},
-		{"index out of range", func(c *Config) { c.Nodes, c.Index = 3, 3 }, "cluster.index"},
+		{"no node id", func(c *Config) { c.NodeID = "" }, "cluster.node_id"},
+		{"a node id with a dot", func(c *Config) { c.NodeID = "node1.example.org" }, "cluster.node_id"},
+		{"a node id with a wildcard", func(c *Config) { c.NodeID = "node>" }, "cluster.node_id"},
+		{"a node id too long", func(c *Config) { c.NodeID = strings.Repeat("n", 65) }, "cluster.node_id"},
 		{"two replicas", func(c *Config) { c.Replicas = 2 }, "cluster.replicas"},
 		{"no partitions", func(c *Config) { c.Partitions = 0 }, "cluster.partitions"},
 		{"short pin", func(c *Config) { c.PinnedTTL, c.AckWait, c.Settle = time.Second, 500*time.Millisecond, 0 }, "cluster.pinned_ttl"},
@@ -47,4 +46,12 @@ func TestConfigValidateNamesTheKey(t *testing.T) {
 			require.ErrorContains(t, c.Validate(), tc.key)
 		})
 	}
+}
+
+func TestTheDefaultNodeIDIsTheHostNameAsAToken(t *testing.T) {
+	h, err := os.Hostname()
+	require.NoError(t, err)
+	id := DefaultNodeID()
+	require.NoError(t, checkNodeID(id))
+	require.Equal(t, strings.NewReplacer(".", "_", " ", "_").Replace(h), id)
 }

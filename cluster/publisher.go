@@ -35,7 +35,7 @@ type appender interface {
 type Publisher struct {
 	log      appender
 	cfg      Config
-	id       string // message id prefix: unique per publisher run
+	id       string // message id prefix: unique per publisher run (see newPublisher)
 	seq      atomic.Uint64
 	parts    []*queue
 	m        *Metrics
@@ -69,18 +69,25 @@ const (
 	queueBatches    = 8
 )
 
-// NewPublisher builds a publisher appending to l; node names it in message
-// ids. It starts nothing: Run publishes.
-func NewPublisher(l *Log, node int, m *Metrics) *Publisher {
+// NewPublisher builds a publisher appending to l; node (cluster.node_id)
+// names it in message ids. It starts nothing: Run publishes.
+func NewPublisher(l *Log, node string, m *Metrics) *Publisher {
 	return newPublisher(l, l.cfg, node, m)
 }
 
-func newPublisher(l appender, cfg Config, node int, m *Metrics) *Publisher {
+// newPublisher builds a publisher whose message ids are
+// <node>.<incarnation>.<sequence>: JetStream drops a batch whose id it saw
+// within cluster.duplicate_window and acknowledges it as a duplicate, so an
+// id used twice would acknowledge readings it never stored. A node id holds
+// no "." and is unique in the cluster; the incarnation is 64 random bits,
+// new at each start (a restarted gateway, or two nodes given one id by
+// mistake, never repeat an id); the sequence counts this run's batches.
+func newPublisher(l appender, cfg Config, node string, m *Metrics) *Publisher {
 	if m == nil {
 		m = NewMetrics(nil)
 	}
 	p := &Publisher{log: l, cfg: cfg, m: m, maxBatch: maxBatchPublish, maxQueue: queueBatches * maxBatchPublish,
-		id:      "n" + strconv.Itoa(node) + "-" + strconv.FormatInt(time.Now().UnixNano(), 36),
+		id:      node + "." + newIncarnation(),
 		stopped: make(chan struct{})}
 	p.parts = make([]*queue, cfg.Partitions)
 	for i := range p.parts {
@@ -298,7 +305,7 @@ func (p *Publisher) flush(part int, q *queue) bool {
 func (p *Publisher) publish(part int, payload []byte) error {
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.PublishTimeout+time.Second)
 	defer cancel()
-	id := p.id + "-" + strconv.FormatUint(p.seq.Add(1), 36)
+	id := p.id + "." + strconv.FormatUint(p.seq.Add(1), 36)
 	wait, err := p.log.Append(ctx, part, id, payload)
 	if err != nil {
 		return err

@@ -59,7 +59,7 @@ func newPublisherEnv(t *testing.T, partitions int, tune func(*Config)) publisher
 	e.ctx = ctx
 	_, err = e.l.EnsureStream(ctx)
 	require.NoError(t, err)
-	e.p = NewPublisher(e.l, 0, e.m)
+	e.p = NewPublisher(e.l, "gw-0", e.m)
 	return e
 }
 

@@ -58,7 +58,7 @@ func (s *server) buildCluster() error {
 	}
 	log := s.log.With("component", "cluster")
 	opts := []nats.Option{
-		nats.Name(fmt.Sprintf("citypulse-node-%d", c.Index)),
+		nats.Name("citypulse-" + c.NodeID),
 		nats.RetryOnFailedConnect(true), nats.MaxReconnects(-1), nats.ReconnectWait(250 * time.Millisecond),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("disconnected from NATS", "err", err) }),
 		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("reconnected to NATS", "server", nc.ConnectedUrlRedacted()) }),
@@ -78,7 +78,7 @@ func (s *server) buildCluster() error {
 	if n.clog, err = cluster.NewLog(nc, c.Config, n.m); err != nil {
 		return err
 	}
-	n.pub = cluster.NewPublisher(n.clog, c.Index, n.m)
+	n.pub = cluster.NewPublisher(n.clog, c.NodeID, n.m)
 	if err := s.buildStandby(n); err != nil {
 		return err
 	}
@@ -96,7 +96,7 @@ func (s *server) buildCluster() error {
 		func() float64 { return b2f(n.ready.Load()) }))
 	s.cluster = n
 	log.Info("cluster mode: gateways publish to JetStream", "urls", c.URLs, "stream", c.Stream,
-		"partitions", c.Partitions, "node", c.Index, "nodes", c.Nodes)
+		"partitions", c.Partitions, "node_id", c.NodeID)
 	return nil
 }
 

@@ -50,7 +50,7 @@ func TestClusterQuorumLossIsNotAcknowledged(t *testing.T) {
 	skipUnlessCluster(t)
 	const partitions = 4
 	e := startClusterEnv(t, 4)
-	n := e.node(0, 1, partitions)
+	n := e.node(0, partitions)
 	n.Start()
 	dev := e.ids[0]
 	co, err := udp.Dial(n.CoAP)
@@ -74,7 +74,7 @@ func TestClusterQuorumLossIsNotAcknowledged(t *testing.T) {
 	p := cluster.PartitionOf(dev, partitions)
 	eventually(t, 20*time.Second, func() error {
 		st := getCluster(t, n.HTTP)
-		if !slices.Contains(st.Owned, p) || st.Partitions[p].Owner != 0 || st.Partitions[p].Pending != 0 || !st.Connected || !st.Ready {
+		if !slices.Contains(st.Owned, p) || st.Partitions[p].Owner != nodeID(0) || st.Partitions[p].Pending != 0 || !st.Connected || !st.Ready {
 			return fmt.Errorf("partition %d not yet shown owned by node 0 with no lag: %+v", p, st)
 		}
 		return nil

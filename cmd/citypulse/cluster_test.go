@@ -78,9 +78,28 @@ func startClusterEnv(t *testing.T, devices int) *clusterEnv {
 	return e
 }
 
-// node prepares CityPulse node index of nodes (not started); partitions
-// as configured.
-func (e *clusterEnv) node(index, nodes, partitions int) *servertest.Server {
+// nodeID is the cluster.node_id of the tests' CityPulse node i.
+func nodeID(i int) string { return fmt.Sprintf("cp-%d", i) }
+
+// preferredBy is the set of partitions rendezvous hashing assigns to node i
+// while the nodes live are live (cluster.Assign).
+func preferredBy(partitions, i int, live ...int) map[int]bool {
+	var ids []string
+	for _, n := range live {
+		ids = append(ids, nodeID(n))
+	}
+	out := map[int]bool{}
+	for p, id := range cluster.Assign(partitions, ids) {
+		if id == nodeID(i) {
+			out[p] = true
+		}
+	}
+	return out
+}
+
+// node prepares CityPulse node i (cluster.node_id nodeID(i); not started);
+// partitions as configured.
+func (e *clusterEnv) node(i, partitions int) *servertest.Server {
 	vitals, _ := filepath.Abs("../../configs/vitals.yaml")
 	rulesFile, _ := filepath.Abs("../../configs/rules.yaml")
 	s := servertest.New(e.t, binPath, "CITYPULSE_VITALS_FILE="+vitals, "CITYPULSE_RULES_FILE="+rulesFile)
@@ -99,10 +118,9 @@ storage:
 cluster:
   enabled: true
   urls: [%s]
-  nodes: %d
-  index: %d
+  node_id: %s
   partitions: %d
-`, e.devices, e.vm, urls, nodes, index, partitions))
+`, e.devices, e.vm, urls, nodeID(i), partitions))
 	return s
 }
 
@@ -372,7 +390,7 @@ func TestClusterLosesNothingAcknowledged(t *testing.T) {
 	e := startClusterEnv(t, nDevices)
 	nodes := make([]*servertest.Server, 3)
 	for i := range nodes {
-		nodes[i] = e.node(i, 3, partitions)
+		nodes[i] = e.node(i, partitions)
 	}
 	var wg sync.WaitGroup
 	for _, n := range nodes {
@@ -397,8 +415,9 @@ func TestClusterLosesNothingAcknowledged(t *testing.T) {
 	// survivor may still stand in for them, and there would be no hand-over
 	// to measure.
 	mine := map[int]bool{}
+	pref := preferredBy(partitions, 1, 0, 1, 2)
 	for _, id := range e.ids {
-		if p := cluster.PartitionOf(id, partitions); p%3 == 1 {
+		if p := cluster.PartitionOf(id, partitions); pref[p] {
 			mine[p] = true
 		}
 	}
@@ -427,13 +446,13 @@ func TestClusterLosesNothingAcknowledged(t *testing.T) {
 	pubs.Wait()
 	publishing := time.Since(time.UnixMilli(t0))
 
-	// Hand-over: the partitions node 1 preferred (p mod 3 = 1) are taken by
+	// Hand-over: the partitions node 1 preferred (pref) are taken by
 	// the survivors; the time from the SIGKILL to the first batch handled.
 	var handover time.Duration
 	taken := map[int]bool{}
 	for _, i := range []int{0, 2} {
 		for _, l := range logTimes(nodes[i].Logs(), "partition taken over: first batches handled") {
-			if l.at.After(killedAt) && l.at.Before(killedAt.Add(10*time.Second)) && l.partition%3 == 1 {
+			if l.at.After(killedAt) && l.at.Before(killedAt.Add(10*time.Second)) && pref[l.partition] {
 				taken[l.partition] = true
 				handover = max(handover, l.at.Sub(killedAt))
 			}
@@ -543,7 +562,7 @@ func TestClusterThroughput(t *testing.T) {
 		nodes := make([]*servertest.Server, run.nodes)
 		var wg sync.WaitGroup
 		for i := range nodes {
-			nodes[i] = e.node(i, run.nodes, 12)
+			nodes[i] = e.node(i, 12)
 			if !run.cluster {
 				nodes[i].Env = append(nodes[i].Env, "CITYPULSE_CLUSTER_ENABLED=false")
 			}
@@ -637,7 +656,7 @@ func logClusterStatus(t *testing.T, nd *servertest.Server) {
 		Data clusterStatus `json:"data"`
 	}
 	require.NoError(t, json.NewDecoder(resp.Body).Decode(&st))
-	t.Logf("  node %d: owned %v; JetStream publish ack p50 %.2fms p90 %.2fms p99 %.2fms over %d batches",
+	t.Logf("  node %s: owned %v; JetStream publish ack p50 %.2fms p90 %.2fms p99 %.2fms over %d batches",
 		st.Data.Node, st.Data.Owned, st.Data.Publish.P50*1000, st.Data.Publish.P90*1000, st.Data.Publish.P99*1000, st.Data.Publish.Count)
 }
 

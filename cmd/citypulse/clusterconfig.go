@@ -4,6 +4,10 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"os"
+	"strings"
+
+	"github.com/spf13/viper"
 
 	"github.com/citypulse/citypulse/cluster"
 )
@@ -107,4 +111,21 @@ func (c ClusterConfig) Validate() error {
 		errs = append(errs, fmt.Errorf("cluster.dedupe_window (%d) must be >= 1 and cluster.dedupe_devices (%d) >= 2", c.DedupeWindow, c.DedupeDevices))
 	}
 	return errors.Join(errs...)
+}
+
+// removedKeys are keys of earlier versions: refused with the way forward
+// (as unknown keys they would be refused without it).
+var removedKeys = []string{"cluster.index", "cluster.nodes"}
+
+// checkRemoved refuses a removed key in the config file or the environment.
+func checkRemoved(v *viper.Viper, path string) error {
+	for _, k := range removedKeys {
+		env := "CITYPULSE_" + strings.ToUpper(strings.ReplaceAll(k, ".", "_"))
+		if _, set := os.LookupEnv(env); set || v.InConfig(k) {
+			return fmt.Errorf("config %s: %s is no longer a key: cluster.nodes and cluster.index were removed, nodes now join and leave without restarting the others. "+
+				"Delete both keys and give each node a unique, stable cluster.node_id (default: its host name); see docs/cluster.md, \"Upgrading from cluster.nodes and cluster.index\"",
+				orDefault(path), k)
+		}
+	}
+	return nil
 }

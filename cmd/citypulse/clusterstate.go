@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
 	"sync"
 	"time"
@@ -96,7 +95,7 @@ func (s *server) buildClusterState() error {
 	})))
 	if s.vitals != nil {
 		s.vitals.SetOwns(owns)
-		node := fmt.Sprintf("node%d", cfg.Index)
+		node := cfg.NodeID
 		lease, err := cluster.NewLease(n.nc, cfg.State.Leases, "vitals", node, cfg.State.LeaseTTL, cfg.State.Replicas, log)
 		if err != nil {
 			return err

@@ -66,9 +66,9 @@ func (r *alertReceiver) distinct(status string) (transitions, deliveries int) {
 	return transitions, deliveries
 }
 
-// alertNode prepares CityPulse node index of 3 with the burst_main rule (a
+// alertNode prepares CityPulse node i (of 3) with the burst_main rule (a
 // 5 s window) notifying hook.
-func (e *clusterEnv) alertNode(index, partitions int, rulesFile, hook string) *servertest.Server {
+func (e *clusterEnv) alertNode(i, partitions int, rulesFile, hook string) *servertest.Server {
 	vitals, _ := filepath.Abs("../../configs/vitals.yaml")
 	s := servertest.New(e.t, binPath, "CITYPULSE_VITALS_FILE="+vitals, "CITYPULSE_RULES_FILE="+rulesFile)
 	s.SetConfig(fmt.Sprintf(`data_dir: {{data}}
@@ -90,12 +90,11 @@ storage:
 cluster:
   enabled: true
   urls: [%s]
-  nodes: 3
-  index: %d
+  node_id: %s
   partitions: %d
   state:
     checkpoint: 1s
-`, e.devices, hook, e.vm, strings.ReplaceAll(e.nats.URL(), ",", ", "), index, partitions))
+`, e.devices, hook, e.vm, strings.ReplaceAll(e.nats.URL(), ",", ", "), nodeID(i), partitions))
 	return s
 }
 
@@ -110,8 +109,9 @@ func TestClusterAlertFiresOnceAcrossANodeKill(t *testing.T) {
 	const partitions = 12
 	e := startClusterEnv(t, 24)
 	var pipe string
+	pref := preferredBy(partitions, 1, 0, 1, 2)
 	for _, id := range e.ids {
-		if cluster.PartitionOf(id, partitions)%3 == 1 {
+		if pref[cluster.PartitionOf(id, partitions)] {
 			pipe = id
 			break
 		}

@@ -233,6 +233,9 @@ func loadConfig(path string, overrides map[string]any) (Config, error) {
 			return Config{}, fmt.Errorf("read config %s: %w", path, err)
 		}
 	}
+	if err := checkRemoved(v, path); err != nil {
+		return Config{}, err
+	}
 	if err := checkEnv(keys); err != nil {
 		return Config{}, err
 	}

@@ -94,15 +94,20 @@ func TestPrintConfigMasksSecrets(t *testing.T) {
 func TestClusterSection(t *testing.T) {
 	t.Setenv("CITYPULSE_CLUSTER_URLS", "nats://10.0.0.1:4222,nats://10.0.0.2:4222")
 	t.Setenv("CITYPULSE_CLUSTER_PARTITIONS", "16")
-	t.Setenv("CITYPULSE_CLUSTER_INDEX", "2")
-	c, err := loadConfig(writeConfig(t, "cluster:\n  enabled: true\n  nodes: 3\nstorage:\n  remote_write:\n    enabled: true\n    url: http://127.0.0.1:8428/api/v1/write\n"), nil)
+	t.Setenv("CITYPULSE_CLUSTER_NODE_ID", "cp-east-2")
+	c, err := loadConfig(writeConfig(t, "cluster:\n  enabled: true\nstorage:\n  remote_write:\n    enabled: true\n    url: http://127.0.0.1:8428/api/v1/write\n"), nil)
 	require.NoError(t, err)
 	require.True(t, c.Cluster.Enabled)
 	require.Equal(t, []string{"nats://10.0.0.1:4222", "nats://10.0.0.2:4222"}, c.Cluster.URLs)
 	require.Equal(t, 16, c.Cluster.Partitions)
-	require.Equal(t, 3, c.Cluster.Nodes)
-	require.Equal(t, 2, c.Cluster.Index)
+	require.Equal(t, "cp-east-2", c.Cluster.NodeID)
 	require.Equal(t, "CITYPULSE_READINGS", c.Cluster.Stream, "the defaults of the keys not set")
+}
+
+func TestTheRemovedClusterIndexInTheEnvironmentNamesNodeID(t *testing.T) {
+	t.Setenv("CITYPULSE_CLUSTER_INDEX", "2")
+	_, err := loadConfig("", nil)
+	require.ErrorContains(t, err, "cluster.node_id")
 }
 
 func TestStandbyConfigFromTheEnvironmentMirrorsTheClusterStreams(t *testing.T) {
@@ -135,7 +140,9 @@ func TestBadClusterConfigIsRejectedWithTheKeyNamed(t *testing.T) {
 		want string
 	}{
 		{"no shared store", "cluster:\n  enabled: true\n", "storage.remote_write.enabled"},
-		{"an index beyond the nodes", rw + "cluster:\n  enabled: true\n  nodes: 3\n  index: 3\n", "cluster.index"},
+		{"a node id that is not a subject token", rw + "cluster:\n  enabled: true\n  node_id: node1.example.org\n", "cluster.node_id"},
+		{"the removed nodes and index", rw + "cluster:\n  enabled: true\n  nodes: 3\n  index: 1\n", "give each node a unique, stable cluster.node_id"},
+		{"the removed index alone", rw + "cluster:\n  enabled: true\n  index: 0\n", "cluster.index is no longer a key"},
 		{"no NATS server", rw + "cluster:\n  enabled: true\n  urls: []\n", "cluster.urls"},
 		{"a URL that is not NATS", rw + "cluster:\n  enabled: true\n  urls: [http://x:4222]\n", "cluster.urls"},
 		{"a user without a password", rw + "cluster:\n  enabled: true\n  user: citypulse\n", "cluster.password"},
