@@ -15,7 +15,10 @@
 // CITYPULSE_READINGS. Each partition has a durable pull consumer in a priority
 // group with the pinned-client policy, so JetStream itself guarantees one
 // consumer at a time per partition; heartbeats between nodes only decide who
-// should pull (a node prefers the partitions p with p mod N = its index).
+// should pull: the live nodes are those whose heartbeats (keyed by
+// cluster.node_id) were heard recently, and each prefers the partitions that
+// rendezvous hashing with bounded loads assigns it among them (Assign), so
+// nodes join and leave without a restart of the others.
 //
 // The data path of cluster mode is built from these: a gateway submits to a
 // Publisher (readings coalesced per partition into batches, AppendBatch,

@@ -162,14 +162,18 @@ func (m *members) shouldPull(p int, owned bool) bool {
 }
 
 // announce publishes this node's heartbeat every interval until ctx is
-// done, then a leave so the others take its partitions at once.
-func (m *members) announce(ctx context.Context, nc *nats.Conn, interval time.Duration, owned, pulling func() []int) {
+// done, then a leave so the others take its partitions at once. It keeps
+// the members gauges.
+func (m *members) announce(ctx context.Context, nc *nats.Conn, interval time.Duration, owned, pulling func() []int, mt *Metrics) {
 	subj := memberSubject + "." + m.self
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
 		b, _ := json.Marshal(heartbeat{Inc: m.inc, Owns: owned(), Pulls: pulling()})
 		_ = nc.Publish(subj, b)
+		live, _, pref := m.view()
+		mt.alive.Set(float64(len(live)))
+		mt.preferred.Set(float64(countOf(pref, m.self)))
 		select {
 		case <-ctx.Done():
 			b, _ := json.Marshal(heartbeat{Inc: m.inc, Leave: true})
@@ -220,4 +224,15 @@ func parseHeartbeat(b []byte, bound int) (hb heartbeat, ok bool) {
 		hb.Owns, hb.Pulls = nil, nil
 	}
 	return hb, true
+}
+
+// countOf counts the partitions assigned to id.
+func countOf(assign []string, id string) int {
+	n := 0
+	for _, a := range assign {
+		if a == id {
+			n++
+		}
+	}
+	return n
 }

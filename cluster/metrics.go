@@ -8,6 +8,8 @@ type Metrics struct {
 	published   *prometheus.CounterVec
 	ackSeconds  prometheus.Histogram
 	owned       prometheus.Gauge
+	alive       prometheus.Gauge
+	preferred   prometheus.Gauge
 	changes     *prometheus.CounterVec
 	redelivered prometheus.Counter
 	duplicates  prometheus.Counter
@@ -35,6 +37,12 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		owned: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "citypulse_cluster_partitions_owned",
 			Help: "Partitions this node consumes now (pinned to it)."}),
+		alive: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "citypulse_cluster_members_alive",
+			Help: "Nodes this node counts as alive (itself and those heard of within cluster.alive_timeout)."}),
+		preferred: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "citypulse_cluster_partitions_preferred",
+			Help: "Partitions rendezvous hashing assigns to this node among the live nodes (it owns them once the hand-over is done)."}),
 		changes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "citypulse_cluster_partition_handovers_total",
 			Help: "Changes of partition ownership on this node: gained, lost (another node was pinned) or released (handed back to its preferred node, or shutdown)."},
@@ -71,7 +79,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Batches in the log that could not be decoded (not written by a gateway of this version); skipped."}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.published, m.ackSeconds, m.owned, m.changes, m.redelivered, m.duplicates, m.late, m.handlerErrs,
+		reg.MustRegister(m.published, m.ackSeconds, m.owned, m.alive, m.preferred, m.changes, m.redelivered, m.duplicates, m.late, m.handlerErrs,
 			m.submitSeconds, m.submitFailed, m.batchReadings, m.fed, m.badBatches)
 	}
 	return m

@@ -122,7 +122,7 @@ func (o *Owner) Run(ctx context.Context) error {
 	o.members.start()
 
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { o.members.announce(gctx, o.nc, o.cfg.AliveInterval, o.Owned, o.Pulling); return nil })
+	g.Go(func() error { o.members.announce(gctx, o.nc, o.cfg.AliveInterval, o.Owned, o.Pulling, o.m); return nil })
 	for p := range cons {
 		g.Go(func() error { return o.runPartition(gctx, p, cons[p]) })
 	}

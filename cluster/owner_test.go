@@ -245,6 +245,8 @@ func TestOwnerHandlesEveryPartitionInOrderAndUnpinsOnShutdown(t *testing.T) {
 	}
 	require.Equal(t, 4.0, testutil.ToFloat64(m.owned))
 	require.Equal(t, 4.0, testutil.ToFloat64(m.changes.WithLabelValues("gained")))
+	require.Equal(t, 1.0, testutil.ToFloat64(m.alive), "alone")
+	require.Equal(t, 4.0, testutil.ToFloat64(m.preferred), "alone: every partition is its")
 	n, err := testutil.GatherAndCount(reg, "citypulse_cluster_partitions_owned", "citypulse_cluster_partition_handovers_total")
 	require.NoError(t, err)
 	require.Equal(t, 2, n, "the metrics are in the injected registry")
