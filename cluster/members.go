@@ -56,9 +56,11 @@ type members struct {
 	mu      sync.Mutex
 	started time.Time
 	peers   map[string]*peer
-	// assign caches Assign over the live set named by key.
+	// assign caches Assign over the live set named by key, which has not
+	// changed since stable.
 	key    string
 	assign []string
+	stable time.Time
 }
 
 func newMembers(self string, partitions int, timeout time.Duration) *members {
@@ -112,10 +114,10 @@ func (m *members) liveLocked(now time.Time) []string {
 }
 
 // assignmentLocked is Assign over the live nodes (cached while they stay).
-func (m *members) assignmentLocked(live []string) []string {
+func (m *members) assignmentLocked(live []string, now time.Time) []string {
 	key := strings.Join(live, " ")
 	if key != m.key || m.assign == nil {
-		m.key, m.assign = key, Assign(m.bound, live)
+		m.key, m.assign, m.stable = key, Assign(m.bound, live), now
 	}
 	return m.assign
 }
@@ -133,16 +135,20 @@ func (m *members) view() (live []string, beats map[string]heartbeat, preferred [
 			beats[id] = p.hb
 		}
 	}
-	return live, beats, slices.Clone(m.assignmentLocked(live))
+	return live, beats, slices.Clone(m.assignmentLocked(live, m.now()))
 }
 
 // shouldPull reports whether this node pulls partition p: it is p's
 // preferred node among the live ones; or it owns p (stands in for it) and
-// p's preferred node does not pull it yet (it is starting, or was not
-// heard of since it preferred p): the stand-in keeps p until the preferred
-// node waits on its consumer, then releases it (rebalance on join). For one
-// alive timeout after the start a node pulls nothing: it has not yet heard
-// the others.
+// may not release it yet. A stand-in keeps p until the preferred node waits
+// on p's consumer (its heartbeat lists p as pulled: it is past its start)
+// and the live set has not changed for an alive timeout, then releases it
+// (rebalance on join). The second condition damps flaps: a node whose
+// heartbeats are late for a moment (a loaded machine) changes the others'
+// live set, and with it the preference of a few partitions between nodes
+// that are all alive (Assign's bound); those stay put unless the change
+// lasts. For one alive timeout after the start a node pulls nothing: it
+// has not yet heard the others.
 func (m *members) shouldPull(p int, owned bool) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -150,7 +156,7 @@ func (m *members) shouldPull(p int, owned bool) bool {
 	if now.Sub(m.started) < m.timeout {
 		return false
 	}
-	pref := m.assignmentLocked(m.liveLocked(now))[p]
+	pref := m.assignmentLocked(m.liveLocked(now), now)[p]
 	if pref == m.self {
 		return true
 	}
@@ -158,7 +164,7 @@ func (m *members) shouldPull(p int, owned bool) bool {
 		return false
 	}
 	peer := m.peers[pref]
-	return peer == nil || !slices.Contains(peer.hb.Pulls, p)
+	return peer == nil || !slices.Contains(peer.hb.Pulls, p) || now.Sub(m.stable) < m.timeout
 }
 
 // announce publishes this node's heartbeat every interval until ctx is

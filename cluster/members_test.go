@@ -80,10 +80,60 @@ func TestAStandInKeepsAPartitionUntilItsPreferredNodePullsIt(t *testing.T) {
 	require.Equal(t, all, pulls(m, all...), "what a owns, it keeps while b does not pull it")
 
 	m.heard("b", heartbeat{Inc: "1", Pulls: toB[:1]}) // b pulls one of them
+	require.Equal(t, all, pulls(m, all...), "b joined less than an alive timeout ago: a keeps them")
+	*now = now.Add(2 * time.Second)
+	m.heard("b", heartbeat{Inc: "1", Pulls: toB[:1]})
 	want := slices.DeleteFunc(slices.Clone(all), func(p int) bool { return p == toB[0] })
 	require.Equal(t, want, pulls(m, all...), "a releases the one b pulls")
 	m.heard("b", heartbeat{Inc: "1", Pulls: toB})
 	require.Equal(t, preferredBy(P, "a", "a", "b"), pulls(m, all...), "and the rest once b pulls them")
+}
+
+// TestALateHeartbeatMovesNothingBetweenNodesThatAreAlive: cp-1's
+// heartbeats are late for a moment; cp-0 and cp-2 count it gone, which
+// moves the preference of one of cp-0's partitions to cp-2 (Assign's
+// bound). cp-0 keeps it: cp-1 is back before the live set was stable for
+// an alive timeout.
+func TestALateHeartbeatMovesNothingBetweenNodesThatAreAlive(t *testing.T) {
+	const P = 12
+	m, now := testMembers("cp-0", P)
+	beat := func(ids ...string) {
+		for _, id := range ids {
+			m.heard(id, heartbeat{Inc: id, Pulls: preferredBy(P, id, "cp-0", "cp-2")}) // cp-2 pulls what it prefers without cp-1
+		}
+	}
+	beat("cp-1", "cp-2")
+	*now = now.Add(2 * time.Second)
+	beat("cp-1", "cp-2")
+	mine := preferredBy(P, "cp-0", "cp-0", "cp-1", "cp-2")
+	require.Equal(t, mine, pulls(m, mine...))
+	var shifted []int
+	for _, p := range mine {
+		if slices.Contains(preferredBy(P, "cp-2", "cp-0", "cp-2"), p) {
+			shifted = append(shifted, p)
+		}
+	}
+	require.NotEmpty(t, shifted, "the bound shifts some of cp-0's partitions to cp-2 when cp-1 is gone (else this test shows nothing)")
+
+	*now = now.Add(1500 * time.Millisecond)
+	beat("cp-2")
+	*now = now.Add(time.Second) // cp-1 unheard for 2.5 s: gone
+	require.Subset(t, pulls(m, mine...), mine, "cp-0 keeps %v though cp-2 now prefers and pulls them", shifted)
+	*now = now.Add(time.Second)
+	beat("cp-1", "cp-2") // cp-1 is back
+	require.Equal(t, mine, pulls(m, mine...))
+	*now = now.Add(3 * time.Second)
+	beat("cp-1", "cp-2")
+	require.Equal(t, mine, pulls(m, mine...), "nothing moved")
+
+	*now = now.Add(1500 * time.Millisecond)
+	beat("cp-2")
+	*now = now.Add(time.Second) // cp-1 gone for good
+	require.Subset(t, pulls(m, mine...), mine)
+	*now = now.Add(2 * time.Second)
+	beat("cp-2")
+	require.Equal(t, preferredBy(P, "cp-0", "cp-0", "cp-2"), pulls(m, mine...), "once the change lasts, cp-0 releases %v", shifted)
+	require.NotSubset(t, pulls(m, mine...), shifted)
 }
 
 func TestAHeartbeatOfThisNodesIDFromAnotherProcessIsAConflict(t *testing.T) {
