@@ -62,6 +62,29 @@ func spreadAsPreferred(nodes map[int]*servertest.Server, partitions int, used ma
 	return owns, nil
 }
 
+// waitSpread waits up to d until spreadAsPreferred holds, logging each
+// new reason it does not yet (the steps of a rebalance, timed); it returns
+// how many each node owns.
+func waitSpread(t *testing.T, d time.Duration, nodes map[int]*servertest.Server, partitions int, used map[int]bool) map[string]int {
+	t.Helper()
+	start := time.Now()
+	last := ""
+	for {
+		owns, err := spreadAsPreferred(nodes, partitions, used)
+		if err == nil {
+			return owns
+		}
+		if err.Error() != last {
+			last = err.Error()
+			t.Logf("  +%v: %s", time.Since(start).Round(100*time.Millisecond), last)
+		}
+		if time.Since(start) > d {
+			t.Fatalf("the partitions did not spread as preferred within %v: %v", d, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 // TestClusterRebalancesWhenANodeJoinsAndWhenOneLeaves: 2 CityPulse nodes
 // under QoS 1 load; a 3rd starts, the others are not restarted: within a
 // bounded time each node owns the third of the partitions rendezvous
@@ -101,15 +124,14 @@ func TestClusterRebalancesWhenANodeJoinsAndWhenOneLeaves(t *testing.T) {
 		pubs.Add(1)
 		go func() { defer pubs.Done(); devs[i].run(stop, 10000) }()
 	}
-	var owns map[string]int
-	eventually(t, bound, func() (err error) { owns, err = spreadAsPreferred(running, partitions, used); return err })
+	owns := waitSpread(t, bound, running, partitions, used)
 	t.Logf("2 nodes: own %v of the %d partitions with devices (P = %d)", owns, len(used), partitions)
 
 	joinAt := time.Now()
 	nodes[2].Start() // the others keep running
 	ready := time.Since(joinAt)
 	running[2] = nodes[2]
-	eventually(t, bound, func() (err error) { owns, err = spreadAsPreferred(running, partitions, used); return err })
+	owns = waitSpread(t, bound, running, partitions, used)
 	joined := time.Since(joinAt)
 	for id, n := range owns {
 		require.InDelta(t, float64(len(used))/3, n, 2, "%s owns about a third", id)
@@ -120,7 +142,7 @@ func TestClusterRebalancesWhenANodeJoinsAndWhenOneLeaves(t *testing.T) {
 	leaveAt := time.Now()
 	nodes[0].Stop()
 	delete(running, 0)
-	eventually(t, bound, func() (err error) { owns, err = spreadAsPreferred(running, partitions, used); return err })
+	owns = waitSpread(t, bound, running, partitions, used)
 	left := time.Since(leaveAt)
 	t.Logf("node %s stopped cleanly: the partitions spread as %v %v after its SIGTERM; load average %s",
 		nodeID(0), owns, left.Round(time.Millisecond), loadAverage())
