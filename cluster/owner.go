@@ -289,7 +289,7 @@ func (o *Owner) take(ctx context.Context, st *partition, m jetstream.Msg) {
 		o.m.owned.Inc()
 		o.m.changes.WithLabelValues("gained").Inc()
 		o.log.Info("partition gained", "partition", st.p)
-		o.onOwned(st.p, true)
+		batch = append(batch, o.holding(st, func() { o.onOwned(st.p, true) })...)
 		var settled bool
 		if batch, settled = o.settle(ctx, st, batch); !settled {
 			nakAll(batch) // ctx done or lost: to the next owner at once
@@ -313,6 +313,38 @@ func (o *Owner) take(ctx context.Context, st *partition, m jetstream.Msg) {
 		}
 		batch = batch[n:]
 	}
+}
+
+// holding runs f (the gain's hooks: a state restore may take up to 30 s)
+// while it takes p's deliveries off st.msgs, and returns them. The library
+// calls the consume callback and sends the next pull request from one
+// goroutine, so a callback blocked on a full st.msgs for cluster.pinned_ttl
+// would cost the pin (and a restore on the next gain). The batches taken
+// are kept in progress meanwhile (no redelivery); JetStream delivers at
+// most cluster.max_ack_pending of them.
+func (o *Owner) holding(st *partition, f func()) []jetstream.Msg {
+	done, out := make(chan struct{}), make(chan []jetstream.Msg)
+	go func() {
+		var held []jetstream.Msg
+		t := time.NewTicker(o.cfg.AckWait / 2)
+		defer t.Stop()
+		for {
+			select {
+			case m := <-st.msgs:
+				held = append(held, m)
+			case <-t.C:
+				for _, m := range held {
+					_ = m.InProgress()
+				}
+			case <-done:
+				out <- held
+				return
+			}
+		}
+	}()
+	f()
+	close(done)
+	return <-out
 }
 
 // loseIfSeen records the loss of p that settle or deliver saw.
