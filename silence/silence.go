@@ -107,8 +107,8 @@ type Store struct {
 	path    string  // one machine: the file
 	replica Replica // cluster mode: the shared bucket
 	now     func() time.Time
-	mu   sync.Mutex            // serialises changes and their saves
-	snap atomic.Pointer[state] // the saved state; never modified in place
+	mu      sync.Mutex            // serialises changes and their saves
+	snap    atomic.Pointer[state] // the saved state; never modified in place
 }
 
 // Open loads the store from path (absent: empty). Expired silences are dropped.
