@@ -29,42 +29,35 @@ const maxSilenceRecord = 32 << 10
 // bucket is bound again as this site's own.
 type Silences struct {
 	store    *silence.Store
-	js       jetstream.JetStream
 	bucket   string
 	replicas int
-	writable func() error // nil when this site may write (always without a standby)
 	log      *slog.Logger
 	applied  *prometheus.CounterVec
 
 	mu       sync.Mutex
-	kv       jetstream.KeyValue // bound by Run; nil before
-	kvActive bool               // kv was bound while this site was active (writable)
-	ready    chan struct{}      // closed once the bucket's contents are in the store
+	js       jetstream.JetStream // set by Run
+	writable func() error        // set by Run; nil when this site may always write
+	kv       jetstream.KeyValue  // bound by Run; nil before
+	kvActive bool                // kv was bound while this site was active (writable)
+	ready    chan struct{}       // closed once the bucket's contents are in the store
 	once     sync.Once
 }
 
 // SilencesOptions configure Silences.
 type SilencesOptions struct {
-	Bucket   string
-	Replicas int
-	// Writable says whether this site may change the bucket (nil: always);
-	// a standby site's says why not while it is not active.
-	Writable   func() error
+	Bucket     string
+	Replicas   int
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
 }
 
-// NewSilences builds the shared silences on nc with an empty store (Store).
-// It starts nothing: Run binds the bucket and watches it.
-func NewSilences(nc *nats.Conn, o SilencesOptions) (*Silences, error) {
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return nil, fmt.Errorf("silences bucket: %w", err)
-	}
+// NewSilences builds the shared silences with an empty store (Store), which
+// refuses changes until Run has bound the bucket. It starts nothing.
+func NewSilences(o SilencesOptions) *Silences {
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
-	s := &Silences{js: js, bucket: o.Bucket, replicas: o.Replicas, writable: o.Writable, log: o.Logger, ready: make(chan struct{}),
+	s := &Silences{bucket: o.Bucket, replicas: o.Replicas, log: o.Logger, ready: make(chan struct{}),
 		applied: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "citypulse_cluster_silence_changes_total",
 			Help: "Silence and acknowledgement changes read from the shared bucket, by result (applied, rejected: unreadable)."},
@@ -73,7 +66,7 @@ func NewSilences(nc *nats.Conn, o SilencesOptions) (*Silences, error) {
 	if o.Registerer != nil {
 		o.Registerer.MustRegister(s.applied)
 	}
-	return s, nil
+	return s
 }
 
 // Store is the node's store, kept in the bucket.
@@ -84,10 +77,13 @@ func (s *Silences) Ready() <-chan struct{} { return s.ready }
 
 // mayWrite is nil when this site may write to the bucket.
 func (s *Silences) mayWrite() error {
-	if s.writable == nil {
+	s.mu.Lock()
+	w := s.writable
+	s.mu.Unlock()
+	if w == nil {
 		return nil
 	}
-	return s.writable()
+	return w()
 }
 
 // handle is the bound bucket for a write.
@@ -131,13 +127,16 @@ func (s *Silences) Delete(ctx context.Context, key string) error {
 // may write, else its mirror of the active site's.
 func (s *Silences) bind(ctx context.Context) error {
 	active := s.mayWrite() == nil
-	kv, err := s.js.KeyValue(ctx, s.bucket)
+	s.mu.Lock()
+	js := s.js
+	s.mu.Unlock()
+	kv, err := js.KeyValue(ctx, s.bucket)
 	if errors.Is(err, jetstream.ErrBucketNotFound) && active {
-		kv, err = s.js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
+		kv, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
 			Bucket: s.bucket, Description: "CityPulse operators' silences and acknowledgements",
 			History: 1, MaxValueSize: maxSilenceRecord, Storage: jetstream.FileStorage, Replicas: s.replicas})
 		if errors.Is(err, jetstream.ErrBucketExists) {
-			kv, err = s.js.KeyValue(ctx, s.bucket)
+			kv, err = js.KeyValue(ctx, s.bucket)
 		}
 	}
 	if err != nil {
@@ -153,10 +152,19 @@ func (s *Silences) bind(ctx context.Context) error {
 // (then the bucket is bound again as this site's own).
 const rebindEvery = time.Second
 
-// Run binds the bucket and keeps the store equal to it until ctx is done:
-// the contents first (replacing the store's), then every change. A watch
-// that ends, or a standby site that became active, binds and watches again.
-func (s *Silences) Run(ctx context.Context) error {
+// Run binds the bucket on nc and keeps the store equal to it until ctx is
+// done: the contents first (replacing the store's), then every change. A
+// watch that ends, or a standby site that became active, binds and watches
+// again. writable says whether this site may change the bucket (nil:
+// always); a standby site's says why not while it is not active.
+func (s *Silences) Run(ctx context.Context, nc *nats.Conn, writable func() error) error {
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return fmt.Errorf("silences bucket: %w", err)
+	}
+	s.mu.Lock()
+	s.js, s.writable = js, writable
+	s.mu.Unlock()
 	backoff := 200 * time.Millisecond
 	for ctx.Err() == nil {
 		err := s.bind(ctx)

@@ -37,9 +37,8 @@ func runUntilCleanup(t *testing.T, f func(ctx context.Context) error) {
 // its site may change them; nil: always), running until the test ends.
 func startSilences(t *testing.T, nc *nats.Conn, writable func() error) *Silences {
 	t.Helper()
-	s, err := NewSilences(nc, SilencesOptions{Bucket: silencesBucket, Replicas: 1, Writable: writable})
-	require.NoError(t, err)
-	runUntilCleanup(t, s.Run)
+	s := NewSilences(SilencesOptions{Bucket: silencesBucket, Replicas: 1})
+	runUntilCleanup(t, func(ctx context.Context) error { return s.Run(ctx, nc, writable) })
 	return s
 }
 

@@ -74,9 +74,10 @@ func (c ClusterConfig) standby() cluster.StandbyConfig {
 
 // mirrored names the streams a standby site mirrors: the readings, the
 // partitions' alert snapshots (an object store) and transitions, and the
-// shared device changes (a key-value bucket). The leases are the site's own.
+// shared device changes and silences (key-value buckets). The leases are the
+// site's own.
 func (c ClusterConfig) mirrored() []string {
-	return []string{c.Stream, "OBJ_" + c.State.Bucket, c.State.Stream, "KV_" + c.State.Devices}
+	return []string{c.Stream, "OBJ_" + c.State.Bucket, c.State.Stream, "KV_" + c.State.Devices, "KV_" + c.State.Silences}
 }
 
 // Validate checks the section when it is enabled; messages name the key.

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/citypulse/citypulse/clusterstate"
 	"github.com/citypulse/citypulse/history"
 	"github.com/citypulse/citypulse/internal/durable"
 	"github.com/citypulse/citypulse/notifier"
@@ -32,7 +33,12 @@ func (s *server) buildLive() error {
 	cfg := s.cfg
 	s.events = stream.New(stream.Options{MaxClients: cfg.HTTP.MaxConnections, Registerer: s.reg, Subsystem: "events"})
 	var err error
-	if s.silences, err = silence.Open(filepath.Join(cfg.DataDir, "silences.json"), nil); err != nil {
+	if cfg.Cluster.Enabled { // every node's: in a key-value bucket (buildClusterState runs it)
+		s.cstate = &clusterState{silences: clusterstate.NewSilences(clusterstate.SilencesOptions{
+			Bucket: cfg.Cluster.State.Silences, Replicas: cfg.Cluster.State.Replicas,
+			Logger: s.log.With("component", "silences"), Registerer: s.reg})}
+		s.silences = s.cstate.silences.Store()
+	} else if s.silences, err = silence.Open(filepath.Join(cfg.DataDir, "silences.json"), nil); err != nil {
 		return err
 	}
 	if cfg.OpenData.Enabled {
