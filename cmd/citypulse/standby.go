@@ -3,11 +3,14 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"time"
 
 	"github.com/citypulse/citypulse/cluster"
+	"github.com/citypulse/citypulse/clusterstate"
 	"github.com/citypulse/citypulse/internal/httpapi"
+	"github.com/citypulse/citypulse/notifier"
 )
 
 // The standby site (cluster.standby.enabled, docs/disaster-recovery.md): the
@@ -31,6 +34,16 @@ func (s *server) buildStandby(n *clusterNode) error {
 	}
 	n.dr = dr
 	n.pub.SetFence(dr.MayAcknowledge)
+	if s.gate != nil { // the rules' receivers and silences carry the operations alert
+		notify := liveNotifier{next: s.gate, events: s.events, history: s.history, silences: s.silences,
+			resolved: func(ev notifier.Event) bool { return ev.Kind == notifier.KindResolved }}
+		alert := &clusterstate.RPOAlert{HoldOff: n.cfg.Standby.RPOAlertHoldOff}
+		s.gateways = append(s.gateways, runFunc(func(ctx context.Context) error {
+			return alert.Run(ctx, dr, n.cfg.Standby.PollInterval, notify)
+		}))
+	} else {
+		n.log.Warn("standby site without rules: the replication lag is exported, but no alert is sent when it exceeds the RPO budget (enable rules and a receiver)")
+	}
 	n.log.Info("standby site: gateways acknowledge and owners consume only while the fence record names this site",
 		"site", n.cfg.Standby.Site, "peer_domain", n.cfg.Standby.PeerDomain, "streams", n.cfg.standby().Streams)
 	return nil
@@ -57,6 +70,32 @@ func (n *clusterNode) whenActive(r runner) runner {
 		n.log.Info("this site is active: starting", "role", n.dr.Status().Role, "epoch", n.dr.Status().Epoch)
 		return r.Run(ctx)
 	})
+}
+
+// notReady says why a load balancer must not send devices to this node
+// ("" when it may): the server is starting or stopping, JetStream is not
+// reachable, or (cluster.standby) this site may not acknowledge devices:
+// "standby: this site is fenced, epoch N (active site: X)". /healthz
+// (liveness) stays 200 throughout.
+func (s *server) notReady() string {
+	switch {
+	case !s.ready.Load():
+		return "not ready: starting or stopping"
+	case s.cluster == nil:
+		return ""
+	case !s.cluster.ready.Load():
+		return "not ready: JetStream is not reachable"
+	case s.cluster.dr == nil:
+		return ""
+	}
+	st := s.cluster.dr.Status()
+	switch st.Role {
+	case cluster.RoleActive:
+		return ""
+	case cluster.RoleStandby:
+		return fmt.Sprintf("standby: this site is fenced, epoch %d (active site: %q)", st.Epoch, st.ActiveSite)
+	}
+	return fmt.Sprintf("%s: this site may not acknowledge devices, epoch %d (active site: %q)", st.Role, st.Epoch, st.ActiveSite)
 }
 
 // standbyStatus is the disaster-recovery part of /api/v1/cluster (nil
