@@ -83,19 +83,20 @@ func (s *server) notReady() string {
 		return "not ready: starting or stopping"
 	case s.cluster == nil:
 		return ""
-	case !s.cluster.ready.Load():
+	}
+	if dr := s.cluster.dr; dr != nil { // the role first: a standby's mirrors appear only after a while
+		switch st := dr.Status(); st.Role {
+		case cluster.RoleActive:
+		case cluster.RoleStandby:
+			return fmt.Sprintf("standby: this site is fenced, epoch %d (active site: %q)", st.Epoch, st.ActiveSite)
+		default:
+			return fmt.Sprintf("%s: this site may not acknowledge devices, epoch %d (active site: %q)", st.Role, st.Epoch, st.ActiveSite)
+		}
+	}
+	if !s.cluster.ready.Load() {
 		return "not ready: JetStream is not reachable"
-	case s.cluster.dr == nil:
-		return ""
 	}
-	st := s.cluster.dr.Status()
-	switch st.Role {
-	case cluster.RoleActive:
-		return ""
-	case cluster.RoleStandby:
-		return fmt.Sprintf("standby: this site is fenced, epoch %d (active site: %q)", st.Epoch, st.ActiveSite)
-	}
-	return fmt.Sprintf("%s: this site may not acknowledge devices, epoch %d (active site: %q)", st.Role, st.Epoch, st.ActiveSite)
+	return ""
 }
 
 // standbyStatus is the disaster-recovery part of /api/v1/cluster (nil
