@@ -272,6 +272,7 @@ func TestAStandbySiteIsNotReadyMirrorsSilencesAndAlertsOnReplicationLag(t *testi
 		return nil
 	})
 	t.Logf("cut (page after %v): %v", time.Since(cut).Round(time.Millisecond), readings(st))
+	tb.screenshot(t, t.ArtifactDir(), "dashboard-dr")
 	ectx, cancel := context.WithTimeout(tb.ctx, 10*time.Second)
 	over, err := chromedp.Run(ectx, chromedp.Evaluate[int](`document.querySelectorAll("tr.mirror.over td.behind.bad").length`))
 	cancel()
