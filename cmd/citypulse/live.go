@@ -66,15 +66,22 @@ func (s *server) buildLive() error {
 // live stream always (the operations screen shows every transition), the
 // outbox unless an active silence matches the alert.
 func (s *server) notifierFor(outbox *notifier.Outbox) rules.Notifier {
-	resolved := func(ev notifier.Event) bool { return ev.Kind == notifier.KindResolved }
-	gate := silence.NewGate(s.silences, silence.GateFuncs[notifier.Event]{
+	s.gate = silence.NewGate(s.silences, silence.GateFuncs[notifier.Event]{
 		Labels:   func(ev notifier.Event) map[string]string { return ev.Labels },
 		Key:      func(ev notifier.Event) string { return ev.Fingerprint },
-		Resolved: resolved,
+		Resolved: isResolved,
 	}, outbox, s.reg)
-	s.gate = gate
-	return liveNotifier{next: gate, events: s.events, history: s.history, silences: s.silences, resolved: resolved}
+	return s.alertNotifier()
 }
+
+// alertNotifier is what every alert of the server is notified through (the
+// rules' and the operations alerts', e.g. the standby's RPO alert), once
+// notifierFor has built the gate.
+func (s *server) alertNotifier() liveNotifier {
+	return liveNotifier{next: s.gate, events: s.events, history: s.history, silences: s.silences, resolved: isResolved}
+}
+
+func isResolved(ev notifier.Event) bool { return ev.Kind == notifier.KindResolved }
 
 // liveNotifier hands an alert event to next, records it in the alert
 // history (with the silence that holds its notification back) and publishes

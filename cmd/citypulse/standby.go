@@ -10,7 +10,6 @@ import (
 	"github.com/citypulse/citypulse/cluster"
 	"github.com/citypulse/citypulse/clusterstate"
 	"github.com/citypulse/citypulse/internal/httpapi"
-	"github.com/citypulse/citypulse/notifier"
 )
 
 // The standby site (cluster.standby.enabled, docs/disaster-recovery.md): the
@@ -35,8 +34,7 @@ func (s *server) buildStandby(n *clusterNode) error {
 	n.dr = dr
 	n.pub.SetFence(dr.MayAcknowledge)
 	if s.gate != nil { // the rules' receivers and silences carry the operations alert
-		notify := liveNotifier{next: s.gate, events: s.events, history: s.history, silences: s.silences,
-			resolved: func(ev notifier.Event) bool { return ev.Kind == notifier.KindResolved }}
+		notify := s.alertNotifier()
 		alert := &clusterstate.RPOAlert{HoldOff: n.cfg.Standby.RPOAlertHoldOff}
 		s.gateways = append(s.gateways, runFunc(func(ctx context.Context) error {
 			return alert.Run(ctx, dr, n.cfg.Standby.PollInterval, notify)
