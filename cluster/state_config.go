@@ -29,6 +29,9 @@ type StateConfig struct {
 	// Devices is the key-value bucket of the runtime device changes (with
 	// the devices' secrets: see docs/cluster.md for its access control).
 	Devices string `mapstructure:"devices_bucket" yaml:"devices_bucket"`
+	// Silences is the key-value bucket of the operators' silences and
+	// acknowledgements, watched by every node.
+	Silences string `mapstructure:"silences_bucket" yaml:"silences_bucket"`
 	// Leases is the key-value bucket of the leases (the node that combines
 	// the city roll-ups), LeaseTTL how long a lease outlives its last renewal.
 	Leases   string        `mapstructure:"leases_bucket" yaml:"leases_bucket"`
@@ -38,15 +41,15 @@ type StateConfig struct {
 // DefaultState returns the defaults: CITYPULSE_STATE, R3, a snapshot every 10 s.
 func DefaultState() StateConfig {
 	return StateConfig{Bucket: "CITYPULSE_STATE", Stream: "CITYPULSE_STATE_LOG", Replicas: 3,
-		Checkpoint: 10 * time.Second, MaxBytes: 1 << 30, Devices: "CITYPULSE_DEVICES", Leases: "CITYPULSE_LEASES",
+		Checkpoint: 10 * time.Second, MaxBytes: 1 << 30, Devices: "CITYPULSE_DEVICES", Silences: "CITYPULSE_SILENCES", Leases: "CITYPULSE_LEASES",
 		LeaseTTL: 6 * time.Second}
 }
 
 // Validate checks the config; messages name the key.
 func (c StateConfig) Validate() error {
 	var errs []error
-	if c.Bucket == "" || c.Stream == "" || c.Devices == "" || c.Leases == "" {
-		errs = append(errs, errors.New("cluster.state.bucket, stream, devices_bucket and leases_bucket must not be empty"))
+	if c.Bucket == "" || c.Stream == "" || c.Devices == "" || c.Silences == "" || c.Leases == "" {
+		errs = append(errs, errors.New("cluster.state.bucket, stream, devices_bucket, silences_bucket and leases_bucket must not be empty"))
 	}
 	if c.LeaseTTL < time.Second {
 		errs = append(errs, fmt.Errorf("cluster.state.lease_ttl must be at least 1s, got %v", c.LeaseTTL))

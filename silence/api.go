@@ -39,7 +39,7 @@ func (s *Store) Register(mux *http.ServeMux, read, operate func(http.Handler) ht
 	})))
 	mux.Handle("DELETE /api/v1/silences/{id}", operate(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if err := s.Expire(r.PathValue("id")); err != nil {
-			code := http.StatusInternalServerError
+			code := codeOf(err)
 			if errors.Is(err, ErrNotFound) {
 				code = http.StatusNotFound
 			}
@@ -79,12 +79,16 @@ func decode(w http.ResponseWriter, r *http.Request, v any) error {
 	return nil
 }
 
-// codeOf is the status for a failed change: 400 for what was asked, 500
-// when it could not be saved.
+// codeOf is the status for a failed change: 400 for what was asked, 503
+// where the store is a read-only copy (a standby site), 500 when it could
+// not be saved.
 func codeOf(err error) int {
 	var ve *ValidationError
-	if errors.As(err, &ve) {
+	switch {
+	case errors.As(err, &ve):
 		return http.StatusBadRequest
+	case errors.Is(err, ErrReadOnly):
+		return http.StatusServiceUnavailable
 	}
 	return http.StatusInternalServerError
 }

@@ -98,15 +98,17 @@ type state struct {
 	Acks     []Ack     `json:"acks"`
 }
 
-// Store keeps silences and acknowledgements, persisted to one file. Readers
-// (the gate in the shard loop, the API) see an immutable snapshot and never
-// wait for a change being written to disk; a change takes effect only once it
+// Store keeps silences and acknowledgements, persisted to one file (Open)
+// or, in cluster mode, in a Replica every node watches (NewReplicated).
+// Readers (the gate in the shard loop, the API) see an immutable snapshot and
+// never wait for a change being written; a change takes effect only once it
 // is saved.
 type Store struct {
-	path string
-	now  func() time.Time
-	mu   sync.Mutex            // serialises changes and their saves
-	snap atomic.Pointer[state] // the saved state; never modified in place
+	path    string  // one machine: the file
+	replica Replica // cluster mode: the shared bucket
+	now     func() time.Time
+	mu      sync.Mutex            // serialises changes and their saves
+	snap    atomic.Pointer[state] // the saved state; never modified in place
 }
 
 // Open loads the store from path (absent: empty). Expired silences are dropped.
@@ -138,18 +140,37 @@ func Open(path string, now func() time.Time) (*Store, error) {
 	return s, nil
 }
 
-// change applies f to a copy of the state, saves it, and only then makes it
-// the state: a change that could not be saved has no effect.
-func (s *Store) change(f func(st *state) error) error {
+// change applies f to a copy of the state, saves it (the whole file, or
+// the items f returns to the replica), and only then makes it the state: a
+// change that could not be saved has no effect.
+func (s *Store) change(f func(st *state) ([]item, error)) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	old := s.snap.Load()
-	st := state{Silences: unexpired(slices.Clone(old.Silences), s.now()), Acks: slices.Clone(old.Acks)}
-	if err := f(&st); err != nil {
+	now := s.now()
+	st := state{Silences: unexpired(slices.Clone(old.Silences), now), Acks: slices.Clone(old.Acks)}
+	items, err := f(&st)
+	if err != nil {
 		return err
 	}
-	if err := s.save(&st); err != nil {
+	if s.replica == nil {
+		err = s.save(&st)
+	} else {
+		err = s.write(items)
+	}
+	if err != nil {
 		return err
+	}
+	if s.replica != nil {
+		// the ended silences leave the bucket too (best effort: a reader
+		// skips them anyway)
+		var ended []item
+		for _, sl := range old.Silences {
+			if !now.Before(sl.EndsAt) {
+				ended = append(ended, item{key: silenceKey(sl.ID)})
+			}
+		}
+		_ = s.write(ended)
 	}
 	s.snap.Store(&st)
 	return nil
@@ -189,12 +210,12 @@ func (s *Store) Add(sl Silence) (Silence, error) {
 	var id [8]byte
 	_, _ = rand.Read(id[:])
 	sl.ID = hex.EncodeToString(id[:])
-	err := s.change(func(st *state) error {
+	err := s.change(func(st *state) ([]item, error) {
 		if len(st.Silences) >= MaxSilences {
-			return &ValidationError{fmt.Errorf("%d silences already: expire some first", MaxSilences)}
+			return nil, &ValidationError{fmt.Errorf("%d silences already: expire some first", MaxSilences)}
 		}
 		st.Silences = append(st.Silences, sl)
-		return nil
+		return []item{silenceItem(sl)}, nil
 	})
 	if err != nil {
 		return Silence{}, err
@@ -213,14 +234,14 @@ var ErrNotFound = errors.New("no such silence")
 
 // Expire ends a silence now.
 func (s *Store) Expire(id string) error {
-	return s.change(func(st *state) error {
+	return s.change(func(st *state) ([]item, error) {
 		for i, sl := range st.Silences {
 			if sl.ID == id {
 				st.Silences = slices.Delete(st.Silences, i, i+1)
-				return nil
+				return []item{{key: silenceKey(id)}}, nil
 			}
 		}
-		return ErrNotFound
+		return nil, ErrNotFound
 	})
 }
 
@@ -249,12 +270,16 @@ func (s *Store) Acknowledge(a Ack) (Ack, error) {
 		return Ack{}, &ValidationError{fmt.Errorf("an ack needs the alert's fingerprint and who (at most %d bytes)", MaxTextLen)}
 	}
 	a.At = s.now()
-	err := s.change(func(st *state) error {
+	err := s.change(func(st *state) ([]item, error) {
 		st.Acks = append(removeAck(st.Acks, a.Fingerprint), a)
-		if len(st.Acks) > MaxSilences {
-			st.Acks = st.Acks[len(st.Acks)-MaxSilences:]
+		items := []item{ackItem(a)}
+		if n := len(st.Acks) - MaxSilences; n > 0 {
+			for _, old := range st.Acks[:n] {
+				items = append(items, item{key: ackKey(old.Fingerprint)})
+			}
+			st.Acks = st.Acks[n:]
 		}
-		return nil
+		return items, nil
 	})
 	return a, err
 }

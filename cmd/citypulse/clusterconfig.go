@@ -6,6 +6,7 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/spf13/viper"
 
@@ -54,7 +55,7 @@ func DefaultCluster() ClusterConfig {
 func defaultStandby() StandbySection {
 	sc := cluster.DefaultStandby("", "")
 	sc.Streams = []string{} // the cluster's own names (mirrored)
-	return StandbySection{StandbyConfig: sc}
+	return StandbySection{StandbyConfig: sc, RPOAlertHoldOff: 10 * time.Second}
 }
 
 // StandbySection is cluster.standby: with enabled, the node keeps its site's
@@ -62,7 +63,11 @@ func defaultStandby() StandbySection {
 // owners work only while the fence record names this site. The streams
 // default to the readings stream and the state's (see mirrored).
 type StandbySection struct {
-	Enabled               bool `mapstructure:"enabled" yaml:"enabled"`
+	Enabled bool `mapstructure:"enabled" yaml:"enabled"`
+	// RPOAlertHoldOff is how long a mirror must stay behind rpo_budget
+	// before the operations alert dr_replication_lag_over_budget fires
+	// (through the rules' receivers and silences).
+	RPOAlertHoldOff       time.Duration `mapstructure:"rpo_alert_hold_off" yaml:"rpo_alert_hold_off"`
 	cluster.StandbyConfig `mapstructure:",squash" yaml:",inline"`
 }
 
@@ -78,9 +83,10 @@ func (c ClusterConfig) standby() cluster.StandbyConfig {
 
 // mirrored names the streams a standby site mirrors: the readings, the
 // partitions' alert snapshots (an object store) and transitions, and the
-// shared device changes (a key-value bucket). The leases are the site's own.
+// shared device changes and silences (key-value buckets). The leases are the
+// site's own.
 func (c ClusterConfig) mirrored() []string {
-	return []string{c.Stream, "OBJ_" + c.State.Bucket, c.State.Stream, "KV_" + c.State.Devices}
+	return []string{c.Stream, "OBJ_" + c.State.Bucket, c.State.Stream, "KV_" + c.State.Devices, "KV_" + c.State.Silences}
 }
 
 // Validate checks the section when it is enabled; messages name the key.
@@ -91,6 +97,9 @@ func (c ClusterConfig) Validate() error {
 	errs := []error{c.Config.Validate(), c.State.Validate()}
 	if c.Standby.Enabled {
 		errs = append(errs, c.standby().Validate())
+		if c.Standby.RPOAlertHoldOff < 0 {
+			errs = append(errs, fmt.Errorf("cluster.standby.rpo_alert_hold_off must be >= 0, got %v", c.Standby.RPOAlertHoldOff))
+		}
 	}
 	if len(c.URLs) == 0 {
 		errs = append(errs, errors.New("cluster.urls must name at least one NATS server"))

@@ -18,6 +18,7 @@ import (
 type clusterState struct {
 	parts    *clusterstate.Partitions // nil when rules are off
 	registry *clusterstate.Registry
+	silences *clusterstate.Silences
 }
 
 // sharedDevices is the device registry shared by the nodes (nil on one machine).
@@ -35,14 +36,17 @@ func (s *server) clusterJournal() rules.Journal {
 	if !s.cfg.Cluster.Enabled {
 		return nil
 	}
-	s.cstate = &clusterState{parts: clusterstate.NewPartitions(s.cfg.Cluster.Partitions, s.log.With("component", "cluster-state"))}
+	if s.cstate == nil {
+		s.cstate = &clusterState{}
+	}
+	s.cstate.parts = clusterstate.NewPartitions(s.cfg.Cluster.Partitions, s.log.With("component", "cluster-state"))
 	return s.cstate.parts
 }
 
 // buildClusterState wires the state side to the cluster node: restore on a
 // gain before the first batch, checkpoint on a loss, the owned devices to the
 // engine and the roll-ups, the transitions recorded before a batch is
-// acknowledged, the device bucket, the roll-up lease. Its loops run with the
+// acknowledged, the device bucket, the silences' bucket, the roll-up lease. Its loops run with the
 // gateways (stopped first); a release's checkpoint runs in the owner's stop.
 func (s *server) buildClusterState() error {
 	n := s.cluster
@@ -79,6 +83,14 @@ func (s *server) buildClusterState() error {
 			}
 			return store.Run(ctx)
 		})))
+	}
+	if sl := s.cstate.silences; sl != nil {
+		// Not only when active: a standby reads its mirror of the bucket.
+		var writable func() error
+		if n.dr != nil {
+			writable = n.dr.MayAcknowledge
+		}
+		s.gateways = append(s.gateways, runFunc(func(ctx context.Context) error { return sl.Run(ctx, n.nc, writable) }))
 	}
 	reg, err := clusterstate.NewRegistry(n.nc, s.devices, cfg.State.Devices, cfg.State.Replicas, log, s.reg)
 	if err != nil {

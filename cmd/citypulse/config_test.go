@@ -116,6 +116,7 @@ func TestStandbyConfigFromTheEnvironmentMirrorsTheClusterStreams(t *testing.T) {
 	t.Setenv("CITYPULSE_CLUSTER_STANDBY_PEER_DOMAIN", "west")
 	t.Setenv("CITYPULSE_CLUSTER_STANDBY_RPO_BUDGET", "10s")
 	t.Setenv("CITYPULSE_CLUSTER_STATE_DEVICES_BUCKET", "DEVS")
+	t.Setenv("CITYPULSE_CLUSTER_STATE_SILENCES_BUCKET", "SILS")
 	c, err := loadConfig(writeConfig(t, "cluster:\n  enabled: true\nstorage:\n  remote_write:\n    enabled: true\n    url: http://127.0.0.1:8428/api/v1/write\n"), nil)
 	require.NoError(t, err)
 	sc := c.Cluster.standby()
@@ -123,7 +124,7 @@ func TestStandbyConfigFromTheEnvironmentMirrorsTheClusterStreams(t *testing.T) {
 	require.Equal(t, "east", sc.Site)
 	require.Equal(t, "west", sc.PeerDomain)
 	require.Equal(t, 10*time.Second, sc.RPOBudget)
-	require.Equal(t, []string{"CITYPULSE_READINGS", "OBJ_CITYPULSE_STATE", "CITYPULSE_STATE_LOG", "KV_DEVS"}, sc.Streams,
+	require.Equal(t, []string{"CITYPULSE_READINGS", "OBJ_CITYPULSE_STATE", "CITYPULSE_STATE_LOG", "KV_DEVS", "KV_SILS"}, sc.Streams,
 		"by default the readings and the state's streams, by the names configured")
 
 	t.Setenv("CITYPULSE_CLUSTER_STANDBY_STREAMS", "CITYPULSE_READINGS,KV_DEVS")

@@ -40,6 +40,7 @@ func drNode(t *testing.T, natsURL, site, peer, devices string) *servertest.Serve
 	vitals, _ := filepath.Abs("../../configs/vitals.yaml")
 	rulesFile, _ := filepath.Abs("../../configs/rules.yaml")
 	s := servertest.New(t, binPath, "CITYPULSE_VITALS_FILE="+vitals, "CITYPULSE_RULES_FILE="+rulesFile)
+	s.Probe = servertest.ProbeLive // a site not active is up but not ready (/readyz 503)
 	s.SetConfig(fmt.Sprintf(`data_dir: {{data}}
 devices:
   file: %s

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/citypulse/citypulse/clusterstate"
 	"github.com/citypulse/citypulse/history"
 	"github.com/citypulse/citypulse/internal/durable"
 	"github.com/citypulse/citypulse/notifier"
@@ -32,7 +33,12 @@ func (s *server) buildLive() error {
 	cfg := s.cfg
 	s.events = stream.New(stream.Options{MaxClients: cfg.HTTP.MaxConnections, Registerer: s.reg, Subsystem: "events"})
 	var err error
-	if s.silences, err = silence.Open(filepath.Join(cfg.DataDir, "silences.json"), nil); err != nil {
+	if cfg.Cluster.Enabled { // every node's: in a key-value bucket (buildClusterState runs it)
+		s.cstate = &clusterState{silences: clusterstate.NewSilences(clusterstate.SilencesOptions{
+			Bucket: cfg.Cluster.State.Silences, Replicas: cfg.Cluster.State.Replicas,
+			Logger: s.log.With("component", "silences"), Registerer: s.reg})}
+		s.silences = s.cstate.silences.Store()
+	} else if s.silences, err = silence.Open(filepath.Join(cfg.DataDir, "silences.json"), nil); err != nil {
 		return err
 	}
 	if cfg.OpenData.Enabled {
@@ -60,15 +66,22 @@ func (s *server) buildLive() error {
 // live stream always (the operations screen shows every transition), the
 // outbox unless an active silence matches the alert.
 func (s *server) notifierFor(outbox *notifier.Outbox) rules.Notifier {
-	resolved := func(ev notifier.Event) bool { return ev.Kind == notifier.KindResolved }
-	gate := silence.NewGate(s.silences, silence.GateFuncs[notifier.Event]{
+	s.gate = silence.NewGate(s.silences, silence.GateFuncs[notifier.Event]{
 		Labels:   func(ev notifier.Event) map[string]string { return ev.Labels },
 		Key:      func(ev notifier.Event) string { return ev.Fingerprint },
-		Resolved: resolved,
+		Resolved: isResolved,
 	}, outbox, s.reg)
-	s.gate = gate
-	return liveNotifier{next: gate, events: s.events, history: s.history, silences: s.silences, resolved: resolved}
+	return s.alertNotifier()
 }
+
+// alertNotifier is what every alert of the server is notified through (the
+// rules' and the operations alerts', e.g. the standby's RPO alert), once
+// notifierFor has built the gate.
+func (s *server) alertNotifier() liveNotifier {
+	return liveNotifier{next: s.gate, events: s.events, history: s.history, silences: s.silences, resolved: isResolved}
+}
+
+func isResolved(ev notifier.Event) bool { return ev.Kind == notifier.KindResolved }
 
 // liveNotifier hands an alert event to next, records it in the alert
 // history (with the silence that holds its notification back) and publishes

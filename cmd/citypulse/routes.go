@@ -56,8 +56,8 @@ type api struct {
 	feed    *opendata.Feed    // nil when the public feed is off
 	signals *signals.Analyzer // nil when signals.enabled is false
 	reload  func() error
-	ready   func() bool
-	cluster *clusterNode // nil in one-machine mode
+	ready   func() string // "" when ready, else why not (503 body)
+	cluster *clusterNode  // nil in one-machine mode
 	// sharedDevices changes the devices on every node (cluster mode; nil on one machine)
 	sharedDevices *clusterstate.Registry
 	metrics       *prometheus.Registry
@@ -78,7 +78,7 @@ func (s *server) routes() http.Handler {
 		query:         s.query,
 		sinks:         s.pipe,
 		reload:        s.Reload,
-		ready:         func() bool { return s.ready.Load() && (s.cluster == nil || s.cluster.ready.Load()) },
+		ready:         s.notReady,
 		cluster:       s.cluster,
 		sharedDevices: s.sharedDevices(),
 		metrics:       s.reg,
@@ -116,8 +116,8 @@ func routes(c HTTPConfig, a api) http.Handler {
 	mux.Handle("GET /debug/pprof/profile", admin(http.HandlerFunc(pprof.Profile)))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !a.ready() {
-			http.Error(w, "not ready", http.StatusServiceUnavailable)
+		if reason := a.ready(); reason != "" {
+			http.Error(w, reason, http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ready")

@@ -3,10 +3,12 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"time"
 
 	"github.com/citypulse/citypulse/cluster"
+	"github.com/citypulse/citypulse/clusterstate"
 	"github.com/citypulse/citypulse/internal/httpapi"
 )
 
@@ -31,6 +33,15 @@ func (s *server) buildStandby(n *clusterNode) error {
 	}
 	n.dr = dr
 	n.pub.SetFence(dr.MayAcknowledge)
+	if s.gate != nil { // the rules' receivers and silences carry the operations alert
+		notify := s.alertNotifier()
+		alert := &clusterstate.RPOAlert{HoldOff: n.cfg.Standby.RPOAlertHoldOff}
+		s.gateways = append(s.gateways, runFunc(func(ctx context.Context) error {
+			return alert.Run(ctx, dr, n.cfg.Standby.PollInterval, notify)
+		}))
+	} else {
+		n.log.Warn("standby site without rules: the replication lag is exported, but no alert is sent when it exceeds the RPO budget (enable rules and a receiver)")
+	}
 	n.log.Info("standby site: gateways acknowledge and owners consume only while the fence record names this site",
 		"site", n.cfg.Standby.Site, "peer_domain", n.cfg.Standby.PeerDomain, "streams", n.cfg.standby().Streams)
 	return nil
@@ -57,6 +68,33 @@ func (n *clusterNode) whenActive(r runner) runner {
 		n.log.Info("this site is active: starting", "role", n.dr.Status().Role, "epoch", n.dr.Status().Epoch)
 		return r.Run(ctx)
 	})
+}
+
+// notReady says why a load balancer must not send devices to this node
+// ("" when it may): the server is starting or stopping, JetStream is not
+// reachable, or (cluster.standby) this site may not acknowledge devices:
+// "standby: this site is fenced, epoch N (active site: X)". /healthz
+// (liveness) stays 200 throughout.
+func (s *server) notReady() string {
+	switch {
+	case !s.ready.Load():
+		return "not ready: starting or stopping"
+	case s.cluster == nil:
+		return ""
+	}
+	if dr := s.cluster.dr; dr != nil { // the role first: a standby's mirrors appear only after a while
+		switch st := dr.Status(); st.Role {
+		case cluster.RoleActive:
+		case cluster.RoleStandby:
+			return fmt.Sprintf("standby: this site is fenced, epoch %d (active site: %q)", st.Epoch, st.ActiveSite)
+		default:
+			return fmt.Sprintf("%s: this site may not acknowledge devices, epoch %d (active site: %q)", st.Role, st.Epoch, st.ActiveSite)
+		}
+	}
+	if !s.cluster.ready.Load() {
+		return "not ready: JetStream is not reachable"
+	}
+	return ""
 }
 
 // standbyStatus is the disaster-recovery part of /api/v1/cluster (nil

@@ -4,6 +4,7 @@
 import { takeTokenFromFragment, token, setToken, api, query, APIError } from "./api.js";
 import { connect } from "./live.js";
 import { renderCity, renderSinks, renderDistrict, renderDevice, renderAlert, renderCorridors } from "./views.js";
+import { renderDR } from "./dr.js";
 
 const VITALS = 'city_(pipe_pressure_min|pipe_leaks|power_load_kw|traffic_light_dark|traffic_light_faults|parking_occupancy_ratio|fleet_.+_silent|fleet_.+_reporting)';
 const POLL_LIVE_MS = 15000, POLL_MS = 5000, STALE_MS = 20000;
@@ -121,7 +122,7 @@ function render() {
   paintLive(); // at once, not up to a second after the data arrived
   const main = document.getElementById("view");
   const r = route();
-  const views = { city: renderCity, sinks: renderSinks, district: renderDistrict, device: renderDevice, alert: renderAlert, corridors: renderCorridors };
+  const views = { city: renderCity, sinks: renderSinks, district: renderDistrict, device: renderDevice, alert: renderAlert, corridors: renderCorridors, dr: renderDR };
   const focus = focusKey(main);
   (views[r.view] || renderCity)(main, state, r.arg, { refresh, render });
   restoreFocus(main, focus);

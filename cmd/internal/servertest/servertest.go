@@ -51,6 +51,7 @@ type Server struct {
 	MQTT, CoAP, DTLS, HTTP string   // host:port
 	Dir                    string   // holds the config and the data dir
 	Env                    []string // extra environment
+	Probe                  string   // what Start waits for: ProbeReady (default) or ProbeLive
 	proc                   *servers.Proc
 	logs                   *SyncBuffer
 	configured             bool
@@ -77,6 +78,20 @@ func FreeAddrs() (Addrs, error) {
 // added to the environment (the CITYPULSE_TEST_* knobs of the tests are not
 // passed on: they are not config keys), and waits up to 60 s for /readyz.
 func StartCityPulse(bin, config string, a Addrs, env []string, logs *SyncBuffer) (*servers.Proc, error) {
+	return StartCityPulseProbe(bin, config, a, env, logs, ProbeReady)
+}
+
+// The paths Start can wait for: ready to be sent devices, or up.
+const (
+	ProbeReady = "/readyz"
+	// ProbeLive is for a node of a standby site: it is up (/healthz 200)
+	// but not ready (/readyz 503) while its site is fenced.
+	ProbeLive = "/healthz"
+)
+
+// StartCityPulseProbe is StartCityPulse waiting for probe (ProbeReady or
+// ProbeLive) to answer 200.
+func StartCityPulseProbe(bin, config string, a Addrs, env []string, logs *SyncBuffer, probe string) (*servers.Proc, error) {
 	var full []string
 	for _, kv := range os.Environ() {
 		if !strings.HasPrefix(kv, "CITYPULSE_TEST_") {
@@ -86,13 +101,13 @@ func StartCityPulse(bin, config string, a Addrs, env []string, logs *SyncBuffer)
 	args := []string{bin, "serve", "--config", config,
 		"--mqtt-addr", a.MQTT, "--coap-addr", a.CoAP, "--dtls-addr", a.DTLS, "--http-addr", a.HTTP}
 	return servers.StartProc("citypulse", args, append(full, env...), logs, func() error {
-		resp, err := http.Get("http://" + a.HTTP + "/readyz")
+		resp, err := http.Get("http://" + a.HTTP + probe)
 		if err != nil {
 			return err
 		}
 		resp.Body.Close()
 		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("/readyz: %s", resp.Status)
+			return fmt.Errorf("%s: %s", probe, resp.Status)
 		}
 		return nil
 	}, 60*time.Second)
@@ -139,14 +154,19 @@ func (s *Server) SetConfig(config string) {
 // Pid is the running server's process id.
 func (s *Server) Pid() int { return s.proc.Pid() }
 
-// Start runs the binary and waits until /readyz answers.
+// Start runs the binary and waits until its Probe (/readyz by default)
+// answers 200.
 func (s *Server) Start() {
 	s.t.Helper()
 	if s.logs == nil {
 		s.logs = &SyncBuffer{}
 	}
-	p, err := StartCityPulse(s.bin, filepath.Join(s.Dir, "citypulse.yaml"),
-		Addrs{MQTT: s.MQTT, CoAP: s.CoAP, DTLS: s.DTLS, HTTP: s.HTTP}, s.Env, s.logs)
+	probe := s.Probe
+	if probe == "" {
+		probe = ProbeReady
+	}
+	p, err := StartCityPulseProbe(s.bin, filepath.Join(s.Dir, "citypulse.yaml"),
+		Addrs{MQTT: s.MQTT, CoAP: s.CoAP, DTLS: s.DTLS, HTTP: s.HTTP}, s.Env, s.logs, probe)
 	if err != nil {
 		s.t.Fatal(err)
 	}
