@@ -24,6 +24,7 @@ const FleetSubject = "citypulse.fleet.partial"
 // FleetEngine is what the fleet rules need of the rules engine (*rules.Engine).
 type FleetEngine interface {
 	FleetCounts(now time.Time, part func(device string) int) map[int]rules.FleetCounts
+	FleetCountsSince(now time.Time, sel func(device string) bool, since time.Time) rules.FleetCounts
 	JudgeFleet(c rules.FleetCounts, now time.Time)
 }
 
@@ -34,11 +35,11 @@ type FleetEngine interface {
 // fleet rules). The node holding the fleet lease restores the fleet alerts'
 // state (cluster.FleetState) when it takes the lease, combines the latest
 // counts of every partition (a partition in hand-over is counted once, from
-// the later report; a node not heard from for two intervals is left out) and
-// judges the rules when every partition is counted. Until then (a dead
-// node's partitions not yet reported by their new owner) the fleet alerts
-// keep their state: a sample of a district would judge it wrongly. A node
-// losing the lease checkpoints and forgets that state.
+// the later report; a node not heard from for two intervals is left out),
+// counts itself the partitions nobody owns (no reading came for them) and
+// judges the rules. While a partition is between a dead owner and the next
+// one the fleet alerts keep their state: a sample of a district would judge
+// it wrongly. A node losing the lease checkpoints and forgets that state.
 type Fleet struct {
 	nc       *nats.Conn
 	eng      FleetEngine
@@ -52,9 +53,17 @@ type Fleet struct {
 	mu    sync.Mutex
 	parts map[string]rules.FleetPartial // node id → its latest counts, At = when they arrived
 
-	leading  bool // the fleet alerts' state is restored here (Run's goroutine only)
-	complete bool // the last combination counted every partition (idem)
+	// Run's goroutine only:
+	leading  bool              // the fleet alerts' state is restored here
+	whole    bool              // the last round counted every partition
+	seen     map[int]time.Time // partition → when a report of it was last combined here
+	handOver time.Duration     // a partition not reported for longer has no owner
 }
+
+// handOverGrace is how long after two intervals without a report a
+// partition is taken to have no owner (a partition with readings moves to a
+// new owner within seconds: docs/cluster.md).
+const handOverGrace = 30 * time.Second
 
 type fleetMetrics struct {
 	counted prometheus.Gauge
@@ -78,16 +87,16 @@ func NewFleet(nc *nats.Conn, eng FleetEngine, ps *Partitions, lease *cluster.Lea
 	}
 	m := fleetMetrics{
 		counted: prometheus.NewGauge(prometheus.GaugeOpts{Name: "citypulse_cluster_fleet_partitions_counted",
-			Help: "Partitions whose fleet counts the fleet lease holder combined last (all of them: the fleet rules are judged)."}),
+			Help: "Partitions whose fleet counts the fleet lease holder last received from their owners (the others it counts itself, or waits for)."}),
 		rounds: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "citypulse_cluster_fleet_rounds_total",
-			Help: "Fleet-rule rounds of the lease holder, by result (judged, incomplete: a partition not counted, the alerts held)."},
+			Help: "Fleet-rule rounds of the lease holder, by result (judged, incomplete: a partition in hand-over, the alerts held)."},
 			[]string{"result"}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.counted, m.rounds)
 	}
 	return &Fleet{nc: nc, eng: eng, ps: ps, lease: lease, node: node, interval: interval, log: log, m: m,
-		parts: map[string]rules.FleetPartial{}}, nil
+		parts: map[string]rules.FleetPartial{}, seen: map[int]time.Time{}, handOver: 2*interval + handOverGrace}, nil
 }
 
 // Run campaigns for the lease, publishes this node's counts and, on the
@@ -147,24 +156,49 @@ func (f *Fleet) round(ctx context.Context, now time.Time) {
 	} else if err := f.nc.Publish(FleetSubject+"."+f.node, b); err != nil {
 		f.log.Warn("fleet rules: cannot publish the counts; the leader holds the fleet alerts until it has them", "err", err, "bytes", len(b))
 	}
+	counts, counted := rules.CombineFleet(f.partials(own, now))
+	for p := range counted {
+		f.seen[p] = now // on every node: a next leader knows who reported lately
+	}
 	f.lead(f.lease.Leader() && ctx.Err() == nil)
 	if !f.leading {
 		return
 	}
-	counts, n := rules.CombineFleet(f.partials(own, now))
-	f.m.counted.Set(float64(n))
-	if n < f.ps.n {
+	f.m.counted.Set(float64(len(counted)))
+	ok := f.complete(counts, counted, now)
+	if !ok {
 		f.m.rounds.WithLabelValues("incomplete").Inc()
-		if f.complete {
-			f.log.Warn("fleet rules: not every partition is counted (a node is gone and its partitions not yet taken over); the fleet alerts hold their state",
-				"partitions_counted", n, "partitions", f.ps.n)
+		if f.whole {
+			f.log.Warn("fleet rules: a partition is being handed over (not reported for two intervals); the fleet alerts hold their state until its new owner reports it")
 		}
-		f.complete = false
+		f.whole = false
 		return
 	}
-	f.complete = true
+	f.whole = true
 	f.m.rounds.WithLabelValues("judged").Inc()
 	f.eng.JudgeFleet(counts, now)
+}
+
+// complete adds to counts the partitions not counted: a partition not
+// reported for longer than handOver has no owner, because no reading came
+// for it (one would have given it an owner within seconds), and this node
+// counts its devices itself (FleetCountsSince its last report). It returns
+// false while a partition is in between: its old owner is gone and the new
+// one has not reported it yet.
+func (f *Fleet) complete(counts rules.FleetCounts, counted map[int]bool, now time.Time) bool {
+	ok := true
+	for p := range f.ps.n {
+		if counted[p] {
+			continue
+		}
+		last, reported := f.seen[p]
+		if reported && now.Sub(last) <= f.handOver {
+			ok = false
+			continue
+		}
+		counts.Merge(f.eng.FleetCountsSince(now, f.ps.in(p), last))
+	}
+	return ok
 }
 
 // counts is this node's counts at now: every partition it owns, with the
@@ -186,7 +220,7 @@ func (f *Fleet) lead(leader bool) {
 		return
 	}
 	f.ps.OnOwned(cluster.FleetState, leader)
-	f.leading, f.complete = leader, true
+	f.leading, f.whole = leader, true
 }
 
 // partials is own and the other nodes' recent counts.

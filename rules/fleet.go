@@ -50,9 +50,9 @@ type FleetPartial struct {
 // CombineFleet sums the counts of every partition in parts, each taken from
 // the partial with the latest At that has it: a partition in hand-over is
 // reported by its old and its new owner and counts once. It returns the sums
-// and how many partitions they cover. At must be comparable across the
-// partials (the caller sets it to when each partial arrived).
-func CombineFleet(parts []FleetPartial) (FleetCounts, int) {
+// and the partitions they cover. At must be comparable across the partials
+// (the caller sets it to when each partial arrived).
+func CombineFleet(parts []FleetPartial) (FleetCounts, map[int]bool) {
 	latest := map[int]int{} // partition → index in parts
 	for i, p := range parts {
 		for q := range p.Parts {
@@ -61,15 +61,21 @@ func CombineFleet(parts []FleetPartial) (FleetCounts, int) {
 			}
 		}
 	}
-	out := FleetCounts{}
+	out, counted := FleetCounts{}, make(map[int]bool, len(latest))
 	for q, i := range latest {
-		for rule, byDistrict := range parts[i].Parts[q] {
-			for district, x := range byDistrict {
-				out.add(rule, district, x)
-			}
+		counted[q] = true
+		out.Merge(parts[i].Parts[q])
+	}
+	return out, counted
+}
+
+// Merge adds the counts of x to c.
+func (c FleetCounts) Merge(x FleetCounts) {
+	for rule, byDistrict := range x {
+		for district, n := range byDistrict {
+			c.add(rule, district, n)
 		}
 	}
-	return out, len(latest)
 }
 
 // FleetCounts counts, per partition (part of the device), the owned devices
@@ -102,6 +108,52 @@ func (e *Engine) FleetCounts(now time.Time, part func(device string) int) map[in
 				out[p] = FleetCounts{}
 			}
 			out[p].add(r.Name, d.District, e.fleetCount(d, r, now))
+		}
+	}
+	return out
+}
+
+// FleetCountsSince counts the devices sel picks, owned or not, for a
+// partition no node reports (cluster mode): no reading of them came since
+// since (it would have given the partition an owner, who would report it),
+// so each is silent when since, or its last reading known here if later (or
+// this engine's start, if later still), is more than the rule's window ago.
+func (e *Engine) FleetCountsSince(now time.Time, sel func(device string) bool, since time.Time) FleetCounts {
+	out := FleetCounts{}
+	if e.devs == nil {
+		return out
+	}
+	var fleet []*Rule
+	for _, r := range e.Rules() {
+		if r.Type == TypeFleet {
+			fleet = append(fleet, r)
+		}
+	}
+	if len(fleet) == 0 {
+		return out
+	}
+	list := e.devs.List()
+	e.lockAll()
+	defer e.unlockAll()
+	for _, d := range list {
+		if !sel(d.ID) {
+			continue
+		}
+		last := since
+		if t, ok := e.shardFor(d.ID).lastSeen[d.ID]; ok && t.After(last) {
+			last = t
+		}
+		if e.started.After(last) {
+			last = e.started
+		}
+		for _, r := range fleet {
+			if r.Select.Matches(string(d.Kind), "", d.District, d.ID) {
+				x := FleetCount{Devices: 1}
+				if now.Sub(last) > time.Duration(r.Factor*float64(d.Interval)) {
+					x.Silent = 1
+				}
+				out.add(r.Name, d.District, x)
+			}
 		}
 	}
 	return out

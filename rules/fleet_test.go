@@ -83,7 +83,7 @@ func TestCombineFleet(t *testing.T) {
 		name  string
 		parts []FleetPartial
 		want  FleetCounts
-		n     int
+		n     int // partitions counted
 	}{
 		{"nothing", nil, FleetCounts{}, 0},
 		{"two nodes' partitions add up", []FleetPartial{
@@ -103,9 +103,9 @@ func TestCombineFleet(t *testing.T) {
 		}, FleetCounts{"pipes_out": {"gulou": {Devices: 1}, "xuanwu": {Devices: 2, Silent: 1}}, "lights_out": {"gulou": {Devices: 4, Silent: 4}}}, 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, n := CombineFleet(tc.parts)
+			got, counted := CombineFleet(tc.parts)
 			require.Equal(t, tc.want, got)
-			require.Equal(t, tc.n, n)
+			require.Len(t, counted, tc.n)
 		})
 	}
 }
@@ -167,4 +167,37 @@ func TestFleetAlertsAreFleetOwners(t *testing.T) {
 	b.JudgeFleet(FleetCounts{"pipes_out": {"gulou": {Devices: 2}}}, t0.Add(2*time.Second))
 	require.Equal(t, []string{"pipes_out:firing", "pipes_out:resolved"}, rec.kinds(), "restored: no second firing")
 	require.Equal(t, 1, a.DropState(func(o string) bool { return o == FleetOwner }))
+}
+
+// A partition no node reports has had no reading since it was last
+// reported: its devices count as silent once that is longer ago than the
+// rule's window (or their last reading known here, or the engine's start).
+func TestFleetCountsSince(t *testing.T) {
+	list := fleetOf(2)
+	for _, tc := range []struct {
+		name  string
+		since time.Duration // after t0, the engine's start
+		seen  time.Duration // pipe-0's last reading known here (0: none)
+		want  FleetCount
+	}{
+		{"reported 30 s ago: silent past 2 × 10 s", 30 * time.Second, 0, FleetCount{Devices: 2, Silent: 2}},
+		{"reported 10 s ago: not yet", 50 * time.Second, 0, FleetCount{Devices: 2}},
+		{"never reported: since the start, a minute", 0, 0, FleetCount{Devices: 2, Silent: 2}},
+		{"a later reading known here counts", 0, 55 * time.Second, FleetCount{Devices: 2, Silent: 1}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := NewEngine(Default(), []*Rule{mustRule(t, pipesOut)}, EngineOptions{Shards: 2, Devices: list})
+			e.SetOwns(func(string) bool { return false })
+			e.started = t0
+			if tc.seen > 0 {
+				e.Observe(e.shardOf("pipe-0"), pressure("pipe-0", 400, tc.seen))
+			}
+			since := time.Time{}
+			if tc.since > 0 {
+				since = t0.Add(tc.since)
+			}
+			got := e.FleetCountsSince(t0.Add(time.Minute), func(string) bool { return true }, since)
+			require.Equal(t, FleetCounts{"pipes_out": {"gulou": tc.want}}, got)
+		})
+	}
 }
