@@ -1,6 +1,8 @@
 package rules
 
 import (
+	"encoding/json"
+	"fmt"
 	"testing"
 	"time"
 
@@ -200,4 +202,24 @@ func TestFleetCountsSince(t *testing.T) {
 			require.Equal(t, FleetCounts{"pipes_out": {"gulou": tc.want}}, got)
 		})
 	}
+}
+
+// A node's counts are bounded by the partitions it owns × districts × fleet
+// rules, whatever the number of devices: a third of 64 partitions, 200
+// districts and 3 fleet rules stay far below NATS's 1 MB max_payload.
+func TestFleetPartialSize(t *testing.T) {
+	p := FleetPartial{At: t0, Parts: map[int]FleetCounts{}}
+	for q := range 22 {
+		c := FleetCounts{}
+		for r := range 3 {
+			for d := range 200 {
+				c.add(fmt.Sprintf("fleet_rule_%d", r), fmt.Sprintf("district-%03d", d), FleetCount{Devices: 1000 + d, Silent: d})
+			}
+		}
+		p.Parts[q] = c
+	}
+	b, err := json.Marshal(p)
+	require.NoError(t, err)
+	t.Logf("22 partitions × 200 districts × 3 fleet rules: %d bytes", len(b))
+	require.Less(t, len(b), 1<<20)
 }
