@@ -164,3 +164,54 @@ func TestFleetRulesJudgedOnEveryNodesCounts(t *testing.T) {
 type fixedList []devices.Device
 
 func (f fixedList) List() []devices.Device { return f }
+
+// The leader completes the counts with the partitions nobody reported: one
+// reported lately is in hand-over (the round holds), one not reported for
+// longer than the hand-over bound has no owner and the leader counts its
+// devices itself, silent once their window has passed since its last report.
+func TestFleetCountsThePartitionsNobodyReports(t *testing.T) {
+	rs, err := rules.ParseRules([]byte("rules:\n- {name: pipes_out, type: fleet, select: {kind: pipe}, silent_ratio: 0.5, factor: 1}\n"), "test")
+	require.NoError(t, err)
+	var list fixedList
+	for i := range 24 {
+		list = append(list, devices.Device{ID: fmt.Sprintf("pipe-%03d", i), Kind: devices.KindPipe, District: "gulou", Interval: time.Minute})
+	}
+	const missing = 3
+	inMissing := 0
+	for _, d := range list {
+		if cluster.PartitionOf(d.ID, partitions) == missing {
+			inMissing++
+		}
+	}
+	require.NotZero(t, inMissing)
+	now := time.Now()
+	for _, tc := range []struct {
+		name   string
+		seen   time.Duration // before now; 0: never
+		ok     bool
+		counts rules.FleetCounts
+	}{
+		{"reported 5 s ago: in hand-over, the round holds", 5 * time.Second, false, rules.FleetCounts{}},
+		{"reported 40 s ago: no owner, not silent for a minute yet", 40 * time.Second, true,
+			rules.FleetCounts{"pipes_out": {"gulou": {Devices: inMissing}}}},
+		{"reported an hour ago: no owner, its devices silent", time.Hour, true,
+			rules.FleetCounts{"pipes_out": {"gulou": {Devices: inMissing, Silent: inMissing}}}},
+		{"never reported: silent since the start", 0, true,
+			rules.FleetCounts{"pipes_out": {"gulou": {Devices: inMissing, Silent: inMissing}}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			eng := rules.NewEngine(rules.Default(), rs, rules.EngineOptions{Shards: 2, Devices: list})
+			f := &Fleet{eng: eng, ps: NewPartitions(partitions, nil), seen: map[int]time.Time{}, handOver: 10 * time.Second}
+			counted := map[int]bool{}
+			for p := range partitions {
+				counted[p] = p != missing
+			}
+			if tc.seen > 0 {
+				f.seen[missing] = now.Add(-tc.seen)
+			}
+			counts := rules.FleetCounts{}
+			require.Equal(t, tc.ok, f.complete(counts, counted, now))
+			require.Equal(t, tc.counts, counts)
+		})
+	}
+}
