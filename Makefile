@@ -81,8 +81,11 @@ test-long: deps
 # (two of three NATS servers SIGKILLed: CoAP 5.03, /readyz 503, then back;
 # about 40 s) and TestClusterThroughput (one machine vs 1 vs 3 cluster nodes,
 # CITYPULSE_TEST_CLUSTER_SECONDS each, CITYPULSE_TEST_CLUSTER_DEVICES devices;
-# about 2 minutes) and TestClusterRebalancesWhenANodeJoinsAndWhenOneLeaves (a
-# 3rd node joins 2 under load, then one stops: the rebalance times; about 45 s).
+# about 2 minutes), TestClusterRebalancesWhenANodeJoinsAndWhenOneLeaves (a
+# 3rd node joins 2 under load, then one stops: the rebalance times; about 45 s)
+# and TestClusterFleetRuleJudgedCityWide (a district's fleet rule judged on
+# every node's counts; the fleet lease holder SIGKILLed between firing and
+# resolve; about a minute).
 test-cluster: deps
 	CITYPULSE_TEST_CLUSTER=1 $(GO) test -count=1 -v -timeout 20m -run '^TestCluster' ./cmd/citypulse/
 

@@ -25,8 +25,9 @@ import (
 //     stream cluster.state.stream, and the notifications not yet delivered,
 //     on citypulse.state.<p>.n (each removed once delivered).
 //
-// A checkpoint writes the snapshot, then purges the transitions it holds. A
-// new owner reads the snapshot, then the transitions after it and the
+// The fleet alerts' state is kept the same way, under key "fleet"
+// (FleetState). A checkpoint writes the snapshot, then purges the
+// transitions it holds. A new owner reads the snapshot, then the transitions after it and the
 // pending notifications, before it evaluates anything.
 
 // StateSubjectPrefix prefixes the state log's subjects.
@@ -160,9 +161,29 @@ func (s *StateStore) noDirectGets(ctx context.Context, name string) error {
 	return nil
 }
 
-func transitionSubject(p int) string { return StateSubjectPrefix + "." + strconv.Itoa(p) + ".t" }
-func noteSubject(p int) string       { return StateSubjectPrefix + "." + strconv.Itoa(p) + ".n" }
-func snapshotName(p int) string      { return "p" + strconv.Itoa(p) }
+// FleetState is the pseudo-partition of the fleet alerts: the node holding
+// the fleet lease judges them, whatever partitions it owns, and their state
+// moves with the lease. It is kept as a partition's is, under key "fleet":
+// snapshot "fleet", log citypulse.state.fleet.t and .n.
+const FleetState = -1
+
+// stateKey names partition p's state: its number, or "fleet".
+func stateKey(p int) string {
+	if p == FleetState {
+		return "fleet"
+	}
+	return strconv.Itoa(p)
+}
+
+func transitionSubject(p int) string { return StateSubjectPrefix + "." + stateKey(p) + ".t" }
+func noteSubject(p int) string       { return StateSubjectPrefix + "." + stateKey(p) + ".n" }
+
+func snapshotName(p int) string {
+	if p == FleetState {
+		return "fleet"
+	}
+	return "p" + stateKey(p)
+}
 
 // Append records transitions (and their notifications) and returns once
 // JetStream acknowledged every one: only then may they be notified. A

@@ -10,7 +10,10 @@
 //   - rpoalert.go: a standby site's replication lag over the RPO budget as an
 //     operations alert, notified like the rules' alerts;
 //   - rollup.go: district partial aggregates published by each owner and
-//     combined into the city-wide vital signs by one elected node.
+//     combined into the city-wide vital signs by one elected node;
+//   - fleet.go: the fleet rules' counts per partition published by each
+//     owner, combined and judged by the holder of the fleet lease, which
+//     alone owns the fleet alerts (their state moves with the lease).
 //
 // It translates between the packages that own the state (rules, notifier,
 // devices, silence) and the JetStream stores of package cluster, which see opaque

@@ -35,9 +35,11 @@ const restoreTimeout = 30 * time.Second
 
 // Partitions is the rules engine's journal in cluster mode and the owner's
 // OwnershipFunc: it records each transition in the state log of its alert's
-// partition (cluster.PartitionOf of the device, or of the district for a
-// district alert), restores a partition gained, checkpoints and forgets one
-// released, and tells the engine which owners it judges.
+// partition (cluster.PartitionOf of the device; cluster.FleetState for the
+// fleet alerts, owned by rules.FleetOwner), restores a partition gained,
+// checkpoints and forgets one released, and tells the engine which owners it
+// judges. Fleet (fleet.go) gains and releases cluster.FleetState with the
+// fleet lease.
 type Partitions struct {
 	n     int
 	log   *slog.Logger
@@ -70,17 +72,38 @@ func (ps *Partitions) Attach(eng Engine, store *cluster.StateStore, out Outbox) 
 	}
 }
 
-// Owns reports whether this node owns the partition of owner (a device or
-// a district).
+// Owns reports whether this node owns the partition of owner (a device, or
+// rules.FleetOwner).
 func (ps *Partitions) Owns(owner string) bool {
-	p := cluster.PartitionOf(owner, ps.n)
+	p := ps.partitionOf(owner)
 	ps.mu.RLock()
 	defer ps.mu.RUnlock()
 	return ps.owned[p]
 }
 
+// partitionOf is the partition whose state holds owner's alerts.
+func (ps *Partitions) partitionOf(owner string) int {
+	if owner == rules.FleetOwner {
+		return cluster.FleetState
+	}
+	return cluster.PartitionOf(owner, ps.n)
+}
+
+// ownedPartitions lists the partitions of devices this node owns (restored).
+func (ps *Partitions) ownedPartitions() []int {
+	ps.mu.RLock()
+	defer ps.mu.RUnlock()
+	out := make([]int, 0, len(ps.owned))
+	for p := range ps.owned {
+		if p != cluster.FleetState {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
 func (ps *Partitions) in(p int) func(owner string) bool {
-	return func(owner string) bool { return cluster.PartitionOf(owner, ps.n) == p }
+	return func(owner string) bool { return ps.partitionOf(owner) == p }
 }
 
 // Snapshot is partition p's alert state (the store's cluster.Snapshotter).
@@ -91,7 +114,7 @@ func (ps *Partitions) Snapshot(p int) ([]byte, error) { return ps.eng.ExportStat
 func (ps *Partitions) Record(ctx context.Context, recs []rules.JournalRecord) error {
 	out := make([]cluster.StateRecord, len(recs))
 	for i, r := range recs {
-		p := cluster.PartitionOf(r.Owner, ps.n)
+		p := ps.partitionOf(r.Owner)
 		out[i] = cluster.StateRecord{Partition: p, Transition: r.State}
 		if ps.out == nil {
 			continue

@@ -34,12 +34,13 @@ type JournalRecord struct {
 // notified all the same (as when the local transition log cannot be written).
 const journalTimeout = 10 * time.Second
 
-// SetOwns tells the engine which owners it judges on the tick: deadman rules
-// only owned devices, fleet rules only owned districts, over the owned
-// devices of the district (whose silence this node knows: a sample of the
-// district in cluster mode). nil (the default) owns everything: one-machine
-// mode. Readings are evaluated whatever the
-// predicate says (a node is only given its own partitions' readings).
+// SetOwns tells the engine which owners it judges: deadman rules only owned
+// devices on the tick, FleetCounts only owned devices, and JudgeFleet only
+// when FleetOwner is owned. A predicate also means cluster mode: the tick
+// judges no fleet rule (a node knows a sample of each district only), the
+// elected node does with JudgeFleet. nil (the default) owns everything:
+// one-machine mode. Readings are evaluated whatever the predicate says (a
+// node is only given its own partitions' readings).
 func (e *Engine) SetOwns(owns func(owner string) bool) {
 	if owns == nil {
 		e.owns.Store(nil)
@@ -54,13 +55,13 @@ func (e *Engine) owned(owner string) bool {
 	return f == nil || (*f)(owner)
 }
 
-// ownerOf is whose alert k is: its device, or its district for district
-// alerts (fleet rules).
+// ownerOf is whose alert k is: its device, or FleetOwner for the district
+// alerts of fleet rules.
 func ownerOf(k alertKey) string {
 	if k.Device != "" {
 		return k.Device
 	}
-	return k.District
+	return FleetOwner
 }
 
 // ExportState encodes the alerts whose owner sel picks, and when those

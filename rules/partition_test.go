@@ -141,33 +141,3 @@ func TestDeadmanJudgesOwnedDevicesOnly(t *testing.T) {
 type fixedDevices []devices.Device
 
 func (f fixedDevices) List() []devices.Device { return f }
-
-// In cluster mode a fleet rule counts the owned devices of a district only:
-// a device of another node's partition is not silent here just because this
-// node never sees its readings.
-func TestFleetCountsOwnedDevicesOnly(t *testing.T) {
-	rule := "{name: pipes_out, type: fleet, select: {kind: pipe}, silent_ratio: 0.4}"
-	list := fixedDevices{
-		{ID: "pipe-1", Kind: "pipe", District: "gulou", Interval: 10 * time.Second},
-		{ID: "pipe-2", Kind: "pipe", District: "gulou", Interval: 10 * time.Second},
-	}
-	for _, tc := range []struct {
-		name string
-		owns func(string) bool
-		want []string
-	}{
-		{"one machine: pipe-1 is silent, half the district", nil, []string{"pipes_out:firing"}},
-		{"cluster: pipe-1 is another node's, pipe-2 reports", func(o string) bool { return o == "pipe-2" || o == "gulou" }, nil},
-		{"cluster: the district is another node's", func(o string) bool { return o == "pipe-2" }, nil},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			rec := &recorder{}
-			e := NewEngine(Default(), []*Rule{mustRule(t, rule)}, EngineOptions{Shards: 2, Notifier: rec, Devices: list})
-			e.SetOwns(tc.owns)
-			e.started = t0
-			e.Observe(e.shardOf("pipe-2"), pressure("pipe-2", 400, 55*time.Second))
-			e.Tick(t0.Add(time.Minute))
-			require.Equal(t, tc.want, rec.kinds())
-		})
-	}
-}

@@ -6,8 +6,9 @@ import (
 	"github.com/citypulse/citypulse/devices"
 )
 
-// Tick advances every alert with time alone and evaluates deadman and fleet
-// rules. It holds every shard's lock while it runs.
+// Tick advances every alert with time alone and evaluates deadman rules, and
+// fleet rules on one machine (in cluster mode the elected node judges them:
+// see fleet.go). It holds every shard's lock while it runs.
 func (e *Engine) Tick(now time.Time) {
 	rules := e.Rules()
 	var deadman, fleet []*Rule
@@ -23,19 +24,15 @@ func (e *Engine) Tick(now time.Time) {
 	if len(deadman)+len(fleet) > 0 && e.devs != nil {
 		list = e.devs.List()
 	}
-	for _, s := range e.shards {
-		s.mu.Lock()
-	}
-	defer func() {
-		for _, s := range e.shards {
-			s.mu.Unlock()
-		}
-	}()
+	e.lockAll()
+	defer e.unlockAll()
 	for _, r := range deadman {
 		e.tickDeadman(r, list, now)
 	}
-	for _, r := range fleet {
-		e.tickFleet(r, list, now)
+	if e.owns.Load() == nil { // cluster mode: JudgeFleet, on every node's counts
+		for _, r := range fleet {
+			e.tickFleet(r, list, now)
+		}
 	}
 	e.advance(rules, now)
 }
@@ -78,43 +75,6 @@ func (e *Engine) tickDeadman(r *Rule, list []devices.Device, now time.Time) {
 		silence, _ := e.silentFor(d, now)
 		a.state.Value = silence.Seconds()
 		e.emit(s, a, r, a.state.Step(r, silent, now, e.flap))
-	}
-}
-
-// tickFleet raises or resolves fleet rule r's alert of every district.
-func (e *Engine) tickFleet(r *Rule, list []devices.Device, now time.Time) {
-	type agg struct{ total, silent int }
-	groups := map[string]*agg{}
-	for _, d := range list {
-		// In cluster mode only the owned devices' silence is known here: the
-		// ratio is over them (see SetOwns).
-		if !r.Select.Matches(string(d.Kind), "", d.District, d.ID) || !e.owned(d.ID) {
-			continue
-		}
-		g := groups[d.District]
-		if g == nil {
-			g = &agg{}
-			groups[d.District] = g
-		}
-		g.total++
-		if e.isSilent(d, r.Factor, now) {
-			g.silent++
-		}
-	}
-	for district, g := range groups {
-		if !e.owned(district) {
-			continue
-		}
-		s := e.shardFor(district)
-		k := alertKey{Rule: r.Name, District: district, Kind: r.Select.Kind}
-		ratio := float64(g.silent) / float64(g.total)
-		bad := ratio > r.SilentRatio
-		a := s.alertToStep(k, bad)
-		if a == nil {
-			continue
-		}
-		a.state.Value = ratio
-		e.emit(s, a, r, a.state.Step(r, bad, now, e.flap))
 	}
 }
 

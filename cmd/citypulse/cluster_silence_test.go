@@ -52,7 +52,7 @@ func TestClusterSilenceAtOneNodeHoldsBackTheOwnersNotification(t *testing.T) {
 	rulesFile := filepath.Join(t.TempDir(), "rules.yaml")
 	require.NoError(t, os.WriteFile(rulesFile, []byte(
 		"rules:\n  - {name: burst_main, type: rate, select: {kind: pipe, metric: pressure}, drop: 80, window: 5s}\n"), 0o600))
-	hook := newAlertReceiver(t)
+	hook := newAlertReceiver(t, "burst_main")
 	nodes := make([]*servertest.Server, 3)
 	var wg sync.WaitGroup
 	for i := range nodes {

@@ -83,6 +83,9 @@ func (s *server) buildClusterState() error {
 			}
 			return store.Run(ctx)
 		})))
+		if err := s.buildClusterFleet(ps); err != nil {
+			return err
+		}
 	}
 	if sl := s.cstate.silences; sl != nil {
 		// Not only when active: a standby reads its mirror of the bucket.
@@ -119,6 +122,24 @@ func (s *server) buildClusterState() error {
 		live := liveSubmitter{pipe: s.pipe, events: s.events}
 		s.gateways = append(s.gateways, n.whenActive(runFunc(func(ctx context.Context) error { return r.Run(ctx, live) })))
 	}
+	return nil
+}
+
+// buildClusterFleet judges the fleet rules on the whole city: every node
+// publishes its partitions' counts, the holder of the "fleet" lease combines
+// them and owns the fleet alerts (clusterstate.Fleet), every vitals.interval.
+func (s *server) buildClusterFleet(ps *clusterstate.Partitions) error {
+	n, cfg, log := s.cluster, s.cfg.Cluster, s.log.With("component", "cluster-fleet")
+	node := cfg.NodeID
+	lease, err := cluster.NewLease(n.nc, cfg.State.Leases, "fleet", node, cfg.State.LeaseTTL, cfg.State.Replicas, log)
+	if err != nil {
+		return err
+	}
+	f, err := clusterstate.NewFleet(n.nc, s.engine, ps, lease, node, s.cfg.Vitals.Interval, log, s.reg)
+	if err != nil {
+		return err
+	}
+	s.gateways = append(s.gateways, n.whenActive(runFunc(f.Run)))
 	return nil
 }
 

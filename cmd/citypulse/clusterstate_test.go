@@ -21,7 +21,8 @@ import (
 )
 
 // alertReceiver is a real webhook receiver on loopback: it counts the
-// deliveries of each (alert, transition) by its Idempotency-Key.
+// deliveries of each (alert, transition) of the rule named alert by its
+// Idempotency-Key.
 type alertReceiver struct {
 	srv  *httptest.Server
 	mu   sync.Mutex
@@ -29,7 +30,7 @@ type alertReceiver struct {
 	kind map[string]string // Idempotency-Key → firing/resolved
 }
 
-func newAlertReceiver(t *testing.T) *alertReceiver {
+func newAlertReceiver(t *testing.T, alert string) *alertReceiver {
 	r := &alertReceiver{keys: map[string]int{}, kind: map[string]string{}}
 	r.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 		var m struct {
@@ -39,7 +40,7 @@ func newAlertReceiver(t *testing.T) *alertReceiver {
 			} `json:"alerts"`
 		}
 		b, _ := io.ReadAll(io.LimitReader(req.Body, 1<<20))
-		if json.Unmarshal(b, &m) != nil || len(m.Alerts) == 0 || m.Alerts[0].Labels["alertname"] != "burst_main" {
+		if json.Unmarshal(b, &m) != nil || len(m.Alerts) == 0 || m.Alerts[0].Labels["alertname"] != alert {
 			return
 		}
 		k := req.Header.Get("Idempotency-Key")
@@ -119,7 +120,7 @@ func TestClusterAlertFiresOnceAcrossANodeKill(t *testing.T) {
 	rulesFile := filepath.Join(t.TempDir(), "rules.yaml")
 	require.NoError(t, os.WriteFile(rulesFile, []byte(
 		"rules:\n  - {name: burst_main, type: rate, select: {kind: pipe, metric: pressure}, drop: 80, window: 5s}\n"), 0o600))
-	hook := newAlertReceiver(t)
+	hook := newAlertReceiver(t, "burst_main")
 	nodes := make([]*servertest.Server, 3)
 	var wg sync.WaitGroup
 	for i := range nodes {
