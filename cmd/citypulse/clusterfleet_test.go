@@ -88,13 +88,20 @@ func fleetLeader(nodes []*servertest.Server, dead map[int]bool) (int, time.Time)
 func TestClusterFleetRuleJudgedCityWide(t *testing.T) {
 	skipUnlessCluster(t)
 	const partitions = 12
-	e := startClusterEnv(t, 48)                       // d0: 16 pipes, 2 on partitions that node 2, d0's own, prefers
-	home := cluster.PartitionOf("d0", partitions) % 3 // the node that prefers d0's partition
+	e := startClusterEnv(t, 48)                       // d0: 16 pipes, some on partitions that d0's own partition's node prefers
+	home := -1 // the node that prefers d0's partition
+	for i := range 3 {
+		if preferredBy(partitions, i, 0, 1, 2)[cluster.PartitionOf("d0", partitions)] {
+			home = i
+		}
+	}
+	require.NotEqual(t, -1, home)
+	homes := preferredBy(partitions, home, 0, 1, 2)
 	var reporting, silent []string
 	for i, id := range e.ids {
 		switch {
 		case i%3 != 0: // districts d1, d2
-		case cluster.PartitionOf(id, partitions)%3 == home:
+		case homes[cluster.PartitionOf(id, partitions)]:
 			reporting = append(reporting, id)
 		default:
 			silent = append(silent, id)
