@@ -88,8 +88,8 @@ func fleetLeader(nodes []*servertest.Server, dead map[int]bool) (int, time.Time)
 func TestClusterFleetRuleJudgedCityWide(t *testing.T) {
 	skipUnlessCluster(t)
 	const partitions = 12
-	e := startClusterEnv(t, 48)                       // d0: 16 pipes, some on partitions that d0's own partition's node prefers
-	home := -1 // the node that prefers d0's partition
+	e := startClusterEnv(t, 48) // d0: 16 pipes, some on partitions that d0's own partition's node prefers
+	home := -1                  // the node that prefers d0's partition
 	for i := range 3 {
 		if preferredBy(partitions, i, 0, 1, 2)[cluster.PartitionOf("d0", partitions)] {
 			home = i
