@@ -39,6 +39,11 @@ const noteKeyHeader = "Citypulse-Note"
 // transition the snapshot holds.
 const afterMeta = "after"
 
+// readingsMeta is the snapshot's metadata key: the sequence in the readings
+// stream up to which every batch of the partition was handled before the
+// snapshot was taken (its state holds them; see Progress).
+const readingsMeta = "readings"
+
 // StateRecord is one transition of partition p, with the notification it
 // raised (NoteKey and Note empty: none).
 type StateRecord struct {
@@ -74,10 +79,13 @@ type StateStore struct {
 	id   string        // prefix of this store's message ids
 	msgs atomic.Uint64 // numbers its messages
 
+	progress func(p int) uint64 // see SetProgress; nil: no position recorded
+
 	mu      sync.Mutex
 	owned   map[int]bool
 	lastSeq map[int]uint64    // the last transition of p appended or restored
 	notes   map[string]uint64 // pending notification key → its message
+	handled map[int]uint64    // p's position in the readings stream, as restored or checkpointed
 }
 
 // NewStateStore builds a store on nc. It starts nothing; Ensure creates the
@@ -100,8 +108,13 @@ func NewStateStore(nc *nats.Conn, cfg StateConfig, snap Snapshotter, log *slog.L
 		m = NewStateMetrics(nil)
 	}
 	return &StateStore{js: js, cfg: cfg, snap: snap, log: log, m: m, id: nuid.Next(),
-		owned: map[int]bool{}, lastSeq: map[int]uint64{}, notes: map[string]uint64{}}, nil
+		owned: map[int]bool{}, lastSeq: map[int]uint64{}, notes: map[string]uint64{}, handled: map[int]uint64{}}, nil
 }
+
+// SetProgress sets where Checkpoint reads a partition's position in the
+// readings stream (Progress.Handled), to record it with the snapshot. Call
+// it before Run and before the first Restore.
+func (s *StateStore) SetProgress(handled func(p int) uint64) { s.progress = handled }
 
 // Ensure creates or updates the snapshot bucket and the state log.
 func (s *StateStore) Ensure(ctx context.Context) error {

@@ -20,7 +20,7 @@ func (s *StateStore) Restore(ctx context.Context, p int) (PartitionState, error)
 		return PartitionState{}, fmt.Errorf("restore partition %d: %w", p, err)
 	}
 	var st PartitionState
-	var after uint64
+	var after, handled uint64
 	info, err := obs.GetInfo(ctx, snapshotName(p))
 	switch {
 	case errors.Is(err, jetstream.ErrObjectNotFound):
@@ -30,6 +30,7 @@ func (s *StateStore) Restore(ctx context.Context, p int) (PartitionState, error)
 		if after, err = strconv.ParseUint(info.Metadata[afterMeta], 10, 64); err != nil {
 			return st, fmt.Errorf("restore partition %d: snapshot metadata %q: %w", p, info.Metadata[afterMeta], err)
 		}
+		handled, _ = strconv.ParseUint(info.Metadata[readingsMeta], 10, 64) // absent: 0, unknown
 		if st.Snapshot, err = obs.GetBytes(ctx, snapshotName(p)); err != nil {
 			return st, fmt.Errorf("restore partition %d: snapshot: %w", p, err)
 		}
@@ -41,6 +42,7 @@ func (s *StateStore) Restore(ctx context.Context, p int) (PartitionState, error)
 	s.mu.Lock()
 	s.owned[p] = true
 	s.lastSeq[p] = max(last, after)
+	s.handled[p] = handled
 	s.mu.Unlock()
 	s.m.restoreSeconds.Observe(time.Since(start).Seconds())
 	return st, nil
@@ -103,6 +105,33 @@ func (s *StateStore) readLog(ctx context.Context, str jetstream.Stream, p int, a
 	}
 }
 
+// Handled returns the position in the readings stream that partition p's
+// latest snapshot covers: every batch up to that sequence was handled
+// before the snapshot was taken (0: no snapshot, or none recorded one). A
+// promoted standby site starts p's consumer after it (Owner.SetStart).
+func (s *StateStore) Handled(ctx context.Context, p int) (uint64, error) {
+	obs, _, err := s.ensured(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("position of partition %d: %w", p, err)
+	}
+	info, err := obs.GetInfo(ctx, snapshotName(p))
+	switch {
+	case errors.Is(err, jetstream.ErrObjectNotFound):
+		return 0, nil
+	case err != nil:
+		return 0, fmt.Errorf("position of partition %d: snapshot: %w", p, err)
+	}
+	v := info.Metadata[readingsMeta]
+	if v == "" {
+		return 0, nil
+	}
+	n, err := strconv.ParseUint(v, 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("position of partition %d: snapshot metadata %q: %w", p, v, err)
+	}
+	return n, nil
+}
+
 // lastSeq is the sequence of the last message on any of subjects, as the
 // stream leader has it (0: none).
 func lastSeq(ctx context.Context, str jetstream.Stream, subjects ...string) (uint64, error) {
@@ -149,6 +178,12 @@ func (s *StateStore) Checkpoint(ctx context.Context, p int) error {
 	}
 	s.mu.Lock()
 	after := s.lastSeq[p]
+	if s.progress != nil {
+		// Read before the snapshot is taken, as after: the batches up to
+		// it were handled, their effect on the state is in the snapshot.
+		s.handled[p] = max(s.handled[p], s.progress(p))
+	}
+	handled := s.handled[p]
 	s.mu.Unlock()
 	if err := s.superseded(ctx, obs, str, p, after); err != nil {
 		s.m.checkpoints.WithLabelValues("superseded").Inc()
@@ -159,8 +194,11 @@ func (s *StateStore) Checkpoint(ctx context.Context, p int) error {
 		s.m.checkpoints.WithLabelValues("error").Inc()
 		return fmt.Errorf("checkpoint partition %d: %w", p, err)
 	}
-	_, err = obs.Put(ctx, jetstream.ObjectMeta{Name: snapshotName(p),
-		Metadata: map[string]string{afterMeta: strconv.FormatUint(after, 10)}}, bytesReader(data))
+	meta := map[string]string{afterMeta: strconv.FormatUint(after, 10)}
+	if handled > 0 {
+		meta[readingsMeta] = strconv.FormatUint(handled, 10)
+	}
+	_, err = obs.Put(ctx, jetstream.ObjectMeta{Name: snapshotName(p), Metadata: meta}, bytesReader(data))
 	if err == nil && after > 0 {
 		err = str.Purge(ctx, jetstream.WithPurgeSubject(transitionSubject(p)), jetstream.WithPurgeSequence(after+1))
 	}

@@ -35,6 +35,9 @@ type clusterNode struct {
 	pub   *cluster.Publisher
 	owner *cluster.Owner
 	feed  *cluster.Feed
+	// progress is each partition's position in the readings stream, handled
+	// and so acknowledged; the state store checkpoints it (clusterstate.go).
+	progress *cluster.Progress
 	m     *cluster.Metrics
 	dr    *cluster.Standby // nil without cluster.standby (standby.go)
 
@@ -85,8 +88,9 @@ func (s *server) buildCluster() error {
 	if n.feed, err = cluster.NewFeed(s.pipe, c.DedupeWindow, c.DedupeDevices, log, n.m); err != nil {
 		return err
 	}
-	n.hooks = []cluster.OwnershipFunc{n.feed.Owned}
-	if n.owner, err = cluster.NewOwner(nc, c.Config, n.feed.Handle, n.owned, log, n.m); err != nil {
+	n.progress = cluster.NewProgress(c.Partitions)
+	n.hooks = []cluster.OwnershipFunc{n.feed.Owned, n.progress.Owned}
+	if n.owner, err = cluster.NewOwner(nc, c.Config, n.progress.Handler(n.feed.Handle), n.owned, log, n.m); err != nil {
 		return err
 	}
 	n.status = n.owner.Status
