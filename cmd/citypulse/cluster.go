@@ -38,8 +38,8 @@ type clusterNode struct {
 	// progress is each partition's position in the readings stream, handled
 	// and so acknowledged; the state store checkpoints it (clusterstate.go).
 	progress *cluster.Progress
-	m     *cluster.Metrics
-	dr    *cluster.Standby // nil without cluster.standby (standby.go)
+	m        *cluster.Metrics
+	dr       *cluster.Standby // nil without cluster.standby (standby.go)
 
 	hooks []cluster.OwnershipFunc // called in order on every gain and loss; the feed's first
 	// prereq, if set, must succeed before the owner consumes (the state
