@@ -5,6 +5,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/stretchr/testify/require"
 
 	"github.com/citypulse/citypulse/cluster/natstest"
@@ -114,4 +116,46 @@ func TestTheSnapshotCarriesThePositionItCovers(t *testing.T) {
 	seq, err = next.Handled(ctx, 3)
 	require.NoError(t, err)
 	require.Equal(t, uint64(2000), seq)
+}
+
+// TestANotificationMarkedDeliveredIsNotRestoredPending: a mirror of the state
+// log keeps a delivered notification (deletions are not mirrored); the
+// marker Delivered appends makes a restore there skip it.
+func TestANotificationMarkedDeliveredIsNotRestoredPending(t *testing.T) {
+	c := natstest.Start(t, 1)
+	cfg := DefaultState()
+	cfg.Replicas = 1
+	snap := func(int) ([]byte, error) { return []byte("state"), nil }
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	s, err := NewStateStore(connect(t, c.URL()), cfg, snap, nil, nil)
+	require.NoError(t, err)
+	_, err = s.Restore(ctx, 1)
+	require.NoError(t, err)
+	require.NoError(t, s.Append(ctx, []StateRecord{
+		{Partition: 1, Transition: []byte("t1"), NoteKey: "k1", Note: []byte("firing")},
+		{Partition: 1, Transition: []byte("t2"), NoteKey: "k2", Note: []byte("resolved")},
+	}))
+	require.NoError(t, s.Delivered(ctx, "k1"))
+	// As a mirror holds it: the delivered notification is still there.
+	nc := connect(t, c.URL())
+	m := nats.NewMsg(noteSubject(1))
+	m.Data = []byte("firing")
+	m.Header.Set(noteKeyHeader, "k1")
+	m.Header.Set(jetstream.MsgIDHeader, "mirror-copy-k1")
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	_, err = js.PublishMsg(ctx, m)
+	require.NoError(t, err)
+	// ... and the marker again after it, as in the primary's order.
+	d := nats.NewMsg(deliveredSubject(1))
+	d.Header.Set(noteKeyHeader, "k1")
+	_, err = js.PublishMsg(ctx, d)
+	require.NoError(t, err)
+
+	next, err := NewStateStore(connect(t, c.URL()), cfg, snap, nil, nil)
+	require.NoError(t, err)
+	st, err := next.Restore(ctx, 1)
+	require.NoError(t, err)
+	require.Equal(t, [][]byte{[]byte("resolved")}, st.Notes, "only the notification not delivered is pending")
 }

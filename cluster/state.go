@@ -83,9 +83,9 @@ type StateStore struct {
 
 	mu      sync.Mutex
 	owned   map[int]bool
-	lastSeq map[int]uint64    // the last transition of p appended or restored
-	notes   map[string]uint64 // pending notification key → its message
-	handled map[int]uint64    // p's position in the readings stream, as restored or checkpointed
+	lastSeq map[int]uint64     // the last transition of p appended or restored
+	notes   map[string]noteRef // pending notification key → its message
+	handled map[int]uint64     // p's position in the readings stream, as restored or checkpointed
 }
 
 // NewStateStore builds a store on nc. It starts nothing; Ensure creates the
@@ -108,7 +108,7 @@ func NewStateStore(nc *nats.Conn, cfg StateConfig, snap Snapshotter, log *slog.L
 		m = NewStateMetrics(nil)
 	}
 	return &StateStore{js: js, cfg: cfg, snap: snap, log: log, m: m, id: nuid.Next(),
-		owned: map[int]bool{}, lastSeq: map[int]uint64{}, notes: map[string]uint64{}, handled: map[int]uint64{}}, nil
+		owned: map[int]bool{}, lastSeq: map[int]uint64{}, notes: map[string]noteRef{}, handled: map[int]uint64{}}, nil
 }
 
 // SetProgress sets where Checkpoint reads a partition's position in the
@@ -175,7 +175,15 @@ func (s *StateStore) noDirectGets(ctx context.Context, name string) error {
 
 func transitionSubject(p int) string { return StateSubjectPrefix + "." + strconv.Itoa(p) + ".t" }
 func noteSubject(p int) string       { return StateSubjectPrefix + "." + strconv.Itoa(p) + ".n" }
-func snapshotName(p int) string      { return "p" + strconv.Itoa(p) }
+func deliveredSubject(p int) string  { return StateSubjectPrefix + "." + strconv.Itoa(p) + ".d" }
+
+// noteRef is where a pending notification is in the state log.
+type noteRef struct {
+	seq uint64
+	p   int
+}
+
+func snapshotName(p int) string { return "p" + strconv.Itoa(p) }
 
 // Append records transitions (and their notifications) and returns once
 // JetStream acknowledged every one: only then may they be notified. A
@@ -268,24 +276,32 @@ func (s *StateStore) acked(m stateMsg, seq uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if m.note {
-		s.notes[m.rec.NoteKey] = seq
+		s.notes[m.rec.NoteKey] = noteRef{seq: seq, p: m.rec.Partition}
 	} else if seq > s.lastSeq[m.rec.Partition] {
 		s.lastSeq[m.rec.Partition] = seq
 	}
 }
 
 // Delivered removes a pending notification once every receiver has it; an
-// unknown key (not recorded by this node) is ignored.
+// unknown key (not recorded by this node) is ignored. A mirror of the state
+// log does not see the removal (mirrors copy messages, not deletions), so a
+// marker naming the key is appended first: a standby site promoted later
+// restores the notification as delivered instead of sending it again.
 func (s *StateStore) Delivered(ctx context.Context, noteKey string) error {
 	s.mu.Lock()
-	seq, ok := s.notes[noteKey]
+	ref, ok := s.notes[noteKey]
 	delete(s.notes, noteKey)
 	str := s.str
 	s.mu.Unlock()
 	if !ok || str == nil {
 		return nil
 	}
-	if err := str.DeleteMsg(ctx, seq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+	m := s.message(deliveredSubject(ref.p), nil)
+	m.Header.Set(noteKeyHeader, noteKey)
+	if _, err := s.js.PublishMsg(ctx, m); err != nil {
+		return fmt.Errorf("mark notification %s delivered: %w", noteKey, err)
+	}
+	if err := str.DeleteMsg(ctx, ref.seq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
 		return fmt.Errorf("remove delivered notification %s: %w", noteKey, err)
 	}
 	return nil

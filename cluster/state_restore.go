@@ -53,12 +53,12 @@ func (s *StateStore) Restore(ctx context.Context, p int) (PartitionState, error)
 // It reads up to the last message of p that the stream leader has: the
 // consumer may be served by a replica that lags behind.
 func (s *StateStore) readLog(ctx context.Context, str jetstream.Stream, p int, after uint64, st *PartitionState) (uint64, error) {
-	target, err := lastSeq(ctx, str, transitionSubject(p), noteSubject(p))
+	target, err := lastSeq(ctx, str, transitionSubject(p), noteSubject(p), deliveredSubject(p))
 	if err != nil || target == 0 {
 		return 0, err
 	}
 	cons, err := str.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{transitionSubject(p), noteSubject(p)}})
+		FilterSubjects: []string{transitionSubject(p), noteSubject(p), deliveredSubject(p)}})
 	if err != nil {
 		return 0, fmt.Errorf("read the state log: %w", err)
 	}
@@ -68,6 +68,8 @@ func (s *StateStore) readLog(ctx context.Context, str jetstream.Stream, p int, a
 		_ = str.DeleteConsumer(dctx, cons.CachedInfo().Name)
 	}()
 	var last uint64
+	var notes pendingNotes
+	defer func() { st.Notes = notes.pending() }()
 	for {
 		batch, err := cons.Fetch(512, jetstream.FetchMaxWait(time.Second))
 		if err != nil {
@@ -85,9 +87,16 @@ func (s *StateStore) readLog(ctx context.Context, str jetstream.Stream, p int, a
 			seq := md.Sequence.Stream
 			switch m.Subject() {
 			case noteSubject(p):
-				st.Notes = append(st.Notes, m.Data())
+				key := m.Headers().Get(noteKeyHeader)
+				notes.add(key, m.Data())
 				s.mu.Lock()
-				s.notes[m.Headers().Get(noteKeyHeader)] = seq
+				s.notes[key] = noteRef{seq: seq, p: p}
+				s.mu.Unlock()
+			case deliveredSubject(p): // only where the deletion was not seen: a mirror
+				key := m.Headers().Get(noteKeyHeader)
+				notes.delivered(key)
+				s.mu.Lock()
+				delete(s.notes, key)
 				s.mu.Unlock()
 			case transitionSubject(p):
 				if seq > after {
@@ -130,6 +139,35 @@ func (s *StateStore) Handled(ctx context.Context, p int) (uint64, error) {
 		return 0, fmt.Errorf("position of partition %d: snapshot metadata %q: %w", p, v, err)
 	}
 	return n, nil
+}
+
+// pendingNotes are the notifications read from the log, in order, less the
+// ones marked delivered after them.
+type pendingNotes struct {
+	keys []string
+	data [][]byte
+	done map[string]bool
+}
+
+func (n *pendingNotes) add(key string, data []byte) {
+	n.keys, n.data = append(n.keys, key), append(n.data, data)
+}
+
+func (n *pendingNotes) delivered(key string) {
+	if n.done == nil {
+		n.done = map[string]bool{}
+	}
+	n.done[key] = true
+}
+
+func (n *pendingNotes) pending() [][]byte {
+	var out [][]byte
+	for i, k := range n.keys {
+		if !n.done[k] {
+			out = append(out, n.data[i])
+		}
+	}
+	return out
 }
 
 // lastSeq is the sequence of the last message on any of subjects, as the

@@ -345,6 +345,7 @@ func TestStandbySiteTakesOverAfterThePrimarySiteIsLost(t *testing.T) {
 	// The disaster: the lag as the standby last saw it, then every process
 	// of the primary site SIGKILLed.
 	before, _ := drStatus(t, standby)
+	_, firedBefore := hook.distinct("firing")
 	primary.Kill()
 	for _, n := range sites.Primary.Nodes {
 		n.Kill()
@@ -384,7 +385,7 @@ func TestStandbySiteTakesOverAfterThePrimarySiteIsLost(t *testing.T) {
 	})
 	close(stop)
 	wg.Wait()
-	burst.requireOnce(t, disaster, resolvedAt)
+	burst.requireOnce(t, disaster, resolvedAt, firedBefore)
 	logReplay(t, standby, devs, disaster)
 	lost := auditLoss(t, sites, devs, refused, loadStart, disaster)
 	require.NotContains(t, standby.Logs(), `"level":"ERROR"`)
@@ -553,14 +554,17 @@ func (b *drBurst) resolve(t *testing.T, broker string) time.Time {
 }
 
 // requireOnce: one firing (at the primary) and one resolved (from the
-// standby), by Idempotency-Key, a while after the resolution.
-func (b *drBurst) requireOnce(t *testing.T, disaster, resolvedAt time.Time) {
+// standby), by Idempotency-Key, a while after the resolution; and the
+// standby did not send the firing again (firedBefore: its deliveries before
+// the disaster), not even under the same key.
+func (b *drBurst) requireOnce(t *testing.T, disaster, resolvedAt time.Time, firedBefore int) {
 	t.Helper()
 	firing, firingDeliveries := b.hook.distinct("firing")
 	resolved, resolvedDeliveries := b.hook.distinct("resolved")
-	t.Logf("burst main: firing %d (%d deliveries), resolved %d (%d deliveries); resolved from the standby %v after the disaster",
-		firing, firingDeliveries, resolved, resolvedDeliveries, resolvedAt.Sub(disaster).Round(time.Millisecond))
+	t.Logf("burst main: firing %d (%d deliveries, %d of them before the disaster), resolved %d (%d deliveries); resolved from the standby %v after the disaster",
+		firing, firingDeliveries, firedBefore, resolved, resolvedDeliveries, resolvedAt.Sub(disaster).Round(time.Millisecond))
 	require.Equal(t, 1, firing, "the alert fired once: not again at the standby")
+	require.Equal(t, firedBefore, firingDeliveries, "the standby sent the primary's firing notification again")
 	require.Equal(t, 1, resolved, "the alert resolved once, from the standby")
 }
 
