@@ -653,6 +653,31 @@ func failBack(t *testing.T, sites *natstest.Sites, primary, standby *servertest.
 	}
 	sites.WaitLinked(60 * time.Second)
 	returned := time.Now()
+	// The runbook: the primary's nodes start only once its own fence record
+	// names the standby (written through the link within a poll interval).
+	// A node started before would find itself active and start its owners
+	// and state writers, which a demotion does not stop.
+	nc, err := nats.Connect(sites.Primary.URL())
+	require.NoError(t, err)
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	eventually(t, 60*time.Second, func() error {
+		ctx := ctxT(t, 5*time.Second)
+		kv, err := js.KeyValue(ctx, cluster.FenceBucket)
+		if err != nil {
+			return err
+		}
+		e, err := kv.Get(ctx, cluster.FenceKey)
+		if err != nil {
+			return err
+		}
+		var rec cluster.Record
+		if err := json.Unmarshal(e.Value(), &rec); err != nil || rec.Site != natstest.StandbyDomain {
+			return fmt.Errorf("the returned primary's fence record: %s (%v)", e.Value(), err)
+		}
+		return nil
+	})
 	primary.Start()
 	eventually(t, 60*time.Second, func() error {
 		if st, owned := drStatus(t, primary); st.Role != cluster.RoleStandby || st.ActiveSite != natstest.StandbyDomain || len(owned) != 0 {
