@@ -35,11 +35,8 @@ type clusterNode struct {
 	pub   *cluster.Publisher
 	owner *cluster.Owner
 	feed  *cluster.Feed
-	// progress is each partition's position in the readings stream, handled
-	// and so acknowledged; the state store checkpoints it (clusterstate.go).
-	progress *cluster.Progress
-	m        *cluster.Metrics
-	dr       *cluster.Standby // nil without cluster.standby (standby.go)
+	m     *cluster.Metrics
+	dr    *cluster.Standby // nil without cluster.standby (standby.go)
 
 	hooks []cluster.OwnershipFunc // called in order on every gain and loss; the feed's first
 	// prereq, if set, must succeed before the owner consumes (the state
@@ -49,6 +46,10 @@ type clusterNode struct {
 	parts  []atomic.Bool // partition → owned, as the hooks were told
 	ready  atomic.Bool   // connected to JetStream and the stream answers
 	status func(ctx context.Context) cluster.Status
+
+	// progress is each partition's position in the readings stream, handled
+	// and so acknowledged; the state store checkpoints it (clusterstate.go).
+	progress *cluster.Progress
 }
 
 // buildCluster connects to NATS and builds the publisher and the owner, when
