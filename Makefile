@@ -155,9 +155,11 @@ clean:
 # primary server SIGKILLed, the standby promoted, loss and duplicates counted
 # by device sequence, the primary salvaged and re-synced. About a minute per
 # rate; DR_RATES are the write rates (readings/s), one run each. Then the
-# same disaster through the server (cmd/citypulse/dr_test.go): a CityPulse
-# node per site, MQTT devices, the standby refusing them, the link cut, promoted with
-# `citypulse standby promote --peer-down` and the fail-back (about a minute);
+# same disaster through the server (cmd/citypulse/dr_test.go): 3 NATS servers
+# and a CityPulse node per site, MQTT devices, the standby refusing them, an
+# alert fired at the primary, the link cut, promoted with `citypulse standby
+# promote --peer-down`, the alert resolved once from the standby, and the
+# fail-back (about 2.5 minutes; CITYPULSE_TEST_DR_RATE / _DEVICES set the load);
 # and the standby's operations (dr_ops_test.go: /readyz, mirrored silences,
 # the RPO alert at a webhook, the dashboard's DR view in Chromium; ~20 s).
 DR_RATES ?= 1000 5000

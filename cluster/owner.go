@@ -62,7 +62,19 @@ type Owner struct {
 	members *members
 	owned   []atomic.Bool // partition → pinned to this node now
 	pulling []atomic.Bool // partition → this node pulls it (owns it, or stands by for the pin)
+	start   StartFunc     // see SetStart
 }
+
+// StartFunc returns the stream sequence up to which partition p's batches
+// were handled already (0: none known), for a consumer being created.
+type StartFunc func(ctx context.Context, p int) (uint64, error)
+
+// SetStart sets where a partition consumer that does not exist yet starts:
+// after the sequence f returns (at the stream's start if 0). A promoted
+// standby site has the readings and the state mirrored but no consumers;
+// without it, its owners would replay the whole stream. An existing
+// consumer keeps its position. Call it before Run.
+func (o *Owner) SetStart(f StartFunc) { o.start = f }
 
 // NewOwner builds an owner on nc. It starts nothing; Run consumes.
 func NewOwner(nc *nats.Conn, cfg Config, handle Handler, onOwned OwnershipFunc, log *slog.Logger, m *Metrics) (*Owner, error) {
@@ -144,10 +156,7 @@ func (o *Owner) setup(ctx context.Context) ([]jetstream.Consumer, error) {
 		if p < 0 {
 			_, err = ensureStream(ctx, o.js, o.cfg)
 		} else {
-			cons[p], err = o.js.CreateOrUpdateConsumer(ctx, o.cfg.Stream, o.consumerConfig(p))
-			if err != nil {
-				err = fmt.Errorf("create or update consumer %s: %w", consumerName(p), err)
-			}
+			cons[p], err = o.ensureConsumer(ctx, p)
 		}
 		if err == nil {
 			p++
@@ -166,6 +175,35 @@ func (o *Owner) setup(ctx context.Context) ([]jetstream.Consumer, error) {
 		backoff = min(2*backoff, 5*time.Second)
 	}
 	return cons, nil
+}
+
+// ensureConsumer creates or updates p's consumer; a new one starts where
+// o.start says, an existing one keeps its delivery policy (JetStream
+// refuses to change it).
+func (o *Owner) ensureConsumer(ctx context.Context, p int) (jetstream.Consumer, error) {
+	cfg := o.consumerConfig(p)
+	c, err := o.js.Consumer(ctx, o.cfg.Stream, cfg.Durable)
+	switch {
+	case err == nil:
+		old := c.CachedInfo().Config
+		cfg.DeliverPolicy, cfg.OptStartSeq = old.DeliverPolicy, old.OptStartSeq
+	case !errors.Is(err, jetstream.ErrConsumerNotFound):
+		return nil, fmt.Errorf("consumer %s: %w", cfg.Durable, err)
+	case o.start != nil:
+		seq, err := o.start(ctx, p)
+		if err != nil {
+			return nil, fmt.Errorf("consumer %s: where to start: %w", cfg.Durable, err)
+		}
+		if seq > 0 {
+			cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, seq+1
+			o.log.Info("partition consumer created after the handled position", "partition", p, "start_seq", seq+1)
+		}
+	}
+	c, err = o.js.CreateOrUpdateConsumer(ctx, o.cfg.Stream, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("create or update consumer %s: %w", cfg.Durable, err)
+	}
+	return c, nil
 }
 
 // runPartition pulls partition p whenever this node should, until ctx is done.

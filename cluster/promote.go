@@ -332,3 +332,21 @@ func (s *Standby) demoteStream(ctx context.Context, name string, held uint64, op
 	}
 	return s.createMirror(ctx, name)
 }
+
+// Diverged returns the last sequence stream held when this site became the
+// active one (its fence record's Diverged), and false while the record does
+// not name this site or has none for stream (a site installed active). What
+// the other site handled after it is not in this site's stream: a position
+// carried over in the mirrored state must not go beyond it.
+func (s *Standby) Diverged(ctx context.Context, stream string) (uint64, bool, error) {
+	lf, err := openFence(ctx, s.js, false, s.cfg.Replicas)
+	if err != nil {
+		return 0, false, err
+	}
+	rec, _, err := lf.read(ctx)
+	if err != nil || rec.Site != s.cfg.Site {
+		return 0, false, err
+	}
+	seq, ok := rec.Diverged[stream]
+	return seq, ok, nil
+}

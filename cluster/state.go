@@ -40,6 +40,11 @@ const noteKeyHeader = "Citypulse-Note"
 // transition the snapshot holds.
 const afterMeta = "after"
 
+// readingsMeta is the snapshot's metadata key: the sequence in the readings
+// stream up to which every batch of the partition was handled before the
+// snapshot was taken (its state holds them; see Progress).
+const readingsMeta = "readings"
+
 // StateRecord is one transition of partition p, with the notification it
 // raised (NoteKey and Note empty: none).
 type StateRecord struct {
@@ -75,10 +80,13 @@ type StateStore struct {
 	id   string        // prefix of this store's message ids
 	msgs atomic.Uint64 // numbers its messages
 
+	progress func(p int) uint64 // see SetProgress; nil: no position recorded
+
 	mu      sync.Mutex
 	owned   map[int]bool
-	lastSeq map[int]uint64    // the last transition of p appended or restored
-	notes   map[string]uint64 // pending notification key → its message
+	lastSeq map[int]uint64     // the last transition of p appended or restored
+	notes   map[string]noteRef // pending notification key → its message
+	handled map[int]uint64     // p's position in the readings stream, as restored or checkpointed
 }
 
 // NewStateStore builds a store on nc. It starts nothing; Ensure creates the
@@ -101,8 +109,13 @@ func NewStateStore(nc *nats.Conn, cfg StateConfig, snap Snapshotter, log *slog.L
 		m = NewStateMetrics(nil)
 	}
 	return &StateStore{js: js, cfg: cfg, snap: snap, log: log, m: m, id: nuid.Next(),
-		owned: map[int]bool{}, lastSeq: map[int]uint64{}, notes: map[string]uint64{}}, nil
+		owned: map[int]bool{}, lastSeq: map[int]uint64{}, notes: map[string]noteRef{}, handled: map[int]uint64{}}, nil
 }
+
+// SetProgress sets where Checkpoint reads a partition's position in the
+// readings stream (Progress.Handled), to record it with the snapshot. Call
+// it before Run and before the first Restore.
+func (s *StateStore) SetProgress(handled func(p int) uint64) { s.progress = handled }
 
 // Ensure creates or updates the snapshot bucket and the state log.
 func (s *StateStore) Ensure(ctx context.Context) error {
@@ -177,6 +190,13 @@ func stateKey(p int) string {
 
 func transitionSubject(p int) string { return StateSubjectPrefix + "." + stateKey(p) + ".t" }
 func noteSubject(p int) string       { return StateSubjectPrefix + "." + stateKey(p) + ".n" }
+func deliveredSubject(p int) string  { return StateSubjectPrefix + "." + stateKey(p) + ".d" }
+
+// noteRef is where a pending notification is in the state log.
+type noteRef struct {
+	seq uint64
+	p   int
+}
 
 func snapshotName(p int) string {
 	if p == FleetState {
@@ -276,24 +296,32 @@ func (s *StateStore) acked(m stateMsg, seq uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if m.note {
-		s.notes[m.rec.NoteKey] = seq
+		s.notes[m.rec.NoteKey] = noteRef{seq: seq, p: m.rec.Partition}
 	} else if seq > s.lastSeq[m.rec.Partition] {
 		s.lastSeq[m.rec.Partition] = seq
 	}
 }
 
 // Delivered removes a pending notification once every receiver has it; an
-// unknown key (not recorded by this node) is ignored.
+// unknown key (not recorded by this node) is ignored. A mirror of the state
+// log does not see the removal (mirrors copy messages, not deletions), so a
+// marker naming the key is appended first: a standby site promoted later
+// restores the notification as delivered instead of sending it again.
 func (s *StateStore) Delivered(ctx context.Context, noteKey string) error {
 	s.mu.Lock()
-	seq, ok := s.notes[noteKey]
+	ref, ok := s.notes[noteKey]
 	delete(s.notes, noteKey)
 	str := s.str
 	s.mu.Unlock()
 	if !ok || str == nil {
 		return nil
 	}
-	if err := str.DeleteMsg(ctx, seq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+	m := s.message(deliveredSubject(ref.p), nil)
+	m.Header.Set(noteKeyHeader, noteKey)
+	if _, err := s.js.PublishMsg(ctx, m); err != nil {
+		return fmt.Errorf("mark notification %s delivered: %w", noteKey, err)
+	}
+	if err := str.DeleteMsg(ctx, ref.seq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
 		return fmt.Errorf("remove delivered notification %s: %w", noteKey, err)
 	}
 	return nil

@@ -20,7 +20,7 @@ func (s *StateStore) Restore(ctx context.Context, p int) (PartitionState, error)
 		return PartitionState{}, fmt.Errorf("restore partition %d: %w", p, err)
 	}
 	var st PartitionState
-	var after uint64
+	var after, handled uint64
 	info, err := obs.GetInfo(ctx, snapshotName(p))
 	switch {
 	case errors.Is(err, jetstream.ErrObjectNotFound):
@@ -30,6 +30,7 @@ func (s *StateStore) Restore(ctx context.Context, p int) (PartitionState, error)
 		if after, err = strconv.ParseUint(info.Metadata[afterMeta], 10, 64); err != nil {
 			return st, fmt.Errorf("restore partition %d: snapshot metadata %q: %w", p, info.Metadata[afterMeta], err)
 		}
+		handled, _ = strconv.ParseUint(info.Metadata[readingsMeta], 10, 64) // absent: 0, unknown
 		if st.Snapshot, err = obs.GetBytes(ctx, snapshotName(p)); err != nil {
 			return st, fmt.Errorf("restore partition %d: snapshot: %w", p, err)
 		}
@@ -41,6 +42,7 @@ func (s *StateStore) Restore(ctx context.Context, p int) (PartitionState, error)
 	s.mu.Lock()
 	s.owned[p] = true
 	s.lastSeq[p] = max(last, after)
+	s.handled[p] = handled
 	s.mu.Unlock()
 	s.m.restoreSeconds.Observe(time.Since(start).Seconds())
 	return st, nil
@@ -51,12 +53,12 @@ func (s *StateStore) Restore(ctx context.Context, p int) (PartitionState, error)
 // It reads up to the last message of p that the stream leader has: the
 // consumer may be served by a replica that lags behind.
 func (s *StateStore) readLog(ctx context.Context, str jetstream.Stream, p int, after uint64, st *PartitionState) (uint64, error) {
-	target, err := lastSeq(ctx, str, transitionSubject(p), noteSubject(p))
+	target, err := lastSeq(ctx, str, transitionSubject(p), noteSubject(p), deliveredSubject(p))
 	if err != nil || target == 0 {
 		return 0, err
 	}
 	cons, err := str.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{transitionSubject(p), noteSubject(p)}})
+		FilterSubjects: []string{transitionSubject(p), noteSubject(p), deliveredSubject(p)}})
 	if err != nil {
 		return 0, fmt.Errorf("read the state log: %w", err)
 	}
@@ -66,6 +68,8 @@ func (s *StateStore) readLog(ctx context.Context, str jetstream.Stream, p int, a
 		_ = str.DeleteConsumer(dctx, cons.CachedInfo().Name)
 	}()
 	var last uint64
+	var notes pendingNotes
+	defer func() { st.Notes = notes.pending() }()
 	for {
 		batch, err := cons.Fetch(512, jetstream.FetchMaxWait(time.Second))
 		if err != nil {
@@ -83,9 +87,16 @@ func (s *StateStore) readLog(ctx context.Context, str jetstream.Stream, p int, a
 			seq := md.Sequence.Stream
 			switch m.Subject() {
 			case noteSubject(p):
-				st.Notes = append(st.Notes, m.Data())
+				key := m.Headers().Get(noteKeyHeader)
+				notes.add(key, m.Data())
 				s.mu.Lock()
-				s.notes[m.Headers().Get(noteKeyHeader)] = seq
+				s.notes[key] = noteRef{seq: seq, p: p}
+				s.mu.Unlock()
+			case deliveredSubject(p): // only where the deletion was not seen: a mirror
+				key := m.Headers().Get(noteKeyHeader)
+				notes.delivered(key)
+				s.mu.Lock()
+				delete(s.notes, key)
 				s.mu.Unlock()
 			case transitionSubject(p):
 				if seq > after {
@@ -101,6 +112,62 @@ func (s *StateStore) readLog(ctx context.Context, str jetstream.Stream, p int, a
 			return 0, fmt.Errorf("read the state log up to %d: %w", target, ctx.Err())
 		}
 	}
+}
+
+// Handled returns the position in the readings stream that partition p's
+// latest snapshot covers: every batch up to that sequence was handled
+// before the snapshot was taken (0: no snapshot, or none recorded one). A
+// promoted standby site starts p's consumer after it (Owner.SetStart).
+func (s *StateStore) Handled(ctx context.Context, p int) (uint64, error) {
+	obs, _, err := s.ensured(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("position of partition %d: %w", p, err)
+	}
+	info, err := obs.GetInfo(ctx, snapshotName(p))
+	switch {
+	case errors.Is(err, jetstream.ErrObjectNotFound):
+		return 0, nil
+	case err != nil:
+		return 0, fmt.Errorf("position of partition %d: snapshot: %w", p, err)
+	}
+	v := info.Metadata[readingsMeta]
+	if v == "" {
+		return 0, nil
+	}
+	n, err := strconv.ParseUint(v, 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("position of partition %d: snapshot metadata %q: %w", p, v, err)
+	}
+	return n, nil
+}
+
+// pendingNotes are the notifications read from the log, in order, less the
+// ones marked delivered after them.
+type pendingNotes struct {
+	keys []string
+	data [][]byte
+	done map[string]bool
+}
+
+func (n *pendingNotes) add(key string, data []byte) {
+	n.keys, n.data = append(n.keys, key), append(n.data, data)
+}
+
+func (n *pendingNotes) delivered(key string) {
+	if n.done == nil {
+		n.done = map[string]bool{}
+	}
+	n.done[key] = true
+}
+
+func (n *pendingNotes) pending() [][]byte {
+	var out [][]byte
+	for i, k := range n.keys {
+		if !n.done[k] {
+			out = append(out, n.data[i])
+		}
+	}
+	return out
 }
 
 // lastSeq is the sequence of the last message on any of subjects, as the
@@ -149,6 +216,12 @@ func (s *StateStore) Checkpoint(ctx context.Context, p int) error {
 	}
 	s.mu.Lock()
 	after := s.lastSeq[p]
+	if s.progress != nil {
+		// Read before the snapshot is taken, as after: the batches up to
+		// it were handled, their effect on the state is in the snapshot.
+		s.handled[p] = max(s.handled[p], s.progress(p))
+	}
+	handled := s.handled[p]
 	s.mu.Unlock()
 	if err := s.superseded(ctx, obs, str, p, after); err != nil {
 		s.m.checkpoints.WithLabelValues("superseded").Inc()
@@ -159,8 +232,11 @@ func (s *StateStore) Checkpoint(ctx context.Context, p int) error {
 		s.m.checkpoints.WithLabelValues("error").Inc()
 		return fmt.Errorf("checkpoint partition %d: %w", p, err)
 	}
-	_, err = obs.Put(ctx, jetstream.ObjectMeta{Name: snapshotName(p),
-		Metadata: map[string]string{afterMeta: strconv.FormatUint(after, 10)}}, bytesReader(data))
+	meta := map[string]string{afterMeta: strconv.FormatUint(after, 10)}
+	if handled > 0 {
+		meta[readingsMeta] = strconv.FormatUint(handled, 10)
+	}
+	_, err = obs.Put(ctx, jetstream.ObjectMeta{Name: snapshotName(p), Metadata: meta}, bytesReader(data))
 	if err == nil && after > 0 {
 		err = str.Purge(ctx, jetstream.WithPurgeSubject(transitionSubject(p)), jetstream.WithPurgeSequence(after+1))
 	}

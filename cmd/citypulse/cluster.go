@@ -46,6 +46,10 @@ type clusterNode struct {
 	parts  []atomic.Bool // partition → owned, as the hooks were told
 	ready  atomic.Bool   // connected to JetStream and the stream answers
 	status func(ctx context.Context) cluster.Status
+
+	// progress is each partition's position in the readings stream, handled
+	// and so acknowledged; the state store checkpoints it (clusterstate.go).
+	progress *cluster.Progress
 }
 
 // buildCluster connects to NATS and builds the publisher and the owner, when
@@ -85,8 +89,9 @@ func (s *server) buildCluster() error {
 	if n.feed, err = cluster.NewFeed(s.pipe, c.DedupeWindow, c.DedupeDevices, log, n.m); err != nil {
 		return err
 	}
-	n.hooks = []cluster.OwnershipFunc{n.feed.Owned}
-	if n.owner, err = cluster.NewOwner(nc, c.Config, n.feed.Handle, n.owned, log, n.m); err != nil {
+	n.progress = cluster.NewProgress(c.Partitions)
+	n.hooks = []cluster.OwnershipFunc{n.feed.Owned, n.progress.Owned}
+	if n.owner, err = cluster.NewOwner(nc, c.Config, n.progress.Handler(n.feed.Handle), n.owned, log, n.m); err != nil {
 		return err
 	}
 	n.status = n.owner.Status

@@ -68,6 +68,8 @@ func (s *server) buildClusterState() error {
 			out = s.outbox // without receivers no notification is kept: none would be delivered
 		}
 		ps.Attach(s.engine, store, out)
+		store.SetProgress(n.progress.Handled)
+		n.owner.SetStart(n.startAfter(store))
 		n.onOwned(ps.OnOwned) // after the feed's: restored before the first batch
 		n.feed.SetBarrier(func(ctx context.Context) error {
 			ctx, cancel := context.WithTimeout(ctx, cfg.AckWait/2)
@@ -141,6 +143,40 @@ func (s *server) buildClusterFleet(ps *clusterstate.Partitions) error {
 	}
 	s.gateways = append(s.gateways, n.whenActive(runFunc(f.Run)))
 	return nil
+}
+
+// startAfter is where a partition consumer that does not exist yet starts:
+// after the position recorded with the partition's snapshot. At a promoted
+// standby site (the consumers are not mirrored, the state is) that is the
+// old active site's progress, bounded by what this site's stream held at the
+// promotion; without it the owners would replay the stream from its start.
+// A position beyond the stream's last sequence belongs to another history
+// of the stream (re-created): then from the start.
+func (n *clusterNode) startAfter(store *cluster.StateStore) cluster.StartFunc {
+	return func(ctx context.Context, p int) (uint64, error) {
+		seq, err := store.Handled(ctx, p)
+		if err != nil || seq == 0 {
+			return 0, err
+		}
+		if n.dr != nil {
+			d, ok, err := n.dr.Diverged(ctx, n.cfg.Stream)
+			if err != nil {
+				return 0, err
+			}
+			if ok {
+				seq = min(seq, d)
+			}
+		}
+		st, err := n.clog.JetStream().Stream(ctx, n.cfg.Stream)
+		if err != nil {
+			return 0, err
+		}
+		if last := st.CachedInfo().State.LastSeq; seq > last {
+			n.log.Warn("partition position beyond the stream's end; consuming from its start", "partition", p, "position", seq, "last_seq", last)
+			return 0, nil
+		}
+		return seq, nil
+	}
 }
 
 // retry calls f until it succeeds (true) or ctx is done (false), with

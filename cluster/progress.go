@@ -1,0 +1,51 @@
+package cluster
+
+import (
+	"context"
+	"sync/atomic"
+)
+
+// Progress records, per partition, the stream sequence of the last batch
+// the handler accepted while this node owned it: every batch up to it was
+// handled (its readings journaled, the transitions they caused recorded in
+// the state log) before the owner acknowledged it. The state store writes
+// it with each snapshot, so that the state carries the position in the
+// readings stream it covers; a promoted standby site, whose mirrors carry
+// the state but no consumers, starts its partition consumers there
+// (Owner.SetStart) instead of at the stream's start.
+type Progress struct {
+	seq []atomic.Uint64
+}
+
+// NewProgress tracks partitions partitions.
+func NewProgress(partitions int) *Progress {
+	return &Progress{seq: make([]atomic.Uint64, partitions)}
+}
+
+// Handler wraps h: a batch h accepted advances its partition's position.
+func (pr *Progress) Handler(h Handler) Handler {
+	return func(ctx context.Context, msgs []Message) error {
+		if err := h(ctx, msgs); err != nil || len(msgs) == 0 {
+			return err
+		}
+		p := msgs[0].Partition
+		for _, m := range msgs {
+			if m.Seq > pr.seq[p].Load() {
+				pr.seq[p].Store(m.Seq) // one handler call at a time per partition
+			}
+		}
+		return nil
+	}
+}
+
+// Owned is an OwnershipFunc: a gained partition starts from 0 again (a
+// position from an earlier ownership may belong to another history of the
+// stream, e.g. before a fail-back re-created it).
+func (pr *Progress) Owned(p int, owned bool) {
+	if owned {
+		pr.seq[p].Store(0)
+	}
+}
+
+// Handled is the sequence of p's last batch handled (0: none since the gain).
+func (pr *Progress) Handled(p int) uint64 { return pr.seq[p].Load() }
