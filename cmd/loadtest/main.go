@@ -109,6 +109,10 @@ type runFlags struct {
 	verbose  bool
 	// cpuprofile profiles the harness itself (is the load generator the bottleneck?)
 	cpuprofile string
+	// curve, when set, prints the timeline folded into windows this wide;
+	// curveCSV saves them
+	curve    time.Duration
+	curveCSV string
 }
 
 func newRunFlags(name string, stderr io.Writer) (*runFlags, func(*Scenario)) {
@@ -122,6 +126,8 @@ func newRunFlags(name string, stderr io.Writer) (*runFlags, func(*Scenario)) {
 	fs.BoolVar(&f.quiet, "quiet", false, "no live progress line")
 	fs.BoolVar(&f.verbose, "v", false, "debug logging")
 	fs.StringVar(&f.cpuprofile, "cpuprofile", "", "write the harness's own CPU profile here")
+	fs.DurationVar(&f.curve, "curve", 0, "print the rate over the run in windows this wide (e.g. 10s)")
+	fs.StringVar(&f.curveCSV, "curve-csv", "", "write the windowed rate (--curve, default 10s) as CSV here")
 	rate := fs.Float64("rate", -1, "target messages/s over the fleet (0 = open loop)")
 	dur := fs.Duration("duration", 0, "run length")
 	maxMsg := fs.Int64("max-messages", -1, "stop after this many messages")
@@ -215,6 +221,25 @@ func newRunFlags(name string, stderr io.Writer) (*runFlags, func(*Scenario)) {
 	return f, apply
 }
 
+// writeCurve prints and saves the windowed rate when asked to.
+func (f *runFlags) writeCurve(stdout io.Writer, rep Report) error {
+	if f.curve == 0 && f.curveCSV == "" {
+		return nil
+	}
+	width := f.curve
+	if width == 0 {
+		width = 10 * time.Second
+	}
+	ws := curve(rep.Timeline, width)
+	if f.curve != 0 {
+		printCurve(stdout, ws)
+	}
+	if f.curveCSV != "" {
+		return writeCurveCSV(f.curveCSV, ws)
+	}
+	return nil
+}
+
 func (f *runFlags) load(args []string, apply func(*Scenario)) (Scenario, error) {
 	if err := f.fs.Parse(args); err != nil {
 		return Scenario{}, err
@@ -267,6 +292,9 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) (int, 
 		return exitSetup, err
 	}
 	printSummary(stdout, rep)
+	if err := f.writeCurve(stdout, rep); err != nil {
+		return exitSetup, err
+	}
 	if f.jsonOut != "" {
 		if err := writeJSON(f.jsonOut, rep); err != nil {
 			return exitSetup, err
