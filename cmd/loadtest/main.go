@@ -126,8 +126,6 @@ func newRunFlags(name string, stderr io.Writer) (*runFlags, func(*Scenario)) {
 	fs.BoolVar(&f.quiet, "quiet", false, "no live progress line")
 	fs.BoolVar(&f.verbose, "v", false, "debug logging")
 	fs.StringVar(&f.cpuprofile, "cpuprofile", "", "write the harness's own CPU profile here")
-	fs.DurationVar(&f.curve, "curve", 0, "print the rate over the run in windows this wide (e.g. 10s)")
-	fs.StringVar(&f.curveCSV, "curve-csv", "", "write the windowed rate (--curve, default 10s) as CSV here")
 	rate := fs.Float64("rate", -1, "target messages/s over the fleet (0 = open loop)")
 	dur := fs.Duration("duration", 0, "run length")
 	maxMsg := fs.Int64("max-messages", -1, "stop after this many messages")
@@ -268,6 +266,8 @@ func logger(stderr io.Writer, verbose bool) *slog.Logger {
 
 func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) (int, error) {
 	f, apply := newRunFlags("run", stderr)
+	f.fs.DurationVar(&f.curve, "curve", 0, "print the rate over the run in windows this wide (e.g. 10s)")
+	f.fs.StringVar(&f.curveCSV, "curve-csv", "", "write the windowed rate (--curve, default 10s) as CSV here")
 	sc, err := f.load(args, apply)
 	if err != nil {
 		return exitSetup, err
