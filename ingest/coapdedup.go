@@ -112,23 +112,24 @@ func (c *dedupCache) load(addr netip.AddrPort, mid uint16, msg *pool.Message, no
 func (c *dedupCache) store(addr netip.AddrPort, mid uint16, raw []byte, now time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	p := c.peers[addr]
-	if p == nil {
-		c.nextID++
-		p = &dedupPeer{id: c.nextID, addr: addr}
-		c.peers[addr] = p
-		c.byID[p.id] = p
-	}
-	k := dedupKey{p.id, mid}
-	old, had := c.m[k]
-	if had && now.UnixNano() < old.until {
-		return
+	var k dedupKey
+	var old dedupEntry
+	had := false
+	if p := c.peers[addr]; p != nil {
+		k = dedupKey{p.id, mid}
+		if old, had = c.m[k]; had && now.UnixNano() < old.until {
+			return
+		}
 	}
 	if !had {
+		// make room first: it may take this peer's last answer, and the
+		// peer with it
 		for len(c.m) >= c.max && c.popOldest() {
 			c.evicted++
 		}
+		p := c.peer(addr)
 		p.n++
+		k = dedupKey{p.id, mid}
 	}
 	c.drop(k, old)
 	until := now.Add(c.lifetime).UnixNano()
@@ -141,6 +142,18 @@ func (c *dedupCache) store(addr netip.AddrPort, mid uint16, raw []byte, now time
 	c.bytes += len(raw)
 	c.m[k] = e
 	c.order = append(c.order, dedupSlot{key: k, until: until})
+}
+
+// peer returns addr's entry, made if it has none.
+func (c *dedupCache) peer(addr netip.AddrPort) *dedupPeer {
+	p := c.peers[addr]
+	if p == nil {
+		c.nextID++
+		p = &dedupPeer{id: c.nextID, addr: addr}
+		c.peers[addr] = p
+		c.byID[p.id] = p
+	}
+	return p
 }
 
 // popOldest drops the oldest answer kept; it reports whether there was one.

@@ -3,6 +3,7 @@ package ingest
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"runtime"
 	"testing"
@@ -146,4 +147,65 @@ func TestCoAPForgetsIdlePeers(t *testing.T) {
 	require.Len(t, s.udpS.snapshot(), 1)
 	require.Eventually(t, func() bool { return len(s.udpS.snapshot()) == 0 }, 10*time.Second, 50*time.Millisecond)
 	require.Equal(t, codes.Changed, c.post("pipe-0001", "secret-pipe-0001", []byte{2}, senml(2, 1)).code, "served again")
+}
+
+// A peer whose only answer is the oldest when the cache is full loses it to
+// its own next answer, and is still counted right (it was forgotten with its
+// last answer and must come back).
+func TestDedupCacheEvictsAPeersOnlyAnswerForItsNext(t *testing.T) {
+	c := newDedupCache(2)
+	a := c.forPeer(netip.MustParseAddrPort("192.0.2.1:5683"))
+	b := c.forPeer(netip.MustParseAddrPort("192.0.2.2:5683"))
+	require.NoError(t, a.Store("1", cachedAnswer(1, codes.Changed)))
+	require.NoError(t, b.Store("1", cachedAnswer(1, codes.Changed)))
+	require.NoError(t, a.Store("2", cachedAnswer(2, codes.Changed)))
+	got := pool.NewMessage(context.Background())
+	ok, _ := a.Load("2", got)
+	require.True(t, ok, "the new answer is kept")
+	ok, _ = a.Load("1", got)
+	require.False(t, ok, "the oldest went")
+	n, _, evicted := c.stats()
+	require.Equal(t, 2, n)
+	require.EqualValues(t, 1, evicted)
+	c.expire(time.Now().Add(udpclient.ExchangeLifetime + time.Second))
+	n, bytes, _ := c.stats()
+	require.Zero(t, n)
+	require.Zero(t, bytes)
+	require.Empty(t, c.peers)
+	require.Empty(t, c.byID)
+}
+
+// Random stores and expiries over many peers keep the cache's counts true:
+// the answers per peer add up, the bytes add up, the bound holds.
+func TestDedupCacheCountsStayTrue(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	c := newDedupCache(50)
+	now := time.Now()
+	raws := [][]byte{{0x60, 0x44, 0, 1}, make([]byte, 40)} // inline and big
+	for i := range 20_000 {
+		addr := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.1"), uint16(1+rng.IntN(40)))
+		if rng.IntN(100) == 0 {
+			now = now.Add(time.Duration(rng.IntN(300)) * time.Second)
+			c.expire(now)
+		} else {
+			c.store(addr, uint16(rng.IntN(64)), raws[rng.IntN(2)], now)
+		}
+		n, bytes := 0, 0
+		for k, e := range c.m {
+			require.Contains(t, c.byID, k.peer, "step %d", i)
+			if e.n > 0 {
+				bytes += int(e.n)
+			} else {
+				bytes += len(c.big[k])
+			}
+		}
+		for _, p := range c.peers {
+			require.Positive(t, p.n)
+			n += p.n
+		}
+		require.Equal(t, len(c.m), n, "step %d", i)
+		require.Equal(t, c.bytes, bytes, "step %d", i)
+		require.LessOrEqual(t, len(c.m), 50)
+		require.Len(t, c.byID, len(c.peers))
+	}
 }
