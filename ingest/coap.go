@@ -116,6 +116,19 @@ func NewCoAP(cfg CoAPConfig, devs Devices, h *Handler, log *slog.Logger, reg pro
 	// Not go-coap's udp.NewServer: see udpServer (issue 13).
 	s.udpS = newUDPServer(s.udpL, mux.ToHandler[*udpclient.Conn](router), maxCoAPMessage, ownedRunner(ctx, &s.runners),
 		func(err error) { log.Debug("coap", "err", err) })
+	if reg != nil {
+		d := s.udpS.dedup
+		reg.MustRegister(
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "citypulse_coap_dedup_answers",
+				Help: "Answers kept for CoAP/UDP deduplication (EXCHANGE_LIFETIME; at most 900,000 over all peers)."},
+				func() float64 { n, _, _ := d.stats(); return float64(n) }),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "citypulse_coap_dedup_bytes",
+				Help: "Encoded bytes of the answers kept for CoAP/UDP deduplication."},
+				func() float64 { _, b, _ := d.stats(); return float64(b) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "citypulse_coap_dedup_evicted_total",
+				Help: "Deduplication answers dropped before EXCHANGE_LIFETIME because the cache was full."},
+				func() float64 { _, _, e := d.stats(); return float64(e) }))
+	}
 	if s.dtlsL != nil {
 		s.dtlsS = dtls.NewServer(options.WithMux(router), options.WithMaxMessageSize(maxCoAPMessage),
 			options.WithDTLSHandshakeTimeout(10*time.Second), runner, noBlockwise,

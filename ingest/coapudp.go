@@ -25,7 +25,9 @@ import (
 //     not on every packet (go-coap's server calls Conn.CheckExpirations per
 //     packet, which walks the peer's whole response cache);
 //   - the response cache (EXCHANGE_LIFETIME, 247 s, for deduplication) is a
-//     FIFO: every entry lives equally long, so expiring walks only what expired.
+//     FIFO shared by all peers: every entry lives equally long, so expiring
+//     walks only what expired; and it is bounded per peer and in total
+//     (dedupCache).
 //
 // It uses go-coap's exported extension points only (udp/client.NewConnWithOpts,
 // WithResponseMessageCache, Session): no fork.
@@ -39,8 +41,10 @@ type udpServer struct {
 
 	ctx    context.Context
 	cancel context.CancelFunc
-	mu     sync.Mutex
-	conns  map[string]*udpclient.Conn
+	dedup  *dedupCache
+
+	mu    sync.Mutex
+	conns map[string]*udpclient.Conn
 }
 
 // udpIdleTimeout closes a peer's state after this long without a packet
@@ -51,7 +55,7 @@ func newUDPServer(l *coapnet.UDPConn, handler func(*responsewriter.ResponseWrite
 	maxMsg uint32, runner func(func(time.Time) bool), errs func(error)) *udpServer {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &udpServer{l: l, handler: handler, maxMsg: maxMsg, idle: udpIdleTimeout, errs: errs, runner: runner,
-		ctx: ctx, cancel: cancel, conns: map[string]*udpclient.Conn{}}
+		ctx: ctx, cancel: cancel, conns: map[string]*udpclient.Conn{}, dedup: newDedupCache(coapDedupMaxEntries)}
 }
 
 // Serve reads datagrams until Stop; each goes to its peer's connection.
@@ -60,6 +64,7 @@ func (s *udpServer) Serve() error {
 		for _, cc := range s.snapshot() {
 			cc.CheckExpirations(now) // closes the idle ones
 		}
+		s.dedup.expire(now)
 		return s.ctx.Err() == nil
 	})
 	buf := make([]byte, s.maxMsg)
@@ -116,7 +121,7 @@ func (s *udpServer) conn(raddr *net.UDPAddr) *udpclient.Conn {
 	cfg.Errors = s.errs
 	sess := newUDPSession(s.ctx, s.l, raddr, s.maxMsg)
 	cc := udpclient.NewConnWithOpts(sess, &cfg,
-		udpclient.WithResponseMessageCache(newResponseCache()),
+		udpclient.WithResponseMessageCache(s.dedup.forPeer(raddr.AddrPort())),
 		udpclient.WithInactivityMonitor(inactivity.New(s.idle, func(cc *udpclient.Conn) { _ = cc.Close() })))
 	cc.AddOnClose(func() {
 		s.mu.Lock()
@@ -205,83 +210,4 @@ func (s *udpSession) WriteMulticastMessage(*pool.Message, *net.UDPAddr, ...coapn
 // Run is for a dialled session reading its own socket; the server reads for it.
 func (s *udpSession) Run(*udpclient.Conn) error {
 	return errors.New("coap: a server session is not run")
-}
-
-// responseCache is the deduplication cache of one peer: answers by message
-// id, each kept udpclient.ExchangeLifetime. Every entry lives equally long,
-// so entries expire in the order they were stored and CheckExpirations pops
-// only the expired ones from a FIFO.
-type responseCache struct {
-	mu    sync.Mutex
-	m     map[string]cachedResponse
-	order []cacheSlot // FIFO from head
-	head  int
-}
-
-type cachedResponse struct {
-	raw   []byte
-	until time.Time
-}
-
-type cacheSlot struct {
-	key   string
-	until time.Time
-}
-
-func newResponseCache() *responseCache { return &responseCache{m: map[string]cachedResponse{}} }
-
-func (c *responseCache) Load(key string, msg *pool.Message) (bool, error) {
-	c.mu.Lock()
-	e, ok := c.m[key]
-	c.mu.Unlock()
-	if !ok || !time.Now().Before(e.until) || len(e.raw) == 0 {
-		return false, nil
-	}
-	if _, err := msg.UnmarshalWithDecoder(coder.DefaultCoder, e.raw); err != nil {
-		return false, err
-	}
-	return true, nil
-}
-
-// Store keeps msg for key unless a live answer is already kept (go-coap's
-// LoadOrStore semantics).
-func (c *responseCache) Store(key string, msg *pool.Message) error {
-	raw, err := msg.MarshalWithEncoder(coder.DefaultCoder)
-	if err != nil {
-		return err
-	}
-	now := time.Now()
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if e, ok := c.m[key]; ok && now.Before(e.until) {
-		return nil
-	}
-	until := now.Add(udpclient.ExchangeLifetime)
-	c.m[key] = cachedResponse{raw: append([]byte(nil), raw...), until: until}
-	c.order = append(c.order, cacheSlot{key: key, until: until})
-	return nil
-}
-
-func (c *responseCache) CheckExpirations(now time.Time) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for c.head < len(c.order) && !now.Before(c.order[c.head].until) {
-		s := c.order[c.head]
-		if e, ok := c.m[s.key]; ok && e.until.Equal(s.until) {
-			delete(c.m, s.key)
-		}
-		c.order[c.head] = cacheSlot{}
-		c.head++
-	}
-	if c.head > 1024 && c.head > len(c.order)/2 {
-		c.order = append(c.order[:0:0], c.order[c.head:]...)
-		c.head = 0
-	}
-}
-
-// len returns the number of answers kept.
-func (c *responseCache) len() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return len(c.m)
 }

@@ -54,11 +54,19 @@ func (o *Outbox) deliverLoop(ctx context.Context, r ReceiverConfig, q *rqueue) {
 func (o *Outbox) deliver(ctx context.Context, r ReceiverConfig, p *pending) bool {
 	b := backoff.Backoff{Min: o.cfg.RetryMin, Max: o.cfg.RetryMax}
 	e := p.e
+	first := e.Attempts == 0
+	if !p.queued.IsZero() {
+		o.m.stages.WithLabelValues(stageWait).Observe(o.now().Sub(p.queued).Seconds())
+	}
 	for {
 		e.Attempts++
+		start := o.now()
 		status, err := o.send(ctx, r, e.Event)
 		switch {
 		case err == nil && status/100 == 2:
+			if first {
+				o.m.stages.WithLabelValues(stageHTTP).Observe(o.now().Sub(start).Seconds())
+			}
 			o.m.deliveries.WithLabelValues("ok").Inc()
 			o.m.latency.Observe(o.now().Sub(e.Event.At).Seconds())
 			_ = os.Remove(p.path)
@@ -75,6 +83,7 @@ func (o *Outbox) deliver(ctx context.Context, r ReceiverConfig, p *pending) bool
 		if ctx.Err() != nil {
 			return false
 		}
+		first = false
 		o.m.deliveries.WithLabelValues("retry").Inc()
 		if err != nil {
 			e.LastErr = err.Error()

@@ -58,8 +58,8 @@ func (o *Outbox) finished(ev Event) {
 func (o *Outbox) Forget(match func(ev Event) bool) int {
 	n := 0
 	o.mu.Lock()
-	o.queue = slices.DeleteFunc(o.queue, func(ev Event) bool {
-		if match(ev) {
+	o.queue = slices.DeleteFunc(o.queue, func(qe queued) bool {
+		if match(qe.ev) {
 			n++
 			return true
 		}

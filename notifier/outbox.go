@@ -46,7 +46,7 @@ type Outbox struct {
 	obs    DeliveryObserver // nil: none
 
 	mu       sync.Mutex
-	queue    []Event
+	queue    []queued
 	unsynced []string // pending files written since the last fsync pass
 	wake     chan struct{}
 	queues   map[string]*rqueue
@@ -61,7 +61,25 @@ type outboxMetrics struct {
 	deliveries *prometheus.CounterVec
 	dropped    prometheus.Counter
 	latency    prometheus.Histogram
+	stages     *prometheus.HistogramVec
 }
+
+// queued is an event handed to Enqueue, not yet on disk.
+type queued struct {
+	ev Event
+	at time.Time // when Enqueue took it
+}
+
+// The parts of a notification's way, as citypulse_notify_stage_seconds
+// labels them: the event's time (the reading's receipt) until Enqueue (rules,
+// the transition log); Enqueue until its file is written and the receiver's
+// worker has it; then until its delivery starts; the first POST until its 2xx.
+const (
+	stageToEnqueue = "to_enqueue"
+	stageWrite     = "write"
+	stageWait      = "wait"
+	stageHTTP      = "http"
+)
 
 const maxQueued = 100_000
 
@@ -116,9 +134,15 @@ func newOutboxMetrics(reg prometheus.Registerer) *outboxMetrics {
 			Name:    "citypulse_notify_latency_seconds",
 			Help:    "From the transition (the server's receive time of the reading that caused it, or the tick) to the receiver's 2xx, retries included.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 24)}), // 0.5 ms .. ~70 min
+		stages: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "citypulse_notify_stage_seconds",
+			Help: "Parts of a notification's way: to_enqueue (reading received until the rules engine enqueued it), " +
+				"write (its outbox file written, the receiver's worker has it), wait (until its delivery started), " +
+				"http (first POST until the 2xx; only first-attempt deliveries).",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 1.5, 30)}, []string{"stage"}), // 0.1 ms .. ~13 s
 	}
 	if reg != nil {
-		reg.MustRegister(m.deliveries, m.dropped, m.latency)
+		reg.MustRegister(m.deliveries, m.dropped, m.latency, m.stages)
 	}
 	return m
 }
@@ -132,8 +156,10 @@ func (o *Outbox) Enqueue(ev Event) {
 		o.log.Error("notify: event queue full; an event was dropped (the outbox cannot keep up with the disk)", "alert", ev.Labels["alertname"])
 		return
 	}
-	o.queue = append(o.queue, ev)
+	now := o.now()
+	o.queue = append(o.queue, queued{ev: ev, at: now})
 	o.mu.Unlock()
+	o.m.stages.WithLabelValues(stageToEnqueue).Observe(now.Sub(ev.At).Seconds())
 	select {
 	case o.wake <- struct{}{}:
 	default:
@@ -208,7 +234,8 @@ func (o *Outbox) persistQueued() {
 	q := o.queue
 	o.queue = nil
 	o.mu.Unlock()
-	for i, ev := range q {
+	for i, qe := range q {
+		ev := qe.ev
 		ps, err := o.persist(ev)
 		if err != nil {
 			o.log.Error("notify: cannot write the outbox; the event is kept in memory and retried", "err", err)
@@ -227,7 +254,10 @@ func (o *Outbox) persistQueued() {
 			}
 		}
 		o.mu.Unlock()
+		written := o.now()
+		o.m.stages.WithLabelValues(stageWrite).Observe(written.Sub(qe.at).Seconds())
 		for _, p := range ps {
+			p.queued = written
 			o.queues[p.e.Receiver].push(p)
 		}
 	}

@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
@@ -330,4 +332,33 @@ func TestAFailedOutboxWriteKeepsTheRestOfThePass(t *testing.T) {
 	}
 	rcv.mu.Unlock()
 	require.Equal(t, map[string]bool{"pipe-a": true, "pipe-b": true, "pipe-c": true, "pipe-d": true}, devs)
+}
+
+// The outbox sends what is enqueued at once: Enqueue wakes the writer and the
+// write wakes the receiver's worker. With its only period (the fsync pass) an
+// hour long, a notification that waited for a tick would not arrive before
+// the deadline (checked: persisting on the fsync tick instead of the wake-up
+// fails here).
+func TestEnqueueSendsWithoutWaitingForATick(t *testing.T) {
+	rcv := newReceiver(t)
+	reg := prometheus.NewRegistry()
+	o, err := NewOutbox(testNotify(rcv), t.TempDir(), OutboxOptions{
+		Durability: Durability{Fsync: pipeline.FsyncInterval, Interval: time.Hour}, Registerer: reg})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- o.Run(ctx) }()
+	defer func() { cancel(); require.NoError(t, <-done) }()
+	for i, kind := range []string{KindFiring, KindResolved, KindFiring} {
+		ev := event(kind)
+		ev.Key += strconv.Itoa(i)
+		o.Enqueue(ev)
+		waitUntil(t, "delivery "+strconv.Itoa(i+1), func() bool { return rcv.count() == i+1 })
+	}
+	// each part of the way was timed once per delivery
+	for _, stage := range []string{stageToEnqueue, stageWrite, stageWait, stageHTTP} {
+		h := &dto.Metric{}
+		require.NoError(t, o.m.stages.WithLabelValues(stage).(prometheus.Histogram).Write(h))
+		require.EqualValues(t, 3, h.GetHistogram().GetSampleCount(), stage)
+	}
 }

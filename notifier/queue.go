@@ -1,6 +1,9 @@
 package notifier
 
-import "sync"
+import (
+	"sync"
+	"time"
+)
 
 // deliveriesPerReceiver bounds the notifications in flight to one receiver.
 // Different alerts are delivered concurrently (a burst of incidents is not
@@ -12,6 +15,8 @@ const deliveriesPerReceiver = 4
 type pending struct {
 	path string
 	e    Entry
+	// queued is when the receiver's queue got it (zero: loaded from disk)
+	queued time.Time
 }
 
 // rqueue is one receiver's pending notifications in order, with the alerts

@@ -109,6 +109,10 @@ type runFlags struct {
 	verbose  bool
 	// cpuprofile profiles the harness itself (is the load generator the bottleneck?)
 	cpuprofile string
+	// curve, when set, prints the timeline folded into windows this wide;
+	// curveCSV saves them
+	curve    time.Duration
+	curveCSV string
 }
 
 func newRunFlags(name string, stderr io.Writer) (*runFlags, func(*Scenario)) {
@@ -215,6 +219,25 @@ func newRunFlags(name string, stderr io.Writer) (*runFlags, func(*Scenario)) {
 	return f, apply
 }
 
+// writeCurve prints and saves the windowed rate when asked to.
+func (f *runFlags) writeCurve(stdout io.Writer, rep Report) error {
+	if f.curve == 0 && f.curveCSV == "" {
+		return nil
+	}
+	width := f.curve
+	if width == 0 {
+		width = 10 * time.Second
+	}
+	ws := curve(rep.Timeline, width)
+	if f.curve != 0 {
+		printCurve(stdout, ws)
+	}
+	if f.curveCSV != "" {
+		return writeCurveCSV(f.curveCSV, ws)
+	}
+	return nil
+}
+
 func (f *runFlags) load(args []string, apply func(*Scenario)) (Scenario, error) {
 	if err := f.fs.Parse(args); err != nil {
 		return Scenario{}, err
@@ -243,6 +266,8 @@ func logger(stderr io.Writer, verbose bool) *slog.Logger {
 
 func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) (int, error) {
 	f, apply := newRunFlags("run", stderr)
+	f.fs.DurationVar(&f.curve, "curve", 0, "print the rate over the run in windows this wide (e.g. 10s)")
+	f.fs.StringVar(&f.curveCSV, "curve-csv", "", "write the windowed rate (--curve, default 10s) as CSV here")
 	sc, err := f.load(args, apply)
 	if err != nil {
 		return exitSetup, err
@@ -267,6 +292,9 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) (int, 
 		return exitSetup, err
 	}
 	printSummary(stdout, rep)
+	if err := f.writeCurve(stdout, rep); err != nil {
+		return exitSetup, err
+	}
 	if f.jsonOut != "" {
 		if err := writeJSON(f.jsonOut, rep); err != nil {
 			return exitSetup, err

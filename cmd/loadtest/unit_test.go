@@ -340,3 +340,26 @@ func TestCompareAndCLI(t *testing.T) {
 	require.NoError(t, err, "loadtest devices writes a devices file the server reads")
 	require.Len(t, reg, 100)
 }
+
+func TestCurveFoldsTheTimelineIntoWindows(t *testing.T) {
+	var tl []Second
+	for sec := 1; sec <= 25; sec++ { // second T covers [T-1, T)
+		tl = append(tl, Second{T: sec, Messages: int64(sec), Acked: 10, AckP99: float64(sec)})
+	}
+	ws := curve(tl, 10*time.Second)
+	require.Len(t, ws, 3)
+	for i, want := range []struct {
+		from, to int
+		msgs     int64
+		p99      float64
+	}{{0, 10, 55, 10}, {10, 20, 155, 20}, {20, 25, 115, 25}} {
+		require.Equal(t, want.from, ws[i].From)
+		require.Equal(t, want.to, ws[i].To)
+		require.Equal(t, want.msgs, ws[i].Messages)
+		require.Equal(t, want.p99, ws[i].AckP99)
+		require.InDelta(t, 10, ws[i].AckRate(), 1e-9)
+	}
+	var b strings.Builder
+	printCurve(&b, ws)
+	require.Contains(t, b.String(), "  20-  25 s")
+}
