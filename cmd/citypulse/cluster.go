@@ -82,7 +82,8 @@ func (s *server) buildCluster() error {
 	if err := s.buildStandby(n); err != nil {
 		return err
 	}
-	if n.feed, err = cluster.NewFeed(s.pipe, c.DedupeWindow, c.DedupeDevices, log, n.m); err != nil {
+	if n.feed, err = cluster.NewFeed(s.pipe, cluster.FeedOptions{Window: c.DedupeWindow, MaxDevices: c.DedupeDevices,
+		AckAfter: c.AckAfterSinks, Committer: s.pipe, Logger: log, Metrics: n.m}); err != nil {
 		return err
 	}
 	n.hooks = []cluster.OwnershipFunc{n.feed.Owned}
@@ -96,7 +97,7 @@ func (s *server) buildCluster() error {
 		func() float64 { return b2f(n.ready.Load()) }))
 	s.cluster = n
 	log.Info("cluster mode: gateways publish to JetStream", "urls", c.URLs, "stream", c.Stream,
-		"partitions", c.Partitions, "node", c.Index, "nodes", c.Nodes)
+		"partitions", c.Partitions, "node", c.Index, "nodes", c.Nodes, "ack_after_sinks", c.AckAfterSinks)
 	return nil
 }
 
