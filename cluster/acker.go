@@ -22,13 +22,16 @@ import (
 // delivered again (to this node or another) with InProgress every
 // ack_wait/2, as long as this node waits for it.
 type acker struct {
-	p       int
-	ackWait time.Duration
-	log     *slog.Logger
-	m       *Metrics
+	p        int
+	ackWait  time.Duration
+	capacity int // max_ack_pending
+	log      *slog.Logger
+	m        *Metrics
 
-	mu    sync.Mutex
-	queue []handledBatch
+	mu       sync.Mutex
+	queue    []handledBatch
+	msgs     int       // in queue
+	fullWarn time.Time // last warning that the queue held capacity batches
 	added chan struct{} // signalled (not blocking) by add
 	empty chan struct{} // signalled (not blocking) when the queue empties
 }
@@ -41,18 +44,38 @@ type handledBatch struct {
 	touched time.Time // JetStream's ack timer last started: taken for handling, or InProgress
 }
 
-func newAcker(p int, ackWait time.Duration, log *slog.Logger, m *Metrics) *acker {
-	return &acker{p: p, ackWait: ackWait, log: log, m: m, added: make(chan struct{}, 1), empty: make(chan struct{}, 1)}
+func newAcker(p int, ackWait time.Duration, capacity int, log *slog.Logger, m *Metrics) *acker {
+	return &acker{p: p, ackWait: ackWait, capacity: capacity, log: log, m: m,
+		added: make(chan struct{}, 1), empty: make(chan struct{}, 1)}
 }
 
 // add queues msgs, handled since taken (their ack timer runs since about
 // then), to be acknowledged once commit returned nil.
 func (a *acker) add(msgs []jetstream.Msg, commit Commit, taken time.Time) {
+	now := time.Now()
 	a.mu.Lock()
-	a.queue = append(a.queue, handledBatch{msgs: msgs, commit: commit, handled: time.Now(), touched: taken})
+	a.queue = append(a.queue, handledBatch{msgs: msgs, commit: commit, handled: now, touched: taken})
+	a.msgs += len(msgs)
+	warn := a.msgs >= a.capacity && now.Sub(a.fullWarn) > 30*time.Second
+	if warn {
+		a.fullWarn = now
+	}
 	a.mu.Unlock()
 	a.m.awaitingStore.Add(float64(len(msgs)))
 	signal(a.added)
+	if warn {
+		a.log.Warn("a partition has cluster.max_ack_pending batches waiting for the store: JetStream delivers it no more until the store took some, so it is consumed no faster than max_ack_pending batches per store flush; raise cluster.max_ack_pending, or lower the batch.max_age of the sinks of cluster.ack_after_sinks",
+			"partition", a.p, "max_ack_pending", a.capacity, "oldest_waiting", now.Sub(a.oldest()).Round(time.Millisecond))
+	}
+}
+
+func (a *acker) oldest() time.Time {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if len(a.queue) == 0 {
+		return time.Now()
+	}
+	return a.queue[0].handled
 }
 
 func signal(ch chan struct{}) {
@@ -77,6 +100,7 @@ func (a *acker) pop() {
 	n := len(a.queue[0].msgs)
 	a.queue[0] = handledBatch{}
 	a.queue = a.queue[1:]
+	a.msgs -= n
 	empty := len(a.queue) == 0
 	a.mu.Unlock()
 	a.m.awaitingStore.Sub(float64(n))
@@ -182,7 +206,7 @@ func (a *acker) finish(grace time.Duration, cancel context.CancelFunc, done <-ch
 	<-done
 	a.mu.Lock()
 	q := a.queue
-	a.queue = nil
+	a.queue, a.msgs = nil, 0
 	a.mu.Unlock()
 	for _, pa := range q {
 		nakAll(pa.msgs)

@@ -215,7 +215,7 @@ type partition struct {
 // consume pulls p until ctx is done or this node should no longer pull it.
 func (o *Owner) consume(ctx context.Context, p int, c jetstream.Consumer) error {
 	st := &partition{p: p, c: c, msgs: make(chan jetstream.Msg, o.cfg.MaxBatch),
-		lost: make(chan struct{}, 1), stop: make(chan struct{}), acks: newAcker(p, o.cfg.AckWait, o.log, o.m)}
+		lost: make(chan struct{}, 1), stop: make(chan struct{}), acks: newAcker(p, o.cfg.AckWait, o.cfg.MaxAckPending, o.log, o.m)}
 	expiry := max(o.cfg.PinnedTTL/2, time.Second)
 	cc, err := c.Consume(func(m jetstream.Msg) {
 		select {

@@ -28,10 +28,11 @@ func (c Config) sinkBatches() map[string]pipeline.BatchPolicy {
 }
 
 // checkAckAfterSinks checks cluster.ack_after_sinks: configured sinks, each
-// once, each flushing well within cluster.ack_wait (a partition's owner
-// acknowledges a batch only once they wrote it; a batch waiting longer than
-// ack_wait/2 is kept from redelivery with InProgress, which costs a message
-// per batch: that must stay the exception, for a slow or failing store).
+// once, each flushing within a third of cluster.ack_wait. A partition's
+// owner acknowledges a batch only once they wrote it; a batch waiting longer
+// than ack_wait/2 is kept from redelivery with InProgress, which costs a
+// message per batch: that must stay the exception (a slow or failing
+// store), not every batch's lot.
 func (c Config) checkAckAfterSinks() error {
 	batches := c.sinkBatches()
 	var errs []error
@@ -47,8 +48,8 @@ func (c Config) checkAckAfterSinks() error {
 			errs = append(errs, fmt.Errorf("cluster.ack_after_sinks: %q is not a configured sink (configured: %v)", name, known))
 		case slices.Contains(c.Cluster.AckAfterSinks[:i], name):
 			errs = append(errs, fmt.Errorf("cluster.ack_after_sinks names %q twice", name))
-		case b.MaxAge > c.Cluster.AckWait/2:
-			errs = append(errs, fmt.Errorf("cluster.ack_after_sinks: the %s sink flushes after up to %v (its batch.max_age), more than half of cluster.ack_wait (%v): every batch would wait for it longer than ack_wait/2 before its acknowledgement; lower its batch.max_age or raise cluster.ack_wait (and cluster.pinned_ttl above it)",
+		case b.MaxAge > c.Cluster.AckWait/3:
+			errs = append(errs, fmt.Errorf("cluster.ack_after_sinks: the %s sink flushes after up to %v (its batch.max_age), more than a third of cluster.ack_wait (%v): batches would wait for it close to ack_wait before their acknowledgement; lower its batch.max_age or raise cluster.ack_wait (and cluster.pinned_ttl above it)",
 				name, b.MaxAge, c.Cluster.AckWait))
 		}
 	}

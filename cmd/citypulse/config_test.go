@@ -116,7 +116,7 @@ func TestClusterAcknowledgesAfterTheSharedStoreByDefault(t *testing.T) {
 		{"by default, the remote-write sink", rw + "cluster:\n  enabled: true\n", "", []string{"remote_write"}},
 		{"none: after the local journal", rw + "cluster:\n  enabled: true\n  ack_after_sinks: []\n", "", []string{}},
 		{"several, from the environment", rw + "cluster:\n  enabled: true\n", "remote_write,tsdb", []string{"remote_write", "tsdb"}},
-		{"a slow sink with a longer ack_wait", rw + "    batch:\n      max_age: 2s\ncluster:\n  enabled: true\n  ack_wait: 5s\n  pinned_ttl: 6s\n", "", []string{"remote_write"}},
+		{"a slow sink with a longer ack_wait", rw + "    batch:\n      max_age: 2s\ncluster:\n  enabled: true\n  ack_wait: 6s\n  pinned_ttl: 7s\n", "", []string{"remote_write"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -176,7 +176,7 @@ func TestBadClusterConfigIsRejectedWithTheKeyNamed(t *testing.T) {
 		{"an unknown standby key", rw + "cluster:\n  enabled: true\n  standby:\n    rpo: 1s\n", "rpo"},
 		{"acknowledging after a sink not configured", rw + "cluster:\n  enabled: true\n  ack_after_sinks: [influx]\n", `cluster.ack_after_sinks: "influx" is not a configured sink`},
 		{"acknowledging after a sink named twice", rw + "cluster:\n  enabled: true\n  ack_after_sinks: [remote_write, remote_write]\n", "cluster.ack_after_sinks names \"remote_write\" twice"},
-		{"acknowledging after a sink that flushes too late for ack_wait", rw + "    batch:\n      max_age: 2s\ncluster:\n  enabled: true\n", "more than half of cluster.ack_wait"},
+		{"acknowledging after a sink that flushes too late for ack_wait", rw + "    batch:\n      max_age: 1100ms\ncluster:\n  enabled: true\n", "more than a third of cluster.ack_wait"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
