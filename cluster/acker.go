@@ -30,10 +30,10 @@ type acker struct {
 
 	mu       sync.Mutex
 	queue    []handledBatch
-	msgs     int       // in queue
-	fullWarn time.Time // last warning that the queue held capacity batches
-	added chan struct{} // signalled (not blocking) by add
-	empty chan struct{} // signalled (not blocking) when the queue empties
+	msgs     int           // in queue
+	fullWarn time.Time     // last warning that the queue held capacity batches
+	added    chan struct{} // signalled (not blocking) by add
+	empty    chan struct{} // signalled (not blocking) when the queue empties
 }
 
 // handledBatch is one handler call's batches waiting for their commit.

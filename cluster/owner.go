@@ -454,10 +454,11 @@ func (o *Owner) ackPending(ctx context.Context, c jetstream.Consumer) (int, erro
 }
 
 // deliver hands a batch to the handler until it succeeds, then queues it to
-// be acknowledged once its commit returns (acker.go). While it fails, the batch is kept in progress (no redelivery) and
-// retried with backoff, unless the partition was lost or ctx is done: then
-// it returns false, the batch not acknowledged. Repeats of a batch in batch
-// (adjacent: sorted) are handed over once and all acknowledged.
+// be acknowledged once its commit returns (acker.go). While it fails, the
+// batch is kept in progress (no redelivery) and retried with backoff,
+// unless the partition was lost or ctx is done: then it returns false, the
+// batch not acknowledged. Repeats of a batch in batch (adjacent: sorted)
+// are handed over once and all acknowledged.
 func (o *Owner) deliver(ctx context.Context, st *partition, batch []jetstream.Msg) bool {
 	msgs := make([]Message, 0, len(batch))
 	for _, m := range batch {
