@@ -110,8 +110,11 @@ func (a *acker) pop() {
 }
 
 // run acknowledges the batches as their commits return, until ctx is done.
+// It looks for batches to renew every ack_wait/8: a batch is renewed between
+// ack_wait/2 and 5/8 × ack_wait after its timer started, which leaves 3/8
+// of it for a loaded machine's delays.
 func (a *acker) run(ctx context.Context) {
-	renewEvery := a.ackWait / 4
+	renewEvery := a.ackWait / 8
 	lastRenew, lastWarn := time.Now(), time.Time{}
 	for {
 		head, ok := a.front()

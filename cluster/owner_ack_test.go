@@ -21,6 +21,7 @@ func TestOwnerAcknowledgesABatchOnlyOnceTheStoreHasIt(t *testing.T) {
 	c := natstest.Start(t, 1)
 	cfg := fastConfig(1, 0)
 	cfg.Replicas = 1
+	cfg.AckWait, cfg.PinnedTTL = 3*time.Second, 4*time.Second
 	l, err := NewLog(connect(t, c.URL()), cfg, nil)
 	require.NoError(t, err)
 	s := requireStream(t, l)
