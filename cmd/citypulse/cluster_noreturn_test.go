@@ -162,13 +162,14 @@ func TestClusterLosesNothingAcknowledgedWhenANodeNeverReturns(t *testing.T) {
 	live := []*servertest.Server{nodes[0], nodes[2]}
 	redelivered := metricSum(t, live, "citypulse_cluster_redeliveries_total")
 	extended := metricSum(t, live, "citypulse_cluster_ack_extensions_total")
+	late := metricSum(t, live, "citypulse_cluster_readings_late_total")
 	waits, waited := metricSum(t, live, "citypulse_cluster_store_wait_seconds_count"), metricSum(t, live, "citypulse_cluster_store_wait_seconds_sum")
 	t.Logf("acknowledged %d readings of %d devices in %v (%.0f/s); stored %d; lost %d, duplicated %d, wrong value %d, stored but never acknowledged %d; load average %s",
 		a.acked, nDevices, publishing.Round(time.Second), float64(a.acked)/publishing.Seconds(), a.stored, a.lost, a.duplicated, a.wrong, a.extra, loadAverage())
 	t.Logf("hand-over after the SIGKILL: %v (all %d partitions of node %d by survivors); device PUBACK p50 %v p99 %v; readings sent again after no PUBACK: %d",
 		took.Round(time.Millisecond), len(taken), dead, percentile(lat, 0.5), percentile(lat, 0.99), resent)
-	t.Logf("survivors: batches redelivered %v; store wait before the JetStream ack: mean %.2fs over %v handler calls; batches kept in progress %v",
-		redelivered, waited/max(waits, 1), waits, extended)
+	t.Logf("survivors: batches redelivered %v; late readings (order not restorable) %v; store wait before the JetStream ack: mean %.2fs over %v handler calls; batches kept in progress %v",
+		redelivered, late, waited/max(waits, 1), waits, extended)
 	require.Zero(t, a.lost, "lost")
 	require.Zero(t, a.duplicated, "duplicated in the store")
 	require.Zero(t, a.wrong, "stored with another value")
