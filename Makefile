@@ -77,7 +77,10 @@ test-long: deps
 # test-cluster runs the cluster-mode tests (docs/cluster.md) verbosely, with
 # their figures: TestClusterLosesNothingAcknowledged (3 NATS servers, 3
 # CityPulse nodes, VictoriaMetrics; a node and the stream leader SIGKILLed;
-# about a minute, also part of `make test`), TestClusterQuorumLossIsNotAcknowledged
+# about a minute, also part of `make test`),
+# TestClusterLosesNothingAcknowledgedWhenANodeNeverReturns (a node SIGKILLed
+# for good with a 2 s remote-write flush; about 45 s, also part of `make
+# test`), TestClusterQuorumLossIsNotAcknowledged
 # (two of three NATS servers SIGKILLed: CoAP 5.03, /readyz 503, then back;
 # about 40 s) and TestClusterThroughput (one machine vs 1 vs 3 cluster nodes,
 # CITYPULSE_TEST_CLUSTER_SECONDS each, CITYPULSE_TEST_CLUSTER_DEVICES devices;

@@ -55,7 +55,11 @@ type Config struct {
 	// delivered again; below PinnedTTL, so a new owner gets the old owner's
 	// unacknowledged batches first.
 	AckWait time.Duration `mapstructure:"ack_wait" yaml:"ack_wait"`
-	// MaxAckPending bounds the unacknowledged batches per partition.
+	// MaxAckPending bounds the unacknowledged batches per partition. With
+	// acknowledgements after the shared store (cluster.ack_after_sinks) a
+	// partition has a store flush's batches in flight: it must hold its
+	// batches per second times the sink's batch.max_age plus a write, or
+	// the partition is consumed no faster than MaxAckPending per flush.
 	MaxAckPending int `mapstructure:"max_ack_pending" yaml:"max_ack_pending"`
 	// MaxBatch bounds the batches handed to the handler in one call.
 	MaxBatch int `mapstructure:"max_batch" yaml:"max_batch"`
@@ -87,7 +91,7 @@ func Default() Config {
 		Group:           "citypulse",
 		PinnedTTL:       4 * time.Second,
 		AckWait:         3 * time.Second,
-		MaxAckPending:   256,
+		MaxAckPending:   1024,
 		MaxBatch:        64,
 		Settle:          200 * time.Millisecond,
 		AliveInterval:   500 * time.Millisecond,

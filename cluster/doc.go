@@ -25,10 +25,12 @@
 // Log.Append; Submit returns once JetStream acknowledged them), and the
 // Owner hands a partition's batches to a Feed (DecodeBatch, Dedupe, Submit
 // into the node's local pipeline through the Submitter interface defined
-// here; the batches are acknowledged once the pipeline journaled them).
+// here); the batches are acknowledged once the pipeline's sinks named in
+// FeedOptions.AckAfter (the shared store's) wrote their readings (Committer,
+// acker.go), or once journaled when none are named.
 //
 // It must not know the server's wiring (transports, rules, stores, config
 // files): it sees readings only as pipeline.Reading values and the pipeline
-// only as a Submitter. It does not embed a NATS server or use NATS's MQTT
+// only as a Submitter and a Committer (sinks by name). It does not embed a NATS server or use NATS's MQTT
 // listener (whose acknowledgement does not mean stored in our stream).
 package cluster

@@ -19,14 +19,42 @@ type Submitter interface {
 	Submit(ctx context.Context, rs []pipeline.Reading) error
 }
 
+// Committer tells where readings submitted to the local pipeline landed and
+// waits until a sink has written them: the pipeline's Landed, Tail and
+// WaitCommitted (pipeline/committed.go).
+type Committer interface {
+	Landed(m pipeline.Mark, rs []pipeline.Reading) pipeline.Mark
+	Tail(m pipeline.Mark) pipeline.Mark
+	WaitCommitted(ctx context.Context, sink string, m pipeline.Mark) error
+}
+
+// FeedOptions configures a Feed.
+type FeedOptions struct {
+	// Window and MaxDevices bound each partition's Dedupe.
+	Window, MaxDevices int
+	// AckAfter names the local pipeline's sinks that must have written a
+	// batch's readings before the batch is acknowledged to JetStream
+	// (cluster.ack_after_sinks: the shared store's). Committer is then
+	// required. Empty: a batch is acknowledged once its readings are in the
+	// local journal, and is lost from the store if the node dies for good
+	// before its sinks wrote it (docs/cluster.md, failure modes).
+	AckAfter  []string
+	Committer Committer
+	Logger    *slog.Logger
+	Metrics   *Metrics
+}
+
 // Feed is the Handler that moves a partition's batches into the node's
 // local pipeline: it decodes them, drops the readings that are redelivered
 // duplicates and puts each device's readings in time order (a Dedupe per
 // partition, new on each gain), and submits them one device at a time. It
-// returns nil, and so lets the owner acknowledge the batches to JetStream,
-// only when every reading is in the local journal.
+// returns nil when every reading is in the local journal, with a Commit that
+// returns once the sinks of FeedOptions.AckAfter have written them: the
+// owner acknowledges the batches to JetStream after that.
 type Feed struct {
 	sub        Submitter
+	store      Committer
+	ackAfter   []string
 	window     int
 	maxDevices int
 	log        *slog.Logger
@@ -49,19 +77,22 @@ func (f *Feed) SetBarrier(barrier func(ctx context.Context) error) { f.barrier =
 // feedParallel bounds the devices submitted at once by one handler call.
 const feedParallel = 32
 
-// NewFeed builds a feed into sub; window and maxDevices are each
-// partition's Dedupe bounds.
-func NewFeed(sub Submitter, window, maxDevices int, log *slog.Logger, m *Metrics) (*Feed, error) {
-	if _, err := NewDedupe(window, maxDevices, nil); err != nil {
+// NewFeed builds a feed into sub.
+func NewFeed(sub Submitter, o FeedOptions) (*Feed, error) {
+	if _, err := NewDedupe(o.Window, o.MaxDevices, nil); err != nil {
 		return nil, err
 	}
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
+	if len(o.AckAfter) > 0 && o.Committer == nil {
+		return nil, errors.New("cluster feed: acknowledging after sinks needs a Committer")
 	}
-	if m == nil {
-		m = NewMetrics(nil)
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Feed{sub: sub, window: window, maxDevices: maxDevices, log: log, m: m, dedupe: map[int]*Dedupe{}}, nil
+	if o.Metrics == nil {
+		o.Metrics = NewMetrics(nil)
+	}
+	return &Feed{sub: sub, store: o.Committer, ackAfter: o.AckAfter, window: o.Window, maxDevices: o.MaxDevices,
+		log: o.Logger, m: o.Metrics, dedupe: map[int]*Dedupe{}}, nil
 }
 
 // Owned is the feed's OwnershipFunc: a gained partition starts with a new
@@ -89,9 +120,9 @@ func (f *Feed) filter(p int) *Dedupe {
 }
 
 // Handle is the owner's Handler.
-func (f *Feed) Handle(ctx context.Context, msgs []Message) error {
+func (f *Feed) Handle(ctx context.Context, msgs []Message) (Commit, error) {
 	if len(msgs) == 0 {
-		return nil
+		return nil, nil
 	}
 	p := msgs[0].Partition
 	var rs []pipeline.Reading
@@ -104,21 +135,46 @@ func (f *Feed) Handle(ctx context.Context, msgs []Message) error {
 			f.log.Error("undecodable batch in the log; skipped", "partition", p, "seq", m.Seq, "msg_id", m.MsgID, "err", err)
 		}
 	}
+	decoded := len(rs)
 	rs = f.filter(p).Filter(rs)
 	if err := f.submit(ctx, rs); err != nil {
 		// The filter remembers readings that may not be journaled: a new
 		// one, so that the retry passes them all (a reading journaled twice
 		// is the same sample twice; the stores keep one).
 		f.Owned(p, true)
-		return fmt.Errorf("partition %d: %w", p, err)
+		return nil, fmt.Errorf("partition %d: %w", p, err)
 	}
 	f.m.fed.Add(float64(len(rs)))
 	if f.barrier != nil {
 		if err := f.barrier(ctx); err != nil {
-			return fmt.Errorf("partition %d: %w", p, err)
+			return nil, fmt.Errorf("partition %d: %w", p, err)
 		}
 	}
-	return nil
+	return f.commit(rs, len(rs) < decoded), nil
+}
+
+// commit is the Commit of readings rs just journaled: it waits until every
+// sink of ackAfter has written them. dropped: some readings of the batches
+// were dropped as duplicates of readings this node journaled before, whose
+// positions are not known: then it waits for everything journaled so far
+// (without that, a batch delivered again while its first delivery waits
+// for the store would be acknowledged before the store has it).
+func (f *Feed) commit(rs []pipeline.Reading, dropped bool) Commit {
+	if len(f.ackAfter) == 0 || len(rs) == 0 && !dropped {
+		return nil
+	}
+	mark := f.store.Landed(nil, rs)
+	if dropped {
+		mark = f.store.Tail(mark)
+	}
+	return func(ctx context.Context) error {
+		for _, sink := range f.ackAfter {
+			if err := f.store.WaitCommitted(ctx, sink, mark); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 }
 
 // submit submits rs (sorted by device, then time): each device's readings

@@ -21,6 +21,10 @@ type Metrics struct {
 	batchReadings prometheus.Histogram
 	fed           prometheus.Counter
 	badBatches    prometheus.Counter
+
+	awaitingStore prometheus.Gauge
+	storeWait     prometheus.Histogram
+	ackExtended   prometheus.Counter
 }
 
 // NewMetrics builds the metrics and registers them with reg (nil: not registered).
@@ -77,10 +81,20 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		badBatches: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "citypulse_cluster_bad_batches_total",
 			Help: "Batches in the log that could not be decoded (not written by a gateway of this version); skipped."}),
+		awaitingStore: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "citypulse_cluster_batches_awaiting_store",
+			Help: "Batches of owned partitions in the local journal and not yet acknowledged to JetStream: waiting for the sinks of cluster.ack_after_sinks to write their readings."}),
+		storeWait: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "citypulse_cluster_store_wait_seconds",
+			Help:    "Time from a batch in the local journal to its readings written by the sinks of cluster.ack_after_sinks (then it is acknowledged to JetStream).",
+			Buckets: prometheus.ExponentialBuckets(0.005, 2, 14)}),
+		ackExtended: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "citypulse_cluster_ack_extensions_total",
+			Help: "Batches kept from redelivery (InProgress) because the sinks of cluster.ack_after_sinks had not written them within ack_wait/2: a slow or unavailable store."}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.published, m.ackSeconds, m.owned, m.alive, m.preferred, m.changes, m.redelivered, m.duplicates, m.late, m.handlerErrs,
-			m.submitSeconds, m.submitFailed, m.batchReadings, m.fed, m.badBatches)
+			m.submitSeconds, m.submitFailed, m.batchReadings, m.fed, m.badBatches, m.awaitingStore, m.storeWait, m.ackExtended)
 	}
 	return m
 }

@@ -29,11 +29,18 @@ type Message struct {
 }
 
 // Handler handles a partition's batches, in stream order, one call at a
-// time per partition. The batches are acknowledged when it returns nil; on an
-// error they are retried (with backoff) while the node still owns the
-// partition. It must return within cluster.ack_wait or the batches are
-// delivered again (to this node or, after a hand-over, to another one).
-type Handler func(ctx context.Context, msgs []Message) error
+// time per partition. On an error they are retried (with backoff) while the
+// node still owns the partition. It must return within cluster.ack_wait or
+// the batches are delivered again (to this node or, after a hand-over, to
+// another one). When it returns nil the batches are acknowledged once the
+// Commit it returned (if not nil) returned nil; meanwhile the next calls
+// go on.
+type Handler func(ctx context.Context, msgs []Message) (Commit, error)
+
+// Commit waits until the readings of the batches a Handler took are where
+// JetStream may forget them (the shared store), or ctx is done. It may be
+// called again after an error.
+type Commit func(ctx context.Context) error
 
 // OwnershipFunc is told when the node gains (owned) or loses a partition. It
 // is called from the partition's goroutine, before the first batch it gains
@@ -241,12 +248,13 @@ type partition struct {
 	lostSeen bool
 	stop     chan struct{}
 	owned    bool
+	acks     *acker // the handled batches waiting for their commit (acker.go)
 }
 
 // consume pulls p until ctx is done or this node should no longer pull it.
 func (o *Owner) consume(ctx context.Context, p int, c jetstream.Consumer) error {
 	st := &partition{p: p, c: c, msgs: make(chan jetstream.Msg, o.cfg.MaxBatch),
-		lost: make(chan struct{}, 1), stop: make(chan struct{})}
+		lost: make(chan struct{}, 1), stop: make(chan struct{}), acks: newAcker(p, o.cfg.AckWait, o.cfg.MaxAckPending, o.log, o.m)}
 	expiry := max(o.cfg.PinnedTTL/2, time.Second)
 	cc, err := c.Consume(func(m jetstream.Msg) {
 		select {
@@ -277,7 +285,10 @@ func (o *Owner) consume(ctx context.Context, p int, c jetstream.Consumer) error 
 		o.log.Warn("cannot pull partition; retrying", "partition", p, "err", err)
 		return nil
 	}
-	defer o.stopConsuming(st, cc)
+	actx, stopAcks := context.WithCancel(context.WithoutCancel(ctx))
+	acked := make(chan struct{})
+	go func() { defer close(acked); st.acks.run(actx) }()
+	defer o.stopConsuming(st, cc, func() { st.acks.finish(o.cfg.AckWait/2, stopAcks, acked) })
 	closed := cc.Closed()
 	t := time.NewTicker(o.cfg.AliveInterval / 2)
 	defer t.Stop()
@@ -393,11 +404,13 @@ func (o *Owner) loseIfSeen(st *partition) {
 	}
 }
 
-// stopConsuming ends pulling p. The batches delivered and not handled (in
-// the library's buffer or in st.msgs) are given back with a Nak before the
-// consumer is unpinned: they are then delivered again ahead of newer ones,
-// and the next owner need not wait cluster.ack_wait for them (see settle).
-func (o *Owner) stopConsuming(st *partition, cc jetstream.ConsumeContext) {
+// stopConsuming ends pulling p. The batches handled and waiting for their
+// commit get up to ack_wait/2 to be acknowledged (finishAcks); those that
+// do not, and the batches delivered and not handled (in the library's
+// buffer or in st.msgs), are given back with a Nak before the consumer is
+// unpinned: they are then delivered again ahead of newer ones, and the next
+// owner need not wait cluster.ack_wait for them (see settle).
+func (o *Owner) stopConsuming(st *partition, cc jetstream.ConsumeContext, finishAcks func()) {
 	close(st.stop) // from now on the callback naks what it gets
 	cc.Drain()     // the buffered batches go through the callback
 	select {
@@ -415,6 +428,7 @@ func (o *Owner) stopConsuming(st *partition, cc jetstream.ConsumeContext) {
 		}
 		break
 	}
+	finishAcks()
 	if st.owned {
 		o.release(st)
 	}
@@ -510,11 +524,12 @@ func (o *Owner) ackPending(ctx context.Context, c jetstream.Consumer) (int, erro
 	return info.NumAckPending, nil
 }
 
-// deliver hands a batch to the handler until it succeeds, then acknowledges
-// it. While it fails, the batch is kept in progress (no redelivery) and
-// retried with backoff, unless the partition was lost or ctx is done: then
-// it returns false, the batch not acknowledged. Repeats of a batch in batch
-// (adjacent: sorted) are handed over once and all acknowledged.
+// deliver hands a batch to the handler until it succeeds, then queues it to
+// be acknowledged once its commit returns (acker.go). While it fails, the
+// batch is kept in progress (no redelivery) and retried with backoff,
+// unless the partition was lost or ctx is done: then it returns false, the
+// batch not acknowledged. Repeats of a batch in batch (adjacent: sorted)
+// are handed over once and all acknowledged.
 func (o *Owner) deliver(ctx context.Context, st *partition, batch []jetstream.Msg) bool {
 	msgs := make([]Message, 0, len(batch))
 	for _, m := range batch {
@@ -534,12 +549,11 @@ func (o *Owner) deliver(ctx context.Context, st *partition, batch []jetstream.Ms
 			MsgID: m.Headers().Get(jetstream.MsgIDHeader), Data: m.Data()})
 	}
 	backoff := 100 * time.Millisecond
+	taken := time.Now()
 	for {
-		err := o.handle(ctx, msgs)
+		commit, err := o.handle(ctx, msgs)
 		if err == nil {
-			for _, m := range batch {
-				_ = m.Ack()
-			}
+			st.acks.add(batch, commit, taken)
 			return true
 		}
 		o.m.handlerErrs.Inc()
@@ -547,6 +561,7 @@ func (o *Owner) deliver(ctx context.Context, st *partition, batch []jetstream.Ms
 		for _, m := range batch {
 			_ = m.InProgress()
 		}
+		taken = time.Now()
 		select {
 		case <-ctx.Done():
 			return false

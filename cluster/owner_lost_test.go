@@ -35,7 +35,7 @@ func TestALostPinStopsSettleAndDeliverHoweverOftenItIsSignalled(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			o := &Owner{cfg: Default(), m: NewMetrics(nil), log: slog.New(slog.DiscardHandler),
-				handle: func(context.Context, []Message) error { return errors.New("store down") }}
+				handle: func(context.Context, []Message) (Commit, error) { return nil, errors.New("store down") }}
 			st := &partition{p: 3, msgs: make(chan jetstream.Msg, 1), lost: make(chan struct{}, 1), stop: make(chan struct{})}
 			handlerDone := make(chan struct{})
 			go func() { // the library's error handler, answered by many pin mismatches

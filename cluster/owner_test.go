@@ -48,13 +48,13 @@ func newRecorder() *recorder {
 }
 
 func (r *recorder) handler(node int) Handler {
-	return func(_ context.Context, msgs []Message) error {
+	return func(_ context.Context, msgs []Message) (Commit, error) {
 		r.mu.Lock()
 		defer r.mu.Unlock()
 		for _, m := range msgs {
 			r.handled[m.Partition] = append(r.handled[m.Partition], handled{node, m.Seq, string(m.Data), time.Now()})
 		}
-		return nil
+		return nil, nil
 	}
 }
 
@@ -330,7 +330,7 @@ func TestACleanHandOverKeepsTheOrderOfTheBatchesTheOldOwnerHadNotHandled(t *test
 	rec := newRecorder()
 	startOwner(t, c.Nodes[0].URL(), cfg0, rec, nil)
 	handle := rec.handler(1)
-	slow := func(ctx context.Context, msgs []Message) error {
+	slow := func(ctx context.Context, msgs []Message) (Commit, error) {
 		time.Sleep(200 * time.Millisecond) // a store that is behind
 		return handle(ctx, msgs)
 	}
@@ -396,7 +396,7 @@ func runOwnerProcess() int {
 	}
 	var mu sync.Mutex
 	out := bufio.NewWriter(os.Stdout)
-	handle := func(_ context.Context, msgs []Message) error {
+	handle := func(_ context.Context, msgs []Message) (Commit, error) {
 		// A slow store: when the process is killed, a call is under way
 		// and its batches are not acknowledged, so they are redelivered.
 		time.Sleep(100 * time.Millisecond)
@@ -405,7 +405,7 @@ func runOwnerProcess() int {
 		for _, m := range msgs {
 			fmt.Fprintf(out, "handled %d %d\n", m.Partition, m.Seq)
 		}
-		return out.Flush()
+		return nil, out.Flush()
 	}
 	owned := func(p int, owned bool) {
 		mu.Lock()
@@ -612,12 +612,12 @@ func TestReadingsFlowFromAppendThroughTheOwnerAndDedupe(t *testing.T) {
 	require.NoError(t, err)
 	var mu sync.Mutex
 	got := map[string][]int64{}
-	handle := func(_ context.Context, msgs []Message) error {
+	handle := func(_ context.Context, msgs []Message) (Commit, error) {
 		var rs []pipeline.Reading
 		for _, msg := range msgs {
 			var err error
 			if rs, err = DecodeBatch(msg.Data, rs); err != nil {
-				return err
+				return nil, err
 			}
 		}
 		mu.Lock()
@@ -625,7 +625,7 @@ func TestReadingsFlowFromAppendThroughTheOwnerAndDedupe(t *testing.T) {
 		for _, r := range dedupe.Filter(rs) {
 			got[r.Device] = append(got[r.Device], r.Time)
 		}
-		return nil
+		return nil, nil
 	}
 	nc := connect(t, c.URL())
 	o, err := NewOwner(nc, cfg, handle, nil, nil, m)

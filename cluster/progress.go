@@ -22,11 +22,14 @@ func NewProgress(partitions int) *Progress {
 	return &Progress{seq: make([]atomic.Uint64, partitions)}
 }
 
-// Handler wraps h: a batch h accepted advances its partition's position.
+// Handler wraps h: a batch h accepted advances its partition's position
+// (handled: its readings journaled and judged; the store may have them
+// later, when the Commit returns).
 func (pr *Progress) Handler(h Handler) Handler {
-	return func(ctx context.Context, msgs []Message) error {
-		if err := h(ctx, msgs); err != nil || len(msgs) == 0 {
-			return err
+	return func(ctx context.Context, msgs []Message) (Commit, error) {
+		commit, err := h(ctx, msgs)
+		if err != nil || len(msgs) == 0 {
+			return commit, err
 		}
 		p := msgs[0].Partition
 		for _, m := range msgs {
@@ -34,7 +37,7 @@ func (pr *Progress) Handler(h Handler) Handler {
 				pr.seq[p].Store(m.Seq) // one handler call at a time per partition
 			}
 		}
-		return nil
+		return commit, nil
 	}
 }
 

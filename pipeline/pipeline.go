@@ -204,8 +204,9 @@ func (p *Pipeline) Shards() int { return len(p.shards) }
 func (p *Pipeline) ShardOf(device string) int { return ShardOf(device, len(p.shards)) }
 
 // Submit journals the readings of one device (one kind, one district) and returns when they are durable
-// by the fsync policy: then, and only then, may the device be acknowledged. It
-// returns ErrBackpressure (wrapped) when the journal is at its bound or cannot
+// by the fsync policy: then, and only then, may the device be acknowledged.
+// On success each reading's Seq is its journal record's position (see
+// Landed). It returns ErrBackpressure (wrapped) when the journal is at its bound or cannot
 // be written, ErrClosed when the pipeline is stopping, or ctx's error. rs may be
 // reused once Submit returns.
 func (p *Pipeline) Submit(ctx context.Context, rs []Reading) error {
@@ -342,6 +343,7 @@ func (p *Pipeline) Run(ctx context.Context) error {
 	stop := time.AfterFunc(p.drain, cancelSinks)
 	sinkErr := sg.Wait()
 	stop.Stop()
+	p.stopCommitSignals()
 
 	var errs []error
 	for _, st := range p.sinks {
@@ -369,6 +371,7 @@ func (p *Pipeline) Close() error {
 	}
 	p.closed = true
 	p.closing.Store(true)
+	p.stopCommitSignals()
 	var errs []error
 	for _, s := range p.shards {
 		if err := s.j.close(); err != nil {

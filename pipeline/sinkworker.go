@@ -16,6 +16,7 @@ type sinkState struct {
 	name   string
 	policy BatchPolicy
 	cursor cursorFile
+	commit commitSignal // wakes WaitCommitted when pos moves
 
 	mu          sync.Mutex
 	pos         []uint64 // per shard: everything before it has been written to the sink
@@ -54,6 +55,7 @@ func (st *sinkState) advance(shard int, pos uint64, n int) {
 	st.lastWrite = time.Now()
 	st.failSince = time.Time{}
 	st.mu.Unlock()
+	st.commit.wake()
 }
 
 // save persists the positions if they moved.

@@ -86,7 +86,8 @@ func (s *server) buildCluster() error {
 	if err := s.buildStandby(n); err != nil {
 		return err
 	}
-	if n.feed, err = cluster.NewFeed(s.pipe, c.DedupeWindow, c.DedupeDevices, log, n.m); err != nil {
+	if n.feed, err = cluster.NewFeed(s.pipe, cluster.FeedOptions{Window: c.DedupeWindow, MaxDevices: c.DedupeDevices,
+		AckAfter: c.AckAfterSinks, Committer: s.pipe, Logger: log, Metrics: n.m}); err != nil {
 		return err
 	}
 	n.progress = cluster.NewProgress(c.Partitions)
@@ -101,7 +102,7 @@ func (s *server) buildCluster() error {
 		func() float64 { return b2f(n.ready.Load()) }))
 	s.cluster = n
 	log.Info("cluster mode: gateways publish to JetStream", "urls", c.URLs, "stream", c.Stream,
-		"partitions", c.Partitions, "node_id", c.NodeID)
+		"partitions", c.Partitions, "node_id", c.NodeID, "ack_after_sinks", c.AckAfterSinks)
 	return nil
 }
 

@@ -378,7 +378,10 @@ func percentile(ds []time.Duration, q float64) time.Duration {
 // TestClusterLosesNothingAcknowledged: 3 CityPulse nodes on a 3-node NATS
 // cluster, QoS 1 devices spread over their brokers; one CityPulse node is
 // SIGKILLed (and restarted 10 s later, with its disk, as a supervisor
-// does), then the NATS server leading the stream is SIGKILLed. Every
+// does: its journal replays what its sinks had not written, which the
+// survivors wrote too; for a node that never returns see
+// TestClusterLosesNothingAcknowledgedWhenANodeNeverReturns), then the NATS
+// server leading the stream is SIGKILLed. Every
 // acknowledged reading must be in VictoriaMetrics exactly once, at its time,
 // with its value; the partition hand-over time is measured from the logs.
 func TestClusterLosesNothingAcknowledged(t *testing.T) {
@@ -388,53 +391,19 @@ func TestClusterLosesNothingAcknowledged(t *testing.T) {
 		partitions = 12
 	)
 	e := startClusterEnv(t, nDevices)
-	nodes := make([]*servertest.Server, 3)
-	for i := range nodes {
-		nodes[i] = e.node(i, partitions)
-	}
-	var wg sync.WaitGroup
-	for _, n := range nodes {
-		wg.Add(1)
-		go func() { defer wg.Done(); n.Start() }()
-	}
-	wg.Wait()
-
-	brokers := []string{nodes[0].MQTT, nodes[1].MQTT, nodes[2].MQTT}
+	nodes := e.startNodes(3, partitions)
 	t0 := time.Now().Truncate(time.Second).UnixMilli()
 	stop := make(chan struct{})
-	devs := make([]*device, nDevices)
 	var pubs sync.WaitGroup
-	for i, id := range e.ids {
-		devs[i] = &device{id: id, brokers: brokers, next: i, t0: t0}
-		pubs.Add(1)
-		go func() { defer pubs.Done(); devs[i].run(stop, 10000) }()
-	}
+	devs := startDevices(e.ids, brokersOf(nodes), t0, stop, &pubs)
 	time.Sleep(8 * time.Second)
 	victim := nodes[1]
-	// The kill must find node 1 owning its partitions: on a slow start a
-	// survivor may still stand in for them, and there would be no hand-over
-	// to measure.
-	mine := map[int]bool{}
-	pref := preferredBy(partitions, 1, 0, 1, 2)
-	for _, id := range e.ids {
-		if p := cluster.PartitionOf(id, partitions); pref[p] {
-			mine[p] = true
-		}
-	}
-	eventually(t, 60*time.Second, func() error {
-		owned := ownedBy(t, victim)
-		for p := range mine {
-			if !owned[p] {
-				return fmt.Errorf("node 1 owns %v, not yet all of %v", owned, mine)
-			}
-		}
-		return nil
-	})
+	mine := e.awaitPreferred(victim, 1, len(nodes), partitions)
 	killedAt := time.Now()
 	victim.Kill()
 	t.Logf("SIGKILLed CityPulse node 1 at %s", killedAt.Format(time.RFC3339Nano))
 	time.Sleep(10 * time.Second)
-	victim.Start() // the same data dir: its journal drains to the store
+	victim.Start() // the same data dir: its journal replays to the store
 	t.Logf("restarted CityPulse node 1 after %v", time.Since(killedAt).Round(time.Millisecond))
 	time.Sleep(6 * time.Second)
 	leader := streamLeader(t, e.nats.URL())
@@ -448,29 +417,11 @@ func TestClusterLosesNothingAcknowledged(t *testing.T) {
 
 	// Hand-over: the partitions node 1 preferred (pref) are taken by
 	// the survivors; the time from the SIGKILL to the first batch handled.
-	var handover time.Duration
-	taken := map[int]bool{}
-	for _, i := range []int{0, 2} {
-		for _, l := range logTimes(nodes[i].Logs(), "partition taken over: first batches handled") {
-			if l.at.After(killedAt) && l.at.Before(killedAt.Add(10*time.Second)) && pref[l.partition] {
-				taken[l.partition] = true
-				handover = max(handover, l.at.Sub(killedAt))
-			}
-		}
-	}
+	taken, took := handover(nodes, 1, partitions, killedAt, 10*time.Second)
 	require.Equal(t, mine, taken, "each of node 1's partitions with devices is taken over by a survivor within 10 s")
 
 	// Every acknowledged reading, in the store: wait until the counts settle.
-	var a audit
-	for deadline := time.Now().Add(90 * time.Second); ; time.Sleep(time.Second) {
-		if a = auditStore(devs, exportPressure(t, e.vm)); a.lost == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			lossDiagnostics(t, e, nodes, devs, a, partitions)
-			t.Fatalf("after 90 s, %d of %d acknowledged readings not in the store, e.g. %v", a.lost, a.acked, a.lostExamples)
-		}
-	}
+	a := e.awaitStored(nodes, devs, partitions, 90*time.Second)
 	var lat []time.Duration
 	resent := 0
 	for _, d := range devs {
@@ -484,7 +435,7 @@ func TestClusterLosesNothingAcknowledged(t *testing.T) {
 	t.Logf("acknowledged %d readings of %d devices in %v (%.0f/s); stored %d; lost %d, duplicated %d, wrong value %d, stored but never acknowledged %d (sent again by the device); load average %s",
 		a.acked, nDevices, publishing.Round(time.Second), float64(a.acked)/publishing.Seconds(), a.stored, a.lost, a.duplicated, a.wrong, a.extra, loadAverage())
 	t.Logf("hand-over after the SIGKILL: %v (all %d partitions of node 1 by survivors); NATS leader killed at +%v",
-		handover.Round(time.Millisecond), len(taken), natsKilledAt.Sub(killedAt).Round(time.Second))
+		took.Round(time.Millisecond), len(taken), natsKilledAt.Sub(killedAt).Round(time.Second))
 	t.Logf("device-side PUBACK latency p50 %v p99 %v max %v; readings sent again after no PUBACK: %d",
 		percentile(lat, 0.5), percentile(lat, 0.99), percentile(lat, 1), resent)
 	t.Logf("live nodes' counters: redeliveries %v, duplicates dropped %v, late readings (order not restorable) %v; VictoriaMetrics deduplicated %v samples",
@@ -583,6 +534,10 @@ func TestClusterThroughput(t *testing.T) {
 		}
 		cp0, nats0 := cpuOf(t, cpPids), cpuOf(t, natsPids)
 		n, elapsed, lat := publishFor(e.ids, brokers, time.Duration(secs)*time.Second)
+		if run.cluster {
+			t.Logf("%s: the owners caught up (every batch acknowledged to JetStream) %v after the devices stopped",
+				run.name, caughtUp(t, e.nats.URL(), 12).Round(10*time.Millisecond))
+		}
 		cp, nc := cpuOf(t, cpPids)-cp0, cpuOf(t, natsPids)-nats0
 		t.Logf("%s: %d readings acknowledged in %v: %.0f readings/s; PUBACK latency p50 %v p99 %v (load average %s)",
 			run.name, n, elapsed.Round(time.Millisecond), float64(n)/elapsed.Seconds(), percentile(lat, 0.5).Round(time.Microsecond),
@@ -626,14 +581,9 @@ func envInt(t *testing.T, name string, def int) int {
 func publishFor(ids, brokers []string, d time.Duration) (int, time.Duration, []time.Duration) {
 	t0 := time.Now().Truncate(time.Second).UnixMilli() // after the previous run's times (at most 10,000 ms from its start)
 	stop := make(chan struct{})
-	devs := make([]*device, len(ids))
 	var pubs sync.WaitGroup
 	start := time.Now()
-	for i, id := range ids {
-		devs[i] = &device{id: id, brokers: brokers, next: i, t0: t0}
-		pubs.Add(1)
-		go func() { defer pubs.Done(); devs[i].run(stop, 10000) }()
-	}
+	devs := startDevices(ids, brokers, t0, stop, &pubs)
 	time.Sleep(d)
 	close(stop)
 	pubs.Wait()

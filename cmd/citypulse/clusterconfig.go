@@ -30,6 +30,12 @@ type ClusterConfig struct {
 	// most DedupeDevices devices per partition.
 	DedupeWindow  int `mapstructure:"dedupe_window" yaml:"dedupe_window"`
 	DedupeDevices int `mapstructure:"dedupe_devices" yaml:"dedupe_devices"`
+	// AckAfterSinks names the sinks (tsdb, influx, remote_write, archive)
+	// that must have written a batch's readings before its owner
+	// acknowledges it to JetStream: the shared store's, so that a node lost
+	// for good loses nothing acknowledged (docs/cluster.md, failure modes).
+	// Empty: acknowledged once in the node's local journal.
+	AckAfterSinks []string `mapstructure:"ack_after_sinks" yaml:"ack_after_sinks"`
 	// State is where the state that moves with a partition and the shared
 	// state are kept (docs/cluster.md, "State").
 	State cluster.StateConfig `mapstructure:"state" yaml:"state"`
@@ -46,6 +52,7 @@ func DefaultCluster() ClusterConfig {
 		URLs:          []string{"nats://127.0.0.1:4222"},
 		DedupeWindow:  32,
 		DedupeDevices: 8192,
+		AckAfterSinks: []string{"remote_write"},
 		Config:        cluster.Default(),
 		State:         cluster.DefaultState(),
 		Standby:       defaultStandby(),

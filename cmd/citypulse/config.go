@@ -191,6 +191,9 @@ func (c Config) Validate() error {
 		// node writes to holds the whole city.
 		errs = append(errs, errors.New("cluster.enabled requires storage.remote_write.enabled: the nodes must share one store (e.g. VictoriaMetrics)"))
 	}
+	if c.Cluster.Enabled {
+		errs = append(errs, c.checkAckAfterSinks())
+	}
 	if c.Cluster.Enabled && c.Storage.RemoteWrite.Enabled && c.Storage.RemoteWrite.QueryBase() == "" {
 		errs = append(errs, errors.New("cluster.enabled needs storage.remote_write.query_url (the shared store's Prometheus query API) when the write URL does not end in /api/v1/write: every node's query API answers from that store"))
 	}

@@ -110,6 +110,31 @@ func TestTheRemovedClusterIndexInTheEnvironmentNamesNodeID(t *testing.T) {
 	require.ErrorContains(t, err, "cluster.node_id")
 }
 
+func TestClusterAcknowledgesAfterTheSharedStoreByDefault(t *testing.T) {
+	const rw = "storage:\n  remote_write:\n    enabled: true\n    url: http://127.0.0.1:8428/api/v1/write\n"
+	tests := []struct {
+		name string
+		yaml string
+		env  string
+		want []string
+	}{
+		{"by default, the remote-write sink", rw + "cluster:\n  enabled: true\n", "", []string{"remote_write"}},
+		{"none: after the local journal", rw + "cluster:\n  enabled: true\n  ack_after_sinks: []\n", "", []string{}},
+		{"several, from the environment", rw + "cluster:\n  enabled: true\n", "remote_write,tsdb", []string{"remote_write", "tsdb"}},
+		{"a slow sink with a longer ack_wait", rw + "    batch:\n      max_age: 2s\ncluster:\n  enabled: true\n  ack_wait: 6s\n  pinned_ttl: 7s\n", "", []string{"remote_write"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.env != "" {
+				t.Setenv("CITYPULSE_CLUSTER_ACK_AFTER_SINKS", tc.env)
+			}
+			c, err := loadConfig(writeConfig(t, tc.yaml), nil)
+			require.NoError(t, err)
+			require.Equal(t, tc.want, c.Cluster.AckAfterSinks)
+		})
+	}
+}
+
 func TestStandbyConfigFromTheEnvironmentMirrorsTheClusterStreams(t *testing.T) {
 	t.Setenv("CITYPULSE_CLUSTER_STANDBY_ENABLED", "true")
 	t.Setenv("CITYPULSE_CLUSTER_STANDBY_SITE", "east")
@@ -157,6 +182,9 @@ func TestBadClusterConfigIsRejectedWithTheKeyNamed(t *testing.T) {
 		{"a standby polling slower than its budget", rw + "cluster:\n  enabled: true\n  standby:\n    enabled: true\n    site: a\n    peer_domain: b\n    rpo_budget: 1s\n    poll_interval: 2s\n", "cluster.standby.poll_interval"},
 		{"a standby with 2 replicas", rw + "cluster:\n  enabled: true\n  standby:\n    enabled: true\n    site: a\n    peer_domain: b\n    replicas: 2\n", "cluster.standby.replicas"},
 		{"an unknown standby key", rw + "cluster:\n  enabled: true\n  standby:\n    rpo: 1s\n", "rpo"},
+		{"acknowledging after a sink not configured", rw + "cluster:\n  enabled: true\n  ack_after_sinks: [influx]\n", `cluster.ack_after_sinks: "influx" is not a configured sink`},
+		{"acknowledging after a sink named twice", rw + "cluster:\n  enabled: true\n  ack_after_sinks: [remote_write, remote_write]\n", "cluster.ack_after_sinks names \"remote_write\" twice"},
+		{"acknowledging after a sink that flushes too late for ack_wait", rw + "    batch:\n      max_age: 1100ms\ncluster:\n  enabled: true\n", "more than a third of cluster.ack_wait"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
