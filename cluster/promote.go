@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -151,10 +152,12 @@ func (s *Standby) promoteStream(ctx context.Context, name string) (uint64, error
 // was fenced): it copies into each stream what the old site had stored after
 // the point of divergence and this site never received — acknowledged
 // readings that were lost to this site — by sourcing them through the link,
-// then records how far it copied. Key-value streams are skipped: an old write
-// must not overwrite a newer value. The copies are new messages here (new
-// sequences, later than readings acknowledged since); consumers drop
-// duplicates by device and reading time.
+// then records how far it copied. Only the Salvage streams (the readings)
+// are copied: the others' tail is state this site has superseded since (an
+// old write must not overwrite a newer value, an old snapshot must not be
+// restored as the newest). The copies are new messages here (new sequences,
+// later than readings acknowledged since); consumers drop duplicates by
+// device and reading time.
 func (s *Standby) Salvage(ctx context.Context) (copied map[string]uint64, err error) {
 	s.op.Lock()
 	defer s.op.Unlock()
@@ -173,10 +176,7 @@ func (s *Standby) Salvage(ctx context.Context) (copied map[string]uint64, err er
 		rec.Salvaged = map[string]uint64{}
 	}
 	copied = map[string]uint64{}
-	for _, name := range s.cfg.Streams {
-		if strings.HasPrefix(name, "KV_") {
-			continue
-		}
+	for _, name := range s.cfg.Salvage {
 		from := max(rec.Diverged[name], rec.Salvaged[name])
 		upTo, n, err := s.salvageStream(ctx, name, from)
 		if err != nil {
@@ -303,7 +303,9 @@ func (s *Standby) Demote(ctx context.Context, opts DemoteOptions) error {
 			s.cfg.Site, local.Site, local.Epoch, peer.Site, peer.Epoch)
 	}
 	for _, name := range s.cfg.Streams {
-		if err := s.demoteStream(ctx, name, max(peer.Diverged[name], peer.Salvaged[name]), opts); err != nil {
+		o := opts
+		o.DiscardTail = o.DiscardTail || !slices.Contains(s.cfg.Salvage, name) // superseded state
+		if err := s.demoteStream(ctx, name, max(peer.Diverged[name], peer.Salvaged[name]), o); err != nil {
 			return err
 		}
 	}
@@ -326,6 +328,10 @@ func (s *Standby) demoteStream(ctx context.Context, name string, held uint64, op
 	if tail := info.State.LastSeq; tail > held && !opts.DiscardTail {
 		return fmt.Errorf("demote %s: stream %s: %w: sequences %d..%d (salvage them at the active site first)",
 			s.cfg.Site, name, ErrUnreplicatedTail, held+1, tail)
+	}
+	if tail := info.State.LastSeq; tail > held {
+		s.log.Warn("demote: discarding this site's tail the active site does not have", "stream", name,
+			"from", held+1, "to", tail, "salvaged", slices.Contains(s.cfg.Salvage, name))
 	}
 	if err := s.js.DeleteStream(ctx, name); err != nil {
 		return fmt.Errorf("demote %s: delete stream %s: %w", s.cfg.Site, name, err)

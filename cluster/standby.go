@@ -25,6 +25,14 @@ type StandbyConfig struct {
 	// Streams are kept in step at the standby by mirrors of the active site's:
 	// the readings stream and the key-value buckets' streams (KV_<bucket>).
 	Streams []string `mapstructure:"streams" yaml:"streams"`
+	// Salvage are the streams (of Streams) that hold what devices were
+	// acknowledged for: the readings. A returning old active site's tail of
+	// these is copied by Salvage, and Demote refuses to delete it unsalvaged.
+	// The other streams' tail there (alert state, notifications, buckets) is
+	// state the active site has superseded since: Salvage leaves it (an old
+	// snapshot copied after a newer one would be restored as the newest) and
+	// Demote discards it, logged.
+	Salvage []string `mapstructure:"salvage" yaml:"salvage"`
 	// Replicas of the mirrors and of the fence bucket at this site.
 	Replicas int `mapstructure:"replicas" yaml:"replicas"`
 	// RPOBudget is the replication lag (seconds behind) above which the
@@ -46,6 +54,7 @@ func DefaultStandby(site, peer string) StandbyConfig {
 	return StandbyConfig{
 		Site: site, PeerDomain: peer,
 		Streams:        []string{Default().Stream},
+		Salvage:        []string{Default().Stream},
 		Replicas:       3,
 		RPOBudget:      30 * time.Second,
 		PollInterval:   time.Second,
@@ -62,6 +71,11 @@ func (c StandbyConfig) Validate() error {
 	}
 	if len(c.Streams) == 0 || slices.Contains(c.Streams, "") {
 		errs = append(errs, errors.New("cluster.standby.streams must name at least one stream, none empty"))
+	}
+	for _, name := range c.Salvage {
+		if !slices.Contains(c.Streams, name) {
+			errs = append(errs, fmt.Errorf("cluster.standby.salvage: %q is not one of cluster.standby.streams %v", name, c.Streams))
+		}
 	}
 	if c.Replicas != 1 && c.Replicas != 3 && c.Replicas != 5 {
 		errs = append(errs, fmt.Errorf("cluster.standby.replicas must be 1, 3 or 5, got %d", c.Replicas))

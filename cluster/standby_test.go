@@ -228,7 +228,7 @@ func TestAReturningPrimaryIsFencedAndItsUnreplicatedTailSalvaged(t *testing.T) {
 	defer cancel()
 	p := newDRSite(t, sites.Primary.URL(), natstest.PrimaryDomain, natstest.StandbyDomain, 1)
 	s := newDRSite(t, sites.Standby.URL(), natstest.StandbyDomain, natstest.PrimaryDomain, 1)
-	startPrimary(t, ctx, p, 1)
+	kv := startPrimary(t, ctx, p, 1)
 	p.appendN(t, ctx, "mirrored", 100)
 	require.Eventually(t, func() bool {
 		return s.sync(ctx).WithinRPO && s.msgs(t, ctx, Default().Stream) == 100
@@ -236,6 +236,10 @@ func TestAReturningPrimaryIsFencedAndItsUnreplicatedTailSalvaged(t *testing.T) {
 
 	sites.Link.Cut()
 	p.appendN(t, ctx, "tail", 40) // acknowledged at the primary, never mirrored
+	// A state write at the cut-off primary: superseded by the active site's
+	// state, neither salvaged nor a reason for Demote to refuse.
+	_, err := kv.Put(ctx, "written.during.the.cut", []byte("stale"))
+	require.NoError(t, err)
 	require.NoError(t, s.sb.Promote(ctx, PromoteOptions{PeerDown: true}))
 	s.appendN(t, ctx, "promoted", 60)
 	require.Equal(t, RoleActive, p.sync(ctx).Role, "cut off, the primary cannot know: this is why PeerDown must be true")
@@ -249,9 +253,10 @@ func TestAReturningPrimaryIsFencedAndItsUnreplicatedTailSalvaged(t *testing.T) {
 	require.Error(t, p.sb.MayAcknowledge())
 	require.Equal(t, 1.0, s.gauge(t, "citypulse_dr_role", RoleActive))
 
-	err := p.sb.Demote(ctx, DemoteOptions{})
+	err = p.sb.Demote(ctx, DemoteOptions{})
 	require.ErrorIs(t, err, ErrUnreplicatedTail)
 	require.ErrorContains(t, err, "sequences 101..140")
+	require.ErrorContains(t, err, Default().Stream, "the readings' tail, not the bucket's, stops the demotion")
 	copied, err := s.sb.Salvage(ctx)
 	require.NoError(t, err)
 	require.Equal(t, map[string]uint64{Default().Stream: 40}, copied)
@@ -260,10 +265,14 @@ func TestAReturningPrimaryIsFencedAndItsUnreplicatedTailSalvaged(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, map[string]uint64{Default().Stream: 0}, copied, "salvage is done once")
 
-	require.NoError(t, p.sb.Demote(ctx, DemoteOptions{}))
+	require.NoError(t, p.sb.Demote(ctx, DemoteOptions{}), "the bucket's tail is discarded without --discard-tail")
 	require.Eventually(t, func() bool {
 		return p.sync(ctx).WithinRPO && p.msgs(t, ctx, Default().Stream) == 200
 	}, time.Minute, 100*time.Millisecond)
+	skv, err := s.js.KeyValue(ctx, "citypulse_registry")
+	require.NoError(t, err)
+	_, err = skv.Get(ctx, "written.during.the.cut")
+	require.ErrorIs(t, err, jetstream.ErrKeyNotFound, "the cut-off primary's bucket write is not salvaged into the active site")
 }
 
 func TestFenceRecordRule(t *testing.T) {
@@ -294,6 +303,7 @@ func TestStandbyConfigValidate(t *testing.T) {
 		{"defaults", func(*StandbyConfig) {}, ""},
 		{"same site and peer", func(c *StandbyConfig) { c.PeerDomain = c.Site }, "standby.site"},
 		{"no streams", func(c *StandbyConfig) { c.Streams = nil }, "standby.streams"},
+		{"salvage of a stream not mirrored", func(c *StandbyConfig) { c.Salvage = []string{"OTHER"} }, "standby.salvage"},
 		{"replicas 2", func(c *StandbyConfig) { c.Replicas = 2 }, "standby.replicas"},
 		{"poll slower than the budget", func(c *StandbyConfig) { c.PollInterval = time.Minute }, "standby.poll_interval"},
 		{"zero timeout", func(c *StandbyConfig) { c.LinkTimeout = 0 }, "link_timeout"},

@@ -62,6 +62,7 @@ func DefaultCluster() ClusterConfig {
 func defaultStandby() StandbySection {
 	sc := cluster.DefaultStandby("", "")
 	sc.Streams = []string{} // the cluster's own names (mirrored)
+	sc.Salvage = []string{} // the cluster's readings stream
 	return StandbySection{StandbyConfig: sc, RPOAlertHoldOff: 10 * time.Second}
 }
 
@@ -84,6 +85,9 @@ func (c ClusterConfig) standby() cluster.StandbyConfig {
 	sc := c.Standby.StandbyConfig
 	if len(sc.Streams) == 0 {
 		sc.Streams = c.mirrored()
+	}
+	if len(sc.Salvage) == 0 {
+		sc.Salvage = []string{c.Stream}
 	}
 	return sc
 }
