@@ -116,6 +116,16 @@ func TestTheSnapshotCarriesThePositionItCovers(t *testing.T) {
 	seq, err = next.Handled(ctx, 3)
 	require.NoError(t, err)
 	require.Equal(t, uint64(2000), seq)
+
+	// The fleet alerts' state is no partition of the readings: it records
+	// no position (a node's Progress has none for it).
+	next.SetProgress(NewProgress(4).Handled)
+	_, err = next.Restore(ctx, FleetState)
+	require.NoError(t, err)
+	require.NoError(t, next.Checkpoint(ctx, FleetState))
+	seq, err = next.Handled(ctx, FleetState)
+	require.NoError(t, err)
+	require.Zero(t, seq)
 }
 
 // TestANotificationMarkedDeliveredIsNotRestoredPending: a mirror of the state
