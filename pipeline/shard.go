@@ -104,7 +104,7 @@ func (s *shard) commit() {
 	}
 	err := s.j.write(s.buf)
 	if err == nil && s.tail != nil {
-		s.pushTail(base, base+uint64(len(s.buf)))
+		s.tail.pushAll(s.batch, base, base+uint64(len(s.buf)))
 	}
 	s.j.wake() // after the tail holds the records, so that woken sinks find them there
 	if err == nil && s.p.cfg.Fsync == FsyncAlways {
@@ -128,17 +128,6 @@ func (s *shard) commit() {
 	}
 	for _, r := range s.batch {
 		r.done <- err
-	}
-}
-
-// pushTail hands the records just written at [base, end) to the tail.
-func (s *shard) pushTail(base, end uint64) {
-	for i, r := range s.batch {
-		recEnd := end
-		if i+1 < len(s.batch) {
-			recEnd = s.batch[i+1].rs[0].Seq
-		}
-		s.tail.push(r.rs, r.rs[0].Seq, recEnd)
 	}
 }
 

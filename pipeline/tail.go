@@ -42,6 +42,25 @@ func newTail(capacity int) *tail {
 func (t *tail) push(rs []Reading, pos, end uint64) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	t.add(rs, pos, end)
+}
+
+// pushAll pushes a group commit's records, written from base to end, under
+// one lock.
+func (t *tail) pushAll(batch []*request, base, end uint64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for i, r := range batch {
+		recEnd := end
+		if i+1 < len(batch) {
+			recEnd = batch[i+1].rs[0].Seq
+		}
+		t.add(r.rs, r.rs[0].Seq, recEnd)
+	}
+}
+
+// add is push with t.mu held.
+func (t *tail) add(rs []Reading, pos, end uint64) {
 	if len(rs) == 0 || len(rs) > len(t.rs) || t.n > 0 && pos != t.end {
 		t.head, t.n, t.used = 0, 0, 0
 		if len(rs) == 0 || len(rs) > len(t.rs) {

@@ -73,17 +73,19 @@ func TestTailReadsAsTheJournal(t *testing.T) {
 
 // TestSinksReadTheJournalOnlyToCatchUp: a sink that keeps up takes (nearly)
 // all its readings from memory; one that failed for longer than the tail
-// holds catches up from the journal, and a sink added after a restart reads
-// the journal from its start; each gets every reading once, in order.
+// holds catches up from the journal; one that was down until a restart reads
+// them all from the journal, from its cursor; each gets every reading once,
+// in order.
 func TestSinksReadTheJournalOnlyToCatchUp(t *testing.T) {
 	dir := t.TempDir()
 	cfg := testConfig() // 2 shards, batches of 100: a tail of 1,024 readings each
 	fast := &collectSink{name: "fast"}
 	slow := &collectSink{name: "slow"}
+	down := &collectSink{name: "down"}
 	slow.failing.Store(true)
-	reg := prometheus.NewRegistry()
-	p, err := New(Options{Config: cfg, Dir: dir, Sinks: []SinkSpec{{Sink: fast}, {Sink: slow}},
-		DrainTimeout: 500 * time.Millisecond, Registerer: reg})
+	down.failing.Store(true)
+	p, err := New(Options{Config: cfg, Dir: dir, Sinks: []SinkSpec{{Sink: fast}, {Sink: slow}, {Sink: down}},
+		DrainTimeout: 500 * time.Millisecond, Registerer: prometheus.NewRegistry()})
 	require.NoError(t, err)
 	r := run(p)
 	const devices, n = 8, 1000 // 8,000 readings, 4,000 a shard on average
@@ -100,16 +102,18 @@ func TestSinksReadTheJournalOnlyToCatchUp(t *testing.T) {
 	require.Less(t, fromJournal(p, "fast"), float64(devices*n)/2, "a sink that keeps up reads from memory")
 	require.GreaterOrEqual(t, fromJournal(p, "slow"), float64(devices*n-2*(1024+cfg.Batch.MaxReadings)),
 		"a sink behind the tail reads the journal (all but the tails and the batch it read before failing)")
+	require.Empty(t, down.readings())
 
-	late := &collectSink{name: "late"}
-	p, err = New(Options{Config: cfg, Dir: dir, Sinks: []SinkSpec{{Sink: fast}, {Sink: late}},
+	down = &collectSink{name: "down"} // back after the restart
+	p, err = New(Options{Config: cfg, Dir: dir, Sinks: []SinkSpec{{Sink: fast}, {Sink: down}},
 		DrainTimeout: 500 * time.Millisecond, Registerer: prometheus.NewRegistry()})
 	require.NoError(t, err)
 	r = run(p)
-	waitFor(t, "the late sink", func() bool { return len(late.readings()) == devices*n })
+	waitFor(t, "the sink that was down", func() bool { return len(down.readings()) == devices*n })
 	r.stop(t)
-	requireAllInOrder(t, late.readings(), devices, n)
-	require.Equal(t, float64(devices*n), fromJournal(p, "late"), "after a restart, only the journal has them")
+	requireAllInOrder(t, down.readings(), devices, n)
+	require.Equal(t, float64(devices*n), fromJournal(p, "down"), "after a restart, only the journal has them")
+	requireAllInOrder(t, fast.readings(), devices, n) // nothing again
 }
 
 // run runs p until stop.
