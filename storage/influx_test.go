@@ -56,7 +56,7 @@ func lines(rs []pipeline.Reading) []string {
 func TestLineProtocolAsTheReplacerBuiltLines(t *testing.T) {
 	rng := rand.New(rand.NewPCG(13, 13))
 	names := []string{"pipe", "traffic light", "a,b", "k=v", "x=,y z", "", "é=ü", `back\slash`}
-	values := []float64{0, -0.0, 1e21, 1e-7, 412.5, math.MaxFloat64, math.SmallestNonzeroFloat64, -3}
+	values := []float64{0, math.Copysign(0, -1), 1e21, 1e-7, 412.5, math.MaxFloat64, math.SmallestNonzeroFloat64, -3}
 	pick := func(s []string) string { return s[rng.IntN(len(s))] }
 	for range 200 {
 		rs := make([]pipeline.Reading, rng.IntN(20))
