@@ -138,9 +138,18 @@ func (j *journal) recoverSegment(s *segment, st *recoveryStats) error {
 	return nil
 }
 
-// append writes b (whole records) with one write(2). On failure the segment is
-// cut back so no partial record stays behind, and nothing is published.
+// append writes b (whole records) with one write(2) and wakes the readers
+// waiting. On failure the segment is cut back so no partial record stays
+// behind, and nothing is published.
 func (j *journal) append(b []byte) error {
+	err := j.write(b)
+	j.wake()
+	return err
+}
+
+// write is append without the wake-up: the caller wakes the readers (wake)
+// once it has done what they are to find.
+func (j *journal) write(b []byte) error {
 	if j.closed {
 		return ErrClosed
 	}
@@ -158,7 +167,6 @@ func (j *journal) append(b []byte) error {
 			j.log.Error("journal: cannot start a new segment; appending to the current one", "err", err)
 		}
 	}
-	j.wake()
 	return nil
 }
 

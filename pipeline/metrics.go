@@ -19,6 +19,9 @@ type metrics struct {
 	sinkDropped   *prometheus.CounterVec
 	sinkLag       *prometheus.GaugeVec
 	sinkReplay    *prometheus.CounterVec
+	// sinkJournalReads: readings a sink read back from the journal (catching
+	// up, or after a restart) instead of the shard's tail in memory.
+	sinkJournalReads *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -61,11 +64,15 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "citypulse_sink_replay_bytes_total",
 			Help: "Journal bytes a sink re-reads at start-up from its saved cursor: after a crash, an upper bound on what it may write a second time (the stores keep one copy)."},
 			[]string{"sink"}),
+		sinkJournalReads: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "citypulse_sink_journal_readings_total",
+			Help: "Readings a sink read back from the journal (catching up after an outage or a restart) rather than from the newest records kept in memory."},
+			[]string{"sink"}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.submitted, m.records, m.groupCommits, m.perWrite, m.fsyncs, m.backpressure, m.journalBytes,
 			m.recoveredRecs, m.droppedBytes, m.segmentsFreed, m.sinkWritten, m.sinkBatches, m.sinkErrors,
-			m.sinkDropped, m.sinkLag, m.sinkReplay)
+			m.sinkDropped, m.sinkLag, m.sinkReplay, m.sinkJournalReads)
 	}
 	return m
 }

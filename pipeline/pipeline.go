@@ -150,8 +150,26 @@ func New(o Options) (*Pipeline, error) {
 		}
 		p.m.sinkReplay.WithLabelValues(name).Add(float64(replay))
 	}
+	if len(p.sinks) > 0 {
+		n := tailReadings(p.sinks)
+		for _, sh := range p.shards {
+			sh.tail = newTail(n)
+		}
+	}
 	p.updateGauges()
 	return p, nil
+}
+
+// tailReadings sizes each shard's in-memory tail: twice the largest batch
+// of any sink (a worker with a batch begun reads again once enough was
+// appended to fill it), within [1024, 40000] readings (about 100 bytes each
+// plus the strings they share).
+func tailReadings(sinks []*sinkState) int {
+	n := 0
+	for _, st := range sinks {
+		n = max(n, 2*st.policy.MaxReadings)
+	}
+	return min(max(n, 1024), 40000)
 }
 
 func validSinkName(s string) bool {

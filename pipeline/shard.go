@@ -15,6 +15,7 @@ type shard struct {
 	id   int
 	p    *Pipeline
 	j    *journal
+	tail *tail // newest records in memory for the sink workers (nil: no sinks)
 	q    *queue
 	done chan struct{} // closed when the loop has exited
 
@@ -101,7 +102,11 @@ func (s *shard) commit() {
 		s.buf = appendRecord(s.buf, r.rs)
 		n += len(r.rs)
 	}
-	err := s.j.append(s.buf)
+	err := s.j.write(s.buf)
+	if err == nil && s.tail != nil {
+		s.tail.pushAll(s.batch, base, base+uint64(len(s.buf)))
+	}
+	s.j.wake() // after the tail holds the records, so that woken sinks find them there
 	if err == nil && s.p.cfg.Fsync == FsyncAlways {
 		err = s.syncErr()
 	}

@@ -124,7 +124,7 @@ func (w *sinkWorker) fill(ctx context.Context, pos uint64, shardsDone <-chan str
 	for {
 		var n int
 		var err error
-		w.batch, readPos, n, err = w.r.read(readPos, w.batch, policy.MaxReadings, max(policy.MaxBytes-size, 0))
+		w.batch, readPos, n, err = w.read(readPos, policy.MaxReadings, max(policy.MaxBytes-size, 0))
 		if err != nil {
 			w.p.log.Error("pipeline: reading the journal for a sink failed; retrying", "sink", w.st.name, "shard", w.s.id, "err", err)
 			if !backoff.Sleep(ctx, time.Second) {
@@ -153,6 +153,22 @@ func (w *sinkWorker) fill(ctx context.Context, pos uint64, shardsDone <-chan str
 			return 0, false
 		}
 	}
+}
+
+// read appends the records from pos to w.batch: from the shard's tail in
+// memory when it holds pos (the worker keeps up), else from the journal.
+func (w *sinkWorker) read(pos uint64, maxReadings, maxBytes int) ([]Reading, uint64, int, error) {
+	if w.s.tail != nil {
+		if b, next, n, ok := w.s.tail.read(pos, w.batch, maxReadings, maxBytes); ok {
+			return b, next, n, nil
+		}
+	}
+	before := len(w.batch)
+	b, next, n, err := w.r.read(pos, w.batch, maxReadings, maxBytes)
+	if read := len(b) - before; read > 0 {
+		w.p.m.sinkJournalReads.WithLabelValues(w.st.name).Add(float64(read))
+	}
+	return b, next, n, err
 }
 
 // wait returns when there is something to read: with an empty batch, any

@@ -29,6 +29,7 @@ type ruleShard struct {
 	lastSeen map[string]time.Time
 	gen      uint64
 	cand     map[[3]string][]*Rule // (kind, metric, district) → rules that may match
+	scratch  alert                 // evaluate's alert for a reading with none in alerts
 }
 
 // Engine evaluates the rules on every reading (in the shard loops) and on a
@@ -230,18 +231,31 @@ func (e *Engine) evaluate(s *ruleShard, rule *Rule, r *pipeline.Reading, t time.
 	k := alertKey{Rule: rule.Name, Device: r.Device, Metric: r.Metric, District: r.District, Kind: r.Kind}
 	a := s.alerts[k]
 	if a == nil {
-		a = &alert{key: k}
-		s.alerts[k] = a
+		// Most readings with no alert are fine: judge them on the shard's
+		// scratch alert, kept (copied to the map) only if there is something
+		// to remember or to tell.
+		s.scratch = alert{key: k}
+		a = &s.scratch
 	}
 	// The condition (a rate rule's window) goes by when the reading was
 	// measured, so a backlog replayed after an outage is judged on when things
 	// happened; the lifecycle goes by arrival.
 	bad, delta := rule.condition(&a.state, r.Value, measuredAt(r))
 	a.state.Value, a.state.Delta = r.Value, delta
-	if tr := a.state.Step(rule, bad, t, e.flap); len(tr) > 0 {
+	tr := a.state.Step(rule, bad, t, e.flap)
+	forget := !a.state.Bad && a.state.Phase == Inactive && !a.state.Flapping && a.state.Rate.IsZero()
+	if a == &s.scratch {
+		if forget && len(tr) == 0 {
+			return
+		}
+		a = &alert{key: k, state: s.scratch.state}
+		s.scratch = alert{}
+		s.alerts[k] = a
+	}
+	if len(tr) > 0 {
 		e.emit(s, a, rule, tr)
 	}
-	if !a.state.Bad && a.state.Phase == Inactive && !a.state.Flapping && a.state.Rate.IsZero() {
+	if forget {
 		delete(s.alerts, k) // nothing to remember
 	}
 }

@@ -115,7 +115,7 @@ func OpenInflux(cfg InfluxConfig, deadLetterPath string, log *slog.Logger, reg p
 		SetMaxRetries(0)
 	client := influxdb2.NewClientWithOptions(cfg.URL, cfg.Token, opts)
 	x := &Influx{cfg: cfg, client: client, write: client.WriteAPIBlocking(cfg.Org, cfg.Bucket), log: log, deadPath: deadLetterPath, sleep: backoff.Sleep}
-	x.pool.New = func() any { return new([]string) }
+	x.pool.New = func() any { return new(lineBatch) }
 	x.m = &influxMetrics{
 		points: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "citypulse_storage_influx_lines_written_total", Help: "Line-protocol lines accepted by the InfluxDB-compatible store."}),
@@ -138,21 +138,35 @@ func (x *Influx) Close() { x.client.Close() }
 
 // Write sends the batch as line protocol.
 func (x *Influx) Write(ctx context.Context, b pipeline.Batch) error {
-	lp := x.pool.Get().(*[]string)
-	lines := appendLines((*lp)[:0], b.Readings)
-	defer func() { clear(lines); *lp = lines[:0]; x.pool.Put(lp) }()
-	return x.send(ctx, lines)
+	lb := x.pool.Get().(*lineBatch)
+	defer x.pool.Put(lb)
+	lb.buf, lb.ends = appendLines(lb.buf[:0], lb.ends[:0], b.Readings)
+	body := string(lb.buf) // the client sends one string: one copy of the batch
+	return x.send(ctx, body, lb.ends, 0, len(lb.ends))
 }
 
-// send writes lines; on a data error it bisects.
-func (x *Influx) send(ctx context.Context, lines []string) error {
-	if len(lines) == 0 {
+// lineBatch is a batch in line protocol: the lines, each followed by a
+// newline, and the offset after each newline (to bisect a batch the store
+// refused as bad data).
+type lineBatch struct {
+	buf  []byte
+	ends []int
+}
+
+// send writes lines [i, j) of body; on a data error it bisects.
+func (x *Influx) send(ctx context.Context, body string, ends []int, i, j int) error {
+	if i >= j {
 		return nil
 	}
-	err := x.write.WriteRecord(ctx, lines...)
+	from := 0
+	if i > 0 {
+		from = ends[i-1]
+	}
+	text := body[from : ends[j-1]-1] // without the last newline, as the client adds none
+	err := x.write.WriteRecord(ctx, text)
 	if err == nil {
 		x.m.requests.WithLabelValues("ok").Inc()
-		x.m.points.Add(float64(len(lines)))
+		x.m.points.Add(float64(j - i))
 		return nil
 	}
 	var he *influxhttp.Error
@@ -163,14 +177,14 @@ func (x *Influx) send(ctx context.Context, lines []string) error {
 	switch he.StatusCode {
 	case 400, 413, 422:
 		x.m.requests.WithLabelValues("bad_data").Inc()
-		if len(lines) == 1 {
-			return x.deadLetter(lines[0], he)
+		if j-i == 1 {
+			return x.deadLetter(text, he)
 		}
-		mid := len(lines) / 2
-		if err := x.send(ctx, lines[:mid]); err != nil {
+		mid := (i + j) / 2
+		if err := x.send(ctx, body, ends, i, mid); err != nil {
 			return err
 		}
-		return x.send(ctx, lines[mid:])
+		return x.send(ctx, body, ends, mid, j)
 	case 429, 503:
 		x.m.requests.WithLabelValues("throttled").Inc()
 		if he.RetryAfter > 0 {
@@ -214,33 +228,33 @@ func (x *Influx) deadLetter(line string, reason error) error {
 	return nil
 }
 
-// appendLines renders readings as line protocol, one line per (device, time):
-// kind,device=<id>,district=<d> m1=v1,m2=v2 <ns>.
-func appendLines(dst []string, rs []pipeline.Reading) []string {
-	var sb strings.Builder
+// appendLines renders readings as line protocol, one line per (device, time),
+// each followed by a newline, onto buf, and the offset after each line onto
+// ends: kind,device=<id>,district=<d> m1=v1,m2=v2 <ns>.
+func appendLines(buf []byte, ends []int, rs []pipeline.Reading) ([]byte, []int) {
 	for i := 0; i < len(rs); {
-		r := rs[i]
-		sb.Reset()
-		sb.WriteString(escape(r.Kind, measurementEscaper))
-		sb.WriteString(",device=")
-		sb.WriteString(escape(r.Device, tagEscaper))
-		sb.WriteString(",district=")
-		sb.WriteString(escape(r.District, tagEscaper))
+		r := &rs[i]
+		buf = appendEscaped(buf, r.Kind, false)
+		buf = append(buf, ",device="...)
+		buf = appendEscaped(buf, r.Device, true)
+		buf = append(buf, ",district="...)
+		buf = appendEscaped(buf, r.District, true)
 		sep := byte(' ')
 		j := i
 		for ; j < len(rs) && rs[j].Device == r.Device && rs[j].Time == r.Time && !hasMetric(rs[i:j], rs[j].Metric); j++ {
-			sb.WriteByte(sep)
+			buf = append(buf, sep)
 			sep = ','
-			sb.WriteString(escape(rs[j].Metric, tagEscaper))
-			sb.WriteByte('=')
-			sb.WriteString(strconv.FormatFloat(rs[j].Value, 'g', -1, 64))
+			buf = appendEscaped(buf, rs[j].Metric, true)
+			buf = append(buf, '=')
+			buf = strconv.AppendFloat(buf, rs[j].Value, 'g', -1, 64)
 		}
-		sb.WriteByte(' ')
-		sb.WriteString(strconv.FormatInt(r.Time, 10))
-		dst = append(dst, sb.String())
+		buf = append(buf, ' ')
+		buf = strconv.AppendInt(buf, r.Time, 10)
+		buf = append(buf, '\n')
+		ends = append(ends, len(buf))
 		i = j
 	}
-	return dst
+	return buf, ends
 }
 
 // hasMetric reports whether m already has a field in the line being built.
@@ -253,14 +267,15 @@ func hasMetric(line []pipeline.Reading, m string) bool {
 	return false
 }
 
-var (
-	measurementEscaper = strings.NewReplacer(",", `\,`, " ", `\ `)
-	tagEscaper         = strings.NewReplacer(",", `\,`, " ", `\ `, "=", `\=`)
-)
-
-func escape(s string, r *strings.Replacer) string {
-	if !strings.ContainsAny(s, ", =") {
-		return s
+// appendEscaped appends s as a measurement (commas and spaces escaped) or,
+// with tag, as a tag key, tag value or field key (equal signs too).
+func appendEscaped(buf []byte, s string, tag bool) []byte {
+	from := 0
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c == ',' || c == ' ' || tag && c == '=' {
+			buf = append(append(buf, s[from:i]...), '\\', c)
+			from = i + 1
+		}
 	}
-	return r.Replace(s)
+	return append(buf, s[from:]...)
 }

@@ -4,10 +4,13 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math"
+	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -31,7 +34,98 @@ func TestLineProtocolGroupsADevicesReadingsAtOneTime(t *testing.T) {
 		"pipe,device=pipe-0001,district=gulou pressure=409 1767225601000000000",
 		`traffic_light,device=tl-0001,district=my\ district state=3 1767225600000000000`,
 		`traffic_light,device=tl-0001,district=my\ district state=2 1767225600000000000`,
-	}, appendLines(nil, rs))
+	}, lines(rs))
+}
+
+// lines is appendLines as one string per line.
+func lines(rs []pipeline.Reading) []string {
+	buf, ends := appendLines(nil, nil, rs)
+	out := make([]string, len(ends))
+	from := 0
+	for i, end := range ends {
+		out[i] = string(buf[from : end-1])
+		from = end
+	}
+	return out
+}
+
+// TestLineProtocolAsTheReplacerBuiltLines renders random readings (names
+// with commas, spaces, equal signs; extreme values) with appendLines and
+// with the strings.Builder, strings.Replacer and FormatFloat renderer it
+// replaced, and requires the same lines.
+func TestLineProtocolAsTheReplacerBuiltLines(t *testing.T) {
+	rng := rand.New(rand.NewPCG(13, 13))
+	names := []string{"pipe", "traffic light", "a,b", "k=v", "x=,y z", "", "é=ü", `back\slash`}
+	values := []float64{0, math.Copysign(0, -1), 1e21, 1e-7, 412.5, math.MaxFloat64, math.SmallestNonzeroFloat64, -3}
+	pick := func(s []string) string { return s[rng.IntN(len(s))] }
+	for range 200 {
+		rs := make([]pipeline.Reading, rng.IntN(20))
+		for i := range rs {
+			rs[i] = pipeline.Reading{Device: pick(names[:3]), Kind: pick(names), District: pick(names),
+				Metric: pick(names), Value: values[rng.IntN(len(values))] * rng.Float64(), Time: rng.Int64N(3) * 1e9}
+		}
+		require.Equal(t, replacerLines(rs), append([]string{}, lines(rs)...))
+	}
+}
+
+// replacerLines is the renderer before issue 13's second round.
+func replacerLines(rs []pipeline.Reading) []string {
+	measurement := strings.NewReplacer(",", `\,`, " ", `\ `)
+	tag := strings.NewReplacer(",", `\,`, " ", `\ `, "=", `\=`)
+	dst := []string{}
+	var sb strings.Builder
+	for i := 0; i < len(rs); {
+		r := rs[i]
+		sb.Reset()
+		sb.WriteString(measurement.Replace(r.Kind))
+		sb.WriteString(",device=")
+		sb.WriteString(tag.Replace(r.Device))
+		sb.WriteString(",district=")
+		sb.WriteString(tag.Replace(r.District))
+		sep := byte(' ')
+		j := i
+		for ; j < len(rs) && rs[j].Device == r.Device && rs[j].Time == r.Time && !hasMetric(rs[i:j], rs[j].Metric); j++ {
+			sb.WriteByte(sep)
+			sep = ','
+			sb.WriteString(tag.Replace(rs[j].Metric))
+			sb.WriteByte('=')
+			sb.WriteString(strconv.FormatFloat(rs[j].Value, 'g', -1, 64))
+		}
+		sb.WriteByte(' ')
+		sb.WriteString(strconv.FormatInt(r.Time, 10))
+		dst = append(dst, sb.String())
+		i = j
+	}
+	return dst
+}
+
+// BenchmarkLineProtocol renders a flood batch: 5,000 readings, 4 metrics of
+// 16 devices at a time.
+func BenchmarkLineProtocol(b *testing.B) {
+	metrics := []string{"pressure", "flow", "leak", "gas_concentration"}
+	rs := make([]pipeline.Reading, 0, 5000)
+	for i := 0; len(rs) < 5000; i++ {
+		for _, m := range metrics {
+			rs = append(rs, rd(fmt.Sprintf("pipe-%04d", i%16), "gulou", "pipe", m, float64(i)*1.37, t0.Add(time.Duration(i/16)*time.Millisecond)))
+		}
+	}
+	var buf []byte
+	var ends []int
+	for _, c := range []struct {
+		name   string
+		render func()
+	}{
+		{"replacer", func() { replacerLines(rs) }},
+		{"append", func() { buf, ends = appendLines(buf[:0], ends[:0], rs); _ = string(buf) }},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				c.render()
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(rs)), "ns/reading")
+		})
+	}
 }
 
 // fakeWriteAPI answers /api/v2/write: lines containing "bad" make the whole

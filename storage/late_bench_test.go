@@ -3,6 +3,7 @@ package storage
 import (
 	"context"
 	"fmt"
+	"syscall"
 	"testing"
 	"time"
 
@@ -50,4 +51,42 @@ func benchWriteAfter(b *testing.B, offset time.Duration) {
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(n), "ns/reading")
 	// every late reading is at a new ms: all must be stored, none refused
 	b.ReportMetric((testutil.ToFloat64(db.m.appended)-appended0)/float64(n), "stored/reading")
+}
+
+// BenchmarkTSDBWriteFlood writes the efficiency flood's batches: 5,000
+// readings of 16 devices × 4 metrics, in order, each series many times per
+// batch (what batchSamples logs).
+func BenchmarkTSDBWriteFlood(b *testing.B) {
+	db, err := OpenTSDB(b.TempDir(), DefaultTSDB(), nil, prometheus.NewRegistry())
+	require.NoError(b, err)
+	defer db.Close()
+	metrics := []string{"pressure", "flow", "leak", "gas_concentration"}
+	devs := make([]string, 16)
+	for i := range devs {
+		devs[i] = fmt.Sprintf("pipe-%04d", i)
+	}
+	start := time.Now().Add(-time.Hour)
+	batch := pipeline.Batch{Readings: make([]pipeline.Reading, 5000)}
+	n := 0
+	cpu0 := processCPU(b)
+	for b.Loop() {
+		for i := range batch.Readings {
+			msg := n / len(metrics)
+			batch.Readings[i] = pipeline.Reading{Device: devs[msg%len(devs)], District: "gulou", Kind: "pipe", Metric: metrics[n%len(metrics)],
+				Value: float64(n), Time: start.Add(time.Duration(msg/len(devs)) * time.Millisecond).UnixNano()}
+			n++
+		}
+		require.NoError(b, db.Write(context.Background(), batch))
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(n), "ns/reading")
+	// CPU of the whole process (the TSDB's own goroutines too): on a loaded
+	// machine the wall time above says more about the neighbours.
+	b.ReportMetric(float64(processCPU(b)-cpu0)/float64(n), "cpu-ns/reading")
+}
+
+// processCPU is the user+system CPU time of this process.
+func processCPU(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	require.NoError(b, syscall.Getrusage(syscall.RUSAGE_SELF, &ru))
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

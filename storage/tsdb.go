@@ -49,6 +49,7 @@ type TSDB struct {
 	mu     sync.Mutex
 	caches map[int]*seriesCache // per pipeline shard: one writer each, no lock on the hot path
 	gen    atomic.Uint64        // numbers the batches (batchSamples)
+	logs   sync.Pool            // *[]batchSample: batchSamples.log arrays
 
 	closeOnce sync.Once
 	closeErr  error
@@ -85,10 +86,19 @@ type batchKey struct {
 // more than one in it: a late sample is compared with them, since the TSDB
 // would otherwise take it into its out-of-order head, where at query time it
 // replaces the value the series already had at that ms. A series with one
-// sample per batch (most) costs nothing.
+// sample per batch costs nothing; the others are logged in order (cheap) and
+// indexed only at the first lookup that needs them (a late sample, rare).
 type batchSamples struct {
-	gen uint64
-	m   map[batchKey]float64
+	gen  uint64
+	log  []batchSample        // the samples after a series' first, in order, until m is built
+	m    map[batchKey]float64 // built from log at the first lookup
+	pool *sync.Pool           // where log's array goes back (release)
+}
+
+type batchSample struct {
+	e  *seriesEntry
+	ms int64
+	v  float64
 }
 
 // add records a sample just appended to e.
@@ -98,8 +108,13 @@ func (b *batchSamples) add(e *seriesEntry, ms int64, v float64) {
 		return
 	}
 	if b.m == nil {
-		b.m = map[batchKey]float64{}
+		b.log = append(b.log, batchSample{e, ms, v})
+		return
 	}
+	b.index(e, ms, v)
+}
+
+func (b *batchSamples) index(e *seriesEntry, ms int64, v float64) {
 	b.m[batchKey{e, e.firstT}] = e.firstV
 	b.m[batchKey{e, ms}] = v
 }
@@ -112,8 +127,25 @@ func (b *batchSamples) get(e *seriesEntry, ms int64) (float64, bool) {
 	if e.firstT == ms {
 		return e.firstV, true
 	}
+	if b.m == nil {
+		b.m = make(map[batchKey]float64, 2*len(b.log))
+		for _, s := range b.log {
+			b.index(s.e, s.ms, s.v)
+		}
+		b.release()
+	}
 	v, ok := b.m[batchKey{e, ms}]
 	return v, ok
+}
+
+// release hands the log's array back for the next batch.
+func (b *batchSamples) release() {
+	if b.log != nil && b.pool != nil {
+		clear(b.log)
+		l := b.log[:0]
+		b.pool.Put(&l)
+	}
+	b.log = nil
 }
 
 // seriesCache maps a series to its TSDB reference and labels, so the hot path
@@ -186,7 +218,11 @@ func (t *TSDB) Write(ctx context.Context, b pipeline.Batch) error {
 	cache := t.cache(b.Shard)
 	app := t.db.Appender(ctx)
 	appended := 0
-	batch := batchSamples{gen: t.gen.Add(1)}
+	batch := batchSamples{gen: t.gen.Add(1), pool: &t.logs}
+	if l, ok := t.logs.Get().(*[]batchSample); ok {
+		batch.log = *l
+	}
+	defer batch.release()
 	for i := range b.Readings {
 		r := &b.Readings[i]
 		k := seriesKey{r.Device, r.District, r.Metric}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"maps"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -47,6 +48,11 @@ type effOptions struct {
 	drainTimeout  time.Duration
 	keep          bool
 	verbose       bool
+	// profile, when set, is a directory: a CPU profile of the measured
+	// binary's first run in each mode (/debug/pprof/profile from the flood's
+	// start for profileFor) is written there.
+	profile    string
+	profileFor time.Duration
 }
 
 func parseEffFlags(args []string, stderr io.Writer) (effOptions, error) {
@@ -65,6 +71,8 @@ func parseEffFlags(args []string, stderr io.Writer) (effOptions, error) {
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 5*time.Minute, "give up when the store lacks readings this long after publishing ended")
 	fs.BoolVar(&o.keep, "keep", false, "keep the temporary data directories")
 	fs.BoolVar(&o.verbose, "v", false, "debug logging")
+	fs.StringVar(&o.profile, "profile", "", "directory: write a CPU profile of the measured binary's first run in each mode (<mode>.pprof)")
+	fs.DurationVar(&o.profileFor, "profile-seconds", 8*time.Second, "length of that profile, from the flood's start")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -96,6 +104,9 @@ func (o effOptions) validate() error {
 	}
 	if o.rounds < 1 || o.rounds > 100 {
 		errs = append(errs, fmt.Errorf("--rounds %d: want 1..100", o.rounds))
+	}
+	if o.profile != "" && (o.profileFor < time.Second || o.profileFor > 5*time.Minute) {
+		errs = append(errs, fmt.Errorf("--profile-seconds %s: want 1s..5m", o.profileFor))
 	}
 	if o.drainTimeout <= 0 {
 		errs = append(errs, errors.New("--drain-timeout: want > 0 (every run stops by itself)"))
@@ -268,6 +279,7 @@ log: {level: warn}
 devices: {file: %s}
 vitals: {file: %s}
 rules: {file: %s}
+http: {admin_token: %s}
 ingest:
   rate_limit: {readings_per_second: 0}   # a flood is not a misbehaving device
 %s`
@@ -295,7 +307,7 @@ storage:
 `, e.mqtt, e.vmAddr)
 	}
 	cfg := fmt.Sprintf(effConfig, filepath.Join(dir, "data"), devFile, filepath.Join(e.configs, "vitals.yaml"),
-		filepath.Join(e.configs, "rules.yaml"), extra)
+		filepath.Join(e.configs, "rules.yaml"), effAdminToken, extra)
 	path := filepath.Join(dir, "citypulse.yaml")
 	return path, os.WriteFile(path, []byte(cfg), 0o600)
 }
@@ -352,6 +364,7 @@ func (e *effEnv) run(ctx context.Context, bin, mode string, round int) (effRun, 
 		return res, err
 	}
 	t0 := time.Now()
+	profiled := e.profile(ctx, addrs.HTTP, bin, mode, round)
 	fr, err := flood(ctx, target, conns, e.o.window)
 	gen1, _ := servers.CPUTime(os.Getpid())
 	res.GenCPU, res.Flood = gen1-gen0, fr.End.Sub(t0)
@@ -387,7 +400,50 @@ func (e *effEnv) run(ctx context.Context, bin, mode string, round int) (effRun, 
 	if res.Verified, err = verify(ctx, r, sent, stores); err != nil {
 		return res, err
 	}
+	if err := <-profiled; err != nil {
+		return res, err
+	}
 	return res, cp.Stop(30 * time.Second)
+}
+
+// effAdminToken lets the harness fetch /debug/pprof/profile (--profile).
+const effAdminToken = "efficiency-admin-token"
+
+// profile fetches a CPU profile of citypulse at httpAddr, from now for
+// --profile-seconds, into --profile/<mode>.pprof when this is the measured
+// binary's first run in mode; the channel yields the outcome (nil at once
+// when there is nothing to do).
+func (e *effEnv) profile(ctx context.Context, httpAddr, bin, mode string, round int) <-chan error {
+	done := make(chan error, 1)
+	if e.o.profile == "" || round != 0 || bin != e.o.bin {
+		done <- nil
+		return done
+	}
+	a := newAPI(Target{HTTP: httpAddr, AdminToken: effAdminToken})
+	a.hc.Timeout = e.o.profileFor + time.Minute
+	path := fmt.Sprintf("/debug/pprof/profile?seconds=%d", int(e.o.profileFor.Seconds()))
+	go func() {
+		done <- func() error {
+			resp, err := a.do(ctx, http.MethodGet, path, a.admin, nil, "")
+			if err != nil {
+				return fmt.Errorf("profile: %w", err)
+			}
+			defer resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				return fmt.Errorf("profile: %s", resp.Status)
+			}
+			if err := os.MkdirAll(e.o.profile, 0o755); err != nil {
+				return err
+			}
+			f, err := os.Create(filepath.Join(e.o.profile, mode+".pprof"))
+			if err != nil {
+				return err
+			}
+			_, err = io.Copy(f, resp.Body)
+			return errors.Join(err, f.Close())
+		}()
+	}()
+	return done
 }
 
 // verify checks every generated reading in each store (by name) and says
