@@ -175,14 +175,20 @@ func (f *Follower) consumer(ctx context.Context) (jetstream.Consumer, error) {
 	})
 }
 
+// followWait is how long one pull waits for a full batch.
+const followWait = 250 * time.Millisecond
+
 // follow fetches bounded batches (cluster.max_batch messages) and stores
 // them until ctx is done or the consumer fails.
 func (f *Follower) follow(ctx context.Context, c jetstream.Consumer, started time.Time) error {
 	lastCheck := time.Time{}
 	var lastStored time.Time
 	for ctx.Err() == nil {
+		// A pull returns when it has MaxBatch messages or its wait is over:
+		// a short wait keeps the store's lag short at a low write rate (and
+		// renews the pin well within PinnedTTL).
 		batch, err := c.Fetch(f.cfg.MaxBatch, jetstream.FetchPriorityGroup(FollowerGroup),
-			jetstream.FetchMaxWait(max(f.cfg.PinnedTTL/2, time.Second)))
+			jetstream.FetchMaxWait(followWait))
 		if err != nil {
 			return fmt.Errorf("fetch: %w", err)
 		}
