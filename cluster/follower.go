@@ -48,9 +48,11 @@ type Follower struct {
 
 // FollowerStatus is the follower's part of /api/v1/cluster's dr object.
 // LagMessages is the mirror's messages not yet in the store (pending and
-// delivered unacknowledged, as of the last check); SecondsBehind is 0 when
-// none is pending, else the age (stream time) of the last message stored,
-// or the time since the follower started while it has stored none.
+// delivered unacknowledged, as of the last check, once a second);
+// SecondsBehind is 0 when none is, else an upper bound on the age of what
+// the store lacks: the time since the store last held everything, since the
+// last message it stored was stored at the source, or since the follower
+// started, whichever is the latest.
 type FollowerStatus struct {
 	Following        bool    `json:"following"` // this node's follower runs (it may not hold the pin)
 	ReadingsFollowed uint64  `json:"readings_followed"`
@@ -77,7 +79,7 @@ func newFollowerMetrics(reg prometheus.Registerer) *followerMetrics {
 		lagMsgs: prometheus.NewGauge(prometheus.GaugeOpts{Name: "citypulse_dr_follower_lag_messages",
 			Help: "Messages of the readings mirror not yet written to the standby site's store."}),
 		lagSec: prometheus.NewGauge(prometheus.GaugeOpts{Name: "citypulse_dr_follower_lag_seconds",
-			Help: "Age of the standby site's store: 0 when the follower is caught up, else the age of the last message it stored."}),
+			Help: "How far the standby site's store is behind its readings mirror: 0 when caught up, else the time since it last was (or since the last message it stored was stored at the source, if later)."}),
 		following: prometheus.NewGauge(prometheus.GaugeOpts{Name: "citypulse_dr_follower_running",
 			Help: "1 while this node's store follower runs (the site is a standby)."}),
 	}
@@ -181,8 +183,9 @@ const followWait = 250 * time.Millisecond
 // follow fetches bounded batches (cluster.max_batch messages) and stores
 // them until ctx is done or the consumer fails.
 func (f *Follower) follow(ctx context.Context, c jetstream.Consumer, started time.Time) error {
-	lastCheck := time.Time{}
-	var lastStored time.Time
+	// lastStored: the stream time of the last message stored; caughtUp:
+	// when the store last held everything the mirror had.
+	var lastCheck, lastStored, caughtUp time.Time
 	for ctx.Err() == nil {
 		// A pull returns when it has MaxBatch messages or its wait is over:
 		// a short wait keeps the store's lag short at a low write rate (and
@@ -207,9 +210,11 @@ func (f *Follower) follow(ctx context.Context, c jetstream.Consumer, started tim
 		if err := batch.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) && !errors.Is(err, jetstream.ErrPinIDMismatch) {
 			return fmt.Errorf("fetch: %w", err)
 		}
-		if time.Since(lastCheck) >= time.Second || len(msgs) == 0 {
+		if time.Since(lastCheck) >= time.Second {
 			lastCheck = time.Now()
-			f.check(ctx, c, lastStored, started)
+			if f.check(ctx, c, lastStored, caughtUp, started) {
+				caughtUp = lastCheck
+			}
 		}
 	}
 	return nil
@@ -276,28 +281,33 @@ func (f *Follower) store(ctx context.Context, msgs []jetstream.Msg) error {
 	return nil
 }
 
-// check reads the consumer's info: the lag and the ack floor.
-func (f *Follower) check(ctx context.Context, c jetstream.Consumer, lastStored, started time.Time) {
+// check reads the consumer's info: the lag and the ack floor. It reports
+// whether the store holds everything the mirror has (lag 0).
+func (f *Follower) check(ctx context.Context, c jetstream.Consumer, lastStored, caughtUp, started time.Time) bool {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	info, err := c.Info(ctx)
 	if err != nil {
-		return
+		return false
 	}
 	lag := info.NumPending + uint64(info.NumAckPending)
 	var behind float64
-	switch {
-	case lag == 0:
-	case lastStored.IsZero():
-		behind = time.Since(started).Seconds()
-	default:
-		behind = time.Since(lastStored).Seconds()
+	if lag > 0 {
+		ref := started
+		if lastStored.After(ref) {
+			ref = lastStored
+		}
+		if caughtUp.After(ref) {
+			ref = caughtUp
+		}
+		behind = time.Since(ref).Seconds()
 	}
 	f.m.lagMsgs.Set(float64(lag))
 	f.m.lagSec.Set(behind)
 	f.update(func(st *FollowerStatus) {
 		st.LagMessages, st.SecondsBehind, st.AckFloor = lag, behind, info.AckFloor.Stream
 	})
+	return lag == 0
 }
 
 // FollowedFloor returns the stream sequence up to which the follower's
