@@ -50,5 +50,11 @@ func (pr *Progress) Owned(p int, owned bool) {
 	}
 }
 
-// Handled is the sequence of p's last batch handled (0: none since the gain).
-func (pr *Progress) Handled(p int) uint64 { return pr.seq[p].Load() }
+// Handled is the sequence of p's last batch handled (0: none since the gain,
+// or p is no readings partition, e.g. the fleet's state, -1).
+func (pr *Progress) Handled(p int) uint64 {
+	if p < 0 || p >= len(pr.seq) {
+		return 0
+	}
+	return pr.seq[p].Load()
+}

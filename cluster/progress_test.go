@@ -169,3 +169,12 @@ func TestANotificationMarkedDeliveredIsNotRestoredPending(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, [][]byte{[]byte("resolved")}, st.Notes, "only the notification not delivered is pending")
 }
+
+// The fleet's state is checkpointed as partition -1 (clusterstate.Fleet):
+// it follows no readings partition, so it has no position (it panicked).
+func TestProgressOfNoReadingsPartitionIsZero(t *testing.T) {
+	pr := NewProgress(2)
+	for _, p := range []int{-1, 2} {
+		require.Zero(t, pr.Handled(p))
+	}
+}

@@ -21,6 +21,9 @@ type StandbyStatus struct {
 	RPOBudgetSeconds float64        `json:"rpo_budget_seconds"`
 	WithinRPO        bool           `json:"within_rpo"`
 	Streams          []MirrorStatus `json:"streams"`
+	// StoreFollower is this node's store follower (nil where none is
+	// built): how far the site's store is behind its mirror.
+	StoreFollower *FollowerStatus `json:"store_follower,omitempty"`
 }
 
 // MirrorStatus is one stream at this site. While it mirrors the active

@@ -37,6 +37,9 @@ type clusterNode struct {
 	feed  *cluster.Feed
 	m     *cluster.Metrics
 	dr    *cluster.Standby // nil without cluster.standby (standby.go)
+	// follow writes the standby site's mirror of the readings to its store
+	// while the site is a standby (nil without cluster.standby).
+	follow *cluster.Follower
 
 	hooks []cluster.OwnershipFunc // called in order on every gain and loss; the feed's first
 	// prereq, if set, must succeed before the owner consumes (the state
@@ -151,6 +154,9 @@ func (n *clusterNode) consumers() []runner {
 		return n.owner.Run(ctx)
 	})
 	rs := []runner{n.whenActive(owner), runFunc(n.watch)}
+	if n.follow != nil {
+		rs[0] = n.followThenOwn(owner)
+	}
 	if n.dr != nil {
 		rs = append(rs, n.dr)
 	}

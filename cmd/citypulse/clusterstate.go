@@ -151,7 +151,10 @@ func (s *server) buildClusterFleet(ps *clusterstate.Partitions) error {
 // old active site's progress, bounded by what this site's stream held at the
 // promotion; without it the owners would replay the stream from its start.
 // A position beyond the stream's last sequence belongs to another history
-// of the stream (re-created): then from the start.
+// of the stream (re-created): then from the start. Where the standby's store
+// follower ran, no later than its ack floor: the site's store holds every
+// reading up to it and none after it for sure, and the position carried may
+// be ahead of it (the store would lack the readings in between).
 func (n *clusterNode) startAfter(store *cluster.StateStore) cluster.StartFunc {
 	return func(ctx context.Context, p int) (uint64, error) {
 		seq, err := store.Handled(ctx, p)
@@ -165,6 +168,14 @@ func (n *clusterNode) startAfter(store *cluster.StateStore) cluster.StartFunc {
 			}
 			if ok {
 				seq = min(seq, d)
+			}
+			floor, ok, err := cluster.FollowedFloor(ctx, n.clog.JetStream(), n.cfg.Stream)
+			if err != nil {
+				return 0, err
+			}
+			if ok && floor < seq {
+				n.log.Info("partition consumer starts at the store follower's ack floor, before the position carried", "partition", p, "position", seq, "ack_floor", floor)
+				seq = floor
 			}
 		}
 		st, err := n.clog.JetStream().Stream(ctx, n.cfg.Stream)

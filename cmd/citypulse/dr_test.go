@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -340,6 +341,7 @@ func TestStandbySiteTakesOverAfterThePrimarySiteIsLost(t *testing.T) {
 	loadStart := time.Now()
 	burst := &drBurst{id: alerting, hook: hook}
 	burst.fire(t, primary.MQTT)
+	requireStoreFollows(t, devs, standby, standbyVM)
 	cutAndRestore(t, sites, standby)
 	time.Sleep(3 * time.Second)
 
@@ -389,6 +391,7 @@ func TestStandbySiteTakesOverAfterThePrimarySiteIsLost(t *testing.T) {
 	burst.requireOnce(t, disaster, resolvedAt, firedBefore)
 	logReplay(t, standby, devs, disaster)
 	lost := auditLoss(t, sites, devs, refused, loadStart, disaster)
+	requireWholeHistory(t, devs, lost, standbyVM)
 	require.NotContains(t, standby.Logs(), `"level":"ERROR"`)
 	require.Equal(t, 1.0, metricSum(t, []*servertest.Server{standby}, `citypulse_dr_role{role="active"}`))
 	require.Contains(t, strings.ToLower(out), `"role":"active"`)
@@ -431,6 +434,112 @@ func requireStored(t *testing.T, devs []*drDevice, lost map[string]map[int]bool,
 		return nil
 	})
 	t.Logf("every acknowledged reading not lost at the disaster is in the primary's or the standby's store")
+}
+
+// requireStoreFollows: while the primary is healthy, readings acknowledged
+// at the primary appear in the standby site's own store (its store
+// follower), within seconds; five readings' store lag is logged (from the
+// PUBACK at the primary to the first export from the standby's
+// VictoriaMetrics that holds the reading).
+func requireStoreFollows(t *testing.T, devs []*drDevice, standby *servertest.Server, vm string) {
+	t.Helper()
+	var lags []time.Duration
+	for i := range 5 {
+		d := devs[i%len(devs)]
+		var seq int
+		var at time.Time
+		eventually(t, 30*time.Second, func() error { // a reading acknowledged just now
+			d.mu.Lock()
+			defer d.mu.Unlock()
+			for s, a := range d.ackedAt {
+				if s > seq {
+					seq, at = s, a
+				}
+			}
+			if time.Since(at) > time.Second {
+				return fmt.Errorf("%s: no reading acknowledged within the last second", d.id)
+			}
+			return nil
+		})
+		eventually(t, 60*time.Second, func() error {
+			for _, smp := range exportDevicePressure(t, vm, d.id) {
+				if smp.ms == d.t0+int64(seq) {
+					return nil
+				}
+			}
+			return fmt.Errorf("%s#%d (acknowledged at the primary %v ago) not in the standby's store", d.id, seq, time.Since(at).Round(time.Millisecond))
+		})
+		lags = append(lags, time.Since(at))
+	}
+	st, _ := drStatus(t, standby)
+	require.NotNil(t, st.StoreFollower, "/api/v1/cluster's dr object has no store_follower")
+	require.True(t, st.StoreFollower.Following, "%+v", *st.StoreFollower)
+	sort.Slice(lags, func(i, j int) bool { return lags[i] < lags[j] })
+	t.Logf("standby's store lag (PUBACK at the primary → in the standby's VictoriaMetrics), 5 readings: min %v, median %v, max %v; follower %+v; load average %s",
+		lags[0].Round(time.Millisecond), lags[2].Round(time.Millisecond), lags[4].Round(time.Millisecond), *st.StoreFollower, loadAverage())
+}
+
+// exportDevicePressure is exportPressure for one device.
+func exportDevicePressure(t *testing.T, vm, device string) []storedSample {
+	t.Helper()
+	u := "http://" + vm + "/api/v1/export?match[]=" + url.QueryEscape(`pipe_pressure{device="`+device+`"}`)
+	resp, err := http.Get(u)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	var out []storedSample
+	dec := json.NewDecoder(resp.Body)
+	for dec.More() {
+		var line struct {
+			Values     []float64 `json:"values"`
+			Timestamps []int64   `json:"timestamps"`
+		}
+		require.NoError(t, dec.Decode(&line))
+		for i := range line.Values {
+			out = append(out, storedSample{line.Timestamps[i], line.Values[i]})
+		}
+	}
+	return out
+}
+
+// requireWholeHistory: after the promotion the standby's own store holds
+// every acknowledged reading that reached its stream, exactly once: the
+// history before the position carried with the state (written by the store
+// follower while it was a standby) as well as after it.
+func requireWholeHistory(t *testing.T, devs []*drDevice, lost map[string]map[int]bool, vm string) {
+	t.Helper()
+	var want int
+	eventually(t, 90*time.Second, func() error {
+		stored := exportPressure(t, vm)
+		var missing, dup []string
+		want = 0
+		for _, d := range devs {
+			n := map[int64]int{}
+			for _, smp := range stored[d.id] {
+				n[smp.ms]++
+			}
+			d.mu.Lock()
+			for seq := range d.ackedAt {
+				if lost[d.id][seq] {
+					continue
+				}
+				want++
+				switch c := n[d.t0+int64(seq)]; {
+				case c == 0:
+					missing = append(missing, fmt.Sprintf("%s#%d", d.id, seq))
+				case c > 1:
+					dup = append(dup, fmt.Sprintf("%s#%d×%d", d.id, seq, c))
+				}
+			}
+			d.mu.Unlock()
+		}
+		if len(missing)+len(dup) > 0 {
+			return fmt.Errorf("the standby's store: %d acknowledged readings missing (e.g. %v), %d stored more than once (e.g. %v)",
+				len(missing), missing[:min(len(missing), 5)], len(dup), dup[:min(len(dup), 5)])
+		}
+		return nil
+	})
+	t.Logf("the promoted standby's store holds every one of the %d acknowledged readings in its stream exactly once", want)
 }
 
 // requireRefused: the standby refuses a device's reading (not acknowledged,

@@ -10,6 +10,8 @@ import (
 	"github.com/citypulse/citypulse/cluster"
 	"github.com/citypulse/citypulse/clusterstate"
 	"github.com/citypulse/citypulse/internal/httpapi"
+	"github.com/citypulse/citypulse/pipeline"
+	"github.com/citypulse/citypulse/storage"
 )
 
 // The standby site (cluster.standby.enabled, docs/disaster-recovery.md): the
@@ -33,6 +35,9 @@ func (s *server) buildStandby(n *clusterNode) error {
 	}
 	n.dr = dr
 	n.pub.SetFence(dr.MayAcknowledge)
+	if n.follow, err = cluster.NewFollower(n.nc, n.cfg.Config, s.sharedSinks(), s.reg, n.log.With("component", "store-follower")); err != nil {
+		return err
+	}
 	if s.gate != nil { // the rules' receivers and silences carry the operations alert
 		notify := s.alertNotifier()
 		alert := &clusterstate.RPOAlert{HoldOff: n.cfg.Standby.RPOAlertHoldOff}
@@ -104,7 +109,62 @@ func (n *clusterNode) standbyStatus() *cluster.StandbyStatus {
 		return nil
 	}
 	st := n.dr.Status()
+	if n.follow != nil {
+		f := n.follow.Status()
+		st.StoreFollower = &f
+	}
 	return &st
+}
+
+// sharedSinks are the sinks writing to the site's shared stores (the
+// remote-write receiver, InfluxDB): what the store follower writes to. The
+// embedded TSDB and the archive hold what this node's owners handled.
+func (s *server) sharedSinks() []pipeline.Sink {
+	var out []pipeline.Sink
+	for _, spec := range s.sinks {
+		switch spec.Sink.(type) {
+		case *storage.RemoteWrite, *storage.Influx:
+			out = append(out, spec.Sink)
+		}
+	}
+	return out
+}
+
+// followThenOwn runs the store follower while this site is a standby whose
+// fence record names the other site, and once this site may acknowledge
+// devices stops it, then runs the owner (whose partition consumers start
+// no later than the follower's ack floor: startAfter).
+func (n *clusterNode) followThenOwn(owner runner) runner {
+	return runFunc(func(ctx context.Context) error {
+		fctx, stop := context.WithCancel(ctx)
+		defer stop()
+		var done chan error
+		t := time.NewTicker(max(n.cfg.Standby.PollInterval/4, 10*time.Millisecond))
+		defer t.Stop()
+		for n.dr.MayAcknowledge() != nil {
+			if st := n.dr.Status(); done == nil && st.Role == cluster.RoleStandby && st.ActiveSite != "" && st.ActiveSite != st.Site {
+				done = make(chan error, 1)
+				go func() { done <- n.follow.Run(fctx) }()
+				n.log.Info("standby site: following the readings mirror into the site's store", "active_site", st.ActiveSite)
+			}
+			select {
+			case <-ctx.Done():
+				stop()
+				if done != nil {
+					<-done
+				}
+				return nil
+			case <-t.C:
+			}
+		}
+		stop()
+		if done != nil {
+			<-done
+			n.log.Info("this site is active: the store follower stopped", "store_follower", n.follow.Status())
+		}
+		n.log.Info("this site is active: starting", "role", n.dr.Status().Role, "epoch", n.dr.Status().Epoch)
+		return owner.Run(ctx)
+	})
 }
 
 // drOpTimeout bounds an operator's promote, salvage or demote: requests
