@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/citypulse/citypulse/internal/backoff"
 )
 
 // acker acknowledges a partition's handled batches to JetStream once their
@@ -146,7 +148,7 @@ func (a *acker) run(ctx context.Context) {
 				a.log.Warn("the shared store has not taken this partition's readings yet: its batches are not acknowledged to JetStream and stay in the stream (the consumer's lag grows) until it does; check the sinks of cluster.ack_after_sinks (e.g. storage.remote_write)",
 					"partition", a.p, "waiting", waited.Round(time.Second), "batches", a.pending(), "err", err)
 			}
-			if !errors.Is(err, context.DeadlineExceeded) && !sleep(ctx, renewEvery) {
+			if !errors.Is(err, context.DeadlineExceeded) && !backoff.Sleep(ctx, renewEvery) {
 				return // an error of the wait itself (the pipeline stopping): not at once again
 			}
 		}
@@ -218,13 +220,3 @@ func (a *acker) finish(grace time.Duration, cancel context.CancelFunc, done <-ch
 }
 
 // sleep waits d; false if ctx ended first.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}

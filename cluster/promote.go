@@ -176,7 +176,10 @@ func (s *Standby) Salvage(ctx context.Context) (copied map[string]uint64, err er
 		rec.Salvaged = map[string]uint64{}
 	}
 	copied = map[string]uint64{}
-	for _, name := range s.cfg.Salvage {
+	for _, name := range s.cfg.Streams {
+		if !slices.Contains(s.cfg.Salvage, name) {
+			continue
+		}
 		from := max(rec.Diverged[name], rec.Salvaged[name])
 		upTo, n, err := s.salvageStream(ctx, name, from)
 		if err != nil {

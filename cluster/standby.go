@@ -31,7 +31,8 @@ type StandbyConfig struct {
 	// The other streams' tail there (alert state, notifications, buckets) is
 	// state the active site has superseded since: Salvage leaves it (an old
 	// snapshot copied after a newer one would be restored as the newest) and
-	// Demote discards it, logged.
+	// Demote discards it, logged. Names that are not among Streams are not
+	// mirrored, hence have nothing to salvage.
 	Salvage []string `mapstructure:"salvage" yaml:"salvage"`
 	// Replicas of the mirrors and of the fence bucket at this site.
 	Replicas int `mapstructure:"replicas" yaml:"replicas"`
@@ -71,11 +72,6 @@ func (c StandbyConfig) Validate() error {
 	}
 	if len(c.Streams) == 0 || slices.Contains(c.Streams, "") {
 		errs = append(errs, errors.New("cluster.standby.streams must name at least one stream, none empty"))
-	}
-	for _, name := range c.Salvage {
-		if !slices.Contains(c.Streams, name) {
-			errs = append(errs, fmt.Errorf("cluster.standby.salvage: %q is not one of cluster.standby.streams %v", name, c.Streams))
-		}
 	}
 	if c.Replicas != 1 && c.Replicas != 3 && c.Replicas != 5 {
 		errs = append(errs, fmt.Errorf("cluster.standby.replicas must be 1, 3 or 5, got %d", c.Replicas))

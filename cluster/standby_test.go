@@ -303,7 +303,6 @@ func TestStandbyConfigValidate(t *testing.T) {
 		{"defaults", func(*StandbyConfig) {}, ""},
 		{"same site and peer", func(c *StandbyConfig) { c.PeerDomain = c.Site }, "standby.site"},
 		{"no streams", func(c *StandbyConfig) { c.Streams = nil }, "standby.streams"},
-		{"salvage of a stream not mirrored", func(c *StandbyConfig) { c.Salvage = []string{"OTHER"} }, "standby.salvage"},
 		{"replicas 2", func(c *StandbyConfig) { c.Replicas = 2 }, "standby.replicas"},
 		{"poll slower than the budget", func(c *StandbyConfig) { c.PollInterval = time.Minute }, "standby.poll_interval"},
 		{"zero timeout", func(c *StandbyConfig) { c.LinkTimeout = 0 }, "link_timeout"},

@@ -27,8 +27,14 @@ type Notifier interface {
 // is within it again. It is one alert per site, notified through the same
 // path as the rules' alerts, so silences and the receivers' idempotency
 // keys apply. A site that is active mirrors nothing and never raises it.
+// Every node of a standby site sees the same lag: only the holder of a
+// site-local lease (Leader) raises it, so the operations centre gets one page
+// per site, not one per node; the keys are made from the episode's start, so
+// a leader that takes over a firing episode resends the same keys.
 type RPOAlert struct {
 	HoldOff time.Duration
+	// Leader reports whether this node raises the site's alert (nil: it does).
+	Leader func() bool
 
 	overSince time.Time // zero while within the budget
 	firing    *notifier.Event
@@ -39,6 +45,9 @@ type RPOAlert struct {
 // standby's CheckRPO result for the same status (the worst stream, for the
 // operators).
 func (a *RPOAlert) Step(now time.Time, st cluster.StandbyStatus, check error) (notifier.Event, bool) {
+	if a.Leader != nil && !a.Leader() {
+		return notifier.Event{}, false
+	}
 	over := !st.WithinRPO && st.Role == cluster.RoleStandby
 	if !over {
 		a.overSince = time.Time{}
@@ -48,7 +57,7 @@ func (a *RPOAlert) Step(now time.Time, st cluster.StandbyStatus, check error) (n
 		ev := *a.firing
 		a.firing = nil
 		ev.Kind, ev.At, ev.EndsAt = notifier.KindResolved, now, now
-		ev.Key = rpoKey(ev.Fingerprint, ev.Kind, now)
+		ev.Key = rpoKey(ev.Fingerprint, ev.Kind, ev.ActiveAt)
 		return ev, true
 	}
 	if a.overSince.IsZero() {
@@ -70,13 +79,15 @@ func (a *RPOAlert) Step(now time.Time, st cluster.StandbyStatus, check error) (n
 			"description": why + ". Losing the active site now would lose about that much of what it acknowledged: " +
 				"check the link between the sites (docs/disaster-recovery.md).",
 		}}
-	ev.Key = rpoKey(ev.Fingerprint, ev.Kind, now)
+	ev.Key = rpoKey(ev.Fingerprint, ev.Kind, a.overSince)
 	a.firing = &ev
 	return ev, true
 }
 
-func rpoKey(fp, kind string, at time.Time) string {
-	return fp + "-" + kind + "-" + strconv.FormatInt(at.UnixNano(), 36)
+// rpoKey is a notification's idempotency key: the alert, the kind and the
+// start of the episode (when the lag went over the budget, to the second).
+func rpoKey(fp, kind string, since time.Time) string {
+	return fp + "-" + kind + "-" + strconv.FormatInt(since.Unix(), 36)
 }
 
 // Run looks at the standby every interval until ctx is done and hands each

@@ -2,6 +2,7 @@ package clusterstate
 
 import (
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -43,10 +44,15 @@ func TestRPOAlertFiresAfterTheHoldOffAndResolvesOnce(t *testing.T) {
 		{"a second episode is a new firing", []step{
 			{0, over, ""}, {2 * time.Second, over, notifier.KindFiring}, {3 * time.Second, within, notifier.KindResolved},
 			{4 * time.Second, over, ""}, {6 * time.Second, over, notifier.KindFiring}}},
+		{"a node without the site's lease raises nothing", []step{
+			{0, over, ""}, {3 * time.Second, over, ""}, {60 * time.Second, within, ""}}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			a := &RPOAlert{HoldOff: 2 * time.Second}
+			if strings.Contains(c.name, "without the site's lease") {
+				a.Leader = func() bool { return false }
+			}
 			var fired notifier.Event
 			for _, s := range c.steps {
 				ev, ok := a.Step(t0.Add(s.at), s.st, lag)
@@ -69,4 +75,19 @@ func TestRPOAlertFiresAfterTheHoldOffAndResolvesOnce(t *testing.T) {
 			}
 		})
 	}
+}
+
+// Two nodes that see the same episode (the lease moved between them) make
+// the same keys for it, so a receiver keeps one page.
+func TestRPOAlertKeysAreTheEpisodes(t *testing.T) {
+	t0 := time.Date(2026, 12, 2, 14, 0, 0, 0, time.UTC)
+	over := cluster.StandbyStatus{Site: "standby", Role: cluster.RoleStandby, RPOBudgetSeconds: 5}
+	a, b := &RPOAlert{HoldOff: time.Second}, &RPOAlert{HoldOff: time.Second}
+	_, _ = a.Step(t0, over, nil)
+	_, _ = b.Step(t0.Add(300*time.Millisecond), over, nil) // its own poll, the same second
+	ea, ok := a.Step(t0.Add(2*time.Second), over, nil)
+	require.True(t, ok)
+	eb, ok := b.Step(t0.Add(2500*time.Millisecond), over, nil)
+	require.True(t, ok)
+	require.Equal(t, ea.Key, eb.Key)
 }

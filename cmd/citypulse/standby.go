@@ -40,8 +40,15 @@ func (s *server) buildStandby(n *clusterNode) error {
 	}
 	if s.gate != nil { // the rules' receivers and silences carry the operations alert
 		notify := s.alertNotifier()
-		alert := &clusterstate.RPOAlert{HoldOff: n.cfg.Standby.RPOAlertHoldOff}
-		s.gateways = append(s.gateways, runFunc(func(ctx context.Context) error {
+		// One node of the site raises it: the holder of a lease in the
+		// site's own lease bucket (not mirrored).
+		lease, err := cluster.NewLease(n.nc, n.cfg.State.Leases, "dr-rpo-alert", n.cfg.NodeID, n.cfg.State.LeaseTTL,
+			n.cfg.State.Replicas, n.log.With("component", "standby"))
+		if err != nil {
+			return err
+		}
+		alert := &clusterstate.RPOAlert{HoldOff: n.cfg.Standby.RPOAlertHoldOff, Leader: lease.Leader}
+		s.gateways = append(s.gateways, runFunc(lease.Run), runFunc(func(ctx context.Context) error {
 			return alert.Run(ctx, dr, n.cfg.Standby.PollInterval, notify)
 		}))
 	} else {
