@@ -51,7 +51,9 @@ type clusterNode struct {
 	status func(ctx context.Context) cluster.Status
 
 	// progress is each partition's position in the readings stream, handled
-	// and so acknowledged; the state store checkpoints it (clusterstate.go).
+	// (journaled and judged; acknowledged to JetStream only later, once the
+	// store has the readings); the state store checkpoints it with the alert
+	// state it covers (clusterstate.go).
 	progress *cluster.Progress
 }
 
