@@ -113,16 +113,18 @@ func BenchmarkLineProtocol(b *testing.B) {
 	var ends []int
 	for _, c := range []struct {
 		name   string
-		render func()
+		render func() int // lines rendered
 	}{
-		{"replacer", func() { replacerLines(rs) }},
-		{"append", func() { buf, ends = appendLines(buf[:0], ends[:0], rs); _ = string(buf) }},
+		{"replacer", func() int { return len(replacerLines(rs)) }},
+		{"append", func() int { buf, ends = appendLines(buf[:0], ends[:0], rs); _ = string(buf); return len(ends) }},
 	} {
 		b.Run(c.name, func(b *testing.B) {
 			b.ReportAllocs()
+			lines := 0
 			for b.Loop() {
-				c.render()
+				lines += c.render()
 			}
+			b.ReportMetric(float64(lines)/float64(b.N), "lines/op")
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(rs)), "ns/reading")
 		})
 	}
