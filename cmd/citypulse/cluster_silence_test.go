@@ -25,17 +25,45 @@ const silenceOperator = "operator-token-of-the-silence-test"
 // body.
 func apiDo(t *testing.T, method, url, body string) (int, string) {
 	t.Helper()
+	return doAs(t, silenceOperator, method, url, body)
+}
+
+// doAs sends a request with token as its bearer and returns the status and
+// body.
+func doAs(t *testing.T, token, method, url, body string) (int, string) {
+	t.Helper()
 	req, err := http.NewRequest(method, url, strings.NewReader(body))
 	require.NoError(t, err)
 	if body != "" {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	req.Header.Set("Authorization", "Bearer "+silenceOperator)
+	req.Header.Set("Authorization", "Bearer "+token)
 	resp, err := http.DefaultClient.Do(req)
 	require.NoError(t, err)
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(b)
+}
+
+// silenceSeen makes a silence of alertname through the API at node from
+// (with token) and waits until node at lists it; it returns its id and how
+// long that took.
+func silenceSeen(t *testing.T, token, alertname, from, at string) (string, time.Duration) {
+	t.Helper()
+	code, body := doAs(t, token, "POST", "http://"+from+"/api/v1/silences", silenceBody(alertname, "ops-anna"))
+	require.Equal(t, http.StatusOK, code, body)
+	var made struct {
+		Data struct{ ID string } `json:"data"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(body), &made))
+	start := time.Now()
+	eventually(t, 30*time.Second, func() error {
+		if _, body := doAs(t, token, "GET", "http://"+at+"/api/v1/silences", ""); !strings.Contains(body, made.Data.ID) {
+			return fmt.Errorf("the silences at %s: %s", at, body)
+		}
+		return nil
+	})
+	return made.Data.ID, time.Since(start)
 }
 
 // TestClusterSilenceAtOneNodeHoldsBackTheOwnersNotification: three
@@ -90,21 +118,8 @@ func TestClusterSilenceAtOneNodeHoldsBackTheOwnersNotification(t *testing.T) {
 	t.Logf("%s's partition %d is owned by node %d; the silence is made at node %d and ended at node %d",
 		pipe, part, owner, (owner+1)%3, (owner+2)%3)
 
-	code, body := apiDo(t, "POST", "http://"+a.HTTP+"/api/v1/silences", `{"matchers":[{"name":"alertname","value":"burst_main","isEqual":true}],"endsAt":"`+
-		time.Now().Add(time.Hour).UTC().Format(time.RFC3339)+`","createdBy":"ops-anna","comment":"main repair"}`)
-	require.Equal(t, http.StatusOK, code, body)
-	var made struct {
-		Data struct{ ID string } `json:"data"`
-	}
-	require.NoError(t, json.Unmarshal([]byte(body), &made))
-	start := time.Now()
-	eventually(t, 30*time.Second, func() error {
-		if _, body := apiDo(t, "GET", "http://"+b.HTTP+"/api/v1/silences", ""); !strings.Contains(body, made.Data.ID) {
-			return fmt.Errorf("the owner's silences: %s", body)
-		}
-		return nil
-	})
-	t.Logf("the silence made at node A was listed at the owner after %v", time.Since(start).Round(time.Millisecond))
+	silenced, took := silenceSeen(t, silenceOperator, "burst_main", a.HTTP, b.HTTP)
+	t.Logf("the silence made at node A was listed at the owner after %v", took.Round(time.Millisecond))
 
 	for range 4 { // the level before the burst, within the rule's window
 		send(400)
@@ -126,7 +141,7 @@ func TestClusterSilenceAtOneNodeHoldsBackTheOwnersNotification(t *testing.T) {
 			return err
 		}
 		for _, al := range got.Data.Alerts {
-			if al.Labels["alertname"] == "burst_main" && al.State == "firing" && al.SilencedBy == made.Data.ID {
+			if al.Labels["alertname"] == "burst_main" && al.State == "firing" && al.SilencedBy == silenced {
 				return nil
 			}
 		}
@@ -136,7 +151,7 @@ func TestClusterSilenceAtOneNodeHoldsBackTheOwnersNotification(t *testing.T) {
 	n, _ := hook.distinct("firing")
 	require.Zero(t, n, "the owner held the silenced firing back")
 
-	code, body = apiDo(t, "DELETE", "http://"+c.HTTP+"/api/v1/silences/"+made.Data.ID, "")
+	code, body := apiDo(t, "DELETE", "http://"+c.HTTP+"/api/v1/silences/"+silenced, "")
 	require.Equal(t, http.StatusOK, code, body)
 	ended := time.Now()
 	eventually(t, 30*time.Second, func() error {

@@ -53,6 +53,12 @@ func newAlertReceiver(t *testing.T, alert string) *alertReceiver {
 	return r
 }
 
+// transitions counts the distinct transitions of a status received.
+func (r *alertReceiver) transitions(status string) int {
+	n, _ := r.distinct(status)
+	return n
+}
+
 // distinct counts the distinct transitions of a status received, and all
 // their deliveries.
 func (r *alertReceiver) distinct(status string) (transitions, deliveries int) {

@@ -2,15 +2,11 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -79,66 +75,10 @@ cluster:
 	return s
 }
 
-// opsHook is a loopback webhook receiver that keeps the distinct
-// notifications (by Idempotency-Key) of one alert name, by status.
-type opsHook struct {
-	srv  *httptest.Server
-	name string
-	mu   sync.Mutex
-	seen map[string]string // Idempotency-Key → status
-}
-
-func newOpsHook(t *testing.T, alertname string) *opsHook {
-	h := &opsHook{name: alertname, seen: map[string]string{}}
-	h.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var p struct {
-			Alerts []struct {
-				Status string            `json:"status"`
-				Labels map[string]string `json:"labels"`
-			} `json:"alerts"`
-		}
-		b, _ := io.ReadAll(r.Body)
-		if json.Unmarshal(b, &p) == nil {
-			h.mu.Lock()
-			for _, a := range p.Alerts {
-				if a.Labels["alertname"] == h.name {
-					h.seen[r.Header.Get("Idempotency-Key")] = a.Status
-				}
-			}
-			h.mu.Unlock()
-		}
-	}))
-	t.Cleanup(h.srv.Close)
-	return h
-}
-
-// count is how many distinct notifications had status.
-func (h *opsHook) count(status string) int {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	n := 0
-	for _, s := range h.seen {
-		if s == status {
-			n++
-		}
-	}
-	return n
-}
-
 // httpDo sends a request with the admin token and returns the status and body.
 func httpDo(t *testing.T, method, url, body string) (int, string) {
 	t.Helper()
-	req, err := http.NewRequest(method, url, strings.NewReader(body))
-	require.NoError(t, err)
-	req.Header.Set("Authorization", "Bearer "+drToken)
-	if body != "" {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := http.DefaultClient.Do(req)
-	require.NoError(t, err)
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
+	return doAs(t, drToken, method, url, body)
 }
 
 func silenceBody(alertname, by string) string {
@@ -172,7 +112,7 @@ func TestAStandbySiteIsNotReadyMirrorsSilencesAndAlertsOnReplicationLag(t *testi
 		require.NoError(t, err)
 		nc.Close()
 	}
-	hook := newOpsHook(t, clusterstate.RPOAlertName)
+	hook := newAlertReceiver(t, clusterstate.RPOAlertName)
 	primary := drOpsNode(t, sites.Primary.URL(), natstest.PrimaryDomain, natstest.StandbyDomain, devFile, hook.srv.URL)
 	primary.Start()
 	code, body := httpDo(t, "GET", "http://"+primary.HTTP+"/readyz", "")
@@ -203,20 +143,8 @@ func TestAStandbySiteIsNotReadyMirrorsSilencesAndAlertsOnReplicationLag(t *testi
 
 	// A silence made at the primary reaches the standby; the standby's copy
 	// takes no changes.
-	code, body = httpDo(t, "POST", "http://"+primary.HTTP+"/api/v1/silences", silenceBody("gas_leak", "ops-anna"))
-	require.Equal(t, http.StatusOK, code, body)
-	var made struct {
-		Data struct{ ID string } `json:"data"`
-	}
-	require.NoError(t, json.Unmarshal([]byte(body), &made))
-	start := time.Now()
-	eventually(t, 30*time.Second, func() error {
-		if _, body := httpDo(t, "GET", "http://"+standby.HTTP+"/api/v1/silences", ""); !strings.Contains(body, made.Data.ID) {
-			return fmt.Errorf("the standby's silences: %s", body)
-		}
-		return nil
-	})
-	t.Logf("a silence made at the primary was listed at the standby after %v", time.Since(start).Round(time.Millisecond))
+	silenced, took := silenceSeen(t, drToken, "gas_leak", primary.HTTP, standby.HTTP)
+	t.Logf("a silence made at the primary was listed at the standby after %v", took.Round(time.Millisecond))
 	code, body = httpDo(t, "POST", "http://"+standby.HTTP+"/api/v1/silences", silenceBody("gas_leak", "ops-bo"))
 	require.Equal(t, http.StatusServiceUnavailable, code, body)
 	require.Contains(t, body, "read-only")
@@ -279,7 +207,7 @@ func TestAStandbySiteIsNotReadyMirrorsSilencesAndAlertsOnReplicationLag(t *testi
 	require.NoError(t, err)
 	require.Positive(t, over, "the mirrors over the budget are highlighted")
 	eventually(t, 60*time.Second, func() error {
-		if n := hook.count("firing"); n != 1 {
+		if n := hook.transitions("firing"); n != 1 {
 			return fmt.Errorf("%d firing notifications", n)
 		}
 		return nil
@@ -290,7 +218,7 @@ func TestAStandbySiteIsNotReadyMirrorsSilencesAndAlertsOnReplicationLag(t *testi
 	sites.Link.Restore()
 	restored := time.Now()
 	eventually(t, 60*time.Second, func() error {
-		if n := hook.count("resolved"); n != 1 {
+		if n := hook.transitions("resolved"); n != 1 {
 			return fmt.Errorf("%d resolved notifications", n)
 		}
 		return nil
@@ -306,8 +234,8 @@ func TestAStandbySiteIsNotReadyMirrorsSilencesAndAlertsOnReplicationLag(t *testi
 		return nil
 	})
 	time.Sleep(3 * time.Second) // a second firing or resolution would arrive by now
-	require.Equal(t, 1, hook.count("firing"), "exactly one firing")
-	require.Equal(t, 1, hook.count("resolved"), "exactly one resolution")
+	require.Equal(t, 1, hook.transitions("firing"), "exactly one firing")
+	require.Equal(t, 1, hook.transitions("resolved"), "exactly one resolution")
 
 	// Promoted (planned: the primary is fenced), the standby is ready and
 	// takes silences; the old primary is fenced and not ready.
@@ -336,6 +264,6 @@ func TestAStandbySiteIsNotReadyMirrorsSilencesAndAlertsOnReplicationLag(t *testi
 		return nil
 	})
 	_, body = httpDo(t, "GET", "http://"+standby.HTTP+"/api/v1/silences", "")
-	require.Contains(t, body, made.Data.ID, "the primary's silence is still there after the promotion")
+	require.Contains(t, body, silenced, "the primary's silence is still there after the promotion")
 	require.Empty(t, tb.consoleErrors(nil), "the page's console")
 }
