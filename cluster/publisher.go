@@ -111,36 +111,61 @@ func (p *Publisher) SetFence(may func() error) { p.fence = may }
 // ErrPublisherStopped when stopping; ctx's error. rs may hold several
 // devices; it may be reused once Submit returns.
 func (p *Publisher) Submit(ctx context.Context, rs []pipeline.Reading) error {
+	w, err := p.Begin(ctx, rs)
+	if err != nil || w == nil {
+		return err
+	}
+	return w.Wait(ctx)
+}
+
+// Publishing is a submission queued by Begin.
+type Publishing struct {
+	p     *Publisher
+	start time.Time
+	dones []chan error
+}
+
+// Begin queues rs for publishing behind the earlier submissions of the same
+// partitions and returns at once (nil, nil for no readings); Wait says
+// whether JetStream acknowledged them, with Submit's errors. rs is copied:
+// it may be reused once Begin returns.
+func (p *Publisher) Begin(_ context.Context, rs []pipeline.Reading) (*Publishing, error) {
 	if len(rs) == 0 {
-		return nil
+		return nil, nil
 	}
 	select {
 	case <-p.stopped:
-		return ErrPublisherStopped
+		return nil, ErrPublisherStopped
 	default:
 	}
 	if p.fence != nil {
 		if err := p.fence(); err != nil {
 			p.m.submitFailed.WithLabelValues("fenced").Inc()
-			return fmt.Errorf("%w: %w", pipeline.ErrBackpressure, err)
+			return nil, fmt.Errorf("%w: %w", pipeline.ErrBackpressure, err)
 		}
 	}
-	start := time.Now()
-	var dones []chan error
+	w := &Publishing{p: p, start: time.Now()}
 	for part, group := range p.byPartition(rs) {
 		done, err := p.enqueue(part, group)
 		if errors.Is(err, ErrPublisherStopped) {
 			p.m.submitFailed.WithLabelValues("stopped").Inc()
-			return err
+			return nil, err
 		}
 		if err != nil {
 			p.m.submitFailed.WithLabelValues("full").Inc()
 			// What was enqueued already is published; the device sends all again.
-			return fmt.Errorf("%w: %w", pipeline.ErrBackpressure, err)
+			return nil, fmt.Errorf("%w: %w", pipeline.ErrBackpressure, err)
 		}
-		dones = append(dones, done)
+		w.dones = append(w.dones, done)
 	}
-	for _, done := range dones {
+	return w, nil
+}
+
+// Wait returns nil once JetStream acknowledged every reading of the
+// submission, or Submit's error.
+func (w *Publishing) Wait(ctx context.Context) error {
+	p := w.p
+	for _, done := range w.dones {
 		select {
 		case err := <-done:
 			if err != nil {
@@ -157,7 +182,7 @@ func (p *Publisher) Submit(ctx context.Context, rs []pipeline.Reading) error {
 			return ctx.Err()
 		}
 	}
-	p.m.submitSeconds.Observe(time.Since(start).Seconds())
+	p.m.submitSeconds.Observe(time.Since(w.start).Seconds())
 	return nil
 }
 

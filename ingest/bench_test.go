@@ -42,7 +42,7 @@ func BenchmarkBrokerQoS1(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	h := NewHandler(p, HandlerOptions{})
+	h := NewHandler(Local(p), HandlerOptions{})
 	br, err := NewBroker(MQTTConfig{Enabled: true, Addr: "127.0.0.1:0"}, reg, h, nil, nil)
 	if err != nil {
 		b.Fatal(err)

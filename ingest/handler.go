@@ -16,11 +16,34 @@ import (
 	"github.com/citypulse/citypulse/pipeline"
 )
 
-// Submitter is what a gateway needs of the pipeline: Submit journals the readings
-// of one device and returns once they are durable, or with an error
-// (pipeline.ErrBackpressure when the journal is full).
+// Submitter is what a gateway needs of the pipeline (in cluster mode, of the
+// JetStream publisher): Begin queues the readings of one device behind its
+// earlier ones and returns at once, or with an error decided before queueing
+// (pipeline.ErrBackpressure when the journal is full); the Waiter says when
+// they are durable. A nil Waiter with a nil error: nothing was queued.
 type Submitter interface {
-	Submit(ctx context.Context, rs []pipeline.Reading) error
+	Begin(ctx context.Context, rs []pipeline.Reading) (Waiter, error)
+}
+
+// Waiter is one queued submission. Wait returns nil once its readings are
+// durable, or why not (pipeline.ErrBackpressure when they could not be
+// journaled); it is called exactly once, and the readings stay unchanged
+// until it returned (after ctx's error, for good).
+type Waiter interface {
+	Wait(ctx context.Context) error
+}
+
+// Local is the machine's own pipeline as a Submitter.
+func Local(p *pipeline.Pipeline) Submitter { return localSubmitter{p} }
+
+type localSubmitter struct{ p *pipeline.Pipeline }
+
+func (l localSubmitter) Begin(ctx context.Context, rs []pipeline.Reading) (Waiter, error) {
+	w, err := l.p.Begin(ctx, rs)
+	if w == nil { // no nil *Pending in a non-nil Waiter
+		return nil, err
+	}
+	return w, nil
 }
 
 // Counted reasons for rejects decided here (payload.Reason* are decided by the decoder).
@@ -70,7 +93,7 @@ type Handler struct {
 	m       *handlerMetrics
 	now     func() time.Time
 	lastLog atomic.Int64 // unix ns of the last reject logged (sampling)
-	pool    sync.Pool
+	pool    sync.Pool    // *Pending, each with its readings buffer
 	limit   *limiter
 }
 
@@ -118,7 +141,7 @@ func NewHandler(sub Submitter, opts HandlerOptions) *Handler {
 	}
 	h := &Handler{sub: sub, opts: opts, log: opts.Logger, m: newHandlerMetrics(opts.Registerer), now: now,
 		limit: newLimiter(opts.RateLimit, opts.RateBurst)}
-	h.pool.New = func() any { s := make([]pipeline.Reading, 0, 64); return &s }
+	h.pool.New = func() any { return &Pending{h: h, rs: make([]pipeline.Reading, 0, 64)} }
 	return h
 }
 
@@ -140,14 +163,37 @@ func (h *Handler) logSample(msg string, attrs ...any) {
 	h.log.Warn(msg, attrs...)
 }
 
-// Handle decodes, validates and submits one message from dev. Invalid records are
-// rejected and counted while the rest are accepted. The error is non-nil when
-// nothing was journaled: a *payload.Error for an unusable message (answer "bad
+// Handle decodes, validates and submits one message from dev, and returns
+// once its readings are durable. Invalid records are rejected and counted
+// while the rest are accepted. The error is non-nil when nothing was
+// journaled: a *payload.Error for an unusable message (answer "bad
 // request"), a *RateLimitError (ErrRateLimited) when the device is over its
-// rate limit (do not acknowledge; the device backs off), pipeline.ErrBackpressure
-// when the journal is full (do not acknowledge; the device retries), or the
-// context's error.
+// rate limit (do not acknowledge; the device backs off),
+// pipeline.ErrBackpressure when the journal is full (do not acknowledge; the
+// device retries), or the context's error.
 func (h *Handler) Handle(ctx context.Context, dev devices.Device, f payload.Format, body []byte) (Result, error) {
+	p, res, err := h.Begin(ctx, dev, f, body)
+	if p == nil {
+		return res, err
+	}
+	return p.Wait(ctx)
+}
+
+// Pending is one message whose readings are being journaled (Begin).
+type Pending struct {
+	h   *Handler
+	w   Waiter
+	rs  []pipeline.Reading
+	res Result
+}
+
+// Begin decodes and validates one message from dev and queues its readings
+// behind the device's earlier messages, without waiting for the journal: a
+// gateway reads the device's next message meanwhile and acknowledges this
+// one when Wait returns nil. The errors are Handle's, decided before
+// queueing; a nil *Pending with a nil error means nothing was left to
+// journal (res counts the rejects). body is not kept.
+func (h *Handler) Begin(ctx context.Context, dev devices.Device, f payload.Format, body []byte) (*Pending, Result, error) {
 	var res Result
 	if f == payload.Unknown {
 		f = payload.Sniff(body)
@@ -164,7 +210,7 @@ func (h *Handler) Handle(ctx context.Context, dev devices.Device, f payload.Form
 			err = &payload.Error{Reason: reason, Err: err}
 		}
 		h.Reject(reason, 1, "device", dev.ID, "err", err)
-		return res, fmt.Errorf("decode %s from %s: %w", f, dev.ID, err)
+		return nil, res, fmt.Errorf("decode %s from %s: %w", f, dev.ID, err)
 	}
 	for _, r := range rejects {
 		h.Reject(r.Reason, 1, "device", dev.ID, "err", r.Err)
@@ -175,11 +221,10 @@ func (h *Handler) Handle(ctx context.Context, dev devices.Device, f payload.Form
 	if !ok {
 		h.Reject(ReasonUnknownMetric, len(recs), "device", dev.ID, "err", "device has no schema")
 		res.Rejected += len(recs)
-		return res, nil
+		return nil, res, nil
 	}
-	bufp := h.pool.Get().(*[]pipeline.Reading)
-	rs := (*bufp)[:0]
-	defer func() { *bufp = rs[:0]; h.pool.Put(bufp) }()
+	p := h.pool.Get().(*Pending)
+	rs := p.rs[:0]
 	minT, maxT := now.Add(-h.opts.MaxPast).UnixNano(), now.Add(h.opts.MaxFuture).UnixNano()
 	for _, rec := range recs {
 		reason, err := h.validate(schema, &rec, minT, maxT)
@@ -199,23 +244,56 @@ func (h *Handler) Handle(ctx context.Context, dev devices.Device, f payload.Form
 			Received: now.UnixNano(),
 		})
 	}
+	p.rs, p.res = rs, res
 	if len(rs) == 0 {
-		return res, nil
+		p.release()
+		return nil, res, nil
 	}
 	if ok, wait := h.limit.allow(dev.ID, len(rs), now); !ok {
 		h.Reject(ReasonRateLimited, len(rs), "device", dev.ID)
 		res.Rejected += len(rs)
-		return res, &RateLimitError{RetryAfter: wait}
+		p.release()
+		return nil, res, &RateLimitError{RetryAfter: wait}
 	}
-	if err := h.sub.Submit(ctx, rs); err != nil {
-		if errors.Is(err, pipeline.ErrBackpressure) {
-			h.Reject(ReasonBackpressure, len(rs), "device", dev.ID, "err", err)
-		}
-		return res, err
+	w, err := h.sub.Begin(ctx, rs)
+	if err != nil || w == nil {
+		h.rejectUnqueued(err, rs)
+		p.release()
+		return nil, res, err
 	}
-	res.Accepted = len(rs)
-	h.m.accepted.Add(float64(len(rs)))
-	return res, nil
+	p.w = w
+	return p, res, nil
+}
+
+// Wait returns once the message's readings are durable (acknowledge the
+// device) or could not be journaled (do not: pipeline.ErrBackpressure, the
+// context's error, pipeline.ErrClosed). p must not be used after Wait.
+func (p *Pending) Wait(ctx context.Context) (Result, error) {
+	h, res := p.h, p.res
+	err := p.w.Wait(ctx)
+	if ctx.Err() != nil && err == ctx.Err() {
+		return res, err // the pipeline may still read p.rs: p is not reused
+	}
+	if err != nil {
+		h.rejectUnqueued(err, p.rs)
+	} else {
+		res.Accepted = len(p.rs)
+		h.m.accepted.Add(float64(len(p.rs)))
+	}
+	p.release()
+	return res, err
+}
+
+// rejectUnqueued counts readings refused by the pipeline under backpressure.
+func (h *Handler) rejectUnqueued(err error, rs []pipeline.Reading) {
+	if errors.Is(err, pipeline.ErrBackpressure) {
+		h.Reject(ReasonBackpressure, len(rs), "device", rs[0].Device, "err", err)
+	}
+}
+
+func (p *Pending) release() {
+	p.rs, p.w, p.res = p.rs[:0], nil, Result{}
+	p.h.pool.Put(p)
 }
 
 func (h *Handler) validate(schema *devices.Schema, rec *payload.Record, minT, maxT int64) (string, error) {

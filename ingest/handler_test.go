@@ -23,29 +23,38 @@ type recorder struct {
 	got      []pipeline.Reading
 	calls    int
 	pushBack int           // return ErrBackpressure for this many calls
-	hold     chan struct{} // when set, Submit waits for it to be closed
+	hold     chan struct{} // when set, Wait waits for it to be closed
 }
 
-func (r *recorder) Submit(ctx context.Context, rs []pipeline.Reading) error {
+func (r *recorder) Begin(ctx context.Context, rs []pipeline.Reading) (Waiter, error) {
 	r.mu.Lock()
-	hold := r.hold
+	defer r.mu.Unlock()
 	r.calls++
 	if r.pushBack > 0 {
 		r.pushBack--
-		r.mu.Unlock()
-		return fmt.Errorf("%w: test", pipeline.ErrBackpressure)
+		return nil, fmt.Errorf("%w: test", pipeline.ErrBackpressure)
 	}
-	r.mu.Unlock()
-	if hold != nil {
+	return recorded{r: r, rs: rs, hold: r.hold}, nil
+}
+
+// recorded is one submission to a recorder: Wait records it (after the hold).
+type recorded struct {
+	r    *recorder
+	rs   []pipeline.Reading
+	hold chan struct{}
+}
+
+func (w recorded) Wait(ctx context.Context) error {
+	if w.hold != nil {
 		select {
-		case <-hold:
+		case <-w.hold:
 		case <-ctx.Done():
 			return ctx.Err()
 		}
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.got = append(r.got, rs...)
+	w.r.mu.Lock()
+	defer w.r.mu.Unlock()
+	w.r.got = append(w.r.got, w.rs...)
 	return nil
 }
 

@@ -28,7 +28,7 @@ func BenchmarkHotPath(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	h := NewHandler(p, HandlerOptions{})
+	h := NewHandler(Local(p), HandlerOptions{})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- p.Run(ctx) }()

@@ -77,10 +77,18 @@ type Pipeline struct {
 	closed bool
 }
 
-type request struct {
+// Pending is a submission queued by Begin: its shard loop journals it in
+// the background and answers Wait. The shard loop reads its readings until
+// it answers.
+type Pending struct {
 	rs   []Reading
 	done chan error
+	p    *Pipeline
+	s    *shard
 }
+
+// request is the shard loop's name for a Pending.
+type request = Pending
 
 // New opens (and recovers) the journal and the sink cursors. It starts no
 // goroutines: call Run.
@@ -226,67 +234,100 @@ func (p *Pipeline) ShardOf(device string) int { return ShardOf(device, len(p.sha
 // On success each reading's Seq is its journal record's position (see
 // Landed). It returns ErrBackpressure (wrapped) when the journal is at its bound or cannot
 // be written, ErrClosed when the pipeline is stopping, or ctx's error. rs may be
-// reused once Submit returns.
+// reused once Submit returns nil or an error other than ctx's.
 func (p *Pipeline) Submit(ctx context.Context, rs []Reading) error {
+	w, err := p.Begin(ctx, rs)
+	if err != nil || w == nil {
+		return err
+	}
+	return w.Wait(ctx)
+}
+
+// Begin queues the readings of one device (one kind, one district) behind
+// that device's earlier submissions and returns without waiting for the
+// journal: a gateway keeps reading the device's next messages while this one
+// is journaled, and the shard loop's group commit carries them all. Wait on
+// the result says when they are durable; call it exactly once, and leave rs
+// unchanged until it returned (the shard loop reads it). A nil Pending and
+// nil error mean rs was empty. The errors are Submit's, decided before
+// queueing: nothing of rs is journaled.
+func (p *Pipeline) Begin(ctx context.Context, rs []Reading) (*Pending, error) {
 	if len(rs) == 0 {
-		return nil
+		return nil, nil
 	}
 	// A journal record stores device, kind and district once: a submission is
 	// the readings of one device in one district.
 	dev, kind, district := rs[0].Device, rs[0].Kind, rs[0].District
 	for i := 1; i < len(rs); i++ {
 		if rs[i].Device != dev || rs[i].Kind != kind || rs[i].District != district {
-			return fmt.Errorf("pipeline: a submission must hold one device's readings with one kind and district (got %s/%s/%s and %s/%s/%s)",
+			return nil, fmt.Errorf("pipeline: a submission must hold one device's readings with one kind and district (got %s/%s/%s and %s/%s/%s)",
 				dev, kind, district, rs[i].Device, rs[i].Kind, rs[i].District)
 		}
 	}
 	if p.closing.Load() {
-		return ErrClosed
+		return nil, ErrClosed
 	}
 	s := p.shards[ShardOf(dev, len(p.shards))]
 	if limit := p.cfg.JournalMaxBytes / int64(len(p.shards)); s.j.bytes() >= limit {
 		p.m.backpressure.WithLabelValues("journal_full").Inc()
 		p.logBackpressure(s, limit)
-		return fmt.Errorf("%w: journal of shard %d is full (%d bytes)", ErrBackpressure, s.id, s.j.bytes())
+		return nil, fmt.Errorf("%w: journal of shard %d is full (%d bytes)", ErrBackpressure, s.id, s.j.bytes())
 	}
 	req := p.pool.Get().(*request)
-	req.rs = rs
-	if !s.q.put(req) {
-		// The shard loop is behind: retry for a little while, then push back.
-		deadline := time.Now().Add(time.Second)
-		for !s.q.put(req) {
-			if time.Now().After(deadline) {
-				p.pool.Put(req)
-				p.m.backpressure.WithLabelValues("queue_full").Inc()
-				return fmt.Errorf("%w: shard %d queue stayed full for 1s", ErrBackpressure, s.id)
-			}
-			if ctx.Err() != nil {
-				p.pool.Put(req)
-				return ctx.Err()
-			}
-			if isClosed(s.done) {
-				return ErrClosed
-			}
-			time.Sleep(100 * time.Microsecond)
-		}
+	req.rs, req.p, req.s = rs, p, s
+	if s.q.put(req) {
+		return req, nil
 	}
+	// The shard loop is behind: retry for a little while, then push back.
+	deadline := time.Now().Add(time.Second)
+	for !s.q.put(req) {
+		err := ctx.Err()
+		switch {
+		case err != nil:
+		case isClosed(s.done):
+			err = ErrClosed
+		case time.Now().After(deadline):
+			p.m.backpressure.WithLabelValues("queue_full").Inc()
+			err = fmt.Errorf("%w: shard %d queue stayed full for 1s", ErrBackpressure, s.id)
+		default:
+			time.Sleep(100 * time.Microsecond)
+			continue
+		}
+		req.release()
+		return nil, err
+	}
+	return req, nil
+}
+
+// Wait returns once the submission is durable (nil) or failed: ErrBackpressure
+// (wrapped) when the journal could not be written, ErrClosed when the
+// pipeline stopped first, or ctx's error. After ctx's error the shard loop
+// may still read the readings: they must not be reused. w must not be used
+// after Wait.
+func (w *Pending) Wait(ctx context.Context) error {
 	select {
-	case err := <-req.done:
-		req.rs = nil
-		p.pool.Put(req)
+	case err := <-w.done:
+		w.release()
 		return err
 	case <-ctx.Done():
 		// The request may still be journaled; it is not acknowledged, so the
-		// device re-sends: a duplicate, never a loss. req stays with the shard.
+		// device re-sends: a duplicate, never a loss. w stays with the shard.
 		return ctx.Err()
-	case <-s.done:
+	case <-w.s.done:
 		select {
-		case err := <-req.done:
+		case err := <-w.done:
+			w.release()
 			return err
 		default:
 			return ErrClosed
 		}
 	}
+}
+
+func (w *Pending) release() {
+	p := w.p
+	w.rs, w.p, w.s = nil, nil, nil
+	p.pool.Put(w)
 }
 
 func (p *Pipeline) logBackpressure(s *shard, limit int64) {

@@ -15,7 +15,9 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/citypulse/citypulse/cluster"
+	"github.com/citypulse/citypulse/ingest"
 	"github.com/citypulse/citypulse/internal/httpapi"
+	"github.com/citypulse/citypulse/pipeline"
 )
 
 // clusterNode is this node's part of a cluster (cluster.enabled): the NATS
@@ -275,4 +277,16 @@ func quantile(q float64, bounds []float64, cum []uint64, total uint64) float64 {
 		lower, below = ub, cum[i]
 	}
 	return bounds[len(bounds)-1]
+}
+
+// publisherSubmitter is the cluster's JetStream publisher as the gateways'
+// Submitter.
+type publisherSubmitter struct{ pub *cluster.Publisher }
+
+func (ps publisherSubmitter) Begin(ctx context.Context, rs []pipeline.Reading) (ingest.Waiter, error) {
+	w, err := ps.pub.Begin(ctx, rs)
+	if w == nil { // no nil *Publishing in a non-nil Waiter
+		return nil, err
+	}
+	return w, nil
 }

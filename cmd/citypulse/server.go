@@ -255,9 +255,9 @@ func (s *server) buildGateways() error {
 	cfg, log := s.cfg, s.log
 	// One machine: the gateways journal locally. Cluster mode: they publish
 	// to JetStream and acknowledge a device after its acknowledgement.
-	var sub ingest.Submitter = s.pipe
+	sub := ingest.Local(s.pipe)
 	if s.cluster != nil {
-		sub = s.cluster.pub
+		sub = publisherSubmitter{s.cluster.pub}
 	}
 	h := ingest.NewHandler(sub, ingest.HandlerOptions{
 		MaxPast: cfg.Ingest.MaxPast, MaxFuture: cfg.Ingest.MaxFuture,
