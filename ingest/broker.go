@@ -20,7 +20,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/citypulse/citypulse/ingest/payload"
-	"github.com/citypulse/citypulse/pipeline"
 )
 
 // Broker is the embedded MQTT broker (mochi-mqtt). Devices connect with
@@ -42,6 +41,10 @@ type Broker struct {
 	runCtx context.Context
 	stop   context.CancelFunc
 	once   sync.Once
+
+	acksMu sync.Mutex
+	acks   map[*mqtt.Client]*clientAcks // a client's acker, from its first QoS 1 publish to its disconnect
+	ackers sync.WaitGroup
 }
 
 // Time a v3.1.1 publish is held (not acknowledged) while the journal is full,
@@ -81,7 +84,7 @@ func NewBroker(cfg MQTTConfig, devs Devices, h *Handler, log *slog.Logger, reg p
 	gate := newPreAuthGate(timeout, pending, perAddr, log)
 	srv := mqtt.New(&mqtt.Options{Capabilities: caps, Logger: slog.New(connLogHandler{log.Handler()}), InlineClient: false})
 	ctx, cancel := context.WithCancel(context.Background())
-	b := &Broker{srv: srv, log: log, h: h, devs: devs, gate: gate, runCtx: ctx, stop: cancel}
+	b := &Broker{srv: srv, log: log, h: h, devs: devs, gate: gate, runCtx: ctx, stop: cancel, acks: map[*mqtt.Client]*clientAcks{}}
 	b.m = &brokerMetrics{
 		connects: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "citypulse_mqtt_connects_total", Help: "MQTT connection attempts to the embedded broker, by result."}, []string{"result"}),
@@ -213,6 +216,7 @@ func (b *Broker) Close() error {
 	b.once.Do(func() {
 		b.stop() // releases publishes held by backpressure
 		err = b.srv.Close()
+		b.ackers.Wait() // every client disconnected: their ackers end
 	})
 	return err
 }
@@ -227,7 +231,7 @@ type brokerHook struct {
 func (hk *brokerHook) ID() string { return "citypulse-devices" }
 
 func (hk *brokerHook) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnPublish, mqtt.OnPacketRead}, []byte{b})
+	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnPublish, mqtt.OnPacketRead, mqtt.OnDisconnect}, []byte{b})
 }
 
 // ReasonUnsupportedQoS counts QoS 2 publishes, which the broker refuses.
@@ -332,7 +336,9 @@ func (hk *brokerHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool
 	return false
 }
 
-// OnPublish journals the readings before mochi writes the PUBACK.
+// OnPublish queues a publish's readings for the journal. A QoS 1 publish is
+// answered by the client's acker once they are durable (see clientAcks), so
+// mochi writes nothing for it; QoS 0 is journaled here.
 func (hk *brokerHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	b := hk.b
 	id := string(cl.Properties.Username)
@@ -345,65 +351,21 @@ func (hk *brokerHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pac
 		return pk, packets.ErrRejectPacket
 	}
 	format := payload.FromContentType(pk.Properties.ContentType)
-	v5 := cl.Properties.ProtocolVersion == 5
-	deadline := time.Now().Add(backpressureHold)
-	wait := 10 * time.Millisecond
-	for {
+	if pk.FixedHeader.Qos == 0 {
 		_, err := b.h.Handle(b.runCtx, dev, format, pk.Payload)
-		var pe *payload.Error
-		switch {
-		case err == nil:
-			b.m.messages.WithLabelValues("accepted").Inc()
-			// Acknowledged; readings are not forwarded to MQTT subscribers (the
-			// query API and sinks are the way out), which keeps device data private.
-			return pk, packets.CodeSuccessIgnore
-		case errors.As(err, &pe):
-			b.m.messages.WithLabelValues("bad_payload").Inc()
-			if v5 && pk.FixedHeader.Qos > 0 {
-				return pk, packets.ErrPayloadFormatInvalid // negative PUBACK 0x99
-			}
-			// v3.1.1 has no negative PUBACK: acknowledge (re-sending a malformed
-			// message helps no one); the reject is counted and logged.
-			return pk, packets.CodeSuccessIgnore
-		case errors.Is(err, ErrRateLimited):
-			b.m.messages.WithLabelValues("rate_limited").Inc()
-			var rl *RateLimitError
-			if errors.As(err, &rl) && rl.Never() {
-				// larger than the burst: no wait helps, so like a bad payload
-				if v5 && pk.FixedHeader.Qos > 0 {
-					return pk, packets.ErrPacketTooLarge
-				}
-				return pk, packets.CodeSuccessIgnore
-			}
-			if v5 && pk.FixedHeader.Qos > 0 {
-				return pk, packets.ErrQuotaExceeded // negative PUBACK 0x97: back off
-			}
-			if pk.FixedHeader.Qos == 0 {
-				return pk, packets.ErrRejectPacket // counted; QoS 0 has no acknowledgement to withhold
-			}
-			// v3.1.1: no PUBACK and a disconnect; the device re-sends after
-			// reconnecting, which is its back-off.
-			return pk, hk.reject(cl)
-		case errors.Is(err, pipeline.ErrBackpressure):
-			b.m.messages.WithLabelValues("backpressure").Inc()
-			if v5 && pk.FixedHeader.Qos > 0 {
-				return pk, packets.ErrQuotaExceeded // negative PUBACK 0x97: the client retries
-			}
-			if pk.FixedHeader.Qos > 0 && time.Now().Before(deadline) && b.runCtx.Err() == nil {
-				// v3.1.1: the only signal is not to acknowledge. Hold the PUBACK
-				// (this blocks only this client's reader: TCP backpressure) and retry.
-				time.Sleep(wait)
-				wait = min(wait*2, time.Second)
-				continue
-			}
-			return pk, hk.reject(cl)
-		default:
-			// Shutting down (ErrClosed or the context): not acknowledged, so the
-			// device re-sends after reconnecting.
-			b.m.messages.WithLabelValues("not_acknowledged").Inc()
-			return pk, hk.reject(cl)
-		}
+		hk.settle(cl, 0, 0, err)
+		// Readings are not forwarded to MQTT subscribers (the query API and
+		// sinks are the way out), which keeps device data private.
+		return pk, packets.ErrRejectPacket
 	}
+	p, err := hk.beginPublish(cl, dev, format, pk.Payload)
+	b.acksOf(hk, cl).q <- ackItem{p: p, err: err, id: pk.PacketID} // waits while maxUnanswered are
+	return pk, packets.ErrRejectPacket
+}
+
+// OnDisconnect ends the client's acker once its reader has returned.
+func (hk *brokerHook) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
+	hk.b.endAcks(cl)
 }
 
 // reject drops the packet without acknowledgement and disconnects the client,

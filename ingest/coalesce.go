@@ -26,6 +26,7 @@ type coalescingConn struct {
 	buf     []byte
 	since   time.Time // when buf got its first byte
 	reading bool      // a Read is waiting for the peer
+	held    bool      // hold: gather even while a Read waits, until release
 	err     error     // the first failed send: every later Write fails
 }
 
@@ -60,7 +61,7 @@ func (c *coalescingConn) Write(p []byte) (int, error) {
 	if c.err != nil {
 		return 0, c.err
 	}
-	if c.reading || len(c.buf)+len(p) > coalesceMax || len(c.buf) > 0 && time.Since(c.since) >= coalesceAge {
+	if c.reading && !c.held || len(c.buf)+len(p) > coalesceMax || len(c.buf) > 0 && time.Since(c.since) >= coalesceAge {
 		c.buf = append(c.buf, p...)
 		if err := c.flushLocked(); err != nil {
 			return 0, err
@@ -72,6 +73,30 @@ func (c *coalescingConn) Write(p []byte) (int, error) {
 	}
 	c.buf = append(c.buf, p...)
 	return len(p), nil
+}
+
+// hold makes writes gather even while a Read waits (a client's acker
+// writing the PUBACKs of one journal commit) until release sends them. Both
+// do nothing on a nil c.
+func (c *coalescingConn) hold() {
+	if c == nil {
+		return
+	}
+	c.mu.Lock()
+	c.held = true
+	c.mu.Unlock()
+}
+
+// release ends a hold and sends what was gathered: the reader may be
+// blocked elsewhere (a full journal) and not read again soon.
+func (c *coalescingConn) release() {
+	if c == nil {
+		return
+	}
+	c.mu.Lock()
+	c.held = false
+	_ = c.flushLocked()
+	c.mu.Unlock()
 }
 
 func (c *coalescingConn) flushLocked() error {

@@ -267,7 +267,8 @@ func (h *Handler) Begin(ctx context.Context, dev devices.Device, f payload.Forma
 
 // Wait returns once the message's readings are durable (acknowledge the
 // device) or could not be journaled (do not: pipeline.ErrBackpressure, the
-// context's error, pipeline.ErrClosed). p must not be used after Wait.
+// context's error, pipeline.ErrClosed). p must not be used after Wait; a
+// Pending never waited on is not reused (no harm beyond that).
 func (p *Pending) Wait(ctx context.Context) (Result, error) {
 	h, res := p.h, p.res
 	err := p.w.Wait(ctx)
@@ -289,6 +290,13 @@ func (h *Handler) rejectUnqueued(err error, rs []pipeline.Reading) {
 	if errors.Is(err, pipeline.ErrBackpressure) {
 		h.Reject(ReasonBackpressure, len(rs), "device", rs[0].Device, "err", err)
 	}
+}
+
+// Ready reports whether Wait would return at once (a Waiter that cannot
+// tell reports false).
+func (p *Pending) Ready() bool {
+	r, ok := p.w.(interface{ Ready() bool })
+	return ok && r.Ready()
 }
 
 func (p *Pending) release() {

@@ -324,6 +324,9 @@ func (w *Pending) Wait(ctx context.Context) error {
 	}
 }
 
+// Ready reports whether the shard loop has answered (Wait returns at once).
+func (w *Pending) Ready() bool { return len(w.done) > 0 }
+
 func (w *Pending) release() {
 	p := w.p
 	w.rs, w.p, w.s = nil, nil, nil
