@@ -54,6 +54,7 @@ const backpressureHold = 30 * time.Second
 type brokerMetrics struct {
 	connects *prometheus.CounterVec
 	messages *prometheus.CounterVec
+	accepted prometheus.Counter // messages{result="accepted"}, resolved once
 	clients  prometheus.GaugeFunc
 	accept   prometheus.Counter
 }
@@ -97,6 +98,7 @@ func NewBroker(cfg MQTTConfig, devs Devices, h *Handler, log *slog.Logger, reg p
 			Name: "citypulse_mqtt_accept_errors_total",
 			Help: "Failed accepts on the MQTT listeners (such as running out of file descriptors); the listener retries."}),
 	}
+	b.m.accepted = b.m.messages.WithLabelValues("accepted")
 	if reg != nil {
 		reg.MustRegister(b.m.connects, b.m.messages, b.m.clients, b.m.accept)
 		reg.MustRegister(gate.collectors()...)

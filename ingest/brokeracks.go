@@ -161,7 +161,11 @@ func (hk *brokerHook) settle(cl *mqtt.Client, qos byte, id uint16, err error) {
 		// device re-sends after reconnecting.
 		result, disconnect = "not_acknowledged", true
 	}
-	b.m.messages.WithLabelValues(result).Inc()
+	if err == nil {
+		b.m.accepted.Inc()
+	} else {
+		b.m.messages.WithLabelValues(result).Inc()
+	}
 	switch {
 	case disconnect:
 		_ = b.srv.DisconnectClient(cl, packets.ErrServerBusy)

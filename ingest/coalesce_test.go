@@ -103,3 +103,32 @@ func TestCoalescingConn(t *testing.T) {
 		require.EqualValues(t, 1, cc.writes.Load())
 	})
 }
+
+// The keep-alive deadline mochi moves at every packet is re-armed at most
+// once per deadlineSlack, and a silent connection is still closed: after its
+// deadline, at most deadlineSlack late.
+func TestCoalescingConnDeadlineIsCoarseButHolds(t *testing.T) {
+	a, b := net.Pipe()
+	defer b.Close()
+	c := newCoalescingConn(a)
+	defer c.Close()
+	first := time.Now().Add(2 * time.Second)
+	require.NoError(t, c.SetDeadline(first))
+	armed := c.armed
+	require.Equal(t, first.Add(deadlineSlack), armed)
+	require.NoError(t, c.SetDeadline(first.Add(10*time.Millisecond)), "within the slack: not re-armed")
+	require.Equal(t, armed, c.armed)
+	later := first.Add(deadlineSlack + time.Millisecond)
+	require.NoError(t, c.SetDeadline(later))
+	require.Equal(t, later.Add(deadlineSlack), c.armed, "past the armed one: re-armed")
+
+	soon := time.Now().Add(50 * time.Millisecond)
+	require.NoError(t, c.SetDeadline(soon), "a near deadline is set as it is")
+	require.Equal(t, soon, c.armed)
+	start := time.Now()
+	_, err := c.Read(make([]byte, 1))
+	var ne net.Error
+	require.ErrorAs(t, err, &ne)
+	require.True(t, ne.Timeout())
+	require.Less(t, time.Since(start), 5*time.Second)
+}

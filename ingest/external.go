@@ -74,6 +74,7 @@ func (m *inflightMsg) acknowledge() {
 
 type externalMetrics struct {
 	messages   *prometheus.CounterVec
+	accepted   prometheus.Counter // messages{result="accepted"}, resolved once
 	connected  prometheus.Gauge
 	reconnects prometheus.Counter
 }
@@ -95,6 +96,7 @@ func NewExternal(cfg ExternalConfig, devs Devices, h *Handler, log *slog.Logger,
 		reconnects: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "citypulse_external_mqtt_connection_lost_total", Help: "Connections to the external broker lost."}),
 	}
+	m.accepted = m.messages.WithLabelValues("accepted")
 	if reg != nil {
 		reg.MustRegister(m.messages, m.connected, m.reconnects)
 	}
@@ -235,7 +237,7 @@ func (x *External) settle(err error) bool {
 	var pe *payload.Error
 	switch {
 	case err == nil:
-		x.m.messages.WithLabelValues("accepted").Inc()
+		x.m.accepted.Inc()
 		return true
 	case errors.As(err, &pe):
 		x.m.messages.WithLabelValues("bad_payload").Inc()

@@ -101,6 +101,7 @@ type handlerMetrics struct {
 	rejected *prometheus.CounterVec
 	accepted prometheus.Counter
 	messages *prometheus.CounterVec
+	byFormat [payload.JSON + 1]prometheus.Counter // messages' children, resolved once
 }
 
 func newHandlerMetrics(reg prometheus.Registerer) *handlerMetrics {
@@ -117,6 +118,9 @@ func newHandlerMetrics(reg prometheus.Registerer) *handlerMetrics {
 			Name: "citypulse_ingest_messages_total",
 			Help: "Messages received from devices, by payload format.",
 		}, []string{"format"}),
+	}
+	for f := range m.byFormat {
+		m.byFormat[f] = m.messages.WithLabelValues(payload.Format(f).String())
 	}
 	if reg != nil {
 		reg.MustRegister(m.rejected, m.accepted, m.messages)
@@ -198,7 +202,11 @@ func (h *Handler) Begin(ctx context.Context, dev devices.Device, f payload.Forma
 	if f == payload.Unknown {
 		f = payload.Sniff(body)
 	}
-	h.m.messages.WithLabelValues(f.String()).Inc()
+	if f >= 0 && int(f) < len(h.m.byFormat) {
+		h.m.byFormat[f].Inc()
+	} else {
+		h.m.messages.WithLabelValues(f.String()).Inc()
+	}
 	now := h.now()
 	recs, rejects, err := payload.Decode(f, body, dev.ID, now)
 	if err != nil {
@@ -226,8 +234,9 @@ func (h *Handler) Begin(ctx context.Context, dev devices.Device, f payload.Forma
 	p := h.pool.Get().(*Pending)
 	rs := p.rs[:0]
 	minT, maxT := now.Add(-h.opts.MaxPast).UnixNano(), now.Add(h.opts.MaxFuture).UnixNano()
-	for _, rec := range recs {
-		reason, err := h.validate(schema, &rec, minT, maxT)
+	for i := range recs {
+		rec := &recs[i]
+		reason, err := h.validate(schema, rec, minT, maxT)
 		if err != nil {
 			h.Reject(reason, 1, "device", dev.ID, "err", err)
 			res.Rejected++
