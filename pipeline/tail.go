@@ -76,19 +76,14 @@ func (t *tail) add(rs []Reading, pos, end uint64) {
 	if t.n == 0 {
 		t.start = pos
 	}
-	first := &rs[0]
+	first := rs[0]
 	at := t.next
-	// The ring in at most two runs, each reading written once (no division
-	// per reading, one write barrier per string).
-	j := at
 	for i := range rs {
-		t.rs[j] = Reading{Device: first.Device, Kind: first.Kind, District: first.District, Metric: rs[i].Metric,
-			Value: rs[i].Value, Time: rs[i].Time, Received: first.Received, Seq: pos}
-		if j++; j == len(t.rs) {
-			j = 0
-		}
+		r := &t.rs[(at+i)%len(t.rs)]
+		*r = rs[i]
+		r.Device, r.Kind, r.District, r.Received, r.Seq = first.Device, first.Kind, first.District, first.Received, pos
 	}
-	t.next = j
+	t.next = (at + len(rs)) % len(t.rs)
 	t.recs[(t.head+t.n)%len(t.recs)] = tailRec{pos: pos, end: end, at: at, n: len(rs)}
 	t.n++
 	t.used += len(rs)
@@ -113,10 +108,8 @@ func (t *tail) read(pos uint64, dst []Reading, maxReadings, maxBytes int) (_ []R
 	}
 	for ; k < t.n; k++ {
 		r := rec(k)
-		if end := r.at + r.n; end <= len(t.rs) {
-			dst = append(dst, t.rs[r.at:end]...)
-		} else {
-			dst = append(append(dst, t.rs[r.at:]...), t.rs[:end-len(t.rs)]...)
+		for i := range r.n {
+			dst = append(dst, t.rs[(r.at+i)%len(t.rs)])
 		}
 		consumed += int(r.end - r.pos)
 		pos = r.end
