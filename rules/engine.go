@@ -218,7 +218,9 @@ func (e *Engine) Observe(shard int, rs []pipeline.Reading) {
 		}
 		evals += len(sr.rules)
 	}
-	e.m.evals.Add(float64(evals))
+	if evals > 0 {
+		e.m.evals.Add(float64(evals))
+	}
 }
 
 // evaluate applies one reading to the alert of the j-th rule of series sr
