@@ -28,8 +28,9 @@ type ruleShard struct {
 	alerts   map[alertKey]*alert
 	lastSeen map[string]time.Time
 	// ver counts the changes to alerts made off the reading path (the tick,
-	// a restore, a reload, a partition handed over): the series cache's
-	// alert pointers are looked up again after one.
+	// a restore or import, a partition handed over): the series cache's
+	// alert pointers are looked up again after one. A reload changes the
+	// rules' generation instead, which drops the cache.
 	ver     uint64
 	gen     uint64               // the rules' generation the series cache was built for
 	devs    map[string]*devRules // the series cache, by device (series.go)
