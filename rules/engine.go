@@ -27,9 +27,15 @@ type ruleShard struct {
 	mu       sync.Mutex
 	alerts   map[alertKey]*alert
 	lastSeen map[string]time.Time
-	gen      uint64
-	cand     map[[3]string][]*Rule // (kind, metric, district) → rules that may match
-	scratch  alert                 // evaluate's alert for a reading with none in alerts
+	// ver counts the changes to alerts made off the reading path (the tick,
+	// a restore or import, a partition handed over): the series cache's
+	// alert pointers are looked up again after one. A reload changes the
+	// rules' generation instead, which drops the cache.
+	ver     uint64
+	gen     uint64               // the rules' generation the series cache was built for
+	devs    map[string]*devRules // the series cache, by device (series.go)
+	nSeries int                  // series in devs
+	scratch State                // evaluate's state for a reading with no alert
 }
 
 // Engine evaluates the rules on every reading (in the shard loops) and on a
@@ -170,6 +176,10 @@ func (e *Engine) rule(name string) *Rule {
 
 // Observe evaluates the rules on readings; it runs in the shard loop and does
 // no I/O (transitions are queued to the notifier).
+//
+// The rules a series meets and their alerts are kept in the shard's series
+// cache (series.go): a reading costs a look-up there, by device once per run
+// of one device's readings, and no hashing of alert keys.
 func (e *Engine) Observe(shard int, rs []pipeline.Reading) {
 	if len(rs) == 0 {
 		return
@@ -177,86 +187,90 @@ func (e *Engine) Observe(shard int, rs []pipeline.Reading) {
 	s := e.shards[shard%len(e.shards)]
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if g := e.gen.Load(); s.cand == nil || s.gen != g {
-		s.cand, s.gen = map[[3]string][]*Rule{}, g
+	if g := e.gen.Load(); s.devs == nil || s.gen != g || s.nSeries > maxCachedSeries {
+		s.devs, s.nSeries, s.gen = map[string]*devRules{}, 0, g
 	}
 	rules := e.Rules()
+	var (
+		d     *devRules
+		recv  int64
+		t     time.Time
+		seen  bool // lastSeen holds t for d's device
+		evals int
+	)
 	for i := range rs {
 		r := &rs[i]
-		t := time.Unix(0, r.Received)
-		if r.Kind != CityKind {
+		if d == nil || r.Device != d.device || r.Kind != d.kind || r.District != d.district {
+			d, seen = s.device(r), false
+		}
+		if i == 0 || r.Received != recv {
+			recv, t, seen = r.Received, time.Unix(0, r.Received), false
+		}
+		if !seen && r.Kind != CityKind {
 			s.lastSeen[r.Device] = t
+			seen = true
 		}
-		for _, rule := range s.candidates(rules, r) {
-			if rule.Select.Device != "" && !globMatch(rule.Select.Device, r.Device) {
-				continue
-			}
-			e.m.evals.Inc()
-			e.evaluate(s, rule, r, t)
+		sr := d.series(s, rules, r.Metric)
+		if sr.ver != s.ver {
+			sr.resolve(s, d)
 		}
+		for j, rule := range sr.rules {
+			e.evaluate(s, d, sr, j, rule, r, t)
+		}
+		evals += len(sr.rules)
+	}
+	if evals > 0 {
+		e.m.evals.Add(float64(evals))
 	}
 }
 
-// candidates returns the rules that may match a reading's kind, metric and
-// district (cached per shard until the rules change).
-func (s *ruleShard) candidates(rules []*Rule, r *pipeline.Reading) []*Rule {
-	ck := [3]string{r.Kind, r.Metric, r.District}
-	cand, ok := s.cand[ck]
-	if ok {
-		return cand
-	}
-	for _, rule := range rules {
-		if rule.Type != TypeFleet && globMatch(rule.Select.Kind, r.Kind) && globMatch(rule.Select.District, r.District) &&
-			(rule.Type == TypeDeadman || globMatch(rule.Select.Metric, r.Metric)) {
-			cand = append(cand, rule)
-		}
-	}
-	if len(s.cand) > 1<<16 {
-		clear(s.cand) // bounded: many districts × metrics
-	}
-	s.cand[ck] = cand
-	return cand
-}
-
-// evaluate applies one reading to one rule's alert (the caller holds s.mu).
-func (e *Engine) evaluate(s *ruleShard, rule *Rule, r *pipeline.Reading, t time.Time) {
+// evaluate applies one reading to the alert of the j-th rule of series sr
+// of device d (the caller holds s.mu).
+func (e *Engine) evaluate(s *ruleShard, d *devRules, sr *seriesRules, j int, rule *Rule, r *pipeline.Reading, t time.Time) {
+	a := sr.alerts[j]
 	if rule.Type == TypeDeadman {
 		// A reading means the device is alive.
-		k := alertKey{Rule: rule.Name, Device: r.Device, District: r.District, Kind: r.Kind}
-		if a := s.alerts[k]; a != nil {
+		if a != nil {
 			e.emit(s, a, rule, a.state.Step(rule, false, t, e.flap))
 		}
 		return
 	}
-	k := alertKey{Rule: rule.Name, Device: r.Device, Metric: r.Metric, District: r.District, Kind: r.Kind}
-	a := s.alerts[k]
-	if a == nil {
+	st := &s.scratch
+	if a != nil {
+		st = &a.state
+	} else {
 		// Most readings with no alert are fine: judge them on the shard's
-		// scratch alert, kept (copied to the map) only if there is something
+		// scratch state, kept (in a new alert) only if there is something
 		// to remember or to tell.
-		s.scratch = alert{key: k}
-		a = &s.scratch
+		*st = State{}
 	}
 	// The condition (a rate rule's window) goes by when the reading was
 	// measured, so a backlog replayed after an outage is judged on when things
-	// happened; the lifecycle goes by arrival.
-	bad, delta := rule.condition(&a.state, r.Value, measuredAt(r))
-	a.state.Value, a.state.Delta = r.Value, delta
-	tr := a.state.Step(rule, bad, t, e.flap)
-	forget := !a.state.Bad && a.state.Phase == Inactive && !a.state.Flapping && a.state.Rate.IsZero()
-	if a == &s.scratch {
+	// happened; the lifecycle goes by arrival. A threshold does not look at
+	// the time.
+	var at time.Time
+	if rule.Type != TypeThreshold {
+		at = measuredAt(r)
+	}
+	bad, delta := rule.condition(st, r.Value, at)
+	st.Value, st.Delta = r.Value, delta
+	tr := st.Step(rule, bad, t, e.flap)
+	forget := !st.Bad && st.Phase == Inactive && !st.Flapping && st.Rate.IsZero()
+	if a == nil {
 		if forget && len(tr) == 0 {
 			return
 		}
-		a = &alert{key: k, state: s.scratch.state}
-		s.scratch = alert{}
-		s.alerts[k] = a
+		a = &alert{key: sr.key(d, rule), state: *st}
+		*st = State{}
+		s.alerts[a.key] = a
+		sr.alerts[j] = a
 	}
 	if len(tr) > 0 {
 		e.emit(s, a, rule, tr)
 	}
 	if forget {
-		delete(s.alerts, k) // nothing to remember
+		delete(s.alerts, a.key) // nothing to remember
+		sr.alerts[j] = nil
 	}
 }
 

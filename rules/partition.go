@@ -128,6 +128,7 @@ func (e *Engine) DropState(sel func(owner string) bool) int {
 				delete(s.lastSeen, d)
 			}
 		}
+		s.ver++
 		s.mu.Unlock()
 	}
 	return n

@@ -193,6 +193,7 @@ func (e *Engine) putAlert(k alertKey, st State) {
 	s := e.shardFor(owner)
 	s.mu.Lock()
 	s.alerts[k] = &alert{key: k, state: st}
+	s.ver++
 	s.mu.Unlock()
 }
 

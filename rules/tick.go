@@ -104,6 +104,7 @@ func (s *ruleShard) alertToStep(k alertKey, bad bool) *alert {
 	if a == nil && bad {
 		a = &alert{key: k}
 		s.alerts[k] = a
+		s.ver++
 	}
 	return a
 }

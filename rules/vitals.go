@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"regexp"
+	"slices"
 	"sync"
 	"time"
 
@@ -155,10 +156,56 @@ type Vitals struct {
 	owns   vitalsOwns // nil: every device
 }
 
+// latestShard is the latest values of a shard's devices. Observe looks a
+// device up once per run of its readings and its metrics in a short list,
+// tried first where the last one was found (the readings of a device repeat
+// their metrics in one order): no (device, metric) is hashed per reading.
 type latestShard struct {
-	mu     sync.Mutex
-	series map[seriesKey]float64
-	seen   map[string]int64 // device → last received (unix ns)
+	mu   sync.Mutex
+	devs map[string]*latestDevice
+}
+
+// latestDevice is one device's latest values and when it last reported.
+type latestDevice struct {
+	seen    int64 // the last received (unix ns); 0: none after 1970
+	metrics []string
+	values  []float64
+	next    int            // where the next reading's metric is looked for first
+	index   map[string]int // beyond shortList metrics
+}
+
+// set records metric's latest value.
+func (d *latestDevice) set(metric string, v float64) {
+	n := len(d.metrics)
+	j := d.next
+	switch {
+	case j < n && d.metrics[j] == metric:
+	case d.index != nil:
+		var ok bool
+		if j, ok = d.index[metric]; !ok {
+			j = -1
+		}
+	default:
+		j = slices.Index(d.metrics, metric)
+	}
+	if j < 0 {
+		j = n
+		d.metrics, d.values = append(d.metrics, metric), append(d.values, v)
+		if n+1 > shortList {
+			if d.index == nil {
+				d.index = make(map[string]int, 2*(n+1))
+				for i, m := range d.metrics {
+					d.index[m] = i
+				}
+			}
+			d.index[metric] = j
+		}
+	}
+	d.values[j] = v
+	d.next = j + 1
+	if d.next == len(d.metrics) {
+		d.next = 0
+	}
 }
 
 type seriesKey struct{ device, metric string }
@@ -187,7 +234,7 @@ func NewVitals(cfg VitalsConfig, defs []Rollup, devs DeviceLister, shards int, l
 		reg.MustRegister(v.m.duration, v.m.series, v.m.silent)
 	}
 	for i := 0; i < shards; i++ {
-		v.shards = append(v.shards, &latestShard{series: map[seriesKey]float64{}, seen: map[string]int64{}})
+		v.shards = append(v.shards, &latestShard{devs: map[string]*latestDevice{}})
 	}
 	return v
 }
@@ -199,11 +246,17 @@ func (v *Vitals) Observe(shard int, rs []pipeline.Reading) {
 	}
 	s := v.shards[shard%len(v.shards)]
 	s.mu.Lock()
+	var d *latestDevice
 	for i := range rs {
-		s.series[seriesKey{rs[i].Device, rs[i].Metric}] = rs[i].Value
-		if rs[i].Received > s.seen[rs[i].Device] {
-			s.seen[rs[i].Device] = rs[i].Received
+		r := &rs[i]
+		if i == 0 || r.Device != rs[i-1].Device {
+			if d = s.devs[r.Device]; d == nil {
+				d = &latestDevice{}
+				s.devs[r.Device] = d
+			}
 		}
+		d.set(r.Metric, r.Value)
+		d.seen = max(d.seen, r.Received)
 	}
 	s.mu.Unlock()
 }
@@ -214,11 +267,13 @@ func (v *Vitals) snapshot() (map[seriesKey]float64, map[string]int64) {
 	seen := map[string]int64{}
 	for _, s := range v.shards {
 		s.mu.Lock()
-		for k, x := range s.series {
-			series[k] = x
-		}
-		for k, x := range s.seen {
-			seen[k] = x
+		for dev, d := range s.devs {
+			for i, m := range d.metrics {
+				series[seriesKey{dev, m}] = d.values[i]
+			}
+			if d.seen > 0 {
+				seen[dev] = d.seen
+			}
 		}
 		s.mu.Unlock()
 	}

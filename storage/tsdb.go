@@ -55,11 +55,11 @@ type TSDB struct {
 	closeErr  error
 }
 
-type seriesKey struct{ device, district, metric string }
-
 type seriesEntry struct {
-	ref  promstorage.SeriesRef
-	lset labels.Labels
+	metric string
+	idx    int // in its device's list
+	ref    promstorage.SeriesRef
+	lset   labels.Labels
 	// the latest sample appended through this cache (has: one was), so that a
 	// second value at its ms is refused even within one batch: the TSDB checks
 	// only against committed samples and drops such a sample at Commit silently.
@@ -151,7 +151,98 @@ func (b *batchSamples) release() {
 // seriesCache maps a series to its TSDB reference and labels, so the hot path
 // builds labels once per series. A stale reference (the series was garbage
 // collected from the head) is harmless: the appender falls back to the labels.
-type seriesCache map[seriesKey]*seriesEntry
+//
+// It is kept by device, looked up once per run of readings of one device (a
+// batch holds whole records, each one device's), and per device by metric in
+// a short list tried first where the last reading's metric was found: a
+// device's readings repeat their metrics in one order, so a reading costs a
+// string comparison or two rather than hashing device, district and metric
+// (that map lookup per reading was the largest share of Write outside the
+// TSDB itself).
+type seriesCache struct {
+	devs   map[string]*deviceSeries // by device
+	series int
+}
+
+// deviceSeries is the series of one device, by metric.
+type deviceSeries struct {
+	device, district string
+	metrics          []*seriesEntry
+	next             int                     // where the next reading's metric is looked for first
+	byMetric         map[string]*seriesEntry // beyond shortList metrics
+	// moved is the device's series in another district (a device moved:
+	// its series are others), nil for most.
+	moved *deviceSeries
+}
+
+// shortList is how many metrics a device's list is scanned for; a device
+// with more (a district's roll-ups) also has them in a map.
+const shortList = 16
+
+// find returns the entry of metric, nil if there is none yet.
+func (d *deviceSeries) find(metric string) *seriesEntry {
+	n := len(d.metrics)
+	if n == 0 {
+		return nil
+	}
+	if e := d.metrics[d.next%n]; e.metric == metric {
+		d.next = e.idx + 1
+		return e
+	}
+	if d.byMetric != nil {
+		e := d.byMetric[metric]
+		if e != nil {
+			d.next = e.idx + 1
+		}
+		return e
+	}
+	for _, e := range d.metrics {
+		if e.metric == metric {
+			d.next = e.idx + 1
+			return e
+		}
+	}
+	return nil
+}
+
+// add appends a new series of the device.
+func (d *deviceSeries) add(e *seriesEntry) {
+	e.idx = len(d.metrics)
+	d.metrics = append(d.metrics, e)
+	d.next = e.idx + 1
+	if len(d.metrics) > shortList {
+		if d.byMetric == nil {
+			d.byMetric = make(map[string]*seriesEntry, 2*len(d.metrics))
+			for _, x := range d.metrics {
+				d.byMetric[x.metric] = x
+			}
+		}
+		d.byMetric[e.metric] = e
+	}
+}
+
+// entry returns the series of reading r, d being r's device (nil: not
+// looked up yet; it returns the one it used).
+func (c *seriesCache) entry(d *deviceSeries, r *pipeline.Reading) (*deviceSeries, *seriesEntry) {
+	if d == nil || d.device != r.Device || d.district != r.District {
+		first := c.devs[r.Device]
+		d = first
+		for d != nil && d.district != r.District {
+			d = d.moved
+		}
+		if d == nil {
+			d = &deviceSeries{device: r.Device, district: r.District, moved: first}
+			c.devs[r.Device] = d
+		}
+	}
+	if e := d.find(r.Metric); e != nil {
+		return d, e
+	}
+	e := &seriesEntry{metric: r.Metric, lset: seriesLabels(r)}
+	d.add(e)
+	c.series++
+	return d, e
+}
 
 const maxCachedSeries = 1 << 20
 
@@ -199,16 +290,15 @@ func (t *TSDB) Name() string { return "tsdb" }
 // DB returns the underlying Prometheus TSDB (a storage.Queryable).
 func (t *TSDB) DB() *tsdb.DB { return t.db }
 
-func (t *TSDB) cache(shard int) seriesCache {
+func (t *TSDB) cache(shard int) *seriesCache {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	c, ok := t.caches[shard]
-	if !ok || len(*c) > maxCachedSeries {
-		m := make(seriesCache)
-		c = &m
+	if !ok || c.series > maxCachedSeries {
+		c = &seriesCache{devs: map[string]*deviceSeries{}}
 		t.caches[shard] = c
 	}
-	return *c
+	return c
 }
 
 // Write appends a batch in one TSDB transaction. Samples the store refuses for
@@ -223,14 +313,11 @@ func (t *TSDB) Write(ctx context.Context, b pipeline.Batch) error {
 		batch.log = *l
 	}
 	defer batch.release()
+	var dev *deviceSeries
 	for i := range b.Readings {
 		r := &b.Readings[i]
-		k := seriesKey{r.Device, r.District, r.Metric}
-		e := cache[k]
-		if e == nil {
-			e = &seriesEntry{lset: seriesLabels(r)}
-			cache[k] = e
-		}
+		var e *seriesEntry
+		dev, e = cache.entry(dev, r)
 		ms := pipeline.Millis(r.Time)
 		if !e.primed {
 			t.prime(app, e)
