@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/rand/v2"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -126,6 +128,27 @@ func floodSenML() []byte {
 	return append(b, ']')
 }
 
+// floodSenMLDevice is a flood message as a simulated pipe sends it
+// (sim.Encode): the values with their noise, 15 to 17 significant digits.
+func floodSenMLDevice() []byte {
+	rng := rand.New(rand.NewPCG(13, 13))
+	b := []byte{'['}
+	for i, m := range []struct {
+		n string
+		v float64
+	}{{"pressure", 412}, {"flow", 95}, {"leak", 0}, {"gas_concentration", 0.5}} {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = fmt.Appendf(b, `{"n":%q,"t":`, m.n)
+		b = strconv.AppendFloat(b, float64(1796194324271+int64(i))/1000+4e-7, 'f', 7, 64)
+		b = append(b, `,"v":`...)
+		b = strconv.AppendFloat(b, m.v*(1+0.01*rng.NormFloat64()), 'g', -1, 64)
+		b = append(b, '}')
+	}
+	return append(b, ']')
+}
+
 // benchBoth runs decode and stdDecode on payload in one run, reporting
 // readings decoded per op.
 func benchBoth(b *testing.B, f Format, payload []byte) {
@@ -158,6 +181,7 @@ func BenchmarkDecodeJSONReader(b *testing.B) {
 	}
 	plain, _ := json.Marshal(m)
 	b.Run("senml-flood-4", func(b *testing.B) { benchBoth(b, SenMLJSON, floodSenML()) })
+	b.Run("senml-flood-4-device", func(b *testing.B) { benchBoth(b, SenMLJSON, floodSenMLDevice()) })
 	b.Run("senml-base-10", func(b *testing.B) { benchBoth(b, SenMLJSON, ten) })
 	b.Run("plain-10", func(b *testing.B) { benchBoth(b, JSON, plain) })
 }

@@ -1,6 +1,7 @@
 package payload
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"math"
@@ -87,11 +88,13 @@ func plainTime(raw []byte) (int64, error) {
 	if raw[0] != '-' && (raw[0] < '0' || raw[0] > '9') {
 		return 0, fmt.Errorf("want RFC 3339 or a unix time, got %.30s", raw)
 	}
-	n := string(raw)
-	if i, err := strconv.ParseInt(n, 10, 64); err == nil {
-		return intTime(i)
+	n := raw // a string only where it is kept: in an error
+	if bytes.IndexAny(n, ".eE") < 0 { // else ParseInt fails, making an error
+		if i, err := strconv.ParseInt(string(n), 10, 64); err == nil {
+			return intTime(i)
+		}
 	}
-	f, err := strconv.ParseFloat(n, 64)
+	f, err := strconv.ParseFloat(string(n), 64)
 	if err != nil && !errors.Is(err, strconv.ErrRange) {
 		return 0, fmt.Errorf("unix time %.30s: %w", n, err)
 	}
