@@ -33,19 +33,25 @@ type decimal struct {
 // digits reads the digits from b[i] into d and returns the index after them;
 // in a fraction, each one lowers the exponent.
 func (d *decimal) digits(b []byte, i int, frac bool) int {
-	for ; i < len(b) && b[i] >= '0' && b[i] <= '9'; i++ {
-		if frac {
-			d.e10--
-		}
+	m, nd, start := d.m, d.nd, i
+	for ; i < len(b); i++ {
+		c := b[i] - '0' // wraps around below '0'
 		switch {
-		case d.m == 0 && b[i] == '0': // a leading zero is not a significant digit
-		case d.nd == 19:
+		case c > 9:
+			goto end
+		case m == 0 && c == 0: // a leading zero is not a significant digit
+		case nd == 19:
 			d.long = true
 		default:
-			d.m = d.m*10 + uint64(b[i]-'0')
-			d.nd++
+			m = m*10 + uint64(c)
+			nd++
 		}
 	}
+end:
+	if frac {
+		d.e10 -= i - start
+	}
+	d.m, d.nd = m, nd
 	return i
 }
 

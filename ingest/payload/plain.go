@@ -20,7 +20,8 @@ type plainField struct {
 // unix time in s, or an RFC 3339 string; absent means now. A key given twice
 // counts once, with its last value; records come in key order.
 func decodePlainJSON(b []byte, now int64) ([]Record, []Reject, error) {
-	fields, err := plainFields(b)
+	var buf [16]plainField // on the stack: most messages have fewer fields
+	fields, err := plainFields(b, buf[:0])
 	switch {
 	case err != nil && !utf8.Valid(b): // the reason it had when UTF-8 was checked first
 		return nil, nil, &Error{Reason: ReasonMalformed, Err: fmt.Errorf("json: payload is not valid UTF-8")}
@@ -91,15 +92,17 @@ func plainRecord(f plainField, ts int64) (Record, error) {
 // plainFields reads the top-level object (or null: no fields) as
 // encoding/json's Decoder reads one value into a map: what follows may be
 // white space, or a ']' or '}' (the Decoder stops there) and then anything in
-// UTF-8. The fields come sorted by key, each key once with its last value.
-func plainFields(b []byte) ([]plainField, error) {
+// UTF-8. The fields come sorted by key, each key once with its last value,
+// appended to fields.
+func plainFields(b []byte, fields []plainField) ([]plainField, error) {
 	r := jsonReader{b: b}
-	var fields []plainField
 	switch r.peek() {
 	case 'n':
 		r.literal("null")
 	case '{':
-		fields = make([]plainField, 0, min(bytes.Count(b, []byte{':'}), MaxRecords))
+		if n := bytes.Count(b, []byte{':'}); n > cap(fields) {
+			fields = make([]plainField, 0, min(n, MaxRecords))
+		}
 		r.object(func(key []byte) {
 			r.ws()
 			start := r.i
