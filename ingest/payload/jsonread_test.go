@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -149,6 +150,13 @@ func floodSenMLDevice() []byte {
 	return append(b, ']')
 }
 
+// processCPU is the user+system CPU time of this process.
+func processCPU(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	require.NoError(b, syscall.Getrusage(syscall.RUSAGE_SELF, &ru))
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
 // benchBoth runs decode and stdDecode on payload in one run, reporting
 // readings decoded per op.
 func benchBoth(b *testing.B, f Format, payload []byte) {
@@ -160,6 +168,7 @@ func benchBoth(b *testing.B, f Format, payload []byte) {
 			b.ReportAllocs()
 			b.SetBytes(int64(len(payload)))
 			n := 0
+			cpu0 := processCPU(b)
 			for b.Loop() {
 				recs, _, err := c.fn(f, payload, "pipe-0001", testNow)
 				if err != nil || len(recs) == 0 {
@@ -169,6 +178,9 @@ func benchBoth(b *testing.B, f Format, payload []byte) {
 			}
 			b.ReportMetric(float64(n)/float64(b.N), "readings/op")
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(n), "ns/reading")
+			// CPU of the whole process (GC included): on a loaded machine the
+			// wall time above says more about the neighbours.
+			b.ReportMetric(float64(processCPU(b)-cpu0)/float64(n), "cpu-ns/reading")
 		})
 	}
 }
