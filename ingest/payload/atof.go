@@ -34,11 +34,12 @@ type decimal struct {
 // in a fraction, each one lowers the exponent.
 func (d *decimal) digits(b []byte, i int, frac bool) int {
 	m, nd, start := d.m, d.nd, i
+loop:
 	for ; i < len(b); i++ {
 		c := b[i] - '0' // wraps around below '0'
 		switch {
 		case c > 9:
-			goto end
+			break loop
 		case m == 0 && c == 0: // a leading zero is not a significant digit
 		case nd == 19:
 			d.long = true
@@ -47,7 +48,6 @@ func (d *decimal) digits(b []byte, i int, frac bool) int {
 			nd++
 		}
 	}
-end:
 	if frac {
 		d.e10 -= i - start
 	}
@@ -56,8 +56,8 @@ end:
 }
 
 // exponent reads the exponent from b[i] (after the 'e') into d and returns
-// the index after it, or minus the index of the missing digit.
-func (d *decimal) exponent(b []byte, i int) int {
+// the index after it; ok is false when it has no digit (at i).
+func (d *decimal) exponent(b []byte, i int) (_ int, ok bool) {
 	neg := i < len(b) && b[i] == '-'
 	if i < len(b) && (b[i] == '+' || b[i] == '-') {
 		i++
@@ -71,14 +71,14 @@ func (d *decimal) exponent(b []byte, i int) int {
 	}
 	switch {
 	case i == start:
-		return -i
+		return i, false
 	case neg:
 		x = -x
 	}
 	if !d.long {
 		d.e10 += x
 	}
-	return i
+	return i, true
 }
 
 // pow10 are the powers of ten a float64 holds exactly; pow10u those a uint64 does.

@@ -120,8 +120,9 @@ func (r *jsonReader) number() ([]byte, decimal) {
 		}
 	}
 	if i < len(b) && (b[i] == 'e' || b[i] == 'E') {
-		if i = d.exponent(b, i+1); i < 0 {
-			r.i = -i
+		var ok bool
+		if i, ok = d.exponent(b, i+1); !ok {
+			r.i = i
 			r.unexpected("in exponent of numeric literal")
 			return nil, d
 		}

@@ -88,7 +88,7 @@ func plainTime(raw []byte) (int64, error) {
 	if raw[0] != '-' && (raw[0] < '0' || raw[0] > '9') {
 		return 0, fmt.Errorf("want RFC 3339 or a unix time, got %.30s", raw)
 	}
-	if bytes.IndexAny(raw, ".eE") < 0 { // else ParseInt fails, making an error
+	if !bytes.ContainsAny(raw, ".eE") { // else ParseInt fails, making an error
 		if i, err := strconv.ParseInt(string(raw), 10, 64); err == nil {
 			return intTime(i)
 		}
