@@ -69,12 +69,7 @@ func Decode(f Format, b []byte, device string, now time.Time) ([]Record, []Rejec
 	}
 	switch f {
 	case SenMLJSON:
-		recs, err := parseSenMLJSON(b)
-		if err != nil {
-			return nil, nil, err
-		}
-		recs2, rej := resolveSenML(recs, device, now)
-		return recs2, rej, nil
+		return decodeSenMLJSON(b, device, now)
 	case SenMLCBOR:
 		recs, err := parseSenMLCBOR(b)
 		if err != nil {
@@ -89,7 +84,8 @@ func Decode(f Format, b []byte, device string, now time.Time) ([]Record, []Rejec
 }
 
 // countTop counts the top-level elements of a JSON array cheaply (commas at
-// depth 1), so a huge array is refused before it is decoded.
+// depth 1, the first element when it is an object or array): the count
+// SenML JSON is refused by when it is over MaxRecords.
 func countTop(b []byte) int {
 	depth, n, inStr, esc := 0, 0, false, false
 	for _, c := range b {
@@ -158,71 +154,122 @@ const relativeLimit = 1 << 28
 // resolveSenML applies the base fields (which carry forward to later records)
 // and resolves every name relative to device.
 func resolveSenML(in []senmlRecord, device string, now time.Time) ([]Record, []Reject) {
-	out := make([]Record, 0, len(in))
-	var rejects []Reject
-	var bn, bu string
-	var bt, bv, bs float64
-	reject := func(i int, reason string, err error) {
-		rejects = append(rejects, Reject{Index: i, Reason: reason, Err: err})
-	}
+	res := resolver{device: device, now: now, out: make([]Record, 0, len(in))}
 	for i := range in {
-		r := &in[i]
-		if r.has&fBVer != 0 && (r.bver < 1 || r.bver > 10) {
-			reject(i, ReasonBadRecord, fmt.Errorf("record %d: unsupported SenML version %d", i, r.bver))
-			continue
-		}
-		if r.has&fBN != 0 {
-			bn = r.bn
-		}
-		if r.has&fBT != 0 {
-			bt = r.bt
-		}
-		if r.has&fBU != 0 {
-			bu = r.bu
-		}
-		if r.has&fBV != 0 {
-			bv = r.bv
-		}
-		if r.has&fBS != 0 {
-			bs = r.bs
-		}
-		name := bn
-		if r.has&fN != 0 {
-			name += r.n
-		}
-		metric, err := metricName(name, device)
-		if err != nil {
-			reason := ReasonBadRecord
-			if err == errForeign {
-				reason = ReasonForeignDevice
-				err = fmt.Errorf("record %d: name %q points at another device than %s", i, name, device)
-			} else {
-				err = fmt.Errorf("record %d: %w", i, err)
-			}
-			reject(i, reason, err)
-			continue
-		}
-		rec := Record{Metric: metric, Unit: bu}
-		if r.has&fU != 0 {
-			rec.Unit = r.u
-		}
-		if err := senmlValue(r, bv, bs, &rec); err != nil {
-			reject(i, ReasonBadRecord, fmt.Errorf("record %d (%s): %w", i, metric, err))
-			continue
-		}
-		t := bt
-		if r.has&fT != 0 {
-			t += r.t
-		}
-		ns, err := senmlTime(t, now)
-		if err != nil {
-			rejects = append(rejects, rejectTime(i, fmt.Sprintf("record %d (%s)", i, metric), err))
-			continue
-		}
-		rec.Time = ns
-		out = append(out, rec)
+		res.add(&in[i])
 	}
-	return out, rejects
+	return res.out, res.rejects
+}
+
+// resolver resolves the records of one SenML pack in order, as they are
+// decoded: base fields carry forward from one record to the next.
+type resolver struct {
+	device     string
+	now        time.Time
+	bn, bu     string
+	bt, bv, bs float64
+	bnDevice   bool // bn is "urn:dev:<device>:" or "<device>/": a name n under it is n
+	i          int  // the index of the next record
+	out        []Record
+	rejects    []Reject
+}
+
+// add resolves the next record, appending it to out or a Reject to rejects.
+func (s *resolver) add(r *senmlRecord) {
+	i := s.i
+	s.i++
+	if r.has&fBVer != 0 && (r.bver < 1 || r.bver > 10) {
+		s.reject(i, ReasonBadRecord, fmt.Errorf("record %d: unsupported SenML version %d", i, r.bver))
+		return
+	}
+	s.base(r)
+	metric, err := s.name(r)
+	if err != nil {
+		reason := ReasonBadRecord
+		if err == errForeign {
+			reason = ReasonForeignDevice
+			err = fmt.Errorf("record %d: name %q points at another device than %s", i, s.fullName(r), s.device)
+		} else {
+			err = fmt.Errorf("record %d: %w", i, err)
+		}
+		s.reject(i, reason, err)
+		return
+	}
+	rec := Record{Metric: metric, Unit: s.bu}
+	if r.has&fU != 0 {
+		rec.Unit = r.u
+	}
+	if err := senmlValue(r, s.bv, s.bs, &rec); err != nil {
+		s.reject(i, ReasonBadRecord, fmt.Errorf("record %d (%s): %w", i, metric, err))
+		return
+	}
+	t := s.bt
+	if r.has&fT != 0 {
+		t += r.t
+	}
+	ns, err := senmlTime(t, s.now)
+	if err != nil {
+		s.rejects = append(s.rejects, rejectTime(i, fmt.Sprintf("record %d (%s)", i, metric), err))
+		return
+	}
+	rec.Time = ns
+	s.out = append(s.out, rec)
+}
+
+func (s *resolver) reject(i int, reason string, err error) {
+	s.rejects = append(s.rejects, Reject{Index: i, Reason: reason, Err: err})
+}
+
+// base takes the base fields r has.
+func (s *resolver) base(r *senmlRecord) {
+	if r.has&fBN != 0 {
+		s.bn = r.bn
+		s.bnDevice = deviceBase(r.bn, s.device)
+	}
+	if r.has&fBT != 0 {
+		s.bt = r.bt
+	}
+	if r.has&fBU != 0 {
+		s.bu = r.bu
+	}
+	if r.has&fBV != 0 {
+		s.bv = r.bv
+	}
+	if r.has&fBS != 0 {
+		s.bs = r.bs
+	}
+}
+
+// name resolves the name of r to a metric as metricName(fullName(r))
+// does, without joining the base name and n when the base name is the
+// device's: the name is then n.
+func (s *resolver) name(r *senmlRecord) (string, error) {
+	if s.bnDevice && r.has&fN != 0 && r.n != "" && utf8.ValidString(r.n) {
+		return metricLen(r.n)
+	}
+	return metricName(s.fullName(r), s.device)
+}
+
+// fullName is the name of r with the base name in force.
+func (s *resolver) fullName(r *senmlRecord) string {
+	switch {
+	case r.has&fN == 0:
+		return s.bn
+	case s.bn == "":
+		return r.n
+	}
+	return s.bn + r.n
+}
+
+// deviceBase tells whether bn is "urn:dev:<device>:" (device without ':')
+// or "<device>/" (device without '/' nor the prefix "urn:dev:"): metricName
+// then cuts bn+n right after bn.
+func deviceBase(bn, device string) bool {
+	if len(bn) == len(device)+len("urn:dev::") && strings.HasPrefix(bn, "urn:dev:") && bn[len(bn)-1] == ':' {
+		return bn[len("urn:dev:"):len(bn)-1] == device && !strings.Contains(device, ":") && utf8.ValidString(bn)
+	}
+	return len(bn) == len(device)+1 && bn[len(device)] == '/' && bn[:len(device)] == device &&
+		!strings.Contains(device, "/") && !strings.HasPrefix(device, "urn:dev:") && utf8.ValidString(bn)
 }
 
 // senmlValue sets rec's value from r with the base value and sum in force;
@@ -273,6 +320,11 @@ func metricName(name, device string) (string, error) {
 		}
 		m = metric
 	}
+	return metricLen(m)
+}
+
+// metricLen returns m if it is a metric name's length.
+func metricLen(m string) (string, error) {
 	if m == "" {
 		return "", fmt.Errorf("empty metric name")
 	}

@@ -446,3 +446,102 @@ func BenchmarkDecodePlainJSON(b *testing.B) {
 	p, _ := json.Marshal(m)
 	benchDecode(b, JSON, p)
 }
+
+// TestRefusalsAsBeforeDecoding: without the count before decoding, a message
+// is refused for the same reason with the same message as when the records
+// were counted and the UTF-8 checked first (stdDecode still does): too many
+// records wins over any other fault, invalid UTF-8 over bad syntax, wherever
+// they are.
+func TestRefusalsAsBeforeDecoding(t *testing.T) {
+	rec := `{"n":"p","v":1}`
+	recs := func(n int) string { return strings.Repeat(rec+",", n-1) + rec }
+	tests := []struct {
+		name   string
+		f      Format
+		in     string
+		reason string
+	}{
+		{"MaxRecords+1", SenMLJSON, "[" + recs(MaxRecords+1) + "]", ReasonTooManyRecords},
+		{"15,000 records", SenMLJSON, "[" + recs(15000) + "]", ReasonTooManyRecords},
+		{"too many, then a syntax error", SenMLJSON, "[" + recs(MaxRecords+1) + ",x]", ReasonTooManyRecords},
+		{"a syntax error, then too many", SenMLJSON, "[{x}," + recs(MaxRecords+1) + "]", ReasonTooManyRecords},
+		{"invalid UTF-8, then too many", SenMLJSON, "[{\"n\":\"\xff\"}," + recs(MaxRecords+1) + "]", ReasonTooManyRecords},
+		{"an object of too many fields", SenMLJSON, "{" + strings.Repeat(`"a":1,`, MaxRecords+1) + `"a":1}`, ReasonTooManyRecords},
+		{"too many after the array", SenMLJSON, "[" + rec + "]][[" + strings.Repeat(",", MaxRecords+1), ReasonTooManyRecords},
+		{"invalid UTF-8 in a name", SenMLJSON, "[{\"n\":\"p\xc3\",\"v\":1}]", ReasonMalformed},
+		{"invalid UTF-8 in an escaped string", SenMLJSON, "[{\"n\":\"p\\n\xc3\",\"v\":1}]", ReasonMalformed},
+		{"invalid UTF-8 in a key", SenMLJSON, "[{\"n\xff\":\"p\",\"v\":1}]", ReasonMalformed},
+		{"invalid UTF-8 in an unknown field", SenMLJSON, "[{\"n\":\"p\",\"x\":[\"\xed\xa0\x80\"],\"v\":1}]", ReasonMalformed},
+		{"a syntax error, then invalid UTF-8", SenMLJSON, "[{\"n\":\"p\",\"v\":1,}, {\"n\":\"\xff\"}]", ReasonMalformed},
+		{"invalid UTF-8 outside strings", SenMLJSON, "[{\"n\":\"p\",\"v\":1}\xff]", ReasonMalformed},
+		{"plain: invalid UTF-8 in a state", JSON, "{\"a\":\"\xff\"}", ReasonMalformed},
+		{"plain: invalid UTF-8 after the ']' that ends it", JSON, "{\"a\":1}]\xff", ReasonMalformed},
+		{"plain: a syntax error, then invalid UTF-8", JSON, "{\"a\":1,}\xff", ReasonMalformed},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, _, err := Decode(tc.f, []byte(tc.in), "pipe-0001", testNow)
+			_, _, want := stdDecode(tc.f, []byte(tc.in), "pipe-0001", testNow)
+			var pe *Error
+			require.ErrorAs(t, err, &pe)
+			require.Equal(t, tc.reason, pe.Reason)
+			if tc.reason == ReasonTooManyRecords || strings.Contains(want.Error(), "UTF-8") {
+				require.EqualError(t, err, want.Error())
+			}
+		})
+	}
+	// MaxRecords+1 elements of which the first is null are MaxRecords by
+	// the count, as before: decoded.
+	got, rej, err := Decode(SenMLJSON, []byte("[null,"+recs(MaxRecords)+"]"), "pipe-0001", testNow)
+	require.NoError(t, err)
+	require.Len(t, got, MaxRecords)
+	require.Len(t, rej, 1)
+}
+
+// TestBaseNameOfTheDevice: a name under the device's own base name resolves
+// without joining the two, to what metricName makes of them joined.
+func TestBaseNameOfTheDevice(t *testing.T) {
+	tests := []struct{ bn, n, device string }{
+		{"urn:dev:pipe-0001:", "pressure", "pipe-0001"},
+		{"pipe-0001/", "pressure", "pipe-0001"},
+		{"urn:dev:pipe-0001:", "", "pipe-0001"},
+		{"urn:dev:pipe-0001:", strings.Repeat("p", 65), "pipe-0001"},
+		{"urn:dev:pipe-0001:", "a:b", "pipe-0001"},
+		{"pipe-0001/", "a/b", "pipe-0001"},
+		{"urn:dev:a:b:", "p", "a:b"},
+		{"a/b/", "p", "a/b"},
+		{"urn:dev:x/", "p", "urn:dev:x"},
+		{"urn:dev:/", "p", "urn:dev:"},
+		{"urn/", "p", "urn"},
+		{"urn:dev::", "p", ""},
+		{"/", "p", ""},
+		{"urn:dev:pipe-0002:", "p", "pipe-0001"},
+		{"pipe-0001/", "p\xff", "pipe-0001"},
+		{"urn:dev:pipe-0001:\xc3", "\xa9", "pipe-0001"},
+	}
+	for _, tc := range tests {
+		sameName(t, tc.bn, tc.n, tc.device)
+	}
+}
+
+func sameName(t *testing.T, bn, n, device string) {
+	t.Helper()
+	res := resolver{device: device}
+	res.base(&senmlRecord{has: fBN, bn: bn})
+	got, gotErr := res.name(&senmlRecord{has: fN, n: n})
+	want, wantErr := metricName(bn+n, device)
+	if got != want || fmt.Sprint(gotErr) != fmt.Sprint(wantErr) {
+		t.Fatalf("bn %q n %q device %q: %q (%v), joined %q (%v)", bn, n, device, got, gotErr, want, wantErr)
+	}
+}
+
+func FuzzBaseNameOfTheDevice(f *testing.F) {
+	f.Add("urn:dev:pipe-0001:", "pressure", "pipe-0001")
+	f.Add("pipe-0001/", "pressure", "pipe-0001")
+	f.Add("urn:dev:a:b:", "p", "a:b")
+	f.Fuzz(func(t *testing.T, bn, n, device string) {
+		sameName(t, bn, n, device)
+		sameName(t, "urn:dev:"+device+":", n, device)
+		sameName(t, device+"/", n, device)
+	})
+}

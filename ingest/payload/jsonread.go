@@ -3,7 +3,6 @@ package payload
 import (
 	"bytes"
 	"fmt"
-	"strconv"
 	"sync/atomic"
 	"unicode"
 	"unicode/utf16"
@@ -13,8 +12,10 @@ import (
 // jsonReader reads the two JSON payload shapes straight from the bytes,
 // without reflection: it accepts exactly what encoding/json accepts for them
 // (FuzzSenMLJSONAsStd and FuzzPlainJSONAsStd compare the two on the same
-// input) and allocates only the strings the result keeps. The caller has
-// checked that b is valid UTF-8.
+// input) and allocates only the strings the result keeps. It checks that
+// strings are valid UTF-8; elsewhere only ASCII is grammar, so b is valid
+// UTF-8 as far as the reader accepted it. Its errors say where it stopped;
+// which reason a refused message gets is the caller's (see senmlError).
 type jsonReader struct {
 	b     []byte
 	i     int
@@ -89,54 +90,45 @@ func (r *jsonReader) literal(word string) bool {
 	return true
 }
 
-// number consumes a JSON number and returns its text.
-func (r *jsonReader) number() []byte {
+// number consumes a JSON number and returns its text and its decimal form.
+func (r *jsonReader) number() ([]byte, decimal) {
 	b, start := r.b, r.i
 	i := r.i
+	var d decimal
 	if i < len(b) && b[i] == '-' {
+		d.neg = true
 		i++
 	}
 	switch {
 	case i < len(b) && b[i] == '0':
 		i++
 	case i < len(b) && b[i] >= '1' && b[i] <= '9':
-		for i < len(b) && b[i] >= '0' && b[i] <= '9' {
-			i++
-		}
+		i = d.digits(b, i, false)
 	default:
 		r.i = i
 		r.unexpected("in numeric literal")
-		return nil
+		return nil, d
 	}
 	if i < len(b) && b[i] == '.' {
 		i++
-		d := i
-		for i < len(b) && b[i] >= '0' && b[i] <= '9' {
-			i++
-		}
-		if i == d {
+		if j := d.digits(b, i, true); j > i {
+			i = j
+		} else {
 			r.i = i
 			r.unexpected("after decimal point in numeric literal")
-			return nil
+			return nil, d
 		}
 	}
 	if i < len(b) && (b[i] == 'e' || b[i] == 'E') {
-		i++
-		if i < len(b) && (b[i] == '+' || b[i] == '-') {
-			i++
-		}
-		d := i
-		for i < len(b) && b[i] >= '0' && b[i] <= '9' {
-			i++
-		}
-		if i == d {
+		var ok bool
+		if i, ok = d.exponent(b, i+1); !ok {
 			r.i = i
 			r.unexpected("in exponent of numeric literal")
-			return nil
+			return nil, d
 		}
 	}
 	r.i = i
-	return b[start:i]
+	return b[start:i], d
 }
 
 // str consumes a JSON string and returns its contents: a slice of the input
@@ -148,9 +140,15 @@ func (r *jsonReader) str() []byte {
 	}
 	b := r.b
 	start := r.i + 1
+	ascii := true
 	for i := start; i < len(b); i++ {
 		switch c := b[i]; {
 		case c == '"':
+			if !ascii && !utf8.Valid(b[start:i]) {
+				r.i = start
+				r.fail("string is not valid UTF-8")
+				return nil
+			}
 			r.i = i + 1
 			return b[start:i]
 		case c == '\\':
@@ -159,6 +157,8 @@ func (r *jsonReader) str() []byte {
 			r.i = i
 			r.unexpected("in string literal")
 			return nil
+		case c >= utf8.RuneSelf:
+			ascii = false
 		}
 	}
 	r.i = len(b)
@@ -176,6 +176,11 @@ func (r *jsonReader) unescape(start, esc int) []byte {
 		c := b[i]
 		switch {
 		case c == '"':
+			if !utf8.Valid(b[start:i]) {
+				r.i = start
+				r.fail("string is not valid UTF-8")
+				return nil
+			}
 			r.i = i + 1
 			return out
 		case c < 0x20:
@@ -334,12 +339,12 @@ func (r *jsonReader) float() (v float64, ok bool) {
 		r.literal("null")
 		return 0, false
 	case c == '-' || c >= '0' && c <= '9':
-		s := r.number()
+		s, d := r.number()
 		if r.err != nil {
 			return 0, false
 		}
-		v, err := strconv.ParseFloat(string(s), 64)
-		if err != nil {
+		v, ok := atof(s, d)
+		if !ok {
 			r.fail("number %s does not fit a float64", s)
 			return 0, false
 		}

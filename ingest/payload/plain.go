@@ -1,11 +1,10 @@
 package payload
 
 import (
+	"bytes"
 	"cmp"
-	"errors"
 	"fmt"
 	"slices"
-	"strconv"
 	"unicode/utf8"
 )
 
@@ -21,11 +20,12 @@ type plainField struct {
 // unix time in s, or an RFC 3339 string; absent means now. A key given twice
 // counts once, with its last value; records come in key order.
 func decodePlainJSON(b []byte, now int64) ([]Record, []Reject, error) {
-	if !utf8.Valid(b) {
+	var buf [16]plainField // on the stack: most messages have fewer fields
+	fields, err := plainFields(b, buf[:0])
+	switch {
+	case err != nil && !utf8.Valid(b): // the reason it had when UTF-8 was checked first
 		return nil, nil, &Error{Reason: ReasonMalformed, Err: fmt.Errorf("json: payload is not valid UTF-8")}
-	}
-	fields, err := plainFields(b)
-	if err != nil {
+	case err != nil:
 		return nil, nil, &Error{Reason: ReasonMalformed, Err: fmt.Errorf("json: %w", err)}
 	}
 	if len(fields) > MaxRecords {
@@ -35,9 +35,9 @@ func decodePlainJSON(b []byte, now int64) ([]Record, []Reject, error) {
 	var timeErr error // a time out of range: every field is rejected with its reason
 	if i, ok := slices.BinarySearchFunc(fields, "time", func(f plainField, k string) int { return cmp.Compare(f.key, k) }); ok {
 		t, err := plainTime(fields[i].raw)
-		var te *timeError
+		_, outOfRange := err.(*timeError) // as plainTime returns it, unwrapped
 		switch {
-		case errors.As(err, &te):
+		case outOfRange:
 			timeErr = err
 		case err != nil:
 			return nil, nil, &Error{Reason: ReasonMalformed, Err: fmt.Errorf("json: time: %w", err)}
@@ -77,8 +77,9 @@ func plainRecord(f plainField, ts int64) (Record, error) {
 		rec.Value = 1
 	case string(raw) == "false":
 	case raw[0] == '-' || raw[0] >= '0' && raw[0] <= '9':
-		v, err := strconv.ParseFloat(string(raw), 64)
-		if err != nil {
+		r := jsonReader{b: raw}
+		v, ok := atof(r.number())
+		if !ok {
 			return Record{}, fmt.Errorf("field %q: number %s does not fit a float64", k, raw)
 		}
 		rec.Value = v
@@ -90,16 +91,18 @@ func plainRecord(f plainField, ts int64) (Record, error) {
 
 // plainFields reads the top-level object (or null: no fields) as
 // encoding/json's Decoder reads one value into a map: what follows may be
-// white space, or a ']' or '}' (the Decoder stops there), nothing else. The
-// fields come sorted by key, each key once with its last value.
-func plainFields(b []byte) ([]plainField, error) {
+// white space, or a ']' or '}' (the Decoder stops there) and then anything in
+// UTF-8. The fields come sorted by key, each key once with its last value,
+// appended to fields.
+func plainFields(b []byte, fields []plainField) ([]plainField, error) {
 	r := jsonReader{b: b}
-	var fields []plainField
 	switch r.peek() {
 	case 'n':
 		r.literal("null")
 	case '{':
-		fields = make([]plainField, 0, countTop(b))
+		if n := bytes.Count(b, []byte{':'}); n > cap(fields) {
+			fields = make([]plainField, 0, min(n, MaxRecords))
+		}
 		r.object(func(key []byte) {
 			r.ws()
 			start := r.i
@@ -112,6 +115,8 @@ func plainFields(b []byte) ([]plainField, error) {
 	if r.err == nil {
 		if c := r.peek(); r.i < len(b) && c != ']' && c != '}' {
 			r.fail("trailing data after the object")
+		} else if !utf8.Valid(b[r.i:]) { // what the reader did not read
+			r.fail("not valid UTF-8")
 		}
 	}
 	if r.err != nil {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"strconv"
+	"time"
 	"unicode/utf8"
 )
 
@@ -134,46 +135,60 @@ func senmlField(key []byte) field {
 	return 0
 }
 
-func parseSenMLJSON(b []byte) ([]senmlRecord, error) {
-	n := countTop(b)
-	if n > MaxRecords {
-		return nil, &Error{Reason: ReasonTooManyRecords, Err: fmt.Errorf("%d records, over the limit of %d", n, MaxRecords)}
-	}
-	if !utf8.Valid(b) {
-		return nil, &Error{Reason: ReasonMalformed, Err: fmt.Errorf("senml+json: payload is not valid UTF-8")}
-	}
+// decodeSenMLJSON decodes and resolves a SenML JSON pack in one pass.
+func decodeSenMLJSON(b []byte, device string, now time.Time) ([]Record, []Reject, error) {
+	res := resolver{device: device, now: now, out: make([]Record, 0, min(bytes.Count(b, []byte{'{'}), MaxRecords))}
 	r := jsonReader{b: b}
-	recs := r.senmlArray(n)
+	n := r.senmlArray(&res)
 	r.end()
-	if r.err != nil {
-		return nil, &Error{Reason: ReasonMalformed, Err: fmt.Errorf("senml+json: %w", r.err)}
+	switch {
+	case r.err != nil:
+		return nil, nil, senmlError(b, r.err)
+	case n > MaxRecords && countTop(b) > MaxRecords: // n - 1 when the first is null
+		return nil, nil, senmlError(b, nil)
+	case n == 0:
+		return nil, nil, &Error{Reason: ReasonMalformed, Err: fmt.Errorf("senml+json: no records")}
 	}
-	if len(recs) == 0 {
-		return nil, &Error{Reason: ReasonMalformed, Err: fmt.Errorf("senml+json: no records")}
-	}
-	return recs, nil
+	return res.out, res.rejects, nil
 }
 
-// senmlArray reads the top-level array (or null: no records); n sizes it.
-func (r *jsonReader) senmlArray(n int) []senmlRecord {
+// senmlError is the error of a pack the reader refused with err (or that
+// has too many records: err nil). The reason does not depend on where the
+// reader stopped: as when the records were counted and the UTF-8 checked
+// before decoding, too many records come first, then invalid UTF-8.
+func senmlError(b []byte, err error) error {
+	if n := countTop(b); n > MaxRecords {
+		return &Error{Reason: ReasonTooManyRecords, Err: fmt.Errorf("%d records, over the limit of %d", n, MaxRecords)}
+	}
+	if !utf8.Valid(b) {
+		return &Error{Reason: ReasonMalformed, Err: fmt.Errorf("senml+json: payload is not valid UTF-8")}
+	}
+	return &Error{Reason: ReasonMalformed, Err: fmt.Errorf("senml+json: %w", err)}
+}
+
+// senmlArray reads the top-level array (or null: no records), handing each
+// record to res, and returns the number of records. It fails at the comma
+// after record MaxRecords+1: countTop counts more than MaxRecords then too.
+func (r *jsonReader) senmlArray(res *resolver) int {
 	switch r.peek() {
 	case 'n':
 		r.literal("null")
-		return nil
+		return 0
 	case '[':
 	default:
 		r.typeError("SenML array")
-		return nil
+		return 0
 	}
 	r.i++
 	r.push()
 	if r.peek() == ']' {
 		r.i++
-		return nil
+		return 0
 	}
-	recs := make([]senmlRecord, 0, n)
+	n := 0
+	var rec senmlRecord
 	for r.err == nil {
-		var rec senmlRecord
+		rec = senmlRecord{}
 		switch r.peek() {
 		case 'n':
 			r.literal("null") // a null element is an empty record, as in encoding/json
@@ -182,15 +197,21 @@ func (r *jsonReader) senmlArray(n int) []senmlRecord {
 		default:
 			r.typeError("SenML record")
 		}
-		recs = append(recs, rec)
+		if r.err != nil {
+			break
+		}
+		n++
+		res.add(&rec)
 		if r.peek() == ',' {
-			r.i++
+			if r.i++; n > MaxRecords {
+				r.fail("over %d records", MaxRecords)
+			}
 			continue
 		}
 		r.expect(']')
 		break
 	}
-	return recs
+	return n
 }
 
 // senmlField reads the value of key into rec; a null leaves the field absent,
@@ -248,7 +269,7 @@ func (r *jsonReader) int() (int64, bool) {
 		r.literal("null")
 		return 0, false
 	case c == '-' || c >= '0' && c <= '9':
-		s := r.number()
+		s, _ := r.number()
 		if r.err != nil {
 			return 0, false
 		}

@@ -1,6 +1,7 @@
 package payload
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"math"
@@ -87,19 +88,20 @@ func plainTime(raw []byte) (int64, error) {
 	if raw[0] != '-' && (raw[0] < '0' || raw[0] > '9') {
 		return 0, fmt.Errorf("want RFC 3339 or a unix time, got %.30s", raw)
 	}
-	n := string(raw)
-	if i, err := strconv.ParseInt(n, 10, 64); err == nil {
-		return intTime(i)
+	if !bytes.ContainsAny(raw, ".eE") { // else ParseInt fails, making an error
+		if i, err := strconv.ParseInt(string(raw), 10, 64); err == nil {
+			return intTime(i)
+		}
 	}
-	f, err := strconv.ParseFloat(n, 64)
+	f, err := strconv.ParseFloat(string(raw), 64)
 	if err != nil && !errors.Is(err, strconv.ErrRange) {
-		return 0, fmt.Errorf("unix time %.30s: %w", n, err)
+		return 0, fmt.Errorf("unix time %.30s: %w", raw, err)
 	}
 	switch { // f is ±Inf when out of the float range
 	case f < 0:
-		return 0, &timeError{ReasonTooOld, fmt.Errorf("unix time %.30s is before 1970", n)}
+		return 0, &timeError{ReasonTooOld, fmt.Errorf("unix time %.30s is before 1970", raw)}
 	case f >= maxSeconds:
-		return 0, &timeError{ReasonTooNew, fmt.Errorf("unix time %.30s s is past the year 2242", n)}
+		return 0, &timeError{ReasonTooNew, fmt.Errorf("unix time %.30s s is past the year 2242", raw)}
 	}
 	return floatSeconds(f), nil
 }
