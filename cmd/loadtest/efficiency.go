@@ -371,19 +371,23 @@ func (e *effEnv) run(ctx context.Context, bin, mode string, round int) (effRun, 
 	if err != nil {
 		return res, fmt.Errorf("%w\ncitypulse log:\n%s", err, cp.Logs())
 	}
-	gate := sinkWrote(cpAPI, res.Readings)
+	// Embedded: complete when the TSDB sink's counter covers every reading
+	// (polled every 20 ms; the count query confirms it). External: when
+	// VictoriaMetrics counts them all (each poll flushes its buffers).
+	gate, every, gated := sinkWrote(cpAPI, res.Readings), 20*time.Millisecond, true
 	if mode == "external" {
-		gate = vmFlush(store)
+		gate, every, gated = vmFlush(store), 100*time.Millisecond, false
 	}
 	countAt := time.UnixMilli(sent.maxTS + 1000)
-	if res.Polls, err = waitCount(ctx, store, gate, countQuery(r.fleet, prefix), countAt, res.Readings, e.o.drainTimeout); err != nil {
+	var done time.Time
+	if res.Polls, done, err = waitCount(ctx, store, gate, countQuery(r.fleet, prefix), countAt, res.Readings, every, gated, e.o.drainTimeout); err != nil {
 		return res, fmt.Errorf("%s: %w", storeName, err)
 	}
 	cpu1, err := servers.CPUTime(cp.Pid())
 	if err != nil {
 		return res, err
 	}
-	res.Drain = time.Since(fr.End)
+	res.Drain = done.Sub(fr.End)
 	res.CPU = cpu1 - cpu0
 	res.BrokerCPU = e.brokerCPU(mode) - brk0
 
@@ -393,7 +397,7 @@ func (e *effEnv) run(ctx context.Context, bin, mode string, round int) (effRun, 
 		stores["VictoriaMetrics"] = store
 		// The clock stopped when VictoriaMetrics had every reading; the
 		// embedded TSDB, another sink with its own cursor, may be behind.
-		if _, err := waitCount(ctx, cpAPI, sinkWrote(cpAPI, res.Readings), countQuery(r.fleet, prefix), countAt, res.Readings, e.o.drainTimeout); err != nil {
+		if _, _, err := waitCount(ctx, cpAPI, sinkWrote(cpAPI, res.Readings), countQuery(r.fleet, prefix), countAt, res.Readings, 100*time.Millisecond, true, e.o.drainTimeout); err != nil {
 			return res, fmt.Errorf("citypulse TSDB: %w", err)
 		}
 	}
@@ -515,24 +519,34 @@ func waitSubscribed(ctx context.Context, cp *api, broker string, probe *simDevic
 // samples (or more); still fewer after timeout is an error. gate
 // runs before each count and may hold it back: the count query costs the
 // server measured in embedded mode, a /metrics counter much less.
-func waitCount(ctx context.Context, store *api, gate func(context.Context) (bool, error), q string, at time.Time, want int64, timeout time.Duration) (polls int, err error) {
+// waitCount polls every interval until the count query q at at reaches
+// want, querying only while gate is open. done is when the store was seen
+// complete: a gated wait, the start of the gate check that opened (the gate
+// says every reading was written: the query only confirms it); otherwise
+// the end of the query that counted them all.
+func waitCount(ctx context.Context, store *api, gate func(context.Context) (bool, error), q string, at time.Time, want int64,
+	every time.Duration, gated bool, timeout time.Duration) (polls int, done time.Time, err error) {
 	deadline := time.Now().Add(timeout)
 	var got float64
 	for ctx.Err() == nil {
+		checked := time.Now()
 		var open bool
 		if open, err = gate(ctx); err == nil && open {
 			polls++
 			got, err = store.instant(ctx, q, at)
 			if err == nil && int64(got) >= want { // more: duplicates, which the check counts
-				return polls, nil
+				if !gated {
+					checked = time.Now()
+				}
+				return polls, checked, nil
 			}
 		}
 		if time.Now().After(deadline) {
-			return polls, fmt.Errorf("only %.0f of %d readings after %v (last error: %v)", got, want, timeout, err)
+			return polls, time.Time{}, fmt.Errorf("only %.0f of %d readings after %v (last error: %v)", got, want, timeout, err)
 		}
-		sleepCtx(ctx, 100*time.Millisecond)
+		sleepCtx(ctx, every)
 	}
-	return polls, context.Cause(ctx)
+	return polls, time.Time{}, context.Cause(ctx)
 }
 
 // countQuery counts the samples of the run's devices, metric by metric (a
