@@ -369,10 +369,3 @@ func (hk *brokerHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pac
 func (hk *brokerHook) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
 	hk.b.endAcks(cl)
 }
-
-// reject drops the packet without acknowledgement and disconnects the client,
-// so that it re-sends the message when it reconnects.
-func (hk *brokerHook) reject(cl *mqtt.Client) error {
-	_ = hk.b.srv.DisconnectClient(cl, packets.ErrServerBusy)
-	return packets.ErrRejectPacket
-}
