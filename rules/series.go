@@ -1,6 +1,9 @@
 package rules
 
-import "github.com/citypulse/citypulse/pipeline"
+import (
+	"github.com/citypulse/citypulse/internal/bymetric"
+	"github.com/citypulse/citypulse/pipeline"
+)
 
 // The series cache of a rule shard: per device (with its kind and district),
 // per metric, the rules its readings meet and the alert of each. Observe
@@ -14,16 +17,10 @@ import "github.com/citypulse/citypulse/pipeline"
 // maxCachedSeries bounds a shard's series cache (it starts over beyond).
 const maxCachedSeries = 1 << 20
 
-// shortList is how many metrics a device's list is scanned for; a device
-// with more (a district's roll-ups) has them in a map too.
-const shortList = 16
-
 // devRules is one device's series.
 type devRules struct {
 	device, kind, district string
-	list                   []*seriesRules
-	next                   int                     // where the next reading's metric is looked for first
-	byMetric               map[string]*seriesRules // beyond shortList metrics
+	metrics                bymetric.List[*seriesRules]
 	// moved is the same device with another kind or district (re-registered),
 	// nil for most.
 	moved *devRules
@@ -33,7 +30,6 @@ type devRules struct {
 // order, and the alert of each (nil: none).
 type seriesRules struct {
 	metric string
-	idx    int    // in its device's list
 	ver    uint64 // the shard's ver when alerts was looked up
 	rules  []*Rule
 	alerts []*alert
@@ -56,10 +52,10 @@ func (s *ruleShard) device(r *pipeline.Reading) *devRules {
 // series returns the device's series of metric, added with the rules it
 // meets if new.
 func (d *devRules) series(s *ruleShard, rules []*Rule, metric string) *seriesRules {
-	if sr := d.find(metric); sr != nil {
+	if sr, ok := d.metrics.Find(metric); ok {
 		return sr
 	}
-	sr := &seriesRules{metric: metric, idx: len(d.list)}
+	sr := &seriesRules{metric: metric}
 	for _, rule := range rules {
 		if rule.Type != TypeFleet && globMatch(rule.Select.Kind, d.kind) && globMatch(rule.Select.District, d.district) &&
 			(rule.Type == TypeDeadman || globMatch(rule.Select.Metric, metric)) && globMatch(rule.Select.Device, d.device) {
@@ -68,45 +64,9 @@ func (d *devRules) series(s *ruleShard, rules []*Rule, metric string) *seriesRul
 	}
 	sr.alerts = make([]*alert, len(sr.rules))
 	sr.resolve(s, d)
-	d.list = append(d.list, sr)
-	d.next = sr.idx + 1
-	if len(d.list) > shortList {
-		if d.byMetric == nil {
-			d.byMetric = make(map[string]*seriesRules, 2*len(d.list))
-			for _, x := range d.list {
-				d.byMetric[x.metric] = x
-			}
-		}
-		d.byMetric[metric] = sr
-	}
+	d.metrics.Add(metric, sr)
 	s.nSeries++
 	return sr
-}
-
-// find returns the device's series of metric, nil if it has none yet.
-func (d *devRules) find(metric string) *seriesRules {
-	n := len(d.list)
-	if n == 0 {
-		return nil
-	}
-	if sr := d.list[d.next%n]; sr.metric == metric {
-		d.next = sr.idx + 1
-		return sr
-	}
-	if d.byMetric != nil {
-		sr := d.byMetric[metric]
-		if sr != nil {
-			d.next = sr.idx + 1
-		}
-		return sr
-	}
-	for _, sr := range d.list {
-		if sr.metric == metric {
-			d.next = sr.idx + 1
-			return sr
-		}
-	}
-	return nil
 }
 
 // key returns the key of rule's alert on the series (a deadman alert is the

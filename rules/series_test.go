@@ -1,6 +1,7 @@
 package rules
 
 import (
+	"github.com/citypulse/citypulse/internal/bymetric"
 	"testing"
 	"time"
 
@@ -86,7 +87,7 @@ func manyMetrics(n int) []string {
 // read in one order and then in others: each reading meets its own metric's
 // rules, in the engine and in the roll-ups' latest values.
 func TestManyMetricsOfOneDevice(t *testing.T) {
-	metrics := manyMetrics(3 * shortList)
+	metrics := manyMetrics(3 * bymetric.ShortList)
 	forward := func(i int) int { return i }
 	reverse := func(i int) int { return len(metrics) - 1 - i }
 	stride := func(i int) int { return (i * 7) % len(metrics) }
@@ -127,7 +128,7 @@ func TestManyMetricsOfOneDevice(t *testing.T) {
 			require.Equal(t, map[string]int64{"pipe-1": t0.Add(2 * time.Second).UnixNano()}, seen)
 			// and each series is kept once
 			require.Equal(t, len(metrics), e.shards[0].nSeries)
-			require.Len(t, v.shards[0].devs["pipe-1"].metrics, len(metrics))
+			require.Equal(t, len(metrics), v.shards[0].devs["pipe-1"].values.Len())
 		})
 	}
 }

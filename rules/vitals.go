@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"os"
 	"regexp"
-	"slices"
 	"sync"
 	"time"
 
@@ -16,6 +15,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/citypulse/citypulse/devices"
+	"github.com/citypulse/citypulse/internal/bymetric"
 	"github.com/citypulse/citypulse/pipeline"
 )
 
@@ -167,45 +167,8 @@ type latestShard struct {
 
 // latestDevice is one device's latest values and when it last reported.
 type latestDevice struct {
-	seen    int64 // the last received (unix ns); 0: none after 1970
-	metrics []string
-	values  []float64
-	next    int            // where the next reading's metric is looked for first
-	index   map[string]int // beyond shortList metrics
-}
-
-// set records metric's latest value.
-func (d *latestDevice) set(metric string, v float64) {
-	n := len(d.metrics)
-	j := d.next
-	switch {
-	case j < n && d.metrics[j] == metric:
-	case d.index != nil:
-		var ok bool
-		if j, ok = d.index[metric]; !ok {
-			j = -1
-		}
-	default:
-		j = slices.Index(d.metrics, metric)
-	}
-	if j < 0 {
-		j = n
-		d.metrics, d.values = append(d.metrics, metric), append(d.values, v)
-		if n+1 > shortList {
-			if d.index == nil {
-				d.index = make(map[string]int, 2*(n+1))
-				for i, m := range d.metrics {
-					d.index[m] = i
-				}
-			}
-			d.index[metric] = j
-		}
-	}
-	d.values[j] = v
-	d.next = j + 1
-	if d.next == len(d.metrics) {
-		d.next = 0
-	}
+	seen   int64 // the last received (unix ns); 0: none after 1970
+	values bymetric.List[float64]
 }
 
 type seriesKey struct{ device, metric string }
@@ -255,7 +218,7 @@ func (v *Vitals) Observe(shard int, rs []pipeline.Reading) {
 				s.devs[r.Device] = d
 			}
 		}
-		d.set(r.Metric, r.Value)
+		d.values.Set(r.Metric, r.Value)
 		d.seen = max(d.seen, r.Received)
 	}
 	s.mu.Unlock()
@@ -268,9 +231,7 @@ func (v *Vitals) snapshot() (map[seriesKey]float64, map[string]int64) {
 	for _, s := range v.shards {
 		s.mu.Lock()
 		for dev, d := range s.devs {
-			for i, m := range d.metrics {
-				series[seriesKey{dev, m}] = d.values[i]
-			}
+			d.values.All(func(m string, v float64) { series[seriesKey{dev, m}] = v })
 			if d.seen > 0 {
 				seen[dev] = d.seen
 			}

@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/prometheus/tsdb/chunks"
 
 	"github.com/citypulse/citypulse/devices"
+	"github.com/citypulse/citypulse/internal/bymetric"
 	"github.com/citypulse/citypulse/pipeline"
 )
 
@@ -56,10 +57,8 @@ type TSDB struct {
 }
 
 type seriesEntry struct {
-	metric string
-	idx    int // in its device's list
-	ref    promstorage.SeriesRef
-	lset   labels.Labels
+	ref  promstorage.SeriesRef
+	lset labels.Labels
 	// the latest sample appended through this cache (has: one was), so that a
 	// second value at its ms is refused even within one batch: the TSDB checks
 	// only against committed samples and drops such a sample at Commit silently.
@@ -167,58 +166,10 @@ type seriesCache struct {
 // deviceSeries is the series of one device, by metric.
 type deviceSeries struct {
 	device, district string
-	metrics          []*seriesEntry
-	next             int                     // where the next reading's metric is looked for first
-	byMetric         map[string]*seriesEntry // beyond shortList metrics
+	metrics          bymetric.List[*seriesEntry]
 	// moved is the device's series in another district (a device moved:
 	// its series are others), nil for most.
 	moved *deviceSeries
-}
-
-// shortList is how many metrics a device's list is scanned for; a device
-// with more (a district's roll-ups) also has them in a map.
-const shortList = 16
-
-// find returns the entry of metric, nil if there is none yet.
-func (d *deviceSeries) find(metric string) *seriesEntry {
-	n := len(d.metrics)
-	if n == 0 {
-		return nil
-	}
-	if e := d.metrics[d.next%n]; e.metric == metric {
-		d.next = e.idx + 1
-		return e
-	}
-	if d.byMetric != nil {
-		e := d.byMetric[metric]
-		if e != nil {
-			d.next = e.idx + 1
-		}
-		return e
-	}
-	for _, e := range d.metrics {
-		if e.metric == metric {
-			d.next = e.idx + 1
-			return e
-		}
-	}
-	return nil
-}
-
-// add appends a new series of the device.
-func (d *deviceSeries) add(e *seriesEntry) {
-	e.idx = len(d.metrics)
-	d.metrics = append(d.metrics, e)
-	d.next = e.idx + 1
-	if len(d.metrics) > shortList {
-		if d.byMetric == nil {
-			d.byMetric = make(map[string]*seriesEntry, 2*len(d.metrics))
-			for _, x := range d.metrics {
-				d.byMetric[x.metric] = x
-			}
-		}
-		d.byMetric[e.metric] = e
-	}
 }
 
 // entry returns the series of reading r, d being r's device (nil: not
@@ -235,11 +186,11 @@ func (c *seriesCache) entry(d *deviceSeries, r *pipeline.Reading) (*deviceSeries
 			c.devs[r.Device] = d
 		}
 	}
-	if e := d.find(r.Metric); e != nil {
+	if e, ok := d.metrics.Find(r.Metric); ok {
 		return d, e
 	}
-	e := &seriesEntry{metric: r.Metric, lset: seriesLabels(r)}
-	d.add(e)
+	e := &seriesEntry{lset: seriesLabels(r)}
+	d.metrics.Add(r.Metric, e)
 	c.series++
 	return d, e
 }

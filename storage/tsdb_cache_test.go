@@ -3,6 +3,7 @@ package storage
 import (
 	"context"
 	"fmt"
+	"github.com/citypulse/citypulse/internal/bymetric"
 	"math"
 	"testing"
 	"time"
@@ -40,7 +41,7 @@ func stored(t *testing.T, db *TSDB) map[string][]float64 {
 // orders, and a device written in two districts in turn, must each store
 // every sample in its own series, and the cache hold each series once.
 func TestSeriesCacheManyMetricsAndAMovedDevice(t *testing.T) {
-	metrics := make([]string, 3*shortList)
+	metrics := make([]string, 3*bymetric.ShortList)
 	for i := range metrics {
 		metrics[i] = fmt.Sprintf("m%02d", i)
 	}
