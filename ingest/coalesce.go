@@ -81,15 +81,16 @@ func (c *coalescingConn) Write(p []byte) (int, error) {
 // deadline (1.5 × keep-alive) at every packet it reads, and re-arming the
 // runtime's timers per packet was 1-2 % of the CPU under a flood. A client
 // that falls silent is closed up to deadlineSlack after its deadline, never
-// before. A deadline less than deadlineSlack away, or none, is set at once.
+// before. A first deadline (the pre-authentication one), one less than
+// deadlineSlack away, or none, is set as it is.
 func (c *coalescingConn) SetDeadline(t time.Time) error {
 	c.mu.Lock()
 	if !t.IsZero() && !c.armed.IsZero() && !t.After(c.armed) && time.Until(t) >= deadlineSlack {
 		c.mu.Unlock()
 		return nil
 	}
-	if !t.IsZero() && time.Until(t) >= deadlineSlack {
-		t = t.Add(deadlineSlack)
+	if !t.IsZero() && !c.armed.IsZero() && time.Until(t) >= deadlineSlack {
+		t = t.Add(deadlineSlack) // moving a deadline: the next moves within the slack are skipped
 	}
 	c.armed = t
 	c.mu.Unlock()
