@@ -313,9 +313,9 @@ func (hk *brokerHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.
 	case pk.FixedHeader.Qos == 0:
 		return pk, nil // mochi drops it
 	case cl.Properties.ProtocolVersion == 5:
-		// negative PUBACK; mochi then drops the publish
-		_ = cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: pk.PacketID,
-			ReasonCode: packets.ErrNotAuthorized.Code, Properties: packets.Properties{ReasonString: packets.ErrNotAuthorized.Reason}})
+		// a negative PUBACK, in its turn after the publishes before it
+		// (the acker); mochi then drops the publish
+		hk.b.acksOf(hk, cl).q <- ackItem{err: errForbiddenTopic, id: pk.PacketID}
 		return pk, nil
 	default:
 		_ = b.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
@@ -323,20 +323,28 @@ func (hk *brokerHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.
 	}
 }
 
-// OnACLCheck lets a device publish to devices/<its id>/readings and nothing else.
+// OnACLCheck lets a device subscribe to nothing. Its publishes are let
+// through to OnPublish, which refuses any but those to devices/<its
+// id>/readings in the order of the client's acknowledgements (a v5 refusal
+// written here would overtake the PUBACKs of earlier publishes still being
+// journaled).
 func (hk *brokerHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
-	if write && topic == readingsTopic(string(cl.Properties.Username)) {
+	if write {
 		return true
 	}
-	hk.b.m.messages.WithLabelValues("forbidden").Inc()
-	what := "subscribe to"
-	if write {
-		what = "publish to"
-	}
-	hk.b.h.Reject(ReasonForbidden, 1, "transport", "mqtt", "device", string(cl.Properties.Username),
-		"err", fmt.Sprintf("a device may not %s %q", what, topic))
+	hk.forbidden(cl, fmt.Sprintf("a device may not subscribe to %q", topic))
 	return false
 }
+
+// forbidden counts and logs a refused publish or subscription.
+func (hk *brokerHook) forbidden(cl *mqtt.Client, why string) {
+	hk.b.m.messages.WithLabelValues("forbidden").Inc()
+	hk.b.h.Reject(ReasonForbidden, 1, "transport", "mqtt", "device", string(cl.Properties.Username), "err", why)
+}
+
+// errForbiddenTopic answers a v5 publish to a topic the device may not use
+// (PUBACK 0x87); it is counted where it is found.
+var errForbiddenTopic = errors.New("a device may publish only to devices/<its id>/readings")
 
 // OnPublish queues a publish's readings for the journal. A QoS 1 publish is
 // answered by the client's acker once they are durable (see clientAcks), so
@@ -345,11 +353,22 @@ func (hk *brokerHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pac
 	b := hk.b
 	id := string(cl.Properties.Username)
 	dev, ok := b.devs.Get(id)
-	if !ok || !strings.HasPrefix(pk.TopicName, "devices/"+id+"/") {
+	if !ok {
 		// Removed since it connected: refuse and drop the connection.
 		b.h.Reject(ReasonUnknownDevice, 1, "transport", "mqtt", "device", id)
 		b.m.messages.WithLabelValues("unknown_device").Inc()
 		_ = b.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
+		return pk, packets.ErrRejectPacket
+	}
+	if pk.TopicName != readingsTopic(id) {
+		hk.forbidden(cl, fmt.Sprintf("a device may not publish to %q", pk.TopicName))
+		switch {
+		case pk.FixedHeader.Qos == 0: // dropped
+		case cl.Properties.ProtocolVersion == 5:
+			b.acksOf(hk, cl).q <- ackItem{err: errForbiddenTopic, id: pk.PacketID}
+		default:
+			_ = b.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
+		}
 		return pk, packets.ErrRejectPacket
 	}
 	format := payload.FromContentType(pk.Properties.ContentType)

@@ -39,8 +39,10 @@ type ackItem struct {
 
 // maxUnanswered bounds a client's publishes read but not yet answered; past
 // it the client's reader waits (TCP backpressure), as it waited for each
-// journal write before.
-const maxUnanswered = 256
+// journal write before. It is small beside a shard's queue
+// (pipeline.queue_size, 4,096), so that a few busy clients cannot fill it and
+// push the other devices of their shard back.
+const maxUnanswered = 64
 
 // acksOf returns cl's acker, starting it with cl's first QoS 1 publish (its
 // reader calls this; OnDisconnect ends it).
@@ -133,6 +135,8 @@ func (hk *brokerHook) settle(cl *mqtt.Client, qos byte, id uint16, err error) {
 	var rl *RateLimitError
 	switch {
 	case err == nil:
+	case errors.Is(err, errForbiddenTopic): // counted where it was found
+		result, code, disconnect = "", packets.ErrNotAuthorized, !v5
 	case errors.As(err, &pe):
 		// v3.1.1 has no negative PUBACK: acknowledged (re-sending a malformed
 		// message helps no one); the reject is counted and logged.
@@ -161,9 +165,10 @@ func (hk *brokerHook) settle(cl *mqtt.Client, qos byte, id uint16, err error) {
 		// device re-sends after reconnecting.
 		result, disconnect = "not_acknowledged", true
 	}
-	if err == nil {
+	switch {
+	case err == nil:
 		b.m.accepted.Inc()
-	} else {
+	case result != "":
 		b.m.messages.WithLabelValues(result).Inc()
 	}
 	switch {

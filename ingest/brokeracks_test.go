@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/eclipse/paho.mqtt.golang/packets"
+	mochipk "github.com/mochi-mqtt/server/v2/packets"
 	"github.com/stretchr/testify/require"
 )
 
@@ -74,4 +75,42 @@ func TestBrokerReadsOnWhileJournalingAndAcksInOrder(t *testing.T) {
 		require.Equal(t, want, ack.MessageID, "acknowledged in the order published")
 	}
 	require.Len(t, rec.readings(), n-1)
+}
+
+// MQTT v5: a publish refused for its topic (another device's, or one mochi
+// reserves) is answered with PUBACK 0x87 in its turn, after the publishes
+// before it that are still being journaled, not ahead of them.
+func TestBrokerV5RefusalsWaitForTheirTurn(t *testing.T) {
+	rec := &recorder{hold: make(chan struct{})}
+	b := startBroker(t, rec)
+	c, _ := dialRaw(t, b.Addr().String(), 5, creds("pipe-0001"))
+	c.send(t, 5, 1, 1, "devices/pipe-0001/readings")
+	c.send(t, 5, 1, 2, "devices/pipe-0001/readings")
+	c.send(t, 5, 1, 3, "devices/pipe-0002/readings")
+	c.send(t, 5, 1, 4, "$SYS/broker")
+	c.send(t, 5, 1, 5, "devices/pipe-0001/readings")
+	require.Eventually(t, func() bool {
+		rec.mu.Lock()
+		defer rec.mu.Unlock()
+		return rec.calls == 3
+	}, 5*time.Second, 5*time.Millisecond)
+	require.NoError(t, c.conn.SetReadDeadline(time.Now().Add(200*time.Millisecond)))
+	_, err := c.r.ReadByte()
+	var ne net.Error
+	require.ErrorAs(t, err, &ne, "nothing answered, not even the refusals, before the first publish is journaled")
+
+	close(rec.hold)
+	for _, want := range []struct {
+		id   uint16
+		code byte
+	}{{1, 0}, {2, 0}, {3, mochipk.ErrNotAuthorized.Code}, {4, mochipk.ErrNotAuthorized.Code}, {5, 0}} {
+		fh, body, open := c.next(t, 10*time.Second)
+		require.True(t, open)
+		require.Equal(t, mochipk.Puback, fh.Type)
+		ack := mochipk.Packet{FixedHeader: fh, ProtocolVersion: 5}
+		require.NoError(t, ack.PubackDecode(body))
+		require.Equal(t, want.id, ack.PacketID, "answered in the order published")
+		require.Equal(t, want.code, ack.ReasonCode, "packet %d", want.id)
+	}
+	require.Len(t, rec.readings(), 3)
 }

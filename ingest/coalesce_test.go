@@ -129,6 +129,10 @@ func TestCoalescingConnDeadlineIsCoarseButHolds(t *testing.T) {
 	require.NoError(t, c.SetDeadline(later))
 	require.Equal(t, later.Add(deadlineSlack), c.armed, "past the armed one: re-armed")
 
+	earlier := c.armed.Add(-5 * time.Second)
+	require.NoError(t, c.SetDeadline(earlier), "much earlier than the armed one: set")
+	require.Equal(t, earlier, c.armed)
+
 	soon := time.Now().Add(50 * time.Millisecond)
 	require.NoError(t, c.SetDeadline(soon), "a near deadline is set as it is")
 	require.Equal(t, soon, c.armed)
@@ -138,4 +142,26 @@ func TestCoalescingConnDeadlineIsCoarseButHolds(t *testing.T) {
 	require.ErrorAs(t, err, &ne)
 	require.True(t, ne.Timeout())
 	require.Less(t, time.Since(start), 5*time.Second)
+}
+
+// A peer that reads nothing cannot hold a send, or Close, for ever: Close
+// gives a blocked send a second.
+func TestCoalescingConnCloseEndsABlockedSend(t *testing.T) {
+	a, b := net.Pipe() // b never reads: a send blocks
+	defer b.Close()
+	c := newCoalescingConn(a)
+	c.hold()
+	_, err := c.Write(make([]byte, 1024))
+	require.NoError(t, err, "held: gathered, not sent")
+	released := make(chan struct{})
+	go func() { defer close(released); c.release() }()
+	time.Sleep(50 * time.Millisecond) // the send is blocked on the peer
+	closed := make(chan error, 1)
+	go func() { closed <- c.Close() }()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close waited for the blocked send")
+	}
+	<-released
 }

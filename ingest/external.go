@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
@@ -44,6 +45,8 @@ type External struct {
 
 	// inflight holds the received messages in arrival order for the acker.
 	inflight chan inflightMsg
+	// cur is the connection paho reads now (the one open made last).
+	cur atomic.Pointer[bufferedConn]
 }
 
 // externalWindow bounds the messages being journaled or waiting for their
@@ -52,7 +55,7 @@ const externalWindow = 256
 
 // inflightMsg is one received message: its readings being journaled (p), or
 // (p nil) whether to acknowledge it, decided already. It came from paho
-// (msg) or from the subscription reader (conn, id, qos).
+// (msg) or from the subscription reader (id, qos), on conn.
 type inflightMsg struct {
 	msg  paho.Message
 	conn *bufferedConn
@@ -161,19 +164,35 @@ func (x *External) acker(ctx context.Context) {
 			ok := m.ack
 			if m.p != nil {
 				_, err := m.p.Wait(ctx)
-				ok = x.settle(err)
+				if ok = x.settle(err); !ok && ctx.Err() == nil {
+					x.abandon(m.conn, err)
+				}
 			}
-			if ok && ctx.Err() == nil {
+			if ok && ctx.Err() == nil && (m.conn == nil || !m.conn.failed.Load()) {
 				m.acknowledge()
 			}
 		}
 	}
 }
 
+// abandon closes c after a message read from it could not be journaled
+// (the journal write failed): acknowledging the later ones would skip it
+// (MQTT 3.1.1 §4.6), and the broker re-sends what was not acknowledged
+// only on a new connection. paho reconnects; nothing more read from c is
+// acknowledged.
+func (x *External) abandon(c *bufferedConn, err error) {
+	if c == nil || !c.failed.CompareAndSwap(false, true) {
+		return
+	}
+	x.log.Warn("external broker: a message could not be journaled; reconnecting so that the broker sends it and those after it again",
+		"err", err)
+	_ = c.Close()
+}
+
 // handle is paho's message handler (called in arrival order from one
 // goroutine), for what the subscription reader leaves to paho.
 func (x *External) handle(_ paho.Client, msg paho.Message) {
-	x.queue(inflightMsg{msg: msg, ack: true}, msg.Topic(), msg.Payload())
+	x.queue(inflightMsg{msg: msg, conn: x.cur.Load(), ack: true}, msg.Topic(), msg.Payload())
 }
 
 // fromReader handles a PUBLISH the subscription reader took out of c's
@@ -249,7 +268,8 @@ func (x *External) settle(err error) bool {
 		return true // counted (rate_limited) and logged
 	default:
 		// Backpressure after queueing (the journal write failed), stopping:
-		// not acknowledged, the broker re-delivers after we reconnect.
+		// not acknowledged; the acker closes the connection (abandon) and
+		// the broker re-sends after paho reconnects.
 		x.m.messages.WithLabelValues("not_acknowledged").Inc()
 		return false
 	}
@@ -289,7 +309,8 @@ type bufferedConn struct {
 	head     []byte
 	headBuf  [5]byte
 	passLeft int
-	big      []byte // a PUBLISH larger than r's buffer
+	big      []byte      // a PUBLISH larger than r's buffer
+	failed   atomic.Bool // abandoned: nothing more read from it is acknowledged
 
 	wmu     sync.Mutex
 	w       []byte      // written, not yet sent
@@ -380,6 +401,7 @@ func (x *External) open(u *url.URL, o paho.ClientOptions) (net.Conn, error) {
 	}
 	bc := c.(*bufferedConn)
 	bc.deliver = func(pub inboundPublish) { x.fromReader(bc, pub) }
+	x.cur.Store(bc)
 	return bc, nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"io"
 	"net"
 	"net/url"
 	"os"
@@ -223,4 +224,33 @@ func TestOpenBufferedTLS(t *testing.T) {
 
 	_, err = openBuffered(&url.URL{Scheme: "ws", Host: l.Addr().String()}, *o)
 	require.ErrorContains(t, err, `scheme "ws"`)
+}
+
+// A message whose journal write failed is not acknowledged, and neither is
+// anything read after it on that connection: the connection is closed, so
+// that the broker sends them all again after paho reconnects (it re-sends
+// only on a new connection, and acknowledging the later ones would skip it).
+func TestExternalReconnectsAfterAFailedJournalWrite(t *testing.T) {
+	rec := &recorder{failWait: 2}
+	x, err := NewExternal(ExternalConfig{URL: "tcp://127.0.0.1:1", Topic: "devices/+/readings", ClientID: "t"},
+		testRegistry(t), NewHandler(rec, HandlerOptions{}), nil, nil)
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	x.ctx = ctx
+	x.inflight = make(chan inflightMsg, externalWindow)
+	ackerDone := make(chan struct{})
+	go func() { defer close(ackerDone); x.acker(ctx) }()
+	defer func() { cancel(); <-ackerDone }()
+
+	ours, broker := net.Pipe()
+	bc := &bufferedConn{Conn: ours, r: bufio.NewReader(ours)}
+	for id := uint16(1); id <= 3; id++ {
+		x.fromReader(bc, inboundPublish{Topic: []byte("devices/pipe-0001/readings"), QoS: 1, ID: id,
+			Payload: fmt.Appendf(nil, `[{"n":"pressure","v":%d}]`, 300+id)})
+	}
+	require.NoError(t, broker.SetReadDeadline(time.Now().Add(10*time.Second)))
+	got, err := io.ReadAll(broker)
+	require.NoError(t, err, "the connection is closed, not left open")
+	require.Equal(t, []byte{0x40, 2, 0, 1}, got, "only the message before the failed one is acknowledged")
+	require.True(t, bc.failed.Load())
 }

@@ -23,6 +23,7 @@ type recorder struct {
 	got      []pipeline.Reading
 	calls    int
 	pushBack int           // return ErrBackpressure for this many calls
+	failWait int           // the Wait of this call (1-based) fails with ErrBackpressure, as a failed journal write
 	hold     chan struct{} // when set, Wait waits for it to be closed
 }
 
@@ -34,7 +35,7 @@ func (r *recorder) Begin(ctx context.Context, rs []pipeline.Reading) (Waiter, er
 		r.pushBack--
 		return nil, fmt.Errorf("%w: test", pipeline.ErrBackpressure)
 	}
-	return recorded{r: r, rs: rs, hold: r.hold}, nil
+	return recorded{r: r, rs: rs, hold: r.hold, fail: r.calls == r.failWait}, nil
 }
 
 // recorded is one submission to a recorder: Wait records it (after the hold).
@@ -42,6 +43,7 @@ type recorded struct {
 	r    *recorder
 	rs   []pipeline.Reading
 	hold chan struct{}
+	fail bool
 }
 
 func (w recorded) Wait(ctx context.Context) error {
@@ -51,6 +53,9 @@ func (w recorded) Wait(ctx context.Context) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		}
+	}
+	if w.fail {
+		return fmt.Errorf("%w: journal write failed (test)", pipeline.ErrBackpressure)
 	}
 	w.r.mu.Lock()
 	defer w.r.mu.Unlock()

@@ -165,24 +165,24 @@ type seriesCache struct {
 
 // deviceSeries is the series of one device, by metric.
 type deviceSeries struct {
-	device, district string
-	metrics          bymetric.List[*seriesEntry]
-	// moved is the device's series in another district (a device moved:
-	// its series are others), nil for most.
+	device, kind, district string
+	metrics                bymetric.List[*seriesEntry]
+	// moved is the device's series under another kind or district (a
+	// device re-registered or moved: its series are others), nil for most.
 	moved *deviceSeries
 }
 
 // entry returns the series of reading r, d being r's device (nil: not
 // looked up yet; it returns the one it used).
 func (c *seriesCache) entry(d *deviceSeries, r *pipeline.Reading) (*deviceSeries, *seriesEntry) {
-	if d == nil || d.device != r.Device || d.district != r.District {
+	if d == nil || d.device != r.Device || d.district != r.District || d.kind != r.Kind {
 		first := c.devs[r.Device]
 		d = first
-		for d != nil && d.district != r.District {
+		for d != nil && (d.district != r.District || d.kind != r.Kind) {
 			d = d.moved
 		}
 		if d == nil {
-			d = &deviceSeries{device: r.Device, district: r.District, moved: first}
+			d = &deviceSeries{device: r.Device, kind: r.Kind, district: r.District, moved: first}
 			c.devs[r.Device] = d
 		}
 	}

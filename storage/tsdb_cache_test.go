@@ -38,8 +38,9 @@ func stored(t *testing.T, db *TSDB) map[string][]float64 {
 // The series cache looks a device up once per run of its readings and its
 // metrics in a short list tried where the last one was found: a device with
 // more metrics than the list (a district's roll-ups) written in changing
-// orders, and a device written in two districts in turn, must each store
-// every sample in its own series, and the cache hold each series once.
+// orders, a device written in two districts in turn and one under two kinds
+// in turn, must each store every sample in its own series, and the cache
+// hold each series once.
 func TestSeriesCacheManyMetricsAndAMovedDevice(t *testing.T) {
 	metrics := make([]string, 3*bymetric.ShortList)
 	for i := range metrics {
@@ -67,8 +68,14 @@ func TestSeriesCacheManyMetricsAndAMovedDevice(t *testing.T) {
 			name := fmt.Sprintf(`{__name__="pipe_pressure", device="pipe-1", district="%s", kind="pipe"}`, district)
 			want[name] = append(want[name], v)
 		}
+		for k, kind := range []string{"pipe", "water", "pipe", "water"} { // re-registered as another kind
+			v := float64(1000*round + k)
+			b.Readings = append(b.Readings, rd("dev-2", "gulou", kind, "pressure", v, at.Add(time.Duration(k)*time.Millisecond)))
+			name := fmt.Sprintf(`{__name__="%s_pressure", device="dev-2", district="gulou", kind="%s"}`, kind, kind)
+			want[name] = append(want[name], v)
+		}
 		require.NoError(t, db.Write(context.Background(), b))
 	}
 	require.Equal(t, want, stored(t, db))
-	require.Equal(t, len(metrics)+2, db.cache(0).series, "each series cached once")
+	require.Equal(t, len(metrics)+4, db.cache(0).series, "each series cached once")
 }
