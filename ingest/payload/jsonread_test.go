@@ -15,7 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// sameAsStd fails t unless Decode and stdDecode (encoding/json) agree on b:
+// sameAsStd fails t unless Decode and stdDecode (encoding/json, fxamacker/cbor) agree on b:
 // equal records (bit for bit), rejects at the same index for the same reason,
 // or both an error with the same reason.
 func sameAsStd(t *testing.T, f Format, b []byte) {
@@ -23,31 +23,31 @@ func sameAsStd(t *testing.T, f Format, b []byte) {
 	got, gotRej, gotErr := Decode(f, b, "pipe-0001", testNow)
 	want, wantRej, wantErr := stdDecode(f, b, "pipe-0001", testNow)
 	if (gotErr == nil) != (wantErr == nil) {
-		t.Fatalf("%q: error %v, encoding/json %v", b, gotErr, wantErr)
+		t.Fatalf("%q: error %v, reference %v", b, gotErr, wantErr)
 	}
 	if wantErr != nil {
 		var g, w *Error
 		if !errors.As(gotErr, &g) || !errors.As(wantErr, &w) || g.Reason != w.Reason {
-			t.Fatalf("%q: error %v, encoding/json %v", b, gotErr, wantErr)
+			t.Fatalf("%q: error %v, reference %v", b, gotErr, wantErr)
 		}
 		return
 	}
 	if len(got) != len(want) {
-		t.Fatalf("%q: %d records, encoding/json %d:\n%+v\n%+v", b, len(got), len(want), got, want)
+		t.Fatalf("%q: %d records, reference %d:\n%+v\n%+v", b, len(got), len(want), got, want)
 	}
 	for i := range got {
 		g, w := got[i], want[i]
 		if g.Metric != w.Metric || math.Float64bits(g.Value) != math.Float64bits(w.Value) || g.Str != w.Str ||
 			g.HasStr != w.HasStr || g.Unit != w.Unit || g.Time != w.Time {
-			t.Fatalf("%q: record %d is %+v, encoding/json %+v", b, i, g, w)
+			t.Fatalf("%q: record %d is %+v, reference %+v", b, i, g, w)
 		}
 	}
 	if len(gotRej) != len(wantRej) {
-		t.Fatalf("%q: %d rejects, encoding/json %d: %v / %v", b, len(gotRej), len(wantRej), gotRej, wantRej)
+		t.Fatalf("%q: %d rejects, reference %d: %v / %v", b, len(gotRej), len(wantRej), gotRej, wantRej)
 	}
 	for i := range gotRej {
 		if gotRej[i].Index != wantRej[i].Index || gotRej[i].Reason != wantRej[i].Reason {
-			t.Fatalf("%q: reject %d is %d %s (%v), encoding/json %d %s (%v)", b, i,
+			t.Fatalf("%q: reject %d is %d %s (%v), reference %d %s (%v)", b, i,
 				gotRej[i].Index, gotRej[i].Reason, gotRej[i].Err, wantRej[i].Index, wantRej[i].Reason, wantRej[i].Err)
 		}
 	}
@@ -157,13 +157,17 @@ func processCPU(b *testing.B) time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
-// benchBoth runs decode and stdDecode on payload in one run, reporting
+// benchBoth runs Decode and stdDecode on payload in one run, reporting
 // readings decoded per op.
 func benchBoth(b *testing.B, f Format, payload []byte) {
+	ref := "encoding-json"
+	if f == SenMLCBOR {
+		ref = "fxamacker"
+	}
 	for _, c := range []struct {
 		name string
 		fn   func(Format, []byte, string, time.Time) ([]Record, []Reject, error)
-	}{{"encoding-json", stdDecode}, {"reader", Decode}} {
+	}{{ref, stdDecode}, {"reader", Decode}} {
 		b.Run(c.name, func(b *testing.B) {
 			b.ReportAllocs()
 			b.SetBytes(int64(len(payload)))

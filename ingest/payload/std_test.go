@@ -1,8 +1,9 @@
 package payload
 
 // The encoding/json decoders this package used before it read JSON itself
-// (jsonread.go): the reference the fuzz tests compare the new ones with, and
-// the baseline of the decode benchmarks.
+// (jsonread.go), and the fxamacker/cbor one it still falls back on for SenML
+// CBOR (cborread.go): the reference the fuzz tests compare the new ones with,
+// and the baseline of the decode benchmarks.
 
 import (
 	"bytes"
@@ -15,7 +16,7 @@ import (
 	"unicode/utf8"
 )
 
-// stdDecode is Decode with the encoding/json decoders.
+// stdDecode is Decode with the encoding/json and fxamacker/cbor decoders.
 func stdDecode(f Format, b []byte, device string, now time.Time) ([]Record, []Reject, error) {
 	switch f {
 	case SenMLJSON:
@@ -27,6 +28,16 @@ func stdDecode(f Format, b []byte, device string, now time.Time) ([]Record, []Re
 		return recs2, rej, nil
 	case JSON:
 		return stdDecodePlainJSON(b, now)
+	case SenMLCBOR:
+		if len(b) > MaxPayloadBytes {
+			return Decode(f, b, device, now)
+		}
+		recs, err := parseSenMLCBOR(b) // fxamacker/cbor, as before cborReader
+		if err != nil {
+			return nil, nil, err
+		}
+		recs2, rej := resolveSenML(recs, device, now)
+		return recs2, rej, nil
 	}
 	return Decode(f, b, device, now)
 }
