@@ -26,9 +26,10 @@ import (
 // username = device id and password = secret, and may publish only to
 // devices/<their id>/readings; everything else is denied.
 //
-// Acknowledgement: mochi runs the OnPublish hook synchronously in the client's
-// read loop before it writes the PUBACK (server.go, processPublish), so the hook
-// blocks until the pipeline has journaled the readings: a PUBACK means durable.
+// Acknowledgement: the client's reader queues a publish's readings and reads
+// on; the client's acker (brokeracks.go) writes the PUBACK once they are
+// journaled, in the order the publishes came: a PUBACK means durable. mochi
+// writes no answer to a publish itself.
 type Broker struct {
 	srv    *mqtt.Server
 	ln     net.Listener
@@ -290,7 +291,8 @@ func (hk *brokerHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) 
 // get wrong: QoS 2 (mochi would downgrade it and answer PUBACK) is refused per
 // the spec, v5 DISCONNECT 0x9B "QoS not supported", v3.1.1 by closing; a topic
 // mochi reserves ($SYS/...), which it drops without an answer, is refused like
-// any forbidden topic: v5 PUBACK 0x87, v3.1.1 disconnect.
+// any forbidden topic: v5 PUBACK 0x87, v3.1.1 disconnect. A well-formed
+// publish to the device's own readings topic is taken here (direct).
 func (hk *brokerHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if pk.FixedHeader.Type != packets.Publish {
 		return pk, nil
@@ -308,7 +310,7 @@ func (hk *brokerHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.
 		return pk, nil
 	}
 	if mqtt.IsValidFilter(pk.TopicName, true) || strings.ContainsAny(pk.TopicName, "+#") {
-		// the ACL decides; a wildcard is a protocol violation, which mochi
+		// OnPublish decides; a wildcard is a protocol violation, which mochi
 		// answers after this hook (v5 DISCONNECT 0x82, v3.1.1 close)
 		return pk, nil
 	}
