@@ -51,14 +51,7 @@ func (m *fakeMsg) Ack() {
 // order, and acknowledged in arrival order, each only after it was journaled.
 func TestExternalQueuesWithoutWaitingAndAcksInOrder(t *testing.T) {
 	rec := &recorder{hold: make(chan struct{})}
-	x, err := NewExternal(ExternalConfig{URL: "tcp://127.0.0.1:1", Topic: "devices/+/readings", ClientID: "t"},
-		testRegistry(t), NewHandler(rec, HandlerOptions{}), nil, nil)
-	require.NoError(t, err)
-	ctx, cancel := context.WithCancel(context.Background())
-	x.ctx = ctx
-	x.inflight = make(chan inflightMsg, externalWindow)
-	ackerDone := make(chan struct{})
-	go func() { defer close(ackerDone); x.acker(ctx) }()
+	x := runAcker(t, rec)
 
 	acks := &ackLog{}
 	devs := []string{"pipe-0001", "pipe-0002", "nobody"}
@@ -87,8 +80,23 @@ func TestExternalQueuesWithoutWaitingAndAcksInOrder(t *testing.T) {
 		last[r.Device] = r.Value
 	}
 	require.Len(t, rec.readings(), 2*n/3)
-	cancel()
-	<-ackerDone
+}
+
+// runAcker makes an External over sub's handler with its acker running
+// until the test ends, without connecting to any broker: the test feeds
+// handle or fromReader itself.
+func runAcker(t *testing.T, sub Submitter) *External {
+	t.Helper()
+	x, err := NewExternal(ExternalConfig{URL: "tcp://127.0.0.1:1", Topic: "devices/+/readings", ClientID: "t"},
+		testRegistry(t), NewHandler(sub, HandlerOptions{}), nil, nil)
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	x.ctx = ctx
+	x.inflight = make(chan inflightMsg, externalWindow)
+	ackerDone := make(chan struct{})
+	go func() { defer close(ackerDone); x.acker(ctx) }()
+	t.Cleanup(func() { cancel(); <-ackerDone })
+	return x
 }
 
 // External mode against a real mosquitto: every message published through the
@@ -232,15 +240,7 @@ func TestOpenBufferedTLS(t *testing.T) {
 // only on a new connection, and acknowledging the later ones would skip it).
 func TestExternalReconnectsAfterAFailedJournalWrite(t *testing.T) {
 	rec := &recorder{failWait: 2}
-	x, err := NewExternal(ExternalConfig{URL: "tcp://127.0.0.1:1", Topic: "devices/+/readings", ClientID: "t"},
-		testRegistry(t), NewHandler(rec, HandlerOptions{}), nil, nil)
-	require.NoError(t, err)
-	ctx, cancel := context.WithCancel(context.Background())
-	x.ctx = ctx
-	x.inflight = make(chan inflightMsg, externalWindow)
-	ackerDone := make(chan struct{})
-	go func() { defer close(ackerDone); x.acker(ctx) }()
-	defer func() { cancel(); <-ackerDone }()
+	x := runAcker(t, rec)
 
 	ours, broker := net.Pipe()
 	bc := &bufferedConn{Conn: ours, r: bufio.NewReader(ours)}
