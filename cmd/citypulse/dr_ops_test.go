@@ -18,7 +18,6 @@ import (
 	"github.com/citypulse/citypulse/cluster/natstest"
 	"github.com/citypulse/citypulse/clusterstate"
 	"github.com/citypulse/citypulse/cmd/internal/servertest"
-	"github.com/citypulse/citypulse/internal/servers"
 )
 
 // The operations side of a standby site, through real processes: two sites
@@ -26,52 +25,13 @@ import (
 // (natstest.Sites), one CityPulse node per site with its own VictoriaMetrics
 // and a loopback webhook. Run with CITYPULSE_TEST_DR=1 (make test-dr).
 
-// drOpsNode prepares a site's node (not started) with the rules on and the
-// webhook as receiver, a 3 s RPO budget and a 1 s alert hold-off.
-func drOpsNode(t *testing.T, natsURL, site, peer, devices, hook string) *servertest.Server {
-	vm, vmAddr, err := servers.StartVictoriaMetrics(t.TempDir())
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = vm.Stop(30 * time.Second) })
+// drOpsNode prepares a site's node (not started) with the shipped rules,
+// vitals off and the webhook as receiver, a 3 s RPO budget and a 1 s alert
+// hold-off.
+func drOpsNode(t *testing.T, nats *natstest.Cluster, site, peer, devices, hook string) *servertest.Server {
 	rulesFile, _ := filepath.Abs("../../configs/rules.yaml")
-	s := servertest.New(t, binPath, "CITYPULSE_RULES_FILE="+rulesFile)
-	s.Probe = servertest.ProbeLive // a site not active is up but not ready
-	s.SetConfig(fmt.Sprintf(`data_dir: {{data}}
-devices:
-  file: %s
-log:
-  format: json
-vitals:
-  enabled: false
-rules:
-  notify:
-    receivers:
-      - {name: ops, type: webhook, url: %q, secret: "0123456789abcdef-ops", timeout: 2s}
-    allow_hosts: [127.0.0.1]
-    retry_min: 100ms
-    retry_max: 1s
-storage:
-  remote_write:
-    enabled: true
-    url: http://%s/api/v1/write
-http:
-  admin_token: %s
-cluster:
-  enabled: true
-  urls: [%s]
-  partitions: 8
-  replicas: 1
-  state:
-    replicas: 1
-  standby:
-    enabled: true
-    site: %s
-    peer_domain: %s
-    replicas: 1
-    rpo_budget: 3s
-    rpo_alert_hold_off: 1s
-    poll_interval: 200ms
-    link_timeout: 1s
-`, devices, hook, vmAddr, drToken, natsURL, site, peer))
+	s, _ := drNode(t, drSite{nats: nats, site: site, peer: peer, devices: devices, rules: rulesFile, hook: hook,
+		replicas: 1, noVitals: true, rpoBudget: 3 * time.Second, rpoHoldOff: time.Second})
 	return s
 }
 
@@ -113,7 +73,7 @@ func TestAStandbySiteIsNotReadyMirrorsSilencesAndAlertsOnReplicationLag(t *testi
 		nc.Close()
 	}
 	hook := newAlertReceiver(t, clusterstate.RPOAlertName)
-	primary := drOpsNode(t, sites.Primary.URL(), natstest.PrimaryDomain, natstest.StandbyDomain, devFile, hook.srv.URL)
+	primary := drOpsNode(t, sites.Primary, natstest.PrimaryDomain, natstest.StandbyDomain, devFile, hook.srv.URL)
 	primary.Start()
 	code, body := httpDo(t, "GET", "http://"+primary.HTTP+"/readyz", "")
 	require.Equal(t, http.StatusServiceUnavailable, code, "a site not yet activated is not ready: %s", body)
@@ -126,7 +86,7 @@ func TestAStandbySiteIsNotReadyMirrorsSilencesAndAlertsOnReplicationLag(t *testi
 		return nil
 	})
 
-	standby := drOpsNode(t, sites.Standby.URL(), natstest.StandbyDomain, natstest.PrimaryDomain, devFile, hook.srv.URL)
+	standby := drOpsNode(t, sites.Standby, natstest.StandbyDomain, natstest.PrimaryDomain, devFile, hook.srv.URL)
 	standby.Start()
 	eventually(t, 60*time.Second, func() error {
 		st, _ := drStatus(t, standby)

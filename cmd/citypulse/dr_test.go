@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -44,6 +45,11 @@ type drSite struct {
 	hook     string // the webhook receiver's URL
 	streams  string // cluster.standby.streams ("": the default, everything mirrored)
 	replicas int    // of the site's streams, buckets and mirrors
+
+	noVitals   bool          // vitals off (else the shipped vitals file)
+	checkpoint time.Duration // cluster.state.checkpoint (0: the default)
+	rpoBudget  time.Duration // cluster.standby.rpo_budget (0: 5 s)
+	rpoHoldOff time.Duration // cluster.standby.rpo_alert_hold_off (0: the default)
 }
 
 // drNode prepares the CityPulse node of a site (not started), with the
@@ -52,18 +58,32 @@ func drNode(t *testing.T, ds drSite) (*servertest.Server, string) {
 	vm, vmAddr, err := servers.StartVictoriaMetrics(t.TempDir())
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = vm.Stop(30 * time.Second) })
-	vitals, _ := filepath.Abs("../../configs/vitals.yaml")
-	s := servertest.New(t, binPath, "CITYPULSE_VITALS_FILE="+vitals, "CITYPULSE_RULES_FILE="+ds.rules)
-	s.Probe = servertest.ProbeLive // a site not active is up but not ready (/readyz 503)
-	streams := ""
-	if ds.streams != "" {
-		streams = "\n    streams: [" + ds.streams + "]"
+	env := []string{"CITYPULSE_RULES_FILE=" + ds.rules}
+	vitals := ""
+	if ds.noVitals {
+		vitals = "\nvitals:\n  enabled: false"
+	} else {
+		file, _ := filepath.Abs("../../configs/vitals.yaml")
+		env = append(env, "CITYPULSE_VITALS_FILE="+file)
 	}
+	s := servertest.New(t, binPath, env...)
+	s.Probe = servertest.ProbeLive // a site not active is up but not ready (/readyz 503)
+	state, standby := "", ""
+	if ds.checkpoint > 0 {
+		state = fmt.Sprintf("\n    checkpoint: %v", ds.checkpoint)
+	}
+	if ds.streams != "" {
+		standby += "\n    streams: [" + ds.streams + "]"
+	}
+	if ds.rpoHoldOff > 0 {
+		standby += fmt.Sprintf("\n    rpo_alert_hold_off: %v", ds.rpoHoldOff)
+	}
+	budget := cmp.Or(ds.rpoBudget, 5*time.Second)
 	s.SetConfig(fmt.Sprintf(`data_dir: {{data}}
 devices:
   file: %s
 log:
-  format: json
+  format: json%s
 rules:
   notify:
     receivers:
@@ -83,18 +103,17 @@ cluster:
   partitions: 8
   replicas: %d
   state:
-    replicas: %d
-    checkpoint: 2s
+    replicas: %d%s
   standby:
     enabled: true
     site: %s
     peer_domain: %s
     replicas: %d
-    rpo_budget: 5s
+    rpo_budget: %v
     poll_interval: 200ms
     link_timeout: 1s%s
-`, ds.devices, ds.hook, vmAddr, drToken, strings.ReplaceAll(ds.nats.URL(), ",", ", "),
-		ds.replicas, ds.replicas, ds.site, ds.peer, ds.replicas, streams))
+`, ds.devices, vitals, ds.hook, vmAddr, drToken, strings.ReplaceAll(ds.nats.URL(), ",", ", "),
+		ds.replicas, ds.replicas, state, ds.site, ds.peer, ds.replicas, budget, standby))
 	return s, vmAddr
 }
 
@@ -303,7 +322,7 @@ func TestStandbySiteTakesOverAfterThePrimarySiteIsLost(t *testing.T) {
 	rulesFile := filepath.Join(t.TempDir(), "rules.yaml")
 	require.NoError(t, os.WriteFile(rulesFile, []byte(
 		"rules:\n  - {name: burst_main, type: rate, select: {kind: pipe, metric: pressure}, drop: 80, window: 5s}\n"), 0o600))
-	site := drSite{devices: devFile, rules: rulesFile, hook: hook.srv.URL}
+	site := drSite{devices: devFile, rules: rulesFile, hook: hook.srv.URL, checkpoint: 2 * time.Second}
 	ps, ss := site, site
 	ps.nats, ps.site, ps.peer, ps.replicas = sites.Primary, natstest.PrimaryDomain, natstest.StandbyDomain, 3
 	ss.nats, ss.site, ss.peer, ss.replicas = sites.Standby, natstest.StandbyDomain, natstest.PrimaryDomain, standbyServers
