@@ -71,7 +71,7 @@ func (r *recorder) readings() []pipeline.Reading {
 
 var now = time.Date(2026, 6, 1, 12, 0, 0, 0, time.UTC)
 
-func testRegistry(t *testing.T) *devices.Registry {
+func testRegistry(t testing.TB) *devices.Registry {
 	t.Helper()
 	r, err := devices.NewRegistry([]devices.Device{
 		{ID: "pipe-0001", Kind: devices.KindPipe, District: "gulou", Interval: 10 * time.Second, Secret: "secret-pipe-0001"},
