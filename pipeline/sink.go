@@ -8,6 +8,12 @@ import (
 // Batch is a group of journaled readings handed to a sink. The sink must not keep
 // Readings after Write returns: the slice is reused.
 type Batch struct {
+	// Shard is the pipeline shard the batch comes from (0 … shards−1). One
+	// shard's batches reach a sink one at a time, in journal order, so a sink
+	// may keep per-shard state without locking it (the embedded TSDB keeps a
+	// series cache per shard). Batches written from outside a pipeline (the
+	// cluster's store follower, one writer) use Shard −1, which follows the
+	// same rule: never two −1 batches at once.
 	Shard    int
 	Readings []Reading
 }
