@@ -2,11 +2,7 @@ package clusterstate
 
 import (
 	"context"
-	"encoding/json"
-	"fmt"
 	"log/slog"
-	"strings"
-	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -41,17 +37,12 @@ type FleetEngine interface {
 // one the fleet alerts keep their state: a sample of a district would judge
 // it wrongly. A node losing the lease checkpoints and forgets that state.
 type Fleet struct {
-	nc       *nats.Conn
-	eng      FleetEngine
-	ps       *Partitions
-	lease    *cluster.Lease
-	node     string
-	interval time.Duration
-	log      *slog.Logger
-	m        fleetMetrics
-
-	mu    sync.Mutex
-	parts map[string]rules.FleetPartial // node id → its latest counts, At = when they arrived
+	x     *exchange[rules.FleetPartial]
+	eng   FleetEngine
+	ps    *Partitions
+	lease *cluster.Lease
+	log   *slog.Logger
+	m     fleetMetrics
 
 	// Run's goroutine only:
 	leading  bool              // the fleet alerts' state is restored here
@@ -76,14 +67,10 @@ type fleetMetrics struct {
 // nothing; reg (nil: none) registers its metrics.
 func NewFleet(nc *nats.Conn, eng FleetEngine, ps *Partitions, lease *cluster.Lease, node string, interval time.Duration,
 	log *slog.Logger, reg prometheus.Registerer) (*Fleet, error) {
-	if node == "" || strings.ContainsAny(node, ".*> ") {
-		return nil, fmt.Errorf("fleet rules: node id %q must be a non-empty NATS subject token", node)
-	}
-	if interval <= 0 {
-		return nil, fmt.Errorf("fleet rules: interval must be > 0, got %v", interval)
-	}
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
+	x, err := newExchange(nc, FleetSubject, node, interval, "fleet rules",
+		func(p rules.FleetPartial) time.Time { return p.At }, log)
+	if err != nil {
+		return nil, err
 	}
 	m := fleetMetrics{
 		counted: prometheus.NewGauge(prometheus.GaugeOpts{Name: "citypulse_cluster_fleet_partitions_counted",
@@ -95,17 +82,17 @@ func NewFleet(nc *nats.Conn, eng FleetEngine, ps *Partitions, lease *cluster.Lea
 	if reg != nil {
 		reg.MustRegister(m.counted, m.rounds)
 	}
-	return &Fleet{nc: nc, eng: eng, ps: ps, lease: lease, node: node, interval: interval, log: log, m: m,
-		parts: map[string]rules.FleetPartial{}, seen: map[int]time.Time{}, handOver: 2*interval + handOverGrace}, nil
+	return &Fleet{x: x, eng: eng, ps: ps, lease: lease, log: x.log, m: m,
+		seen: map[int]time.Time{}, handOver: 2*interval + handOverGrace}, nil
 }
 
 // Run campaigns for the lease, publishes this node's counts and, on the
 // leader, judges the fleet rules every interval until ctx is done; then a
 // leader checkpoints the fleet alerts' state before it gives the lease up.
 func (f *Fleet) Run(ctx context.Context) error {
-	s, err := f.nc.Subscribe(FleetSubject+".*", f.receive)
+	s, err := f.x.subscribe()
 	if err != nil {
-		return fmt.Errorf("fleet rules: subscribe to the counts: %w", err)
+		return err
 	}
 	defer func() { _ = s.Unsubscribe() }()
 	// The lease outlives the loop: it is given up after the state is released.
@@ -114,7 +101,7 @@ func (f *Fleet) Run(ctx context.Context) error {
 	g.Go(func() error { return f.lease.Run(lctx) })
 	g.Go(func() error {
 		defer stopLease()
-		t := time.NewTicker(f.interval)
+		t := time.NewTicker(f.x.interval)
 		defer t.Stop()
 		for {
 			select {
@@ -129,33 +116,10 @@ func (f *Fleet) Run(ctx context.Context) error {
 	return g.Wait()
 }
 
-// receive keeps another node's latest counts.
-func (f *Fleet) receive(m *nats.Msg) {
-	node := m.Subject[len(FleetSubject)+1:]
-	if node == f.node {
-		return
-	}
-	var p rules.FleetPartial
-	if err := json.Unmarshal(m.Data, &p); err != nil {
-		f.log.Warn("fleet rules: unreadable counts; left out", "node", node, "err", err)
-		return
-	}
-	p.At = time.Now() // by this node's clock: the nodes' clocks need not agree
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if _, ok := f.parts[node]; ok || len(f.parts) < maxNodes {
-		f.parts[node] = p
-	}
-}
-
 // round publishes this node's counts and, on the leader, judges.
 func (f *Fleet) round(ctx context.Context, now time.Time) {
 	own := f.counts(now)
-	if b, err := json.Marshal(own); err != nil {
-		f.log.Error("fleet rules: cannot encode the counts", "err", err)
-	} else if err := f.nc.Publish(FleetSubject+"."+f.node, b); err != nil {
-		f.log.Warn("fleet rules: cannot publish the counts; the leader holds the fleet alerts until it has them", "err", err, "bytes", len(b))
-	}
+	f.x.publish(own, "the leader holds the fleet alerts until it has this node's counts")
 	counts, counted := rules.CombineFleet(f.partials(own, now))
 	for p := range counted {
 		f.seen[p] = now // on every node: a next leader knows who reported lately
@@ -223,17 +187,13 @@ func (f *Fleet) lead(leader bool) {
 	f.leading, f.whole = leader, true
 }
 
-// partials is own and the other nodes' recent counts.
+// partials is own and the other nodes' recent counts, each with At set to
+// when it arrived here (CombineFleet compares the At of different nodes).
 func (f *Fleet) partials(own rules.FleetPartial, now time.Time) []rules.FleetPartial {
 	out := []rules.FleetPartial{own}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	for node, p := range f.parts {
-		if now.Sub(p.At) > 2*f.interval {
-			delete(f.parts, node)
-			continue
-		}
-		out = append(out, p)
+	for _, h := range f.x.heardSince(now) {
+		h.p.At = h.at
+		out = append(out, h.p)
 	}
 	return out
 }

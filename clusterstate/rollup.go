@@ -2,12 +2,8 @@ package clusterstate
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
-	"fmt"
 	"log/slog"
-	"strings"
-	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -22,9 +18,6 @@ import (
 // citypulse.vitals.partial.<node id>.
 const PartialSubject = "citypulse.vitals.partial"
 
-// maxNodes bounds the partials kept (one per node id heard of).
-const maxNodes = 256
-
 // Vitals is what the roll-ups need of *rules.Vitals.
 type Vitals interface {
 	Partial(now time.Time) rules.VitalsPartial
@@ -38,38 +31,21 @@ type Vitals interface {
 // its devices count again when their new owner reports them) and submits
 // the roll-ups to its pipeline.
 type Rollups struct {
-	nc       *nats.Conn
-	v        Vitals
-	lease    *cluster.Lease
-	node     string
-	interval time.Duration
-	log      *slog.Logger
-
-	mu    sync.Mutex
-	parts map[string]received // node id → its latest partial
-}
-
-// received is a partial and when it arrived (by this node's clock: the
-// nodes' clocks need not agree).
-type received struct {
-	p  rules.VitalsPartial
-	at time.Time
+	x     *exchange[rules.VitalsPartial]
+	v     Vitals
+	lease *cluster.Lease
+	log   *slog.Logger
 }
 
 // NewRollups builds the roll-ups of node (its unique id) on nc; lease elects
 // the combining node. It starts nothing.
 func NewRollups(nc *nats.Conn, v Vitals, lease *cluster.Lease, node string, interval time.Duration, log *slog.Logger) (*Rollups, error) {
-	if node == "" || strings.ContainsAny(node, ".*> ") {
-		return nil, fmt.Errorf("roll-ups: node id %q must be a non-empty NATS subject token", node)
+	x, err := newExchange(nc, PartialSubject, node, interval, "roll-ups",
+		func(p rules.VitalsPartial) time.Time { return p.At }, log)
+	if err != nil {
+		return nil, err
 	}
-	if interval <= 0 {
-		return nil, fmt.Errorf("roll-ups: interval must be > 0, got %v", interval)
-	}
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	return &Rollups{nc: nc, v: v, lease: lease, node: node, interval: interval, log: log,
-		parts: map[string]received{}}, nil
+	return &Rollups{x: x, v: v, lease: lease, log: x.log}, nil
 }
 
 // Run campaigns for the lease and publishes and combines the partials every
@@ -78,15 +54,15 @@ func (r *Rollups) Run(ctx context.Context, sub rules.Submitter) error {
 	if sub == nil {
 		return errors.New("roll-ups: no submitter")
 	}
-	s, err := r.nc.Subscribe(PartialSubject+".*", r.receive)
+	s, err := r.x.subscribe()
 	if err != nil {
-		return fmt.Errorf("roll-ups: subscribe to partials: %w", err)
+		return err
 	}
 	defer func() { _ = s.Unsubscribe() }()
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return r.lease.Run(gctx) })
 	g.Go(func() error {
-		t := time.NewTicker(r.interval)
+		t := time.NewTicker(r.x.interval)
 		defer t.Stop()
 		for {
 			select {
@@ -100,36 +76,11 @@ func (r *Rollups) Run(ctx context.Context, sub rules.Submitter) error {
 	return g.Wait()
 }
 
-// receive keeps another node's latest partial.
-func (r *Rollups) receive(m *nats.Msg) {
-	node := m.Subject[len(PartialSubject)+1:]
-	if node == r.node {
-		return
-	}
-	var p rules.VitalsPartial
-	if err := json.Unmarshal(m.Data, &p); err != nil {
-		r.log.Warn("roll-ups: unreadable partial; left out", "node", node, "err", err)
-		return
-	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if _, ok := r.parts[node]; !ok && len(r.parts) >= maxNodes {
-		return
-	}
-	if p.At.After(r.parts[node].p.At) {
-		r.parts[node] = received{p: p, at: time.Now()}
-	}
-}
-
 // round publishes this node's partial and, on the leader, combines and
 // submits the roll-ups.
 func (r *Rollups) round(ctx context.Context, now time.Time, sub rules.Submitter) {
 	own := r.v.Partial(now)
-	if b, err := json.Marshal(own); err != nil {
-		r.log.Error("roll-ups: cannot encode the partial", "err", err)
-	} else if err := r.nc.Publish(PartialSubject+"."+r.node, b); err != nil {
-		r.log.Warn("roll-ups: cannot publish the partial; the leader leaves this node's devices out", "err", err, "bytes", len(b))
-	}
+	r.x.publish(own, "the leader leaves this node's devices out")
 	if !r.lease.Leader() {
 		return
 	}
@@ -143,14 +94,8 @@ func (r *Rollups) round(ctx context.Context, now time.Time, sub rules.Submitter)
 // partials is own and the other nodes' recent partials.
 func (r *Rollups) partials(own rules.VitalsPartial, now time.Time) []rules.VitalsPartial {
 	out := []rules.VitalsPartial{own}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for node, x := range r.parts {
-		if now.Sub(x.at) > 2*r.interval {
-			delete(r.parts, node)
-			continue
-		}
-		out = append(out, x.p)
+	for _, h := range r.x.heardSince(now) {
+		out = append(out, h.p)
 	}
 	return out
 }
