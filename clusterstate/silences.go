@@ -210,10 +210,14 @@ func (s *Silences) watch(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-t.C:
-			if !active && s.mayWrite() == nil {
+			if s.mayWrite() != nil {
+				continue
+			}
+			if !active {
 				s.log.Info("this site is active: the silences bucket is its own now", "bucket", s.bucket)
 				return nil
 			}
+			s.prune()
 		case e, ok := <-w.Updates():
 			if !ok {
 				return fmt.Errorf("watch silences bucket %s: ended", s.bucket)
@@ -238,6 +242,20 @@ func (s *Silences) watch(ctx context.Context) error {
 				s.count(s.store.Apply(e.Key(), v))
 			}
 		}
+	}
+}
+
+// prune deletes the ended silences from the bucket (every node of an active
+// site does, each for the ones it saw end: a key deleted twice is deleted).
+// The bucket keeps a small delete marker per key.
+func (s *Silences) prune() {
+	n, err := s.store.Prune()
+	if err != nil {
+		s.log.Warn("silences bucket: cannot delete the ended silences; retrying", "bucket", s.bucket, "deleted", n, "err", err)
+		return
+	}
+	if n > 0 {
+		s.log.Debug("silences bucket: ended silences deleted", "bucket", s.bucket, "deleted", n)
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
 
@@ -191,4 +192,32 @@ func TestTheStandbySiteMirrorsThePrimarysSilences(t *testing.T) {
 		_, err = primary.Store().Add(gulouSilence("ops-anna"))
 		return errors.Is(err, silence.ErrReadOnly)
 	}, time.Minute, 50*time.Millisecond, "the fenced primary takes no changes once it has read its record")
+}
+
+// A silence that has ended leaves the bucket: the nodes delete it within a
+// few seconds of its end (before, every silence ever made stayed in it).
+func TestAnEndedSilenceLeavesTheBucket(t *testing.T) {
+	c := natstest.Start(t, 1)
+	nc := connect(t, c.Nodes[0].URL())
+	a := startSilences(t, nc, nil)
+	waitReady(t, a)
+	short := gulouSilence("ops-anna")
+	short.EndsAt = time.Now().Add(1500 * time.Millisecond)
+	sl, err := a.Store().Add(short)
+	require.NoError(t, err)
+	long, err := a.Store().Add(gulouSilence("ops-bo"))
+	require.NoError(t, err)
+
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	kv, err := js.KeyValue(context.Background(), silencesBucket)
+	require.NoError(t, err)
+	_, err = kv.Get(context.Background(), "silence."+sl.ID)
+	require.NoError(t, err, "in the bucket while it lasts")
+	require.Eventually(t, func() bool {
+		_, err := kv.Get(context.Background(), "silence."+sl.ID)
+		return errors.Is(err, jetstream.ErrKeyNotFound)
+	}, 30*time.Second, 100*time.Millisecond, "the ended silence is deleted from the bucket")
+	_, err = kv.Get(context.Background(), "silence."+long.ID)
+	require.NoError(t, err, "the one still running stays")
 }

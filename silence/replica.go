@@ -92,7 +92,9 @@ func (s *Store) Apply(key string, value []byte) error {
 	if err := st.apply(key, value); err != nil {
 		return err
 	}
-	st.Silences = unexpired(st.Silences, s.now())
+	now := s.now()
+	s.noteEnded(st.Silences, now)
+	st.Silences = unexpired(st.Silences, now)
 	s.snap.Store(&st)
 	return nil
 }
@@ -110,9 +112,59 @@ func (s *Store) Replace(items map[string][]byte) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st.Silences = unexpired(st.Silences, s.now())
+	now := s.now()
+	s.noteEnded(st.Silences, now)
+	st.Silences = unexpired(st.Silences, now)
 	s.snap.Store(&st)
 	return errors.Join(errs...)
+}
+
+// maxEnded bounds the ended silences remembered for deletion; past it the
+// others are found again when the bucket is next read whole (Replace).
+const maxEnded = 4 * MaxSilences
+
+// noteEnded remembers the replica keys of the silences in ss that have ended
+// at now. s.mu is held.
+func (s *Store) noteEnded(ss []Silence, now time.Time) {
+	for _, sl := range ss {
+		if now.Before(sl.EndsAt) {
+			continue
+		}
+		if s.ended == nil {
+			s.ended = map[string]bool{}
+		}
+		if len(s.ended) < maxEnded {
+			s.ended[silenceKey(sl.ID)] = true
+		}
+	}
+}
+
+// Prune deletes the silences that have ended from the replica, so that a
+// bucket does not keep every silence ever made; it returns how many it
+// deleted. A store kept in a file needs none (every save leaves the ended
+// ones out). A replica that refuses (a standby site's mirror) keeps them for
+// a later Prune.
+func (s *Store) Prune() (int, error) {
+	if s.replica == nil {
+		return 0, nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.noteEnded(s.snap.Load().Silences, s.now())
+	return s.pruneLocked()
+}
+
+// pruneLocked deletes the remembered ended silences from the replica. s.mu is held.
+func (s *Store) pruneLocked() (int, error) {
+	n := 0
+	for key := range s.ended {
+		if err := s.write([]item{{key: key}}); err != nil {
+			return n, err
+		}
+		delete(s.ended, key)
+		n++
+	}
+	return n, nil
 }
 
 // apply sets or deletes the item under key in st.

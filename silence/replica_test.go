@@ -2,6 +2,7 @@ package silence
 
 import (
 	"context"
+	"encoding/json"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -92,4 +93,65 @@ func TestAReplicatedStoreFollowsItsReplica(t *testing.T) {
 		`{"matchers":[{"name":"district","value":"gulou","isEqual":true}],"endsAt":"`+t0.Add(time.Hour).Format(time.RFC3339)+`","createdBy":"bo","comment":"x"}`)))
 	require.Equal(t, http.StatusServiceUnavailable, rec.Code, rec.Body.String())
 	require.Empty(t, b.Silences(), "a change that could not be saved has no effect")
+}
+
+// The silences that have ended leave the replica: those read ended from it
+// (Replace, Apply), and those that ended while held. A replica that refuses
+// keeps them for a later Prune. A store kept in a file has nothing to prune.
+func TestPruneDeletesTheEndedSilencesFromTheReplica(t *testing.T) {
+	now := t0
+	clock := func() time.Time { return now }
+	r := &memReplica{items: map[string][]byte{}}
+	a := NewReplicated(r, clock)
+	short := Silence{Matchers: []Matcher{{Name: "district", Value: "gulou", IsEqual: true}},
+		EndsAt: t0.Add(time.Minute), CreatedBy: "ops-anna", Comment: "short"}
+	long := short
+	long.EndsAt, long.Comment = t0.Add(time.Hour), "long"
+	s1, err := a.Add(short)
+	require.NoError(t, err)
+	s2, err := a.Add(long)
+	require.NoError(t, err)
+	require.Len(t, r.items, 2)
+
+	n, err := a.Prune()
+	require.NoError(t, err)
+	require.Zero(t, n, "nothing has ended")
+
+	now = t0.Add(2 * time.Minute) // the short one has ended while held
+	r.readOnly = true
+	_, err = a.Prune()
+	require.ErrorIs(t, err, ErrReadOnly)
+	require.Contains(t, r.items, "silence."+s1.ID, "kept while the replica refuses")
+	r.readOnly = false
+	n, err = a.Prune()
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	require.NotContains(t, r.items, "silence."+s1.ID)
+	require.Contains(t, r.items, "silence."+s2.ID)
+
+	// Another node reads the bucket after the long one has ended too.
+	now = t0.Add(2 * time.Hour)
+	b := NewReplicated(r, clock)
+	require.NoError(t, b.Replace(map[string][]byte{"silence." + s2.ID: r.items["silence."+s2.ID]}))
+	require.Empty(t, b.Silences())
+	n, err = b.Prune()
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	require.Empty(t, r.items)
+
+	// One applied already ended is deleted too.
+	ended, err := json.Marshal(Silence{ID: "e1", Matchers: short.Matchers, EndsAt: t0, CreatedBy: "x", Comment: "y"})
+	require.NoError(t, err)
+	r.items["silence.e1"] = ended
+	require.NoError(t, b.Apply("silence.e1", ended))
+	n, err = b.Prune()
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	require.Empty(t, r.items)
+
+	f, err := Open(t.TempDir()+"/silences.json", clock)
+	require.NoError(t, err)
+	n, err = f.Prune()
+	require.NoError(t, err)
+	require.Zero(t, n)
 }

@@ -109,6 +109,7 @@ type Store struct {
 	now     func() time.Time
 	mu      sync.Mutex            // serialises changes and their saves
 	snap    atomic.Pointer[state] // the saved state; never modified in place
+	ended   map[string]bool       // replica keys of ended silences, to delete (under mu)
 }
 
 // Open loads the store from path (absent: empty). Expired silences are dropped.
@@ -163,14 +164,9 @@ func (s *Store) change(f func(st *state) ([]item, error)) error {
 	}
 	if s.replica != nil {
 		// the ended silences leave the bucket too (best effort: a reader
-		// skips them anyway)
-		var ended []item
-		for _, sl := range old.Silences {
-			if !now.Before(sl.EndsAt) {
-				ended = append(ended, item{key: silenceKey(sl.ID)})
-			}
-		}
-		_ = s.write(ended)
+		// skips them anyway, and Prune tries again)
+		s.noteEnded(old.Silences, now)
+		_, _ = s.pruneLocked()
 	}
 	s.snap.Store(&st)
 	return nil
