@@ -54,6 +54,7 @@ type CoAPServer struct {
 	udpL    *coapnet.UDPConn
 	dtlsL   *coapnet.DTLSListener
 	udpS    *udpServer
+	direct  *direct
 	dtlsS   *dtlsserver.Server
 	runCtx  context.Context
 	cancel  context.CancelFunc
@@ -116,6 +117,8 @@ func NewCoAP(cfg CoAPConfig, devs Devices, h *Handler, log *slog.Logger, reg pro
 	// Not go-coap's udp.NewServer: see udpServer (issue 13).
 	s.udpS = newUDPServer(s.udpL, mux.ToHandler[*udpclient.Conn](router), maxCoAPMessage, ownedRunner(ctx, &s.runners),
 		func(err error) { log.Debug("coap", "err", err) })
+	s.direct = newDirect(s, s.udpL, s.udpS.dedup)
+	s.udpS.direct = s.direct.take
 	if reg != nil {
 		d := s.udpS.dedup
 		reg.MustRegister(
@@ -206,8 +209,10 @@ func (s *CoAPServer) DTLSAddr() net.Addr {
 func (s *CoAPServer) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	errc := make(chan error, 2)
-	wg.Add(1)
-	go func() { defer wg.Done(); errc <- s.udpS.Serve() }()
+	readerDone := make(chan struct{})
+	wg.Add(2)
+	go func() { defer wg.Done(); defer close(readerDone); errc <- s.udpS.Serve() }()
+	go func() { defer wg.Done(); s.direct.runAnswerers(readerDone) }()
 	if s.dtlsS != nil {
 		wg.Add(1)
 		go func() { defer wg.Done(); errc <- s.dtlsS.Serve(s.dtlsL) }()

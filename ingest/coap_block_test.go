@@ -61,6 +61,13 @@ func (r reply) uint(id message.OptionID) (uint32, bool) {
 // the given token and extra options, and returns the piggybacked answer.
 func (c *rawCoAP) post(dev, key string, token []byte, body []byte, extra ...message.Option) reply {
 	c.t.Helper()
+	c.send(c.request(dev, key, token, body, extra...))
+	return c.await(c.mid, token, 5*time.Second)
+}
+
+// request encodes the next confirmable POST (a new message id).
+func (c *rawCoAP) request(dev, key string, token []byte, body []byte, extra ...message.Option) []byte {
+	c.t.Helper()
 	c.mid++
 	opts := message.Options{
 		{ID: message.URIPath, Value: []byte("devices")}, {ID: message.URIPath, Value: []byte(dev)},
@@ -74,16 +81,27 @@ func (c *rawCoAP) post(dev, key string, token []byte, body []byte, extra ...mess
 	buf := make([]byte, 2048)
 	n, err := coder.DefaultCoder.Encode(m, buf)
 	require.NoError(c.t, err)
-	_, err = c.c.Write(buf[:n])
+	return buf[:n]
+}
+
+func (c *rawCoAP) send(datagram []byte) {
+	c.t.Helper()
+	_, err := c.c.Write(datagram)
 	require.NoError(c.t, err)
-	require.NoError(c.t, c.c.SetReadDeadline(time.Now().Add(5*time.Second)))
+}
+
+// await returns the answer to message mid, which must come within d.
+func (c *rawCoAP) await(mid uint16, token []byte, d time.Duration) reply {
+	c.t.Helper()
+	buf := make([]byte, 2048)
+	require.NoError(c.t, c.c.SetReadDeadline(time.Now().Add(d)))
 	for {
 		n, err := c.c.Read(buf)
-		require.NoError(c.t, err, "an answer to message %d", c.mid)
+		require.NoError(c.t, err, "an answer to message %d", mid)
 		resp := message.Message{Options: make(message.Options, 0, 16)}
 		_, err = coder.DefaultCoder.Decode(buf[:n], &resp)
 		require.NoError(c.t, err)
-		if resp.MessageID == int32(c.mid) {
+		if resp.MessageID == int32(mid) {
 			require.Equal(c.t, token, []byte(resp.Token), "the answer carries the request's token")
 			return reply{code: resp.Code, opts: resp.Options, diag: string(resp.Payload)}
 		}

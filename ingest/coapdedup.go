@@ -61,6 +61,10 @@ type dedupEntry struct {
 
 const dedupInline = 23
 
+// dedupPending is the inline length of an entry whose request is being
+// handled (claim): a duplicate meanwhile is dropped, not handled twice.
+const dedupPending = 0xff
+
 type dedupSlot struct {
 	key   dedupKey
 	until int64
@@ -90,7 +94,7 @@ func (c *dedupCache) load(addr netip.AddrPort, mid uint16, msg *pool.Message, no
 	c.mu.Lock()
 	if p := c.peers[addr]; p != nil {
 		k := dedupKey{p.id, mid}
-		if e, ok := c.m[k]; ok && now.UnixNano() < e.until {
+		if e, ok := c.m[k]; ok && now.UnixNano() < e.until && e.n != dedupPending {
 			raw = c.big[k]
 			if e.n > 0 {
 				raw = buf[:copy(buf[:], e.small[:e.n])]
@@ -107,17 +111,54 @@ func (c *dedupCache) load(addr netip.AddrPort, mid uint16, msg *pool.Message, no
 	return true, nil
 }
 
+// claimState is what claim found.
+type claimState int
+
+const (
+	claimed  claimState = iota // nothing: the caller handles the request and stores its answer
+	answered                   // a live answer, to send again
+	busy                       // the request is being handled: drop the duplicate
+)
+
+// claim looks (addr, mid) up for the direct path: a live answer is appended
+// to dst; a request being handled is busy; otherwise the entry is marked as
+// being handled, and the caller must store its answer.
+func (c *dedupCache) claim(dst []byte, addr netip.AddrPort, mid uint16, now time.Time) ([]byte, claimState) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if p := c.peers[addr]; p != nil {
+		k := dedupKey{p.id, mid}
+		if e, ok := c.m[k]; ok && now.UnixNano() < e.until {
+			switch {
+			case e.n == dedupPending:
+				return dst, busy
+			case e.n > 0:
+				return append(dst, e.small[:e.n]...), answered
+			default:
+				return append(dst, c.big[k]...), answered
+			}
+		}
+	}
+	c.put(addr, mid, nil, now)
+	return dst, claimed
+}
+
 // store keeps raw as the answer to (addr, mid) unless a live one is kept
-// (go-coap's LoadOrStore semantics).
+// (go-coap's LoadOrStore semantics); it replaces a claim.
 func (c *dedupCache) store(addr netip.AddrPort, mid uint16, raw []byte, now time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.put(addr, mid, raw, now)
+}
+
+// put is store with c.mu held; raw nil puts a claim.
+func (c *dedupCache) put(addr netip.AddrPort, mid uint16, raw []byte, now time.Time) {
 	var k dedupKey
 	var old dedupEntry
 	had := false
 	if p := c.peers[addr]; p != nil {
 		k = dedupKey{p.id, mid}
-		if old, had = c.m[k]; had && now.UnixNano() < old.until {
+		if old, had = c.m[k]; had && now.UnixNano() < old.until && (old.n != dedupPending || raw == nil) {
 			return
 		}
 	}
@@ -134,9 +175,12 @@ func (c *dedupCache) store(addr netip.AddrPort, mid uint16, raw []byte, now time
 	c.drop(k, old)
 	until := now.Add(c.lifetime).UnixNano()
 	e := dedupEntry{until: until}
-	if len(raw) > 0 && len(raw) <= dedupInline {
+	switch {
+	case raw == nil:
+		e.n = dedupPending
+	case len(raw) > 0 && len(raw) <= dedupInline:
 		e.n = uint8(copy(e.small[:], raw))
-	} else {
+	default:
 		c.big[k] = append([]byte(nil), raw...)
 	}
 	c.bytes += len(raw)
@@ -188,6 +232,9 @@ func (c *dedupCache) pop() bool {
 
 // drop forgets e's bytes (the map entry itself is the caller's).
 func (c *dedupCache) drop(k dedupKey, e dedupEntry) {
+	if e.n == dedupPending {
+		return
+	}
 	if e.n > 0 {
 		c.bytes -= int(e.n)
 		return

@@ -42,6 +42,9 @@ type udpServer struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	dedup  *dedupCache
+	// direct, when set, is offered every datagram first; it reports whether
+	// it handled it (see coapdirect.go).
+	direct func(raddr *net.UDPAddr, cm *coapnet.ControlMessage, data []byte) bool
 
 	mu    sync.Mutex
 	conns map[string]*udpclient.Conn
@@ -79,6 +82,9 @@ func (s *udpServer) Serve() error {
 			return err
 		}
 		if raddr == nil {
+			continue
+		}
+		if s.direct != nil && s.direct(raddr, cm, buf[:n]) {
 			continue
 		}
 		cc := s.conn(raddr)

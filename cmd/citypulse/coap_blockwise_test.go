@@ -58,3 +58,38 @@ func TestCoAPBlockwiseFromLibcoapIsStored(t *testing.T) {
 		return err
 	})
 }
+
+// libcoap's client, a whole body in one datagram, CON and NON: the requests
+// the gateway's direct path takes (ingest/coapdirect.go) are answered and
+// stored; a wrong key goes to go-coap's path and gets 4.01.
+func TestCoAPFromLibcoapInOneDatagram(t *testing.T) {
+	skipShort(t)
+	bin, err := exec.LookPath("coap-client-notls")
+	if err != nil {
+		t.Fatal("coap-client-notls not found: run `make deps` (installs Debian's libcoap3-bin)")
+	}
+	s := newProc(t, "")
+	s.start()
+	defer s.stop()
+	post := func(key string, v int, extra ...string) string {
+		f := filepath.Join(t.TempDir(), "r.json")
+		require.NoError(t, os.WriteFile(f, fmt.Appendf(nil, `[{"n":"pressure","v":%d}]`, v), 0o600))
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		args := append([]string{"-m", "post", "-t", "110", "-B", "10", "-f", f}, extra...)
+		args = append(args, "coap://"+s.coap+"/devices/pipe-0001/readings?key="+key)
+		out, err := exec.CommandContext(ctx, bin, args...).CombinedOutput()
+		require.NoError(t, err, "coap-client-notls: %s", out)
+		return string(out)
+	}
+	require.NotContains(t, post("secret-pipe-0001", 300), "4.", "CON")
+	require.NotContains(t, post("secret-pipe-0001", 400, "-N"), "4.", "NON")
+	require.Contains(t, post("wrong", 500), "4.01")
+	eventually(t, 15*time.Second, func() error {
+		sum, err := latest(t, s.http, `sum_over_time(pipe_pressure{device="pipe-0001"}[10m])`)
+		if err == nil && sum != 700 {
+			err = fmt.Errorf("stored readings sum to %v, want 700 (300 + 400)", sum)
+		}
+		return err
+	})
+}
