@@ -140,6 +140,14 @@ func NewCoAP(cfg CoAPConfig, devs Devices, h *Handler, log *slog.Logger, reg pro
 	return s, nil
 }
 
+// udpReadBuffer is the socket receive buffer asked for the CoAP/UDP socket.
+// The kernel's default (208 KiB on Linux) holds a few hundred small
+// datagrams (each is charged about a kilobyte): a burst of a few hundred
+// clients' requests overflowed it, and every request dropped there cost its
+// client a retransmission 2–3 s later (issue 13). Linux caps the size at
+// net.core.rmem_max.
+const udpReadBuffer = 4 << 20
+
 // maxCoAPMessage bounds one message (a UDP datagram carries at most 64 KiB;
 // larger bodies come in blocks).
 const maxCoAPMessage = payload.MaxPayloadBytes + 1024
@@ -162,6 +170,10 @@ func (s *CoAPServer) listen() error {
 	l, err := coapnet.NewListenUDP("udp", s.cfg.Addr)
 	if err != nil {
 		return fmt.Errorf("ingest.coap.addr %s: %w", s.cfg.Addr, err)
+	}
+	if uc, ok := l.NetConn().(*net.UDPConn); ok {
+		// Best effort: Linux caps it at net.core.rmem_max.
+		_ = uc.SetReadBuffer(udpReadBuffer)
 	}
 	s.udpL = l
 	if s.cfg.DTLSAddr == "" {

@@ -4,8 +4,13 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/netip"
+	"os"
 	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -215,4 +220,28 @@ func TestDedupCacheCountsStayTrue(t *testing.T) {
 		require.LessOrEqual(t, len(c.m), 50)
 		require.Len(t, c.byID, len(c.peers))
 	}
+}
+
+// The CoAP/UDP socket asks for a receive buffer that holds a burst of
+// requests from many clients (the kernel's default of 208 KiB dropped some
+// under the load test: each cost its client a retransmission).
+func TestCoAPSocketHasALargeReceiveBuffer(t *testing.T) {
+	s := startCoAP(t, &recorder{})
+	uc, ok := s.udpL.NetConn().(*net.UDPConn)
+	require.True(t, ok)
+	raw, err := uc.SyscallConn()
+	require.NoError(t, err)
+	var size int
+	var serr error
+	require.NoError(t, raw.Control(func(fd uintptr) {
+		size, serr = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF)
+	}))
+	require.NoError(t, serr)
+	want := udpReadBuffer
+	if b, err := os.ReadFile("/proc/sys/net/core/rmem_max"); err == nil {
+		if max, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && max < want {
+			want = max // the kernel's cap
+		}
+	}
+	require.GreaterOrEqual(t, size, want, "SO_RCVBUF (Linux reports twice what was set)")
 }
