@@ -70,6 +70,9 @@ type Totals struct {
 	MalformedUnanswered int64 `json:"malformed_unanswered"`
 	Reconnects          int64 `json:"reconnects"`
 	ProbesDropped       int64 `json:"probes_dropped"`
+	// Retransmits are the CoAP CON requests sent again for want of an ACK
+	// (plain UDP client).
+	Retransmits int64 `json:"coap_retransmits"`
 }
 
 // Rates are the averages over the run.
@@ -93,7 +96,7 @@ func (r *runner) report(store StoreCheck, rejects map[string]int) Report {
 		Fleet:    FleetInfo{Devices: len(r.fleet), Connections: len(r.partition()), ByKind: byKind},
 		Totals: Totals{Messages: r.sent.Load(), Readings: r.readingsSent.Load(), Acked: r.acked.Load(), ReadingsAcked: r.readingsAcked.Load(),
 			Failed: r.failed.Load(), Unacknowledged: r.unackedOK.Load(), Duplicates: r.dupSent.Load(), OutOfOrder: r.oooSent.Load(),
-			Late: r.lateSent.Load(), Backfilled: r.backfilled.Load(), Malformed: r.malformedSent.Load(), MalformedRefused: r.malformedRefused.Load(), MalformedUnanswered: r.malformedLost.Load(),
+			Late: r.lateSent.Load(), Backfilled: r.backfilled.Load(), Malformed: r.malformedSent.Load(), MalformedRefused: r.malformedRefused.Load(), MalformedUnanswered: r.malformedLost.Load(), Retransmits: r.retransmits.Load(),
 			Reconnects: r.reconnects.Load(), ProbesDropped: r.probesDropped.Load()},
 		Ack: r.ack.Summary(), Queryable: r.queryable.Summary(), Alerts: r.alerts.report(),
 		Store: store, Rejects: rejects, Errors: r.errorList(),
@@ -165,7 +168,11 @@ func printSummary(w io.Writer, r Report) {
 	fmt.Fprintf(w, "scenario %s: %d devices over %d connections, %s %s, %.0f s\n", r.Scenario.Name, r.Fleet.Devices, r.Fleet.Connections,
 		r.Scenario.Transport.Protocol, r.Scenario.Format, r.Duration)
 	fmt.Fprintf(w, "sent      %d messages, %d readings (%.0f msg/s, %.0f readings/s)\n", r.Totals.Messages, r.Totals.Readings, r.Rates.Messages, r.Rates.Readings)
-	fmt.Fprintf(w, "acked     %d messages (%d readings); failed %d; unacknowledged %d\n", r.Totals.Acked, r.Totals.ReadingsAcked, r.Totals.Failed, r.Totals.Unacknowledged)
+	fmt.Fprintf(w, "acked     %d messages (%d readings); failed %d; unacknowledged %d", r.Totals.Acked, r.Totals.ReadingsAcked, r.Totals.Failed, r.Totals.Unacknowledged)
+	if r.Totals.Retransmits > 0 {
+		fmt.Fprintf(w, "; CoAP retransmissions %d", r.Totals.Retransmits)
+	}
+	fmt.Fprintln(w)
 	fmt.Fprintf(w, "hostile   dup %d, out-of-order %d, late %d, backfilled %d, malformed %d (refused %d), reconnects %d\n",
 		r.Totals.Duplicates, r.Totals.OutOfOrder, r.Totals.Late, r.Totals.Backfilled, r.Totals.Malformed, r.Totals.MalformedRefused, r.Totals.Reconnects)
 	lat := func(name string, s Summary) {

@@ -62,6 +62,7 @@ type runner struct {
 	malformedLost                   atomic.Int64
 	malformedRefused, probesDropped atomic.Int64
 	reconnects                      atomic.Int64
+	retransmits                     atomic.Int64
 
 	errMu  sync.Mutex
 	errors map[string]int64
@@ -437,6 +438,9 @@ func (r *runner) Run(ctx context.Context) error {
 	}
 	for _, c := range conns {
 		c.close()
+		if rc, ok := c.(interface{ retransmissions() int64 }); ok {
+			r.retransmits.Add(rc.retransmissions())
+		}
 	}
 	r.end = time.Now()
 	if r.progress != nil {
