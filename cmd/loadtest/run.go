@@ -154,7 +154,7 @@ func (r *runner) incidentAt(dev *simDevice, el time.Duration) (sim.Conditions, m
 func (r *runner) build(dev *simDevice, now time.Time, in sim.Conditions, late bool) (*pubMsg, []byte, error) {
 	k := r.sc.ReadingsPerMessage
 	m := &pubMsg{dev: dev, first: len(dev.readings), n: k}
-	enc := make([]sim.Reading, 0, k)
+	enc := dev.enc[:0] // scratch of the device's connection goroutine
 	var ts int64
 	clock := now.Add(dev.skew)
 	for i := range k {
@@ -178,6 +178,7 @@ func (r *runner) build(dev *simDevice, now time.Time, in sim.Conditions, late bo
 		}
 	}
 	m.n = len(enc)
+	dev.enc = enc
 	body, err := sim.Encode(r.sc.Format, enc)
 	return m, body, err
 }

@@ -252,8 +252,12 @@ func (r *runner) probeLoop(ctx context.Context, a *api) {
 			return
 		case p = <-r.probes:
 		}
-		at := time.UnixMilli(p.ts).Add(time.Minute)
-		q := p.series + "[2m]"
+		// the 10 ms before the reading (its series holds one point per 4 ms
+		// grid step there at most): the answer is a sample or three, not the
+		// series' two minutes (issue 13: at 20k requests/s those were
+		// thousands of samples decoded every poll)
+		at := time.UnixMilli(p.ts)
+		q := p.series + "[10ms]"
 		deadline := p.sentAt.Add(30 * time.Second)
 		for ctx.Err() == nil {
 			got, err := a.rangeQuery(ctx, q, at)
