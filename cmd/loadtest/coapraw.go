@@ -31,17 +31,20 @@ type rawCoAPConn struct {
 	window chan struct{}
 	out    sync.WaitGroup // requests without an outcome yet
 
-	// retransmits counts the CON copies sent again (all sockets of the conn)
-	retransmits atomic.Int64
+	// retransmits counts the CON copies sent again (all sockets of the
+	// conn); midWaits the times a request waited for its message ID to be
+	// reusable
+	retransmits, midWaits atomic.Int64
 
-	mu       sync.Mutex
-	sock     *net.UDPConn
-	reader   chan struct{} // closed when the reader of sock has returned
-	pending  map[uint32]*rawExchange
-	free     []*rawExchange
-	mid      uint16
-	midUsed  int       // message IDs used since midSince
-	midSince time.Time // start of the current round of message IDs
+	mu      sync.Mutex
+	sock    *net.UDPConn
+	reader  chan struct{} // closed when the reader of sock has returned
+	pending map[uint32]*rawExchange
+	free    []*rawExchange
+	mid     uint16
+	// midBlock[b] is when message IDs b*256 … b*256+255 were last taken
+	// into use: a block is reused only EXCHANGE_LIFETIME later
+	midBlock [256]time.Time
 	token    uint32
 	deadline time.Time // the reader's read deadline (zero: none)
 }
@@ -51,20 +54,19 @@ type coapTiming struct {
 	AckTimeout    time.Duration
 	RandomFactor  float64
 	MaxRetransmit int
+	// ExchangeLifetime is how long a server deduplicates by message ID, so
+	// how long before a client may reuse one (247 s with these defaults)
+	ExchangeLifetime time.Duration
 }
 
-var defaultCoAPTiming = coapTiming{AckTimeout: 2 * time.Second, RandomFactor: 1.5, MaxRetransmit: 4}
+var defaultCoAPTiming = coapTiming{AckTimeout: 2 * time.Second, RandomFactor: 1.5, MaxRetransmit: 4,
+	ExchangeLifetime: 247 * time.Second}
 
 // maxWait is MAX_TRANSMIT_WAIT: how long a request may wait for its answer
 // (also the bound for a separate response or a NON request's answer).
 func (t coapTiming) maxWait() time.Duration {
 	return time.Duration(float64(t.AckTimeout) * t.RandomFactor * float64(int(1)<<(t.MaxRetransmit+1)-1))
 }
-
-// exchangeLifetime is EXCHANGE_LIFETIME with the default parameters: a
-// server deduplicates by message ID for this long, so a client must not
-// reuse one sooner.
-const exchangeLifetime = 247 * time.Second
 
 const (
 	coapCON byte = 0
@@ -122,7 +124,8 @@ func (c *rawCoAPConn) connect(ctx context.Context) error {
 	c.mu.Lock()
 	c.sock, c.reader = sock, done
 	c.mid, c.token = uint16(rand.Uint32()), rand.Uint32()
-	c.midUsed, c.midSince = 0, time.Now()
+	c.midBlock = [256]time.Time{}
+	c.midBlock[(c.mid+1)>>8] = time.Now()
 	c.deadline = time.Time{}
 	c.mu.Unlock()
 	go func() {
@@ -137,27 +140,43 @@ func (c *rawCoAPConn) send(ctx context.Context, dev *simDevice, body []byte, don
 		return err
 	}
 	c.out.Add(1)
-	if err := c.start(dev, body, done); err != nil {
-		c.out.Done()
-		<-c.window
-		return err // not sent: done is not called
+	for {
+		wait, err := c.start(dev, body, done)
+		if err == nil && wait > 0 {
+			c.midWaits.Add(1)
+			sleepCtx(ctx, wait)
+			err = ctx.Err()
+		}
+		if err != nil {
+			c.out.Done()
+			<-c.window
+			return err // not sent: done is not called
+		}
+		if wait == 0 {
+			return nil
+		}
 	}
-	return nil
 }
 
-// start registers and sends one request.
-func (c *rawCoAPConn) start(dev *simDevice, body []byte, done func(bool, error)) error {
+// start registers and sends one request, or says how long to wait until
+// its message ID may be used again.
+func (c *rawCoAPConn) start(dev *simDevice, body []byte, done func(bool, error)) (time.Duration, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.sock == nil {
-		return errors.New("coap: not connected")
+		return 0, errors.New("coap: not connected")
 	}
 	now := time.Now()
-	if c.midUsed == 1<<16 {
-		if now.Sub(c.midSince) < exchangeLifetime {
-			return errors.New("coap: this client would reuse a message ID within EXCHANGE_LIFETIME (247 s): use more connections")
+	if next := c.mid + 1; next&0xff == 0 {
+		// a new block of message IDs: the server keeps the answers to
+		// the block's last use for EXCHANGE_LIFETIME and would answer a
+		// request reusing one from that cache, so one client sends at
+		// most 65,536 requests per 247 s (265/s)
+		b := &c.midBlock[next>>8]
+		if !b.IsZero() && now.Sub(*b) < c.tm.ExchangeLifetime {
+			return b.Add(c.tm.ExchangeLifetime).Sub(now), nil
 		}
-		c.midUsed, c.midSince = 0, now
+		*b = now
 	}
 	ex := c.exchange()
 	c.token++
@@ -165,7 +184,6 @@ func (c *rawCoAPConn) start(dev *simDevice, body []byte, done func(bool, error))
 		c.token++
 	}
 	c.mid++
-	c.midUsed++
 	ex.token, ex.mid, ex.done, ex.acked, ex.attempts = c.token, c.mid, done, false, 0
 	ex.msg = appendRequest(ex.msg[:0], c.typ, c.mid, c.token, dev.ID, dev.Secret, c.cf, body)
 	ex.timeout = time.Duration(float64(c.tm.AckTimeout) * (1 + rand.Float64()*(c.tm.RandomFactor-1)))
@@ -178,13 +196,13 @@ func (c *rawCoAPConn) start(dev *simDevice, body []byte, done func(bool, error))
 	if _, err := c.sock.Write(ex.msg); err != nil {
 		delete(c.pending, ex.token)
 		c.free = append(c.free, ex)
-		return fmt.Errorf("coap: send: %w", err)
+		return 0, fmt.Errorf("coap: send: %w", err)
 	}
 	if c.deadline.IsZero() || ex.due.Before(c.deadline) {
 		c.deadline = ex.due
 		_ = c.sock.SetReadDeadline(ex.due)
 	}
-	return nil
+	return 0, nil
 }
 
 func (c *rawCoAPConn) exchange() *rawExchange {
@@ -354,6 +372,9 @@ func (c *rawCoAPConn) failAll(err error) {
 
 // retransmissions counts the CON copies sent again since the conn was made.
 func (c *rawCoAPConn) retransmissions() int64 { return c.retransmits.Load() }
+
+// messageIDWaits counts the requests that waited for a reusable message ID.
+func (c *rawCoAPConn) messageIDWaits() int64 { return c.midWaits.Load() }
 
 // reconnect waits for every outcome, then opens a new socket (a new source
 // port, as a rebooted device would).

@@ -161,7 +161,7 @@ func FuzzCoAPResponse(f *testing.F) {
 }
 
 // fastTiming keeps the retransmission tests short: 50-75 ms, then 2x back-off.
-var fastTiming = coapTiming{AckTimeout: 50 * time.Millisecond, RandomFactor: 1.5, MaxRetransmit: 4}
+var fastTiming = coapTiming{AckTimeout: 50 * time.Millisecond, RandomFactor: 1.5, MaxRetransmit: 4, ExchangeLifetime: time.Hour}
 
 // A server that answers nothing: the request is sent 1 + MAX_RETRANSMIT times
 // with the same message ID, then fails with a clear error, within
@@ -378,7 +378,8 @@ func TestRawCoAPAgainstServer(t *testing.T) {
 		var conns []*rawCoAPConn
 		var mu sync.Mutex
 		r.dial = func(ctx context.Context, sc Scenario, _ []*simDevice, _ int) (conn, error) {
-			c := newRawCoAP(sc, coapTiming{AckTimeout: 200 * time.Millisecond, RandomFactor: 1.5, MaxRetransmit: 4})
+			c := newRawCoAP(sc, coapTiming{AckTimeout: 200 * time.Millisecond, RandomFactor: 1.5, MaxRetransmit: 4,
+				ExchangeLifetime: defaultCoAPTiming.ExchangeLifetime})
 			mu.Lock()
 			conns = append(conns, c)
 			mu.Unlock()
@@ -471,5 +472,48 @@ func TestRawCoAPMessageIDsAndTokens(t *testing.T) {
 	for i := 1; i < len(mids); i++ {
 		require.Equal(t, mids[i-1]+1, mids[i])
 	}
+	c.close()
+}
+
+// One client may not reuse a message ID within EXCHANGE_LIFETIME (the server
+// would answer from its deduplication cache without storing anything): after
+// at most 65,536 requests the next one waits for its block of IDs, and goes
+// once the block's lifetime has passed.
+func TestRawCoAPWaitsForReusableMessageIDs(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	sink, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	require.NoError(t, err)
+	defer sink.Close()
+	sc := Scenario{Target: Target{CoAP: sink.LocalAddr().String()}, Format: "senml-cbor",
+		Transport: Transport{Protocol: "coap", InFlight: 1, Confirmable: true}}
+	tm := fastTiming
+	tm.AckTimeout = time.Hour // nothing expires while the test holds the exchanges
+	c := newRawCoAP(sc, tm)
+	require.NoError(t, c.connect(t.Context()))
+	dev := &simDevice{Device: &sim.Device{ID: "dev-1", Secret: "k"}}
+	first := c.mid + 1
+	seen := map[uint16]bool{}
+	n := 0
+	for ; ; n++ {
+		wait, err := c.start(dev, []byte{0x80}, func(bool, error) {})
+		require.NoError(t, err)
+		if wait > 0 {
+			require.Greater(t, wait, time.Hour-time.Minute)
+			break
+		}
+		require.False(t, seen[c.mid], "message ID %d reused", c.mid)
+		seen[c.mid] = true
+		require.Less(t, n, 1<<16)
+	}
+	require.GreaterOrEqual(t, n, 1<<16-255)
+	require.Equal(t, first&0xff00, (c.mid+1)&0xff00, "it waits at the block it started in")
+	c.midBlock[(c.mid+1)>>8] = time.Now().Add(-time.Hour) // the lifetime has passed
+	wait, err := c.start(dev, []byte{0x80}, func(bool, error) {})
+	require.NoError(t, err)
+	require.Zero(t, wait)
+	require.Equal(t, first&0xff00, c.mid&0xff00)
+	c.mu.Lock()
+	clear(c.pending) // the exchanges were started without send's bookkeeping
+	c.mu.Unlock()
 	c.close()
 }

@@ -62,7 +62,7 @@ type runner struct {
 	malformedLost                   atomic.Int64
 	malformedRefused, probesDropped atomic.Int64
 	reconnects                      atomic.Int64
-	retransmits                     atomic.Int64
+	retransmits, midWaits           atomic.Int64
 
 	errMu  sync.Mutex
 	errors map[string]int64
@@ -439,8 +439,9 @@ func (r *runner) Run(ctx context.Context) error {
 	}
 	for _, c := range conns {
 		c.close()
-		if rc, ok := c.(interface{ retransmissions() int64 }); ok {
+		if rc, ok := c.(*rawCoAPConn); ok {
 			r.retransmits.Add(rc.retransmissions())
+			r.midWaits.Add(rc.messageIDWaits())
 		}
 	}
 	r.end = time.Now()
