@@ -223,7 +223,9 @@ func TestRawCoAPSeparateResponse(t *testing.T) {
 	defer srv.Close()
 	sc := Scenario{Target: Target{CoAP: srv.LocalAddr().String()}, Format: "senml-json",
 		Transport: Transport{Protocol: "coap", InFlight: 1, Confirmable: true}}
-	c := newRawCoAP(sc, fastTiming)
+	// the test has a second (at least) to send the empty ACK
+	tm := coapTiming{AckTimeout: time.Second, RandomFactor: 1.5, MaxRetransmit: 4, ExchangeLifetime: time.Hour}
+	c := newRawCoAP(sc, tm)
 	require.NoError(t, c.connect(t.Context()))
 	dev := &simDevice{Device: &sim.Device{ID: "dev-1", Secret: "k"}}
 	for _, code := range []codes.Code{codes.Changed, codes.Unauthorized} {
@@ -241,7 +243,7 @@ func TestRawCoAPSeparateResponse(t *testing.T) {
 		token := append([]byte(nil), req.token...)
 		_, err = srv.WriteToUDP([]byte{0x60, 0, byte(req.mid >> 8), byte(req.mid)}, from)
 		require.NoError(t, err)
-		time.Sleep(10 * fastTiming.AckTimeout) // past several ACK timeouts: no retransmission may come
+		time.Sleep(2 * time.Second) // past the first retransmission's time: none may come
 		_, err = srv.WriteToUDP(response(t, message.Confirmable, code, 0x4242, token), from)
 		require.NoError(t, err)
 		n, _, err = srv.ReadFromUDP(buf)
@@ -440,7 +442,7 @@ func TestRawCoAPMessageIDsAndTokens(t *testing.T) {
 	defer srv.Close()
 	sc := Scenario{Target: Target{CoAP: srv.LocalAddr().String()}, Format: "senml-cbor",
 		Transport: Transport{Protocol: "coap", InFlight: 8, Confirmable: false}}
-	c := newRawCoAP(sc, fastTiming)
+	c := newRawCoAP(sc, defaultCoAPTiming)
 	require.NoError(t, c.connect(t.Context()))
 	dev := &simDevice{Device: &sim.Device{ID: "dev-1", Secret: "k"}}
 	var wg sync.WaitGroup
