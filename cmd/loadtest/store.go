@@ -341,6 +341,13 @@ func (r *runner) indexSent() sentIndex {
 	for _, d := range r.fleet {
 		x.byID[d.ID] = d
 		per := make([][]sentKey, len(d.Metrics))
+		n := make([]int, len(d.Metrics))
+		for _, rd := range d.readings {
+			n[rd.metric]++
+		}
+		for mi := range per {
+			per[mi] = make([]sentKey, 0, n[mi]) // exact: no slack from growing
+		}
 		for i, rd := range d.readings {
 			per[rd.metric] = append(per[rd.metric], sentKey{rd.ts, i})
 			x.minTS, x.maxTS = min(x.minTS, rd.ts), max(x.maxTS, rd.ts)
