@@ -20,6 +20,7 @@ type simDevice struct {
 	lastTS   int64         // ms of the last normal point
 	lateTS   int64         // ms of the last late point
 	readings []sentReading // every reading generated, in order
+	enc      []sim.Reading // build's scratch for one message
 }
 
 // sentReading is one reading as generated: (device, seq) is the device and the

@@ -70,6 +70,13 @@ type Totals struct {
 	MalformedUnanswered int64 `json:"malformed_unanswered"`
 	Reconnects          int64 `json:"reconnects"`
 	ProbesDropped       int64 `json:"probes_dropped"`
+	// Retransmits are the CoAP CON requests sent again for want of an ACK
+	// (plain UDP client).
+	Retransmits int64 `json:"coap_retransmits"`
+	// MessageIDWaits are the CoAP requests that waited for a message ID the
+	// server no longer deduplicates (one client sends at most 65,536 per
+	// EXCHANGE_LIFETIME, 247 s).
+	MessageIDWaits int64 `json:"coap_message_id_waits"`
 }
 
 // Rates are the averages over the run.
@@ -94,6 +101,7 @@ func (r *runner) report(store StoreCheck, rejects map[string]int) Report {
 		Totals: Totals{Messages: r.sent.Load(), Readings: r.readingsSent.Load(), Acked: r.acked.Load(), ReadingsAcked: r.readingsAcked.Load(),
 			Failed: r.failed.Load(), Unacknowledged: r.unackedOK.Load(), Duplicates: r.dupSent.Load(), OutOfOrder: r.oooSent.Load(),
 			Late: r.lateSent.Load(), Backfilled: r.backfilled.Load(), Malformed: r.malformedSent.Load(), MalformedRefused: r.malformedRefused.Load(), MalformedUnanswered: r.malformedLost.Load(),
+			Retransmits: r.retransmits.Load(), MessageIDWaits: r.midWaits.Load(),
 			Reconnects: r.reconnects.Load(), ProbesDropped: r.probesDropped.Load()},
 		Ack: r.ack.Summary(), Queryable: r.queryable.Summary(), Alerts: r.alerts.report(),
 		Store: store, Rejects: rejects, Errors: r.errorList(),
@@ -165,7 +173,11 @@ func printSummary(w io.Writer, r Report) {
 	fmt.Fprintf(w, "scenario %s: %d devices over %d connections, %s %s, %.0f s\n", r.Scenario.Name, r.Fleet.Devices, r.Fleet.Connections,
 		r.Scenario.Transport.Protocol, r.Scenario.Format, r.Duration)
 	fmt.Fprintf(w, "sent      %d messages, %d readings (%.0f msg/s, %.0f readings/s)\n", r.Totals.Messages, r.Totals.Readings, r.Rates.Messages, r.Rates.Readings)
-	fmt.Fprintf(w, "acked     %d messages (%d readings); failed %d; unacknowledged %d\n", r.Totals.Acked, r.Totals.ReadingsAcked, r.Totals.Failed, r.Totals.Unacknowledged)
+	fmt.Fprintf(w, "acked     %d messages (%d readings); failed %d; unacknowledged %d", r.Totals.Acked, r.Totals.ReadingsAcked, r.Totals.Failed, r.Totals.Unacknowledged)
+	if r.Totals.Retransmits > 0 || r.Totals.MessageIDWaits > 0 {
+		fmt.Fprintf(w, "; CoAP retransmissions %d, waits for a message ID %d", r.Totals.Retransmits, r.Totals.MessageIDWaits)
+	}
+	fmt.Fprintln(w)
 	fmt.Fprintf(w, "hostile   dup %d, out-of-order %d, late %d, backfilled %d, malformed %d (refused %d), reconnects %d\n",
 		r.Totals.Duplicates, r.Totals.OutOfOrder, r.Totals.Late, r.Totals.Backfilled, r.Totals.Malformed, r.Totals.MalformedRefused, r.Totals.Reconnects)
 	lat := func(name string, s Summary) {

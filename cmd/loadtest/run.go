@@ -62,6 +62,7 @@ type runner struct {
 	malformedLost                   atomic.Int64
 	malformedRefused, probesDropped atomic.Int64
 	reconnects                      atomic.Int64
+	retransmits, midWaits           atomic.Int64
 
 	errMu  sync.Mutex
 	errors map[string]int64
@@ -153,7 +154,7 @@ func (r *runner) incidentAt(dev *simDevice, el time.Duration) (sim.Conditions, m
 func (r *runner) build(dev *simDevice, now time.Time, in sim.Conditions, late bool) (*pubMsg, []byte, error) {
 	k := r.sc.ReadingsPerMessage
 	m := &pubMsg{dev: dev, first: len(dev.readings), n: k}
-	enc := make([]sim.Reading, 0, k)
+	enc := dev.enc[:0] // scratch of the device's connection goroutine
 	var ts int64
 	clock := now.Add(dev.skew)
 	for i := range k {
@@ -177,6 +178,7 @@ func (r *runner) build(dev *simDevice, now time.Time, in sim.Conditions, late bo
 		}
 	}
 	m.n = len(enc)
+	dev.enc = enc
 	body, err := sim.Encode(r.sc.Format, enc)
 	return m, body, err
 }
@@ -437,6 +439,10 @@ func (r *runner) Run(ctx context.Context) error {
 	}
 	for _, c := range conns {
 		c.close()
+		if rc, ok := c.(*rawCoAPConn); ok {
+			r.retransmits.Add(rc.retransmissions())
+			r.midWaits.Add(rc.messageIDWaits())
+		}
 	}
 	r.end = time.Now()
 	if r.progress != nil {

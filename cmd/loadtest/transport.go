@@ -15,8 +15,6 @@ import (
 	"github.com/plgd-dev/go-coap/v3/message"
 	"github.com/plgd-dev/go-coap/v3/message/codes"
 	"github.com/plgd-dev/go-coap/v3/options"
-	"github.com/plgd-dev/go-coap/v3/udp"
-	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
 )
 
 // conn is one connection of the simulated fleet: an MQTT client or a CoAP
@@ -46,8 +44,11 @@ func acquire(ctx context.Context, window chan struct{}) error {
 type dialer func(ctx context.Context, sc Scenario, devs []*simDevice, n int) (conn, error)
 
 func dialerFor(sc Scenario) dialer {
-	if sc.Transport.Protocol == "coap" {
+	switch {
+	case sc.Transport.Protocol == "coap" && sc.Transport.DTLS:
 		return dialCoAP
+	case sc.Transport.Protocol == "coap":
+		return dialRawCoAP
 	}
 	return dialMQTT
 }
@@ -158,7 +159,7 @@ func (c *mqttConn) close() {
 	}
 }
 
-// ---- CoAP (go-coap, UDP or DTLS-PSK) ----
+// ---- CoAP over DTLS-PSK (go-coap; plain UDP is rawCoAPConn) ----
 
 type coapConn struct {
 	sc     Scenario
@@ -190,28 +191,16 @@ func (c *coapConn) connect(ctx context.Context) error {
 	// go-coap clients send one request at a time unless told otherwise
 	n := int64(c.sc.Transport.InFlight)
 	par, parEP := options.WithLimitClientParallelRequest(n), options.WithLimitClientEndpointParallelRequest(n)
-	var co *udpclient.Conn
-	var err error
-	withKey := true // plain UDP carries the device's key in the URI query
-	if c.sc.Transport.DTLS {
-		key := c.user.Secret
-		co, err = dtls.Dial(c.sc.Target.CoAP, dtls.NewDTLSClientOptions(
-			piondtls.WithPSK(func([]byte) ([]byte, error) { return []byte(key), nil }),
-			piondtls.WithPSKIdentityHint([]byte(c.user.ID)),
-			piondtls.WithCipherSuites(piondtls.TLS_PSK_WITH_AES_128_CCM_8)), par, parEP)
-		withKey = false
-	} else {
-		co, err = udp.Dial(c.sc.Target.CoAP, par, parEP)
-	}
+	key := c.user.Secret
+	co, err := dtls.Dial(c.sc.Target.CoAP, dtls.NewDTLSClientOptions(
+		piondtls.WithPSK(func([]byte) ([]byte, error) { return []byte(key), nil }),
+		piondtls.WithPSKIdentityHint([]byte(c.user.ID)),
+		piondtls.WithCipherSuites(piondtls.TLS_PSK_WITH_AES_128_CCM_8)), par, parEP)
 	if err != nil {
-		return fmt.Errorf("coap dial %s as %s (dtls %v): %w", c.sc.Target.CoAP, c.user.ID, c.sc.Transport.DTLS, err)
+		return fmt.Errorf("coap dial %s as %s (dtls): %w", c.sc.Target.CoAP, c.user.ID, err)
 	}
 	c.set(func(ctx context.Context, dev *simDevice, body []byte) (codes.Code, error) {
-		var opts []message.Option
-		if withKey {
-			opts = append(opts, message.Option{ID: message.URIQuery, Value: []byte("key=" + dev.Secret)})
-		}
-		req, err := co.NewPostRequest(ctx, "/devices/"+dev.ID+"/readings", cf, bytes.NewReader(body), opts...)
+		req, err := co.NewPostRequest(ctx, "/devices/"+dev.ID+"/readings", cf, bytes.NewReader(body))
 		if err != nil {
 			return 0, err
 		}
