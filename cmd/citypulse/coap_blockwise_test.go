@@ -17,13 +17,7 @@ import (
 // 7959 allows it); against the real binary, every reading of a 10-block body
 // must be stored and queryable (issue 12).
 func TestCoAPBlockwiseFromLibcoapIsStored(t *testing.T) {
-	skipShort(t)
-	bin, err := exec.LookPath("coap-client-notls")
-	if err != nil {
-		t.Fatal("coap-client-notls not found: run `make deps` (installs Debian's libcoap3-bin)")
-	}
-	s := newProc(t, "")
-	s.start()
+	bin, s := libcoapAndServer(t)
 	defer s.stop()
 
 	const n = 400
@@ -63,13 +57,7 @@ func TestCoAPBlockwiseFromLibcoapIsStored(t *testing.T) {
 // the gateway's direct path takes (ingest/coapdirect.go) are answered and
 // stored; a wrong key goes to go-coap's path and gets 4.01.
 func TestCoAPFromLibcoapInOneDatagram(t *testing.T) {
-	skipShort(t)
-	bin, err := exec.LookPath("coap-client-notls")
-	if err != nil {
-		t.Fatal("coap-client-notls not found: run `make deps` (installs Debian's libcoap3-bin)")
-	}
-	s := newProc(t, "")
-	s.start()
+	bin, s := libcoapAndServer(t)
 	defer s.stop()
 	post := func(key string, v int, extra ...string) string {
 		f := filepath.Join(t.TempDir(), "r.json")
@@ -92,4 +80,17 @@ func TestCoAPFromLibcoapInOneDatagram(t *testing.T) {
 		}
 		return err
 	})
+}
+
+// libcoapAndServer finds libcoap's client and starts the server binary.
+func libcoapAndServer(t *testing.T) (string, *proc) {
+	t.Helper()
+	skipShort(t)
+	bin, err := exec.LookPath("coap-client-notls")
+	if err != nil {
+		t.Fatal("coap-client-notls not found: run `make deps` (installs Debian's libcoap3-bin)")
+	}
+	s := newProc(t, "")
+	s.start()
+	return bin, s
 }
