@@ -143,6 +143,26 @@ func (c *dedupCache) claim(dst []byte, addr netip.AddrPort, mid uint16, now time
 	return dst, claimed
 }
 
+// release forgets the claim on (addr, mid), if it is still one: the request
+// was not answered, and a copy of it is to be handled as new.
+func (c *dedupCache) release(addr netip.AddrPort, mid uint16) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	p := c.peers[addr]
+	if p == nil {
+		return
+	}
+	k := dedupKey{p.id, mid}
+	if e, ok := c.m[k]; !ok || e.n != dedupPending {
+		return
+	}
+	delete(c.m, k) // its FIFO slot is skipped when popped
+	if p.n--; p.n == 0 {
+		delete(c.peers, p.addr)
+		delete(c.byID, p.id)
+	}
+}
+
 // store keeps raw as the answer to (addr, mid) unless a live one is kept
 // (go-coap's LoadOrStore semantics); it replaces a claim.
 func (c *dedupCache) store(addr netip.AddrPort, mid uint16, raw []byte, now time.Time) {

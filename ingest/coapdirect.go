@@ -1,6 +1,7 @@
 package ingest
 
 import (
+	"errors"
 	"hash/maphash"
 	"net"
 	"strings"
@@ -231,15 +232,33 @@ func (d *direct) answer(a answer, req directRequest, to *net.UDPAddr, cm *coapne
 		m.Payload = []byte(a.diag)
 	}
 	var buf [256]byte
-	n, err := coder.DefaultCoder.Encode(m, buf[:])
+	raw, err := encodeAnswer(buf[:], m)
 	if err != nil {
-		d.s.log.Debug("coap: cannot encode an answer", "err", err, "code", a.code)
+		// never seen: the message is built above from valid parts. Give the
+		// id back, so that a copy is handled rather than dropped until the
+		// exchange lifetime ends.
+		d.s.log.Error("coap: cannot encode an answer", "err", err, "code", a.code)
+		d.dedup.release(to.AddrPort(), req.mid)
 		return
 	}
-	d.dedup.store(to.AddrPort(), req.mid, buf[:n], time.Now())
-	d.write(buf[:n], to, cm)
+	d.dedup.store(to.AddrPort(), req.mid, raw, time.Now())
+	d.write(raw, to, cm)
 	d.s.m.requests.WithLabelValues(a.code.String()).Inc()
 	d.s.m.duration.Observe(time.Since(start).Seconds())
+}
+
+// encodeAnswer encodes m into buf, or into a new buffer of the right size
+// if buf is too small (a long diagnostic).
+func encodeAnswer(buf []byte, m message.Message) ([]byte, error) {
+	n, err := coder.DefaultCoder.Encode(m, buf)
+	if errors.Is(err, message.ErrTooSmall) {
+		buf = make([]byte, n)
+		n, err = coder.DefaultCoder.Encode(m, buf)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return buf[:n], nil
 }
 
 func (d *direct) write(b []byte, to *net.UDPAddr, cm *coapnet.ControlMessage) {

@@ -42,6 +42,46 @@ func TestDedupCacheClaims(t *testing.T) {
 	require.Equal(t, claimed, st, "after the exchange lifetime the id is new again")
 }
 
+func TestDedupCacheRelease(t *testing.T) {
+	c := newDedupCache(100)
+	addr := netip.MustParseAddrPort("192.0.2.1:5683")
+	now := time.Now()
+	_, st := c.claim(nil, addr, 9, now)
+	require.Equal(t, claimed, st)
+	c.release(addr, 9)
+	n, _, _ := c.stats()
+	require.Zero(t, n, "a released claim is forgotten")
+	_, st = c.claim(nil, addr, 9, now.Add(time.Millisecond))
+	require.Equal(t, claimed, st, "a copy after the release is handled as new")
+
+	raw := []byte{0x68, 0x44, 0, 9, 1, 2, 3, 4, 5, 6, 7, 8}
+	c.store(addr, 9, raw, now)
+	c.release(addr, 9)
+	got, st := c.claim(nil, addr, 9, now)
+	require.Equal(t, answered, st, "release leaves an answer alone")
+	require.Equal(t, raw, got)
+
+	c.release(netip.MustParseAddrPort("192.0.2.2:5683"), 9) // unknown peer: nothing
+	c.expire(now.Add(c.lifetime + time.Second))
+	n, bytes, _ := c.stats()
+	require.Zero(t, n, "the released claim's FIFO slot expires without harm")
+	require.Zero(t, bytes)
+}
+
+func TestEncodeAnswerGrowsForALongDiagnostic(t *testing.T) {
+	for _, size := range []int{0, 10, 200, 1000} {
+		m := message.Message{Token: []byte{1, 2, 3, 4}, Code: codes.BadRequest, Type: message.Acknowledgement,
+			MessageID: 7, Payload: []byte(strings.Repeat("x", size))}
+		var buf [256]byte
+		raw, err := encodeAnswer(buf[:], m)
+		require.NoError(t, err, size)
+		var got message.Message
+		_, err = coder.DefaultCoder.Decode(raw, &got)
+		require.NoError(t, err, size)
+		require.Equal(t, m.Payload, got.Payload, size)
+	}
+}
+
 // parseDirect takes exactly the plain requests and leaves the rest to go-coap.
 func TestParseDirect(t *testing.T) {
 	path := func(id string) message.Options {

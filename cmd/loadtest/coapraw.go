@@ -123,9 +123,7 @@ func (c *rawCoAPConn) connect(ctx context.Context) error {
 	done := make(chan struct{})
 	c.mu.Lock()
 	c.sock, c.reader = sock, done
-	c.mid, c.token = uint16(rand.Uint32()), rand.Uint32()
-	c.midBlock = [256]time.Time{}
-	c.midBlock[(c.mid+1)>>8] = time.Now()
+	c.resetIDs(uint16(rand.Uint32()), rand.Uint32(), time.Now())
 	c.deadline = time.Time{}
 	c.mu.Unlock()
 	go func() {
@@ -133,6 +131,19 @@ func (c *rawCoAPConn) connect(ctx context.Context) error {
 		c.read(sock)
 	}()
 	return nil
+}
+
+// resetIDs starts a new socket's message IDs after mid and its tokens after
+// token, with c.mu held. The block of the first ID is taken into use now,
+// unless the first ID opens its block: start takes that one. (Marking it
+// here as well made start wait EXCHANGE_LIFETIME before the socket's first
+// request, one socket in 256.)
+func (c *rawCoAPConn) resetIDs(mid uint16, token uint32, now time.Time) {
+	c.mid, c.token = mid, token
+	c.midBlock = [256]time.Time{}
+	if first := mid + 1; first&0xff != 0 {
+		c.midBlock[first>>8] = now
+	}
 }
 
 func (c *rawCoAPConn) send(ctx context.Context, dev *simDevice, body []byte, done func(bool, error)) error {

@@ -519,3 +519,36 @@ func TestRawCoAPWaitsForReusableMessageIDs(t *testing.T) {
 	c.mu.Unlock()
 	c.close()
 }
+
+// A new socket's first request never waits for its message ID, wherever in
+// a block the random first ID falls; a block it took is only reused after
+// EXCHANGE_LIFETIME.
+func TestRawCoAPFirstRequestNeverWaits(t *testing.T) {
+	dev := &simDevice{Device: &sim.Device{ID: "dev-1", Secret: "k"}}
+	for _, mid := range []uint16{0x12fe, 0x12ff, 0x1200, 0x1234, 0xffff, 0xfffe} {
+		sink, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		require.NoError(t, err)
+		sc := Scenario{Target: Target{CoAP: sink.LocalAddr().String()}, Format: "senml-cbor",
+			Transport: Transport{Protocol: "coap", InFlight: 1, Confirmable: true}}
+		tm := fastTiming
+		tm.AckTimeout = time.Hour
+		c := newRawCoAP(sc, tm)
+		require.NoError(t, c.connect(t.Context()))
+		c.mu.Lock()
+		c.resetIDs(mid, 7, time.Now())
+		c.mu.Unlock()
+		for i := range 3 {
+			wait, err := c.start(dev, []byte{0x80}, func(bool, error) {})
+			require.NoError(t, err, "mid %#x", mid)
+			require.Zero(t, wait, "mid %#x, request %d", mid, i)
+			require.Equal(t, mid+uint16(i)+1, c.mid)
+		}
+		first := mid + 1
+		require.False(t, c.midBlock[first>>8].IsZero(), "mid %#x: the first ID's block is taken", mid)
+		c.mu.Lock()
+		clear(c.pending)
+		c.mu.Unlock()
+		c.close()
+		require.NoError(t, sink.Close())
+	}
+}
