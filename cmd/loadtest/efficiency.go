@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/citypulse/citypulse/cmd/internal/servertest"
@@ -499,7 +500,7 @@ func waitSubscribed(ctx context.Context, cp *api, broker string, probe *simDevic
 	deadline := time.Now().Add(30 * time.Second)
 	for ctx.Err() == nil {
 		body := fmt.Appendf(nil, `[{"n":"pressure","v":400}]`)
-		fc := &floodConn{dev: probe, packets: [][]byte{publishPacket("devices/"+probe.ID+"/readings", 1, body)}, msgs: []*pubMsg{{}}}
+		fc := &floodConn{dev: probe, packets: [][]byte{publishPacket("devices/"+probe.ID+"/readings", 1, body)}, msgs: []*pubMsg{{status: new(atomic.Uint32)}}}
 		if _, err := flood(ctx, broker, []*floodConn{fc}, 1); err != nil {
 			return err
 		}

@@ -34,7 +34,7 @@ type pubMsg struct {
 	// this message's readings belong to; an alert's latency counts from the
 	// moment the first such message is handed to the transport.
 	occ    map[int]int
-	status atomic.Uint32
+	status *atomic.Uint32 // in the device's outcomeLog
 }
 
 const (
@@ -153,7 +153,8 @@ func (r *runner) incidentAt(dev *simDevice, el time.Duration) (sim.Conditions, m
 // metrics wrap. Late messages are stamped LateBy in the past.
 func (r *runner) build(dev *simDevice, now time.Time, in sim.Conditions, late bool) (*pubMsg, []byte, error) {
 	k := r.sc.ReadingsPerMessage
-	m := &pubMsg{dev: dev, first: len(dev.readings), n: k}
+	status, num := dev.outcomes.next()
+	m := &pubMsg{dev: dev, first: len(dev.readings), n: k, status: status}
 	enc := dev.enc[:0] // scratch of the device's connection goroutine
 	var ts int64
 	clock := now.Add(dev.skew)
@@ -171,7 +172,7 @@ func (r *runner) build(dev *simDevice, now time.Time, in sim.Conditions, late bo
 		met := dev.Metrics[mi]
 		dev.cursor = (mi + 1) % len(dev.Metrics)
 		v := dev.Value(met, r.shapeTime(clock), r.sc.Fleet.Noise, in)
-		dev.readings = append(dev.readings, sentReading{ts: ts, value: v, metric: uint8(mi), msg: m})
+		dev.readings = append(dev.readings, sentReading{ts: ts, value: v, metric: uint8(mi), msg: num})
 		enc = append(enc, sim.Reading{Name: met.Name, TS: ts, V: v})
 		if r.sc.Format == "json" && dev.cursor == 0 {
 			break // plain JSON carries one point per message

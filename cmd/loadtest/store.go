@@ -446,7 +446,7 @@ func (r *runner) checkOnce(ctx context.Context, a *api, sent sentIndex) StoreChe
 	for _, d := range r.fleet {
 		for i, rd := range d.readings {
 			c.Expected++
-			acked := rd.msg.status.Load() == msgAcked
+			acked := d.outcomes.load(rd.msg) == msgAcked
 			if acked {
 				c.Acked++
 			}

@@ -6,12 +6,14 @@ import (
 	"flag"
 	"fmt"
 	"math"
+	"math/bits"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -362,4 +364,28 @@ func TestCurveFoldsTheTimelineIntoWindows(t *testing.T) {
 	var b strings.Builder
 	printCurve(&b, ws)
 	require.Contains(t, b.String(), "  20-  25 s")
+}
+
+// outcomeLog gives every message its own outcome, numbered in order, that
+// stays where it is while more are added (the transports' callbacks hold
+// pointers into it).
+func TestOutcomeLog(t *testing.T) {
+	var l outcomeLog
+	const n = outcomeDoubled + 3*outcomeMax + 17
+	ptrs := make([]*atomic.Uint32, n)
+	for i := range n {
+		o, num := l.next()
+		require.Equal(t, uint32(i), num)
+		require.Zero(t, o.Load(), "a new message is pending")
+		o.Store(uint32(i%3 + 1))
+		ptrs[i] = o
+	}
+	for i := range n {
+		require.Equal(t, uint32(i%3+1), l.load(uint32(i)), "message %d", i)
+		k, off, _ := outcomeSlot(i)
+		require.Same(t, ptrs[i], &l.chunks[k][off], "message %d has not moved", i)
+	}
+	require.Len(t, l.chunks[0], outcomeFirst, "a device that sends little costs little")
+	require.Len(t, l.chunks[len(l.chunks)-1], outcomeMax)
+	require.Len(t, l.chunks, bits.Len(outcomeMax/outcomeFirst)+4)
 }
