@@ -28,19 +28,19 @@ type simDevice struct {
 
 // sentReading is one reading as generated: (device, seq) is the device and the
 // index into readings; ts is unique per (device, metric).
+//
+// A run keeps every reading it sent, tens of millions in a long one, so a
+// sentReading holds no pointer and the collector does not scan the record.
+// When each held its *pubMsg, the generator's collections took 1–3 s of
+// marking at a 3–5 GB heap late in a 330 s CoAP run, and it sent too few
+// requests while they ran (two 10 s windows at 11,800–17,900 instead of
+// 20,000 requests/s).
 type sentReading struct {
 	ts     int64 // unix ms
 	value  float64
 	metric uint8
 	msg    uint32 // the number of the device's message that carried it (outcomeLog)
 }
-
-// A run keeps every reading it sent, tens of millions in a long one, so
-// sentReading holds no pointer: the collector does not scan the record.
-// When each held its *pubMsg, the generator's collections took 1–3 s of
-// marking at a 3–5 GB heap late in a 330 s CoAP run and it sent too few
-// requests while they ran (two 10 s windows at 11,800–17,900 instead of
-// 20,000 requests/s).
 
 // outcomeLog holds a device's messages' outcomes (msgPending, msgAcked,
 // msgFailed) by message number, in chunks that never move: the callbacks of
