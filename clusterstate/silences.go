@@ -41,7 +41,17 @@ type Silences struct {
 	kvActive bool                // kv was bound while this site was active (writable)
 	ready    chan struct{}       // closed once the bucket's contents are in the store
 	once     sync.Once
+
+	// markerAge: the delete markers older than this are purged from the
+	// bucket every markerAge/2 (see purgeMarkers)
+	markerAge time.Duration
 }
+
+// deleteMarkerAge is how long a deleted silence's delete marker stays in
+// the bucket. Every node's watch sees a delete as it happens, and a node
+// that (re)starts reads the bucket's contents whole, so the marker is only
+// kept for a watcher that is briefly behind.
+const deleteMarkerAge = time.Hour
 
 // SilencesOptions configure Silences.
 type SilencesOptions struct {
@@ -57,7 +67,7 @@ func NewSilences(o SilencesOptions) *Silences {
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
-	s := &Silences{bucket: o.Bucket, replicas: o.Replicas, log: o.Logger, ready: make(chan struct{}),
+	s := &Silences{bucket: o.Bucket, replicas: o.Replicas, log: o.Logger, ready: make(chan struct{}), markerAge: deleteMarkerAge,
 		applied: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "citypulse_cluster_silence_changes_total",
 			Help: "Silence and acknowledgement changes read from the shared bucket, by result (applied, rejected: unreadable)."},
@@ -204,6 +214,7 @@ func (s *Silences) watch(ctx context.Context) error {
 	defer func() { _ = w.Stop() }()
 	t := time.NewTicker(rebindEvery)
 	defer t.Stop()
+	purged := time.Now()
 	initial := map[string][]byte{}
 	for {
 		select {
@@ -218,6 +229,10 @@ func (s *Silences) watch(ctx context.Context) error {
 				return nil
 			}
 			s.prune()
+			if time.Since(purged) >= s.markerAge/2 {
+				purged = time.Now()
+				s.purgeMarkers(ctx, kv)
+			}
 		case e, ok := <-w.Updates():
 			if !ok {
 				return fmt.Errorf("watch silences bucket %s: ended", s.bucket)
@@ -247,7 +262,7 @@ func (s *Silences) watch(ctx context.Context) error {
 
 // prune deletes the ended silences from the bucket (every node of an active
 // site does, each for the ones it saw end: a key deleted twice is deleted).
-// The bucket keeps a small delete marker per key.
+// The bucket keeps a small delete marker per key until purgeMarkers.
 func (s *Silences) prune() {
 	n, err := s.store.Prune()
 	if err != nil {
@@ -256,6 +271,18 @@ func (s *Silences) prune() {
 	}
 	if n > 0 {
 		s.log.Debug("silences bucket: ended silences deleted", "bucket", s.bucket, "deleted", n)
+	}
+}
+
+// purgeMarkers removes the delete markers older than markerAge from the
+// bucket (prune leaves one per deleted silence). It reads the whole bucket,
+// so it runs every markerAge/2, not every tick. It runs only where the
+// site may write; a standby site's mirror is not purged by it here.
+func (s *Silences) purgeMarkers(ctx context.Context, kv jetstream.KeyValue) {
+	pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := kv.PurgeDeletes(pctx, jetstream.DeleteMarkersOlderThan(s.markerAge)); err != nil && ctx.Err() == nil {
+		s.log.Warn("silences bucket: cannot purge the delete markers; retrying later", "bucket", s.bucket, "err", err)
 	}
 }
 

@@ -221,3 +221,49 @@ func TestAnEndedSilenceLeavesTheBucket(t *testing.T) {
 	_, err = kv.Get(context.Background(), "silence."+long.ID)
 	require.NoError(t, err, "the one still running stays")
 }
+
+// The delete marker an ended silence leaves is purged once it is older than
+// markerAge: the bucket's stream does not grow with every silence ever made.
+func TestDeleteMarkersArePurged(t *testing.T) {
+	c := natstest.Start(t, 1)
+	nc := connect(t, c.Nodes[0].URL())
+	a := NewSilences(SilencesOptions{Bucket: silencesBucket, Replicas: 1})
+	a.markerAge = 2 * time.Second // purged every second, once 2 s old
+	runUntilCleanup(t, func(ctx context.Context) error { return a.Run(ctx, nc, nil) })
+	waitReady(t, a)
+	long, err := a.Store().Add(gulouSilence("ops-bo"))
+	require.NoError(t, err)
+	for range 5 {
+		short := gulouSilence("ops-anna")
+		short.EndsAt = time.Now().Add(500 * time.Millisecond)
+		_, err := a.Store().Add(short)
+		require.NoError(t, err)
+	}
+
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	stream, err := js.Stream(context.Background(), "KV_"+silencesBucket)
+	require.NoError(t, err)
+	msgs := func() uint64 {
+		info, err := stream.Info(context.Background())
+		require.NoError(t, err)
+		return info.State.Msgs
+	}
+	require.Equal(t, uint64(6), msgs(), "six silences")
+	kv, err := js.KeyValue(context.Background(), silencesBucket)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		keys, err := kv.ListKeys(context.Background())
+		require.NoError(t, err)
+		n := 0
+		for range keys.Keys() {
+			n++
+		}
+		return n == 1
+	}, 30*time.Second, 100*time.Millisecond, "the five ended silences are deleted")
+	require.Eventually(t, func() bool { return msgs() == 1 }, 30*time.Second, 100*time.Millisecond,
+		"their five delete markers are purged; the running silence stays")
+	_, err = kv.Get(context.Background(), "silence."+long.ID)
+	require.NoError(t, err)
+	require.Len(t, a.Store().Silences(), 1, "the store still has the running silence")
+}
