@@ -18,6 +18,15 @@ import (
 type countSink struct{ n atomic.Int64 }
 
 func (c *countSink) Name() string { return "count" }
+
+// await waits until the sink has n readings or d has passed, and returns
+// how many it has.
+func (c *countSink) await(n int64, d time.Duration) int64 {
+	for deadline := time.Now().Add(d); c.n.Load() < n && time.Now().Before(deadline); {
+		time.Sleep(100 * time.Microsecond)
+	}
+	return c.n.Load()
+}
 func (c *countSink) Write(_ context.Context, b pipeline.Batch) error {
 	c.n.Add(int64(len(b.Readings)))
 	return nil
@@ -95,11 +104,9 @@ func BenchmarkBrokerQoS1(b *testing.B) {
 	}
 	pw.Wait() // every message acknowledged: journaled
 	want := int64(b.N) * 10
-	for deadline := time.Now().Add(time.Minute); sink.n.Load() < want && time.Now().Before(deadline); {
-		time.Sleep(100 * time.Microsecond)
-	}
+	stored := sink.await(want, time.Minute)
 	b.StopTimer() // and the sink has every reading (or the minute ran out: stored/reading shows it)
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "msg/s")
-	b.ReportMetric(float64(sink.n.Load())/b.Elapsed().Seconds(), "readings/s")
-	b.ReportMetric(float64(sink.n.Load())/float64(want), "stored/reading")
+	b.ReportMetric(float64(stored)/b.Elapsed().Seconds(), "readings/s")
+	b.ReportMetric(float64(stored)/float64(want), "stored/reading")
 }

@@ -201,7 +201,7 @@ func (s *CoAPServer) psk(identity []byte) ([]byte, error) {
 	d, ok := s.devs.Get(string(identity))
 	if !ok {
 		s.h.Reject(ReasonUnknownDevice, 1, "transport", "coap-dtls", "identity", string(identity))
-		return s.auth.dummyKey(identity), nil
+		return s.auth.dummyKey(nil, identity), nil
 	}
 	return []byte(d.Secret), nil
 }

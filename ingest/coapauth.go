@@ -51,7 +51,7 @@ func (a *authenticator) mac(dst []byte, label string, b []byte) []byte {
 func (a *authenticator) check(id, key string) (devices.Device, bool, bool) {
 	var buf [3 * sha256.Size]byte
 	d, known := a.devs.Get(id)
-	want := a.mac(buf[:0], "psk\x00", []byte(id)) // the unknown id's stand-in, computed either way
+	want := a.dummyKey(buf[:0], []byte(id)) // computed either way
 	if known {
 		want = []byte(d.Secret)
 	}
@@ -60,8 +60,8 @@ func (a *authenticator) check(id, key string) (devices.Device, bool, bool) {
 	return d, known, known && ok
 }
 
-// dummyKey is the stand-in secret of an unknown device id: stable for the
-// process, unguessable, different per id.
-func (a *authenticator) dummyKey(id []byte) []byte {
-	return a.mac(nil, "psk\x00", id)
+// dummyKey appends the stand-in secret of an unknown device id to dst:
+// stable for the process, unguessable, different per id.
+func (a *authenticator) dummyKey(dst, id []byte) []byte {
+	return a.mac(dst, "psk\x00", id)
 }

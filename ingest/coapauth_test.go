@@ -19,7 +19,7 @@ func TestAuthenticatorCheck(t *testing.T) {
 		{"a key one byte short", "pipe-0001", "secret-pipe-000", true, false},
 		{"no key", "pipe-0001", "", true, false},
 		{"an unknown device", "pipe-9999", "secret-pipe-0001", false, false},
-		{"an unknown device given its stand-in key", "pipe-9999", string(a.dummyKey([]byte("pipe-9999"))), false, false},
+		{"an unknown device given its stand-in key", "pipe-9999", string(a.dummyKey(nil, []byte("pipe-9999"))), false, false},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -38,9 +38,9 @@ func TestAuthenticatorCheck(t *testing.T) {
 func TestAuthenticatorIsSafeConcurrently(t *testing.T) {
 	a, err := newAuthenticator(testRegistry(t))
 	require.NoError(t, err)
-	want := a.dummyKey([]byte("tl-9999"))
+	want := a.dummyKey(nil, []byte("tl-9999"))
 	require.Len(t, want, 32)
-	require.NotEqual(t, want, a.dummyKey([]byte("tl-9998")), "a stand-in key differs per id")
+	require.NotEqual(t, want, a.dummyKey(nil, []byte("tl-9998")), "a stand-in key differs per id")
 	var wg sync.WaitGroup
 	bad := make(chan string, 8)
 	for range 8 {
@@ -54,7 +54,7 @@ func TestAuthenticatorIsSafeConcurrently(t *testing.T) {
 					bad <- "a wrong key was taken"
 					return
 				}
-				if string(a.dummyKey([]byte("tl-9999"))) != string(want) {
+				if string(a.dummyKey(nil, []byte("tl-9999"))) != string(want) {
 					bad <- "the stand-in key changed"
 					return
 				}

@@ -157,10 +157,7 @@ func (c *dedupCache) release(addr netip.AddrPort, mid uint16) {
 		return
 	}
 	delete(c.m, k) // its FIFO slot is skipped when popped
-	if p.n--; p.n == 0 {
-		delete(c.peers, p.addr)
-		delete(c.byID, p.id)
-	}
+	c.unref(p)
 }
 
 // store keeps raw as the answer to (addr, mid) unless a live one is kept
@@ -242,12 +239,16 @@ func (c *dedupCache) pop() bool {
 	}
 	delete(c.m, s.key)
 	c.drop(s.key, e)
-	p := c.byID[s.key.peer]
+	c.unref(c.byID[s.key.peer])
+	return true
+}
+
+// unref counts one entry of p's less, and forgets p with its last.
+func (c *dedupCache) unref(p *dedupPeer) {
 	if p.n--; p.n == 0 {
 		delete(c.peers, p.addr)
 		delete(c.byID, p.id)
 	}
-	return true
 }
 
 // drop forgets e's bytes (the map entry itself is the caller's).

@@ -1,6 +1,7 @@
 package ingest
 
 import (
+	"bytes"
 	"errors"
 	"hash/maphash"
 	"net"
@@ -82,8 +83,8 @@ func parseDirect(data []byte, opts *message.Options) (directRequest, bool) {
 			}
 			path++
 		case message.URIQuery:
-			if k, ok := cutKey(o.Value); ok {
-				r.key = k
+			if k, ok := bytes.CutPrefix(o.Value, []byte("key=")); ok {
+				r.key = string(k)
 			}
 		case message.ContentFormat:
 			cf, _, err := message.DecodeUint32(o.Value)
@@ -111,13 +112,6 @@ func pathSegment(i int, seg string) bool {
 		return seg == "readings"
 	}
 	return false
-}
-
-func cutKey(q []byte) (string, bool) {
-	if len(q) < 4 || string(q[:4]) != "key=" {
-		return "", false
-	}
-	return string(q[4:]), true
 }
 
 // directAnswer is a request being journaled, for an answerer.

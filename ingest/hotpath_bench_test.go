@@ -69,13 +69,10 @@ func BenchmarkHotPath(b *testing.B) {
 	}
 	wg.Wait()
 	n := int64(b.N) * perMsg
-	deadline := time.Now().Add(time.Minute)
-	for sink.n.Load() < n && time.Now().Before(deadline) {
-		time.Sleep(100 * time.Microsecond)
-	}
+	got := sink.await(n, time.Minute)
 	b.StopTimer()
 	runtime.ReadMemStats(&ms1)
-	if got := sink.n.Load(); got != n {
+	if got != n {
 		b.Fatalf("the sink has %d of %d readings", got, n)
 	}
 	b.ReportMetric(perMsg, "readings/op")
