@@ -74,7 +74,7 @@ func TestADeviceNeverSeenIsSilentSinceTheStart(t *testing.T) {
 	}
 	require.Equal(t, map[string]string{
 		"power-0001": "power-0001 (gulou) has been silent for 31 s",
-		"power-0002": "power-0002 (gulou) has sent no reading since CityPulse started 31 s ago",
+		"power-0002": "power-0002 (gulou) has sent no reading since CityPulse started watching it 31 s ago",
 	}, summaries)
 	for _, a := range e.Alerts() {
 		require.Equal(t, "31", a.Value, "the API's value for %s", a.Labels["device"])

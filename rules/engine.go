@@ -27,6 +27,10 @@ type ruleShard struct {
 	mu       sync.Mutex
 	alerts   map[alertKey]*alert
 	lastSeen map[string]time.Time
+	// listed holds, for the devices never heard from, when the tick first
+	// listed them (tick.go): a device added at run time is silent from then
+	// on, not from the engine's start.
+	listed map[string]time.Time
 	// ver counts the changes to alerts made off the reading path (the tick,
 	// a restore or import, a partition handed over): the series cache's
 	// alert pointers are looked up again after one. A reload changes the
@@ -54,6 +58,7 @@ type Engine struct {
 	now       func() time.Time
 	flap      FlapPolicy
 	started   time.Time
+	ticked    bool // a tick has listed the devices (tick.go; under every shard lock)
 	// saveSoon asks Run to log the held transitions and notify them.
 	saveSoon chan struct{}
 	// held are the transitions waiting to be written to the transition log: a
@@ -113,7 +118,8 @@ func NewEngine(cfg Config, rules []*Rule, opts EngineOptions) *Engine {
 		now: time.Now, saveSoon: make(chan struct{}, 1), flushed: make(chan struct{}), flap: FlapPolicy{Window: cfg.FlapWindow, Max: cfg.FlapMax}}
 	e.rules.Store(&rules)
 	for i := 0; i < max(opts.Shards, 1); i++ {
-		e.shards = append(e.shards, &ruleShard{alerts: map[alertKey]*alert{}, lastSeen: map[string]time.Time{}})
+		e.shards = append(e.shards, &ruleShard{alerts: map[alertKey]*alert{}, lastSeen: map[string]time.Time{},
+			listed: map[string]time.Time{}})
 	}
 	e.m = &engineMetrics{
 		transitions: prometheus.NewCounterVec(prometheus.CounterOpts{

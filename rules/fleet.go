@@ -146,6 +146,9 @@ func (e *Engine) FleetCountsSince(now time.Time, sel func(device string) bool, s
 		if e.started.After(last) {
 			last = e.started
 		}
+		if t := e.shardFor(d.ID).listed[d.ID]; t.After(last) {
+			last = t // added at run time, after since
+		}
 		for _, r := range fleet {
 			if r.Select.Matches(string(d.Kind), "", d.District, d.ID) {
 				x := FleetCount{Devices: 1}

@@ -180,17 +180,25 @@ func TestFleetCountsSince(t *testing.T) {
 		name  string
 		since time.Duration // after t0, the engine's start
 		seen  time.Duration // pipe-0's last reading known here (0: none)
+		added time.Duration // the tick that first listed the devices (0: the first tick)
 		want  FleetCount
 	}{
-		{"reported 30 s ago: silent past 2 × 10 s", 30 * time.Second, 0, FleetCount{Devices: 2, Silent: 2}},
-		{"reported 10 s ago: not yet", 50 * time.Second, 0, FleetCount{Devices: 2}},
-		{"never reported: since the start, a minute", 0, 0, FleetCount{Devices: 2, Silent: 2}},
-		{"a later reading known here counts", 0, 55 * time.Second, FleetCount{Devices: 2, Silent: 1}},
+		{"reported 30 s ago: silent past 2 × 10 s", 30 * time.Second, 0, 0, FleetCount{Devices: 2, Silent: 2}},
+		{"reported 10 s ago: not yet", 50 * time.Second, 0, 0, FleetCount{Devices: 2}},
+		{"never reported: since the start, a minute", 0, 0, 0, FleetCount{Devices: 2, Silent: 2}},
+		{"a later reading known here counts", 0, 55 * time.Second, 0, FleetCount{Devices: 2, Silent: 1}},
+		{"added at run time 50 s in: not yet", 0, 0, 50 * time.Second, FleetCount{Devices: 2}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			e := NewEngine(Default(), []*Rule{mustRule(t, pipesOut)}, EngineOptions{Shards: 2, Devices: list})
+			var listed fixedDevices
+			e := NewEngine(Default(), []*Rule{mustRule(t, pipesOut)}, EngineOptions{Shards: 2, Devices: &listed})
 			e.SetOwns(func(string) bool { return false })
 			e.started = t0
+			if tc.added > 0 {
+				e.Tick(t0)
+			}
+			listed = list
+			e.Tick(t0.Add(tc.added))
 			if tc.seen > 0 {
 				e.Observe(e.shardOf("pipe-0"), pressure("pipe-0", 400, tc.seen))
 			}
@@ -222,4 +230,46 @@ func TestFleetPartialSize(t *testing.T) {
 	require.NoError(t, err)
 	t.Logf("22 partitions × 200 districts × 3 fleet rules: %d bytes", len(b))
 	require.Less(t, len(b), 1<<20)
+}
+
+// A district provisioned while the server runs gets the same grace as one
+// present at the start: its devices are silent only factor × their interval
+// after the first tick that listed them, not since the engine started (the
+// load test saw a false district_power_outage for every district of a fleet
+// added to a server that had run for a minute). A device that never reports
+// is still caught, and a device present at the first tick counts from the
+// start.
+func TestADeviceAddedAtRunTimeGetsItsGrace(t *testing.T) {
+	const pipeSilent = "{name: pipe_silent, type: deadman, select: {kind: pipe}, factor: 2}"
+	at := func(s int) time.Time { return t0.Add(time.Duration(s) * time.Second) }
+	for _, tc := range []struct {
+		name  string
+		rule  string
+		ticks []int // seconds after the start; the fleet is added before the second
+		want  []string
+	}{
+		{"fleet: within the grace", pipesOut, []int{60, 61, 80}, nil},
+		{"fleet: past the grace", pipesOut, []int{60, 61, 82}, []string{"pipes_out:firing"}},
+		{"deadman: within the grace", pipeSilent, []int{60, 61, 80}, nil},
+		{"deadman: past the grace", pipeSilent, []int{60, 61, 82},
+			[]string{"pipe_silent:firing", "pipe_silent:firing", "pipe_silent:firing", "pipe_silent:firing"}},
+		{"present at the first tick: from the start", pipesOut, []int{0, 21}, []string{"pipes_out:firing"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var list fixedDevices
+			if tc.ticks[0] == 0 {
+				list = fleetOf(4)
+			}
+			rec := &recorder{}
+			e := NewEngine(Default(), []*Rule{mustRule(t, tc.rule)}, EngineOptions{Shards: 2, Notifier: rec, Devices: &list})
+			e.started = t0
+			for i, s := range tc.ticks {
+				if i == 1 {
+					list = fleetOf(4)
+				}
+				e.Tick(at(s))
+			}
+			require.Equal(t, tc.want, rec.kinds())
+		})
+	}
 }

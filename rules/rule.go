@@ -182,8 +182,9 @@ func (r *Rule) compile() error {
 // "Pressure at {{.Device}} ({{.District}}) fell {{printf \"%.0f\" .Delta}} kPa in {{.Window}}".
 //
 // For a deadman rule .Value is the seconds since the device's last reading;
-// for a device that has not reported since CityPulse started, .NeverSeen is
-// true and .Value is the seconds since the start.
+// for a device that has not reported since CityPulse started watching it (at
+// the start, or when it was added at run time), .NeverSeen is true and .Value
+// is the seconds since then.
 type TemplateData struct {
 	Rule, Device, District, Kind, Metric string
 	Value, Threshold, Delta              float64

@@ -26,6 +26,9 @@ func (e *Engine) Tick(now time.Time) {
 	}
 	e.lockAll()
 	defer e.unlockAll()
+	if len(deadman)+len(fleet) > 0 {
+		e.noteListed(list, now)
+	}
 	for _, r := range deadman {
 		e.tickDeadman(r, list, now)
 	}
@@ -37,18 +40,55 @@ func (e *Engine) Tick(now time.Time) {
 	e.advance(rules, now)
 }
 
+// noteListed records when the tick first listed each device never heard
+// from: the devices of the first tick count from the engine's start, those
+// added later from the tick that first sees them. It keeps only the devices
+// still listed and still silent, so the record cannot grow past the fleet.
+// The caller holds the shard locks.
+func (e *Engine) noteListed(list []devices.Device, now time.Time) {
+	since := now
+	if !e.ticked {
+		since, e.ticked = e.started, true
+	}
+	next := make([]map[string]time.Time, len(e.shards))
+	for i, s := range e.shards {
+		next[i] = make(map[string]time.Time, len(s.listed))
+	}
+	for _, d := range list {
+		i := e.shardOf(d.ID)
+		s := e.shards[i]
+		if _, seen := s.lastSeen[d.ID]; seen {
+			continue
+		}
+		t, ok := s.listed[d.ID]
+		if !ok {
+			t = since
+		}
+		next[i][d.ID] = t
+	}
+	for i, s := range e.shards {
+		s.listed = next[i]
+	}
+}
+
 // silentFor returns how long device d has been silent at now and whether it
 // has reported at all since it is known (since the start, or in the saved
 // state). The caller holds the shard locks.
 func (e *Engine) silentFor(d devices.Device, now time.Time) (time.Duration, bool) {
-	last, ok := e.shardFor(d.ID).lastSeen[d.ID]
+	s := e.shardFor(d.ID)
+	last, ok := s.lastSeen[d.ID]
 	if !ok {
-		// Never heard from: silent since the start, which gives it the
+		// Never heard from: silent since the start, or since the tick
+		// that first listed it if it was added later, which gives it the
 		// same chance to report as any other device.
 		if e.started.IsZero() {
 			return 0, false
 		}
-		return now.Sub(e.started), false
+		since := e.started
+		if t := s.listed[d.ID]; t.After(since) {
+			since = t
+		}
+		return now.Sub(since), false
 	}
 	return now.Sub(last), true
 }

@@ -33,39 +33,66 @@ type alertBook struct {
 	badSig   int64
 }
 
+// expectation is one incident occurrence the server owes an alert for, as
+// long as one of the messages that carried it may have reached the server:
+// refs counts those messages, less the ones that were never sent or failed.
 type expectation struct {
 	at      time.Time
 	matched bool
+	refs    int
 }
+
+// owed reports whether the expectation counts in the report.
+func (e *expectation) owed() bool { return e.matched || e.refs > 0 }
 
 func newAlertBook() *alertBook {
 	return &alertBook{expected: map[string]*expectation{}, latest: map[string]string{}, hists: map[string]*Histogram{},
 		other: map[string]int64{}}
 }
 
-func (b *alertBook) note(alert, who string, occ int, at time.Time) {
+// note books a message (or a silence) carrying occurrence occ of alert for
+// who, sent at at, and returns its key for withdraw. The latency counts from
+// the first message that may have reached the server.
+func (b *alertBook) note(alert, who string, occ int, at time.Time) string {
 	key := fmt.Sprintf("%s|%s|%d", alert, who, occ)
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if _, ok := b.expected[key]; ok {
-		return
+	e := b.expected[key]
+	if e == nil {
+		e = &expectation{at: at}
+		b.expected[key] = e
+		b.latest[alert+"|"+who] = key
+	} else if !e.owed() {
+		e.at = at // the messages before this one never arrived
 	}
-	b.expected[key] = &expectation{at: at}
-	b.latest[alert+"|"+who] = key
+	e.refs++
+	return key
 }
 
-// expect records the first incident reading of occurrence k for dev: the
-// moment the alert's latency counts from. Per-device alerts match the device,
-// district alerts (fleet rules, roll-ups) the district.
-func (b *alertBook) expect(in Incident, idx, k int, dev *simDevice, at time.Time) {
+// withdraw takes back a message noted under key that was never sent (the
+// run ended first) or that failed: the server owes no alert for a reading it
+// did not take, unless another message of the occurrence reached it.
+func (b *alertBook) withdraw(key string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if e := b.expected[key]; e != nil && e.refs > 0 {
+		e.refs--
+	}
+}
+
+// expect books a message carrying an incident reading of occurrence k for
+// dev (see note) and returns its key ("": the incident raises no alert).
+// Per-device alerts match the device, district alerts (fleet rules,
+// roll-ups) the district.
+func (b *alertBook) expect(in Incident, idx, k int, dev *simDevice, at time.Time) string {
 	if in.Alert == "" {
-		return
+		return ""
 	}
 	who := "device=" + dev.ID
 	if in.Per == "district" {
 		who = "district=" + districtName(dev.District)
 	}
-	b.note(in.Alert, who, idx*1_000_000+k, at)
+	return b.note(in.Alert, who, idx*1_000_000+k, at)
 }
 
 // scheduleSilence records substation trips as they start: the devices go
@@ -151,6 +178,9 @@ func (b *alertBook) report() AlertReport {
 	r := AlertReport{Webhooks: b.received, Firing: b.firing, Resolved: b.resolved, Repeats: b.repeats,
 		Unexplained: maps.Clone(b.other), BadSignature: b.badSig, Latency: b.all.Summary(), ByAlert: map[string]Summary{}}
 	for _, e := range b.expected {
+		if !e.owed() {
+			continue
+		}
 		r.Expected++
 		if e.matched {
 			r.Matched++

@@ -132,6 +132,7 @@ func requireClean(t *testing.T, rep Report) {
 	require.Positive(t, rep.Ack.Count)
 	require.Positive(t, rep.Queryable.Count, "sampled readings became queryable")
 	require.Positive(t, rep.Totals.Malformed)
+	require.Empty(t, rep.Alerts.Unexplained, "an alert no injected incident explains is a false alarm")
 	rejected := 0
 	for _, n := range rep.Rejects {
 		rejected += n

@@ -194,8 +194,16 @@ func (r *runner) shapeTime(t time.Time) time.Time {
 // publish sends m (or, for a duplicate, sends it again) and records the outcome.
 func (r *runner) publish(ctx context.Context, c conn, m *pubMsg, body []byte) {
 	t0 := time.Now()
-	for idx, k := range m.occ { // a re-send keeps the first time
-		r.alerts.expect(r.sc.Incidents[idx], idx, k, m.dev, t0)
+	var noted []string // the incident occurrences m carries (alerts.go)
+	for idx, k := range m.occ {
+		if key := r.alerts.expect(r.sc.Incidents[idx], idx, k, m.dev, t0); key != "" {
+			noted = append(noted, key)
+		}
+	}
+	withdraw := func() {
+		for _, key := range noted {
+			r.alerts.withdraw(key)
+		}
 	}
 	err := c.send(ctx, m.dev, body, func(acked bool, err error) {
 		lat := time.Since(t0)
@@ -204,6 +212,7 @@ func (r *runner) publish(ctx context.Context, c conn, m *pubMsg, body []byte) {
 			r.failed.Add(1)
 			r.countErr(err)
 			m.status.CompareAndSwap(msgPending, msgFailed)
+			withdraw()
 		case acked:
 			r.ack.Record(lat)
 			r.second.Record(lat)
@@ -222,11 +231,13 @@ func (r *runner) publish(ctx context.Context, c conn, m *pubMsg, body []byte) {
 	case err == nil:
 		r.sent.Add(1)
 		r.readingsSent.Add(int64(m.n))
+		return
 	case ctx.Err() == nil: // not sent, and not because the run ended
 		r.failed.Add(1)
 		r.countErr(err)
 		m.status.CompareAndSwap(msgPending, msgFailed)
 	}
+	withdraw()
 }
 
 // sendMalformed publishes garbage; the server must refuse or count it.
