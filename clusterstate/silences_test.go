@@ -137,18 +137,8 @@ func TestTheStandbySiteMirrorsThePrimarysSilences(t *testing.T) {
 	sites := natstest.StartSites(t, 1, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	site := func(url, name, peer string) (*cluster.Standby, *nats.Conn) {
-		nc := connect(t, url)
-		cfg := cluster.DefaultStandby(name, peer)
-		cfg.Streams = []string{"KV_" + silencesBucket}
-		cfg.Replicas = 1
-		cfg.RPOBudget, cfg.PollInterval, cfg.LinkTimeout = 5*time.Second, 200*time.Millisecond, time.Second
-		sb, err := cluster.NewStandby(nc, cfg, cluster.NewStandbyMetrics(prometheus.NewRegistry()), nil)
-		require.NoError(t, err)
-		return sb, nc
-	}
-	psb, pnc := site(sites.Primary.URL(), natstest.PrimaryDomain, natstest.StandbyDomain)
-	ssb, snc := site(sites.Standby.URL(), natstest.StandbyDomain, natstest.PrimaryDomain)
+	psb, pnc := silencesSite(t, sites.Primary.URL(), natstest.PrimaryDomain, natstest.StandbyDomain)
+	ssb, snc := silencesSite(t, sites.Standby.URL(), natstest.StandbyDomain, natstest.PrimaryDomain)
 	require.NoError(t, psb.Activate(ctx))
 	runUntilCleanup(t, psb.Run)
 	primary := startSilences(t, pnc, psb.MayAcknowledge)
@@ -192,6 +182,20 @@ func TestTheStandbySiteMirrorsThePrimarysSilences(t *testing.T) {
 		_, err = primary.Store().Add(gulouSilence("ops-anna"))
 		return errors.Is(err, silence.ErrReadOnly)
 	}, time.Minute, 50*time.Millisecond, "the fenced primary takes no changes once it has read its record")
+}
+
+// silencesSite is one site's standby controller for the silences bucket
+// alone, on a connection to url.
+func silencesSite(t *testing.T, url, name, peer string) (*cluster.Standby, *nats.Conn) {
+	t.Helper()
+	nc := connect(t, url)
+	cfg := cluster.DefaultStandby(name, peer)
+	cfg.Streams = []string{"KV_" + silencesBucket}
+	cfg.Replicas = 1
+	cfg.RPOBudget, cfg.PollInterval, cfg.LinkTimeout = 5*time.Second, 200*time.Millisecond, time.Second
+	sb, err := cluster.NewStandby(nc, cfg, cluster.NewStandbyMetrics(prometheus.NewRegistry()), nil)
+	require.NoError(t, err)
+	return sb, nc
 }
 
 // A silence that has ended leaves the bucket: the nodes delete it within a
@@ -266,4 +270,61 @@ func TestDeleteMarkersArePurged(t *testing.T) {
 	_, err = kv.Get(context.Background(), "silence."+long.ID)
 	require.NoError(t, err)
 	require.Len(t, a.Store().Silences(), 1, "the store still has the running silence")
+}
+
+// JetStream mirrors copy messages, not purges: the delete markers the
+// primary purges stay in the standby's mirror (one small message per ended
+// silence) until the standby is promoted; then its own nodes purge them.
+func TestAStandbysMirrorKeepsTheMarkersUntilPromoted(t *testing.T) {
+	sites := natstest.StartSites(t, 1, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	psb, pnc := silencesSite(t, sites.Primary.URL(), natstest.PrimaryDomain, natstest.StandbyDomain)
+	ssb, snc := silencesSite(t, sites.Standby.URL(), natstest.StandbyDomain, natstest.PrimaryDomain)
+	require.NoError(t, psb.Activate(ctx))
+	runUntilCleanup(t, psb.Run)
+	runUntilCleanup(t, ssb.Run)
+	node := func(nc *nats.Conn, writable func() error) *Silences {
+		s := NewSilences(SilencesOptions{Bucket: silencesBucket, Replicas: 1})
+		s.markerAge = 2 * time.Second // purged every second, once 2 s old
+		runUntilCleanup(t, func(ctx context.Context) error { return s.Run(ctx, nc, writable) })
+		waitReady(t, s)
+		return s
+	}
+	msgs := func(nc *nats.Conn) func() uint64 {
+		js, err := jetstream.New(nc)
+		require.NoError(t, err)
+		return func() uint64 {
+			stream, err := js.Stream(ctx, "KV_"+silencesBucket)
+			if err != nil {
+				return 0
+			}
+			info, err := stream.Info(ctx)
+			require.NoError(t, err)
+			return info.State.Msgs
+		}
+	}
+	primaryMsgs, standbyMsgs := msgs(pnc), msgs(snc)
+
+	primary := node(pnc, psb.MayAcknowledge)
+	_, err := primary.Store().Add(gulouSilence("ops-bo"))
+	require.NoError(t, err)
+	for range 3 {
+		short := gulouSilence("ops-anna")
+		short.EndsAt = time.Now().Add(500 * time.Millisecond)
+		_, err := primary.Store().Add(short)
+		require.NoError(t, err)
+	}
+	standby := node(snc, ssb.MayAcknowledge)
+	require.Eventually(t, func() bool { return primaryMsgs() == 1 }, 30*time.Second, 100*time.Millisecond,
+		"the primary deletes the three ended silences and purges their markers")
+	require.Eventually(t, func() bool { return standbyMsgs() == 4 && len(standby.Store().Silences()) == 1 },
+		30*time.Second, 100*time.Millisecond, "the mirror has the running silence and the three markers")
+	time.Sleep(3 * time.Second) // past markerAge, and past a purge at the primary
+	require.Equal(t, uint64(4), standbyMsgs(), "the primary's purge did not reach the mirror")
+
+	require.NoError(t, ssb.Promote(ctx, cluster.PromoteOptions{}))
+	require.Eventually(t, func() bool { return standbyMsgs() == 1 }, 30*time.Second, 100*time.Millisecond,
+		"the promoted site purges the markers it mirrored")
+	require.Len(t, standby.Store().Silences(), 1, "the running silence stays")
 }
