@@ -104,6 +104,7 @@ bench:
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./pipeline/ ./ingest/... > bench.out
 	$(GO) test -run '^$$' -bench 'BenchmarkRuleEvaluation|BenchmarkRate' -benchmem -benchtime 2s ./rules/ >> bench.out
 	$(GO) test -run '^$$' -bench 'BenchmarkStateSnapshot' -benchmem -benchtime 1x ./rules/ >> bench.out
+	$(GO) test -run '^$$' -bench 'BenchmarkTick' -benchmem -benchtime 50x ./rules/ >> bench.out
 	$(GO) test -run '^$$' -bench 'BenchmarkTSDBWrite|BenchmarkActiveSeriesHeap' -benchmem -benchtime 2s ./storage/ >> bench.out
 	$(GO) test -run '^$$' -bench 'BenchmarkPipelineTSDB' -benchmem -benchtime 10s ./storage/ >> bench.out
 	@awk -f .ci/benchtable.awk bench.out

@@ -58,7 +58,10 @@ type Engine struct {
 	now       func() time.Time
 	flap      FlapPolicy
 	started   time.Time
-	ticked    bool // a tick has listed the devices (tick.go; under every shard lock)
+	// ticked: a tick has listed the devices; tickShards: the tick's scratch
+	// (each listed device's shard). Tick's own (tick.go).
+	ticked     bool
+	tickShards []uint32
 	// saveSoon asks Run to log the held transitions and notify them.
 	saveSoon chan struct{}
 	// held are the transitions waiting to be written to the transition log: a
@@ -83,6 +86,7 @@ type engineMetrics struct {
 	firing      prometheus.GaugeFunc
 	evals       prometheus.Counter
 	journalErrs prometheus.Counter
+	tickHold    prometheus.Histogram
 }
 
 // EngineOptions are what the engine is built with besides its config and rules.
@@ -129,11 +133,15 @@ func NewEngine(cfg Config, rules []*Rule, opts EngineOptions) *Engine {
 		journalErrs: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "citypulse_rules_journal_errors_total",
 			Help: "Transitions the cluster's state log did not take (notified all the same; a next owner may not know them)."}),
+		tickHold: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "citypulse_rules_tick_shard_hold_seconds",
+			Help:    "How long the tick held one shard's lock for its deadman and fleet rules: the pause that shard's loop may see.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 8)}),
 	}
 	e.m.firing = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "citypulse_rules_alerts_firing", Help: "Alerts firing now."}, func() float64 { return float64(e.count(Firing)) })
 	if opts.Registerer != nil {
-		opts.Registerer.MustRegister(e.m.transitions, e.m.firing, e.m.evals)
+		opts.Registerer.MustRegister(e.m.transitions, e.m.firing, e.m.evals, e.m.tickHold)
 		if opts.Journal != nil {
 			opts.Registerer.MustRegister(e.m.journalErrs)
 		}

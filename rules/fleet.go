@@ -7,7 +7,7 @@ import (
 )
 
 // A fleet rule judges a share of a district's devices. On one machine the
-// tick counts every device and judges at once (tickFleet). In cluster mode a
+// tick counts every device and judges at once (tickDevices). In cluster mode a
 // node knows the silence of the devices it owns only: each node counts them
 // per partition (FleetCounts), one elected node combines the counts of every
 // partition (CombineFleet) and judges the rules on them (JudgeFleet). The
@@ -176,18 +176,6 @@ func (e *Engine) JudgeFleet(c FleetCounts, now time.Time) {
 			e.judgeFleet(r, c[r.Name], now)
 		}
 	}
-}
-
-// tickFleet counts and judges fleet rule r over every device (one machine).
-// The caller holds the shard locks.
-func (e *Engine) tickFleet(r *Rule, list []devices.Device, now time.Time) {
-	c := FleetCounts{}
-	for _, d := range list {
-		if r.Select.Matches(string(d.Kind), "", d.District, d.ID) {
-			c.add(r.Name, d.District, e.fleetCount(d, r, now))
-		}
-	}
-	e.judgeFleet(r, c[r.Name], now)
 }
 
 // fleetCount is device d's count for rule r: one device, silent or not.

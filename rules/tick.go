@@ -8,7 +8,9 @@ import (
 
 // Tick advances every alert with time alone and evaluates deadman rules, and
 // fleet rules on one machine (in cluster mode the elected node judges them:
-// see fleet.go). It holds every shard's lock while it runs.
+// see fleet.go). It takes the shards' locks one at a time, so a shard loop
+// waits for its own shard's part of the tick only. Run calls it; it is not
+// safe to call from two goroutines at once.
 func (e *Engine) Tick(now time.Time) {
 	rules := e.Rules()
 	var deadman, fleet []*Rule
@@ -20,67 +22,110 @@ func (e *Engine) Tick(now time.Time) {
 			fleet = append(fleet, r)
 		}
 	}
-	var list []devices.Device
-	if len(deadman)+len(fleet) > 0 && e.devs != nil {
-		list = e.devs.List()
-	}
-	e.lockAll()
-	defer e.unlockAll()
 	if len(deadman)+len(fleet) > 0 {
-		e.noteListed(list, now)
-	}
-	for _, r := range deadman {
-		e.tickDeadman(r, list, now)
-	}
-	if e.owns.Load() == nil { // cluster mode: JudgeFleet, on every node's counts
-		for _, r := range fleet {
-			e.tickFleet(r, list, now)
+		var list []devices.Device
+		if e.devs != nil {
+			list = e.devs.List()
 		}
+		if e.owns.Load() != nil {
+			fleet = nil // cluster mode: JudgeFleet, on every node's counts
+		}
+		e.tickDevices(list, deadman, fleet, now)
 	}
 	e.advance(rules, now)
 }
 
-// noteListed records when the tick first listed each device never heard
-// from: the devices of the first tick count from the engine's start, those
-// added later from the tick that first sees them. It keeps only the devices
-// still listed and still silent, so the record cannot grow past the fleet.
-// The caller holds the shard locks.
-func (e *Engine) noteListed(list []devices.Device, now time.Time) {
-	since := now
+// tickDevices walks the fleet shard by shard, under that shard's lock: it
+// finds each device's silence (one lookup, whatever the number of rules),
+// steps the deadman rules that select it and counts it for the fleet rules,
+// which it then judges per district. On the way it records when it first
+// listed each device never heard from: the devices of the first tick count
+// from the engine's start, those added later from the tick that first sees
+// them; it keeps only the devices still listed and still silent, so the
+// record cannot grow past the fleet.
+func (e *Engine) tickDevices(list []devices.Device, deadman, fleet []*Rule, now time.Time) {
+	firstListed := now
 	if !e.ticked {
-		since, e.ticked = e.started, true
+		firstListed, e.ticked = e.started, true
 	}
-	next := make([]map[string]time.Time, len(e.shards))
-	for i, s := range e.shards {
-		next[i] = make(map[string]time.Time, len(s.listed))
-	}
+	shardOf := e.tickShards[:0]
 	for _, d := range list {
-		i := e.shardOf(d.ID)
-		s := e.shards[i]
-		if _, seen := s.lastSeen[d.ID]; seen {
-			continue
+		shardOf = append(shardOf, uint32(e.shardOf(d.ID)))
+	}
+	e.tickShards = shardOf
+	counts := FleetCounts{}
+	for i, s := range e.shards {
+		held := time.Now()
+		s.mu.Lock()
+		listed := make(map[string]time.Time, len(s.listed))
+		for j, d := range list {
+			if shardOf[j] == uint32(i) {
+				e.tickDevice(s, d, listed, firstListed, deadman, fleet, counts, now)
+			}
 		}
+		s.listed = listed
+		s.mu.Unlock()
+		e.m.tickHold.Observe(time.Since(held).Seconds())
+	}
+	if len(fleet) > 0 {
+		e.lockAll()
+		defer e.unlockAll()
+		for _, r := range fleet {
+			e.judgeFleet(r, counts[r.Name], now)
+		}
+	}
+}
+
+// tickDevice is tickDevices' work for device d of shard s, whose lock the
+// caller holds.
+func (e *Engine) tickDevice(s *ruleShard, d devices.Device, listed map[string]time.Time, firstListed time.Time,
+	deadman, fleet []*Rule, counts FleetCounts, now time.Time) {
+	last, seen := s.lastSeen[d.ID]
+	if !seen {
 		t, ok := s.listed[d.ID]
 		if !ok {
-			t = since
+			t = firstListed
 		}
-		next[i][d.ID] = t
+		listed[d.ID] = t
+		last = e.started
+		if t.After(last) {
+			last = t
+		}
 	}
-	for i, s := range e.shards {
-		s.listed = next[i]
+	var silence time.Duration
+	if seen || !e.started.IsZero() {
+		silence = now.Sub(last)
 	}
+	for _, r := range deadman {
+		if r.Select.Matches(string(d.Kind), "", d.District, d.ID) && e.owned(d.ID) {
+			e.stepDeadman(s, r, d, silence, now)
+		}
+	}
+	for _, r := range fleet {
+		if r.Select.Matches(string(d.Kind), "", d.District, d.ID) {
+			x := FleetCount{Devices: 1}
+			if silentPast(silence, r.Factor, d) {
+				x.Silent = 1
+			}
+			counts.add(r.Name, d.District, x)
+		}
+	}
+}
+
+// silentPast reports whether a silence is past factor × d's interval.
+func silentPast(silence time.Duration, factor float64, d devices.Device) bool {
+	return silence > time.Duration(factor*float64(d.Interval))
 }
 
 // silentFor returns how long device d has been silent at now and whether it
 // has reported at all since it is known (since the start, or in the saved
-// state). The caller holds the shard locks.
+// state). A device never heard from is silent since the start, or since the
+// tick that first listed it if it was added later, which gives it the same
+// chance to report as any other device. The caller holds the shard locks.
 func (e *Engine) silentFor(d devices.Device, now time.Time) (time.Duration, bool) {
 	s := e.shardFor(d.ID)
 	last, ok := s.lastSeen[d.ID]
 	if !ok {
-		// Never heard from: silent since the start, or since the tick
-		// that first listed it if it was added later, which gives it the
-		// same chance to report as any other device.
 		if e.started.IsZero() {
 			return 0, false
 		}
@@ -96,36 +141,31 @@ func (e *Engine) silentFor(d devices.Device, now time.Time) (time.Duration, bool
 // isSilent reports whether d has been silent for more than factor × its interval.
 func (e *Engine) isSilent(d devices.Device, factor float64, now time.Time) bool {
 	silence, _ := e.silentFor(d, now)
-	return silence > time.Duration(factor*float64(d.Interval))
+	return silentPast(silence, factor, d)
 }
 
-// tickDeadman raises or resolves rule r's alert of every selected device.
-func (e *Engine) tickDeadman(r *Rule, list []devices.Device, now time.Time) {
-	for _, d := range list {
-		if !r.Select.Matches(string(d.Kind), "", d.District, d.ID) || !e.owned(d.ID) {
-			continue
-		}
-		silent := e.isSilent(d, r.Factor, now)
-		s := e.shardFor(d.ID)
-		k := alertKey{Rule: r.Name, Device: d.ID, District: d.District, Kind: string(d.Kind)}
-		a := s.alertToStep(k, silent)
-		if a == nil {
-			continue
-		}
-		silence, _ := e.silentFor(d, now)
-		a.state.Value = silence.Seconds()
-		e.emit(s, a, r, a.state.Step(r, silent, now, e.flap))
+// stepDeadman raises or resolves deadman rule r's alert of device d, in
+// shard s, silent for silence.
+func (e *Engine) stepDeadman(s *ruleShard, r *Rule, d devices.Device, silence time.Duration, now time.Time) {
+	silent := silentPast(silence, r.Factor, d)
+	k := alertKey{Rule: r.Name, Device: d.ID, District: d.District, Kind: string(d.Kind)}
+	a := s.alertToStep(k, silent)
+	if a == nil {
+		return
 	}
+	a.state.Value = silence.Seconds()
+	e.emit(s, a, r, a.state.Step(r, silent, now, e.flap))
 }
 
 // advance moves the alerts of reading-driven rules on with time (hold-off
-// and clear timers, repeats, the end of flapping).
+// and clear timers, repeats, the end of flapping), one shard at a time.
 func (e *Engine) advance(rules []*Rule, now time.Time) {
 	byName := make(map[string]*Rule, len(rules))
 	for _, r := range rules {
 		byName[r.Name] = r
 	}
 	for _, s := range e.shards {
+		s.mu.Lock()
 		for k, a := range s.alerts {
 			r := byName[k.Rule]
 			if r == nil || r.Type == TypeDeadman || r.Type == TypeFleet {
@@ -133,6 +173,7 @@ func (e *Engine) advance(rules []*Rule, now time.Time) {
 			}
 			e.emit(s, a, r, a.state.Advance(r, now, e.flap))
 		}
+		s.mu.Unlock()
 	}
 }
 
