@@ -37,8 +37,15 @@ func runUntilCleanup(t *testing.T, f func(ctx context.Context) error) {
 // startSilences is one node's shared silences on nc (writable says whether
 // its site may change them; nil: always), running until the test ends.
 func startSilences(t *testing.T, nc *nats.Conn, writable func() error) *Silences {
+	return startSilencesPurging(t, nc, writable, deleteMarkerAge)
+}
+
+// startSilencesPurging is startSilences with the delete markers purged once
+// markerAge old (every markerAge/2).
+func startSilencesPurging(t *testing.T, nc *nats.Conn, writable func() error, markerAge time.Duration) *Silences {
 	t.Helper()
 	s := NewSilences(SilencesOptions{Bucket: silencesBucket, Replicas: 1})
+	s.markerAge = markerAge
 	runUntilCleanup(t, func(ctx context.Context) error { return s.Run(ctx, nc, writable) })
 	return s
 }
@@ -134,13 +141,9 @@ func TestASilenceAddedAtOneNodeHoldsBackAnotherNodesNotification(t *testing.T) {
 // bucket is its own: the primary's silence is still there and a new one
 // can be added.
 func TestTheStandbySiteMirrorsThePrimarysSilences(t *testing.T) {
-	sites := natstest.StartSites(t, 1, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	psb, pnc := silencesSite(t, sites.Primary.URL(), natstest.PrimaryDomain, natstest.StandbyDomain)
-	ssb, snc := silencesSite(t, sites.Standby.URL(), natstest.StandbyDomain, natstest.PrimaryDomain)
-	require.NoError(t, psb.Activate(ctx))
-	runUntilCleanup(t, psb.Run)
+	psb, pnc, ssb, snc := silencesSites(ctx, t)
 	primary := startSilences(t, pnc, psb.MayAcknowledge)
 	waitReady(t, primary)
 	sl, err := primary.Store().Add(gulouSilence("ops-anna"))
@@ -184,18 +187,27 @@ func TestTheStandbySiteMirrorsThePrimarysSilences(t *testing.T) {
 	}, time.Minute, 50*time.Millisecond, "the fenced primary takes no changes once it has read its record")
 }
 
-// silencesSite is one site's standby controller for the silences bucket
-// alone, on a connection to url.
-func silencesSite(t *testing.T, url, name, peer string) (*cluster.Standby, *nats.Conn) {
+// silencesSites starts a primary and a standby site (one nats-server each)
+// and their standby controllers for the silences bucket alone: the
+// primary's is active and running, the standby's is left to the test to run.
+func silencesSites(ctx context.Context, t *testing.T) (psb *cluster.Standby, pnc *nats.Conn, ssb *cluster.Standby, snc *nats.Conn) {
 	t.Helper()
-	nc := connect(t, url)
-	cfg := cluster.DefaultStandby(name, peer)
-	cfg.Streams = []string{"KV_" + silencesBucket}
-	cfg.Replicas = 1
-	cfg.RPOBudget, cfg.PollInterval, cfg.LinkTimeout = 5*time.Second, 200*time.Millisecond, time.Second
-	sb, err := cluster.NewStandby(nc, cfg, cluster.NewStandbyMetrics(prometheus.NewRegistry()), nil)
-	require.NoError(t, err)
-	return sb, nc
+	sites := natstest.StartSites(t, 1, 1)
+	site := func(url, name, peer string) (*cluster.Standby, *nats.Conn) {
+		nc := connect(t, url)
+		cfg := cluster.DefaultStandby(name, peer)
+		cfg.Streams = []string{"KV_" + silencesBucket}
+		cfg.Replicas = 1
+		cfg.RPOBudget, cfg.PollInterval, cfg.LinkTimeout = 5*time.Second, 200*time.Millisecond, time.Second
+		sb, err := cluster.NewStandby(nc, cfg, cluster.NewStandbyMetrics(prometheus.NewRegistry()), nil)
+		require.NoError(t, err)
+		return sb, nc
+	}
+	psb, pnc = site(sites.Primary.URL(), natstest.PrimaryDomain, natstest.StandbyDomain)
+	ssb, snc = site(sites.Standby.URL(), natstest.StandbyDomain, natstest.PrimaryDomain)
+	require.NoError(t, psb.Activate(ctx))
+	runUntilCleanup(t, psb.Run)
+	return psb, pnc, ssb, snc
 }
 
 // A silence that has ended leaves the bucket: the nodes delete it within a
@@ -231,28 +243,13 @@ func TestAnEndedSilenceLeavesTheBucket(t *testing.T) {
 func TestDeleteMarkersArePurged(t *testing.T) {
 	c := natstest.Start(t, 1)
 	nc := connect(t, c.Nodes[0].URL())
-	a := NewSilences(SilencesOptions{Bucket: silencesBucket, Replicas: 1})
-	a.markerAge = 2 * time.Second // purged every second, once 2 s old
-	runUntilCleanup(t, func(ctx context.Context) error { return a.Run(ctx, nc, nil) })
+	a := startSilencesPurging(t, nc, nil, 2*time.Second) // purged every second, once 2 s old
 	waitReady(t, a)
-	long, err := a.Store().Add(gulouSilence("ops-bo"))
-	require.NoError(t, err)
-	for range 5 {
-		short := gulouSilence("ops-anna")
-		short.EndsAt = time.Now().Add(500 * time.Millisecond)
-		_, err := a.Store().Add(short)
-		require.NoError(t, err)
-	}
+	long := addEnding(t, a, 5)
 
 	js, err := jetstream.New(nc)
 	require.NoError(t, err)
-	stream, err := js.Stream(context.Background(), "KV_"+silencesBucket)
-	require.NoError(t, err)
-	msgs := func() uint64 {
-		info, err := stream.Info(context.Background())
-		require.NoError(t, err)
-		return info.State.Msgs
-	}
+	msgs := bucketMsgs(t, nc)
 	require.Equal(t, uint64(6), msgs(), "six silences")
 	kv, err := js.KeyValue(context.Background(), silencesBucket)
 	require.NoError(t, err)
@@ -276,45 +273,19 @@ func TestDeleteMarkersArePurged(t *testing.T) {
 // primary purges stay in the standby's mirror (one small message per ended
 // silence) until the standby is promoted; then its own nodes purge them.
 func TestAStandbysMirrorKeepsTheMarkersUntilPromoted(t *testing.T) {
-	sites := natstest.StartSites(t, 1, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	psb, pnc := silencesSite(t, sites.Primary.URL(), natstest.PrimaryDomain, natstest.StandbyDomain)
-	ssb, snc := silencesSite(t, sites.Standby.URL(), natstest.StandbyDomain, natstest.PrimaryDomain)
-	require.NoError(t, psb.Activate(ctx))
-	runUntilCleanup(t, psb.Run)
+	psb, pnc, ssb, snc := silencesSites(ctx, t)
 	runUntilCleanup(t, ssb.Run)
 	node := func(nc *nats.Conn, writable func() error) *Silences {
-		s := NewSilences(SilencesOptions{Bucket: silencesBucket, Replicas: 1})
-		s.markerAge = 2 * time.Second // purged every second, once 2 s old
-		runUntilCleanup(t, func(ctx context.Context) error { return s.Run(ctx, nc, writable) })
+		s := startSilencesPurging(t, nc, writable, 2*time.Second) // purged every second, once 2 s old
 		waitReady(t, s)
 		return s
 	}
-	msgs := func(nc *nats.Conn) func() uint64 {
-		js, err := jetstream.New(nc)
-		require.NoError(t, err)
-		return func() uint64 {
-			stream, err := js.Stream(ctx, "KV_"+silencesBucket)
-			if err != nil {
-				return 0
-			}
-			info, err := stream.Info(ctx)
-			require.NoError(t, err)
-			return info.State.Msgs
-		}
-	}
-	primaryMsgs, standbyMsgs := msgs(pnc), msgs(snc)
+	primaryMsgs, standbyMsgs := bucketMsgs(t, pnc), bucketMsgs(t, snc)
 
 	primary := node(pnc, psb.MayAcknowledge)
-	_, err := primary.Store().Add(gulouSilence("ops-bo"))
-	require.NoError(t, err)
-	for range 3 {
-		short := gulouSilence("ops-anna")
-		short.EndsAt = time.Now().Add(500 * time.Millisecond)
-		_, err := primary.Store().Add(short)
-		require.NoError(t, err)
-	}
+	addEnding(t, primary, 3)
 	standby := node(snc, ssb.MayAcknowledge)
 	require.Eventually(t, func() bool { return primaryMsgs() == 1 }, 30*time.Second, 100*time.Millisecond,
 		"the primary deletes the three ended silences and purges their markers")
@@ -327,4 +298,36 @@ func TestAStandbysMirrorKeepsTheMarkersUntilPromoted(t *testing.T) {
 	require.Eventually(t, func() bool { return standbyMsgs() == 1 }, 30*time.Second, 100*time.Millisecond,
 		"the promoted site purges the markers it mirrored")
 	require.Len(t, standby.Store().Silences(), 1, "the running silence stays")
+}
+
+// addEnding adds a silence that runs for an hour, which it returns, and n
+// that end within a second.
+func addEnding(t *testing.T, s *Silences, n int) silence.Silence {
+	t.Helper()
+	long, err := s.Store().Add(gulouSilence("ops-bo"))
+	require.NoError(t, err)
+	for range n {
+		short := gulouSilence("ops-anna")
+		short.EndsAt = time.Now().Add(500 * time.Millisecond)
+		_, err := s.Store().Add(short)
+		require.NoError(t, err)
+	}
+	return long
+}
+
+// bucketMsgs returns a function that counts the messages of the silences
+// bucket's stream on nc's server (0 before the stream exists).
+func bucketMsgs(t *testing.T, nc *nats.Conn) func() uint64 {
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	return func() uint64 {
+		stream, err := js.Stream(context.Background(), "KV_"+silencesBucket)
+		if errors.Is(err, jetstream.ErrStreamNotFound) {
+			return 0
+		}
+		require.NoError(t, err)
+		info, err := stream.Info(context.Background())
+		require.NoError(t, err)
+		return info.State.Msgs
+	}
 }
