@@ -30,8 +30,16 @@ type alertBook struct {
 	resolved int64
 	repeats  int64            // firing notifications for an occurrence already seen
 	other    map[string]int64 // firing alerts no injected incident explains, by alertname
+	afterEnd map[string]int64 // the same, received past end+afterEndGrace
+	end      time.Time        // the fleet stopped sending (zero: still running)
 	badSig   int64
 }
+
+// afterEndGrace: an unexplained alert received this long after the fleet
+// stopped is put down to the stop (silence rules fire for a fleet that fell
+// silent: factor × interval, 3 s in the smoke scenario, is longer), not
+// counted as a false alarm of the run.
+const afterEndGrace = time.Second
 
 // expectation is one incident occurrence the server owes an alert for, as
 // long as one of the messages that carried it may have reached the server:
@@ -47,7 +55,14 @@ func (e *expectation) owed() bool { return e.matched || e.refs > 0 }
 
 func newAlertBook() *alertBook {
 	return &alertBook{expected: map[string]*expectation{}, latest: map[string]string{}, hists: map[string]*Histogram{},
-		other: map[string]int64{}}
+		other: map[string]int64{}, afterEnd: map[string]int64{}}
+}
+
+// stopped records that the fleet stopped sending at t.
+func (b *alertBook) stopped(t time.Time) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.end = t
 }
 
 // note books a message (or a silence) carrying occurrence occ of alert for
@@ -140,6 +155,8 @@ func (b *alertBook) receive(msg webhookMessage, t time.Time) {
 		}
 		e := b.expected[key]
 		switch {
+		case (!ok || e == nil) && !b.end.IsZero() && t.After(b.end.Add(afterEndGrace)):
+			b.afterEnd[name]++
 		case !ok || e == nil:
 			b.other[name]++
 		case e.matched:
@@ -167,6 +184,7 @@ type AlertReport struct {
 	Expected     int64              `json:"expected"`
 	Repeats      int64              `json:"repeats"`
 	Unexplained  map[string]int64   `json:"unexplained"`
+	AfterEnd     map[string]int64   `json:"after_end"` // unexplained, but past the end of the run
 	BadSignature int64              `json:"bad_signature"`
 	Latency      Summary            `json:"latency"`
 	ByAlert      map[string]Summary `json:"by_alert"`
@@ -176,7 +194,7 @@ func (b *alertBook) report() AlertReport {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	r := AlertReport{Webhooks: b.received, Firing: b.firing, Resolved: b.resolved, Repeats: b.repeats,
-		Unexplained: maps.Clone(b.other), BadSignature: b.badSig, Latency: b.all.Summary(), ByAlert: map[string]Summary{}}
+		Unexplained: maps.Clone(b.other), AfterEnd: maps.Clone(b.afterEnd), BadSignature: b.badSig, Latency: b.all.Summary(), ByAlert: map[string]Summary{}}
 	for _, e := range b.expected {
 		if !e.owed() {
 			continue

@@ -457,6 +457,7 @@ func (r *runner) Run(ctx context.Context) error {
 		}
 	}
 	r.end = time.Now()
+	r.alerts.stopped(r.end)
 	if r.progress != nil {
 		fmt.Fprintln(r.progress)
 	}

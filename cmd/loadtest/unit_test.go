@@ -257,7 +257,7 @@ func TestReportSchemaGolden(t *testing.T) {
 	var lines []string
 	for k, typ := range shape {
 		if strings.Contains(k, ".per_district.") || strings.Contains(k, ".by_alert.") || strings.Contains(k, ".by_kind.") ||
-			strings.Contains(k, ".server_rejects.") || strings.Contains(k, ".unexplained.") {
+			strings.Contains(k, ".server_rejects.") || strings.Contains(k, ".unexplained.") || strings.Contains(k, ".after_end.") {
 			continue // maps keyed by data, not schema
 		}
 		lines = append(lines, k+" "+typ)
@@ -432,6 +432,14 @@ func TestAlertBookOwesOnlyWhatMayHaveArrived(t *testing.T) {
 		{"an alert for nothing injected is unexplained", func(b *alertBook) {
 			b.receive(firing("b"), t0)
 		}, [2]int64{0, 0}, 1},
+		{"within the grace after the end: still unexplained", func(b *alertBook) {
+			b.stopped(t0)
+			b.receive(firing("b"), t0.Add(afterEndGrace))
+		}, [2]int64{0, 0}, 1},
+		{"past the grace after the end: put down to the stop", func(b *alertBook) {
+			b.stopped(t0)
+			b.receive(firing("b"), t0.Add(afterEndGrace+time.Millisecond))
+		}, [2]int64{0, 0}, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := newAlertBook()
