@@ -41,7 +41,7 @@ func (e *Engine) Tick(now time.Time) {
 // which it then judges per district. On the way it records when it first
 // listed each device never heard from: the devices of the first tick count
 // from the engine's start, those added later from the tick that first sees
-// them; it keeps only the devices still listed and still silent, so the
+// them; it keeps only the devices still listed and never heard from, so the
 // record cannot grow past the fleet.
 func (e *Engine) tickDevices(list []devices.Device, deadman, fleet []*Rule, now time.Time) {
 	firstListed := now
@@ -81,21 +81,15 @@ func (e *Engine) tickDevices(list []devices.Device, deadman, fleet []*Rule, now 
 func (e *Engine) tickDevice(s *ruleShard, d devices.Device, listed map[string]time.Time, firstListed time.Time,
 	deadman, fleet []*Rule, counts FleetCounts, now time.Time) {
 	last, seen := s.lastSeen[d.ID]
+	var first time.Time
 	if !seen {
-		t, ok := s.listed[d.ID]
-		if !ok {
-			t = firstListed
+		var ok bool
+		if first, ok = s.listed[d.ID]; !ok {
+			first = firstListed
 		}
-		listed[d.ID] = t
-		last = e.started
-		if t.After(last) {
-			last = t
-		}
+		listed[d.ID] = first
 	}
-	var silence time.Duration
-	if seen || !e.started.IsZero() {
-		silence = now.Sub(last)
-	}
+	silence := e.silence(last, seen, first, now)
 	for _, r := range deadman {
 		if r.Select.Matches(string(d.Kind), "", d.District, d.ID) && e.owned(d.ID) {
 			e.stepDeadman(s, r, d, silence, now)
@@ -119,23 +113,28 @@ func silentPast(silence time.Duration, factor float64, d devices.Device) bool {
 
 // silentFor returns how long device d has been silent at now and whether it
 // has reported at all since it is known (since the start, or in the saved
-// state). A device never heard from is silent since the start, or since the
-// tick that first listed it if it was added later, which gives it the same
-// chance to report as any other device. The caller holds the shard locks.
+// state). The caller holds the shard locks.
 func (e *Engine) silentFor(d devices.Device, now time.Time) (time.Duration, bool) {
 	s := e.shardFor(d.ID)
-	last, ok := s.lastSeen[d.ID]
-	if !ok {
-		if e.started.IsZero() {
-			return 0, false
-		}
-		since := e.started
-		if t := s.listed[d.ID]; t.After(since) {
-			since = t
-		}
-		return now.Sub(since), false
+	last, seen := s.lastSeen[d.ID]
+	return e.silence(last, seen, s.listed[d.ID], now), seen
+}
+
+// silence is how long a device has been silent at now: since its last
+// reading if seen; if never heard from, since the engine's start or, if it
+// was added later, since first, the tick that first listed it, which gives it
+// the same chance to report as any other device (0 before the start).
+func (e *Engine) silence(last time.Time, seen bool, first, now time.Time) time.Duration {
+	switch {
+	case seen:
+		return now.Sub(last)
+	case e.started.IsZero():
+		return 0
+	case first.After(e.started):
+		return now.Sub(first)
+	default:
+		return now.Sub(e.started)
 	}
-	return now.Sub(last), true
 }
 
 // isSilent reports whether d has been silent for more than factor × its interval.

@@ -194,8 +194,8 @@ func printSummary(w io.Writer, r Report) {
 	for _, name := range sortedKeys(r.Alerts.ByAlert) {
 		lat("  "+name, r.Alerts.ByAlert[name])
 	}
-	fmt.Fprintf(w, "alerts    %d/%d injected incidents alerted; %d webhooks (%d firing, %d resolved), %d repeats, %d bad signatures; unexplained %v (after the end %v)\n",
-		r.Alerts.Matched, r.Alerts.Expected, r.Alerts.Webhooks, r.Alerts.Firing, r.Alerts.Resolved, r.Alerts.Repeats, r.Alerts.BadSignature, r.Alerts.Unexplained, r.Alerts.AfterEnd)
+	fmt.Fprintf(w, "alerts    %d/%d injected incidents alerted; %d webhooks (%d firing, %d resolved), %d repeats, %d bad signatures; unexplained %v (outside the run %v)\n",
+		r.Alerts.Matched, r.Alerts.Expected, r.Alerts.Webhooks, r.Alerts.Firing, r.Alerts.Resolved, r.Alerts.Repeats, r.Alerts.BadSignature, r.Alerts.Unexplained, r.Alerts.OutsideRun)
 	if r.Store.Checked {
 		fmt.Fprintf(w, "store     expected %d, acked %d, found %d: LOST %d, duplicated %d, unexpected %d (unacked missing %d, unacked stored %d; settled in %.1f s)\n",
 			r.Store.Expected, r.Store.Acked, r.Store.Found, r.Store.Lost, r.Store.Duplicated, r.Store.Unexpected, r.Store.UnackedMissing, r.Store.UnackedStored, r.Store.SettledIn)

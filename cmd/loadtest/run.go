@@ -420,6 +420,7 @@ func (r *runner) Run(ctx context.Context) error {
 	runCtx, cancel := context.WithTimeout(ctx, r.sc.Duration)
 	defer cancel()
 	r.start = time.Now()
+	r.alerts.started(r.start)
 	var wg sync.WaitGroup
 	for i, g := range groups {
 		rate := 0.0

@@ -257,7 +257,7 @@ func TestReportSchemaGolden(t *testing.T) {
 	var lines []string
 	for k, typ := range shape {
 		if strings.Contains(k, ".per_district.") || strings.Contains(k, ".by_alert.") || strings.Contains(k, ".by_kind.") ||
-			strings.Contains(k, ".server_rejects.") || strings.Contains(k, ".unexplained.") || strings.Contains(k, ".after_end.") {
+			strings.Contains(k, ".server_rejects.") || strings.Contains(k, ".unexplained.") || strings.Contains(k, ".outside_run.") {
 			continue // maps keyed by data, not schema
 		}
 		lines = append(lines, k+" "+typ)
@@ -404,49 +404,59 @@ func TestAlertBookOwesOnlyWhatMayHaveArrived(t *testing.T) {
 		name      string
 		steps     func(b *alertBook)
 		want      [2]int64 // matched, expected
-		unexplain int64
+		unexplain [2]int64 // in the run, outside it
 	}{
 		{"sent and alerted", func(b *alertBook) {
 			b.note("burst_main", "device=a", 0, t0)
 			b.receive(firing("a"), t0.Add(time.Millisecond))
-		}, [2]int64{1, 1}, 0},
+		}, [2]int64{1, 1}, [2]int64{0, 0}},
 		{"sent, no alert", func(b *alertBook) {
 			b.note("burst_main", "device=a", 0, t0)
-		}, [2]int64{0, 1}, 0},
+		}, [2]int64{0, 1}, [2]int64{0, 0}},
 		{"never sent: not owed", func(b *alertBook) {
 			b.withdraw(b.note("burst_main", "device=a", 0, t0))
-		}, [2]int64{0, 0}, 0},
+		}, [2]int64{0, 0}, [2]int64{0, 0}},
 		{"one of two messages failed: still owed", func(b *alertBook) {
 			b.note("burst_main", "device=a", 0, t0)
 			b.withdraw(b.note("burst_main", "device=a", 0, t0.Add(time.Millisecond)))
-		}, [2]int64{0, 1}, 0},
+		}, [2]int64{0, 1}, [2]int64{0, 0}},
 		{"withdrawn, then a later message of the occurrence: owed again", func(b *alertBook) {
 			b.withdraw(b.note("burst_main", "device=a", 0, t0))
 			b.note("burst_main", "device=a", 0, t0.Add(time.Second))
 			b.receive(firing("a"), t0.Add(time.Second+time.Millisecond))
-		}, [2]int64{1, 1}, 0},
+		}, [2]int64{1, 1}, [2]int64{0, 0}},
 		{"alerted anyway after a failure: matched, not unexplained", func(b *alertBook) {
 			b.withdraw(b.note("burst_main", "device=a", 0, t0))
 			b.receive(firing("a"), t0.Add(time.Millisecond))
-		}, [2]int64{1, 1}, 0},
+		}, [2]int64{1, 1}, [2]int64{0, 0}},
 		{"an alert for nothing injected is unexplained", func(b *alertBook) {
+			b.started(t0.Add(-time.Minute))
 			b.receive(firing("b"), t0)
-		}, [2]int64{0, 0}, 1},
-		{"within the grace after the end: still unexplained", func(b *alertBook) {
-			b.stopped(t0)
-			b.receive(firing("b"), t0.Add(afterEndGrace))
-		}, [2]int64{0, 0}, 1},
-		{"past the grace after the end: put down to the stop", func(b *alertBook) {
-			b.stopped(t0)
-			b.receive(firing("b"), t0.Add(afterEndGrace+time.Millisecond))
-		}, [2]int64{0, 0}, 0},
+		}, [2]int64{0, 0}, [2]int64{1, 0}},
+		{"before the fleet started: outside the run", func(b *alertBook) {
+			b.receive(firing("b"), t0)
+		}, [2]int64{0, 0}, [2]int64{0, 1}},
+		{"within the grace after the start: outside the run", func(b *alertBook) {
+			b.started(t0)
+			b.receive(firing("b"), t0.Add(outsideGrace-time.Millisecond))
+		}, [2]int64{0, 0}, [2]int64{0, 1}},
+		{"within the grace after the end: unexplained", func(b *alertBook) {
+			b.started(t0)
+			b.stopped(t0.Add(time.Minute))
+			b.receive(firing("b"), t0.Add(time.Minute+outsideGrace))
+		}, [2]int64{0, 0}, [2]int64{1, 0}},
+		{"past the grace after the end: outside the run", func(b *alertBook) {
+			b.started(t0)
+			b.stopped(t0.Add(time.Minute))
+			b.receive(firing("b"), t0.Add(time.Minute+outsideGrace+time.Millisecond))
+		}, [2]int64{0, 0}, [2]int64{0, 1}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := newAlertBook()
 			tc.steps(b)
 			rep := b.report()
 			require.Equal(t, tc.want, [2]int64{rep.Matched, rep.Expected})
-			require.Equal(t, tc.unexplain, rep.Unexplained["burst_main"])
+			require.Equal(t, tc.unexplain, [2]int64{rep.Unexplained["burst_main"], rep.OutsideRun["burst_main"]})
 		})
 	}
 }
