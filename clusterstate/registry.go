@@ -1,6 +1,7 @@
 package clusterstate
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -137,8 +138,12 @@ func (r *Registry) List() []devices.Device { return r.reg.List() }
 // Get returns a device.
 func (r *Registry) Get(id string) (devices.Device, bool) { return r.reg.Get(id) }
 
-// changeTimeout bounds a change's round trip to the bucket.
-const changeTimeout = 10 * time.Second
+// changeTimeout bounds a change's round trip to the bucket. It outlasts a
+// stream leader election (retryUnheard): nats-server's followers wait 4-9 s
+// (minElectionTimeoutDefault..maxElectionTimeoutDefault in server/raft.go)
+// for a lost leader before they campaign, so 20 s allows one full timeout, a
+// second round and the answer.
+const changeTimeout = 20 * time.Second
 
 // Add registers a device on every node: it is created in the bucket (which
 // refuses an id another node added meanwhile) and applied here at once; the
@@ -156,7 +161,16 @@ func (r *Registry) Add(d devices.Device) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), changeTimeout)
 	defer cancel()
-	if _, err := r.kv.Create(ctx, d.ID, b); err != nil {
+	err = retryWrite(ctx, func(ctx context.Context, retried bool) error {
+		_, err := r.kv.Create(ctx, d.ID, b)
+		if retried && errors.Is(err, jetstream.ErrKeyExists) {
+			if e, gerr := r.kv.Get(ctx, d.ID); gerr == nil && bytes.Equal(e.Value(), b) {
+				return nil // an earlier attempt stored it; its answer was lost
+			}
+		}
+		return err
+	})
+	if err != nil {
 		if errors.Is(err, jetstream.ErrKeyExists) {
 			return fmt.Errorf("%w: %s", devices.ErrDuplicate, d.ID)
 		}
@@ -172,7 +186,7 @@ func (r *Registry) Remove(id string) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), changeTimeout)
 	defer cancel()
-	if err := r.kv.Delete(ctx, id); err != nil {
+	if err := retryWrite(ctx, func(ctx context.Context, _ bool) error { return r.kv.Delete(ctx, id) }); err != nil {
 		return fmt.Errorf("persist device change in bucket %s: %w", r.bucket, err)
 	}
 	r.reg.Drop(id)

@@ -115,7 +115,7 @@ func (s *Silences) Put(ctx context.Context, key string, value []byte) error {
 	if err != nil {
 		return err
 	}
-	if _, err := kv.Put(ctx, key, value); err != nil {
+	if err := retryWrite(ctx, func(ctx context.Context, _ bool) error { _, err := kv.Put(ctx, key, value); return err }); err != nil {
 		return fmt.Errorf("bucket %s: %w", s.bucket, err)
 	}
 	return nil
@@ -127,7 +127,7 @@ func (s *Silences) Delete(ctx context.Context, key string) error {
 	if err != nil {
 		return err
 	}
-	if err := kv.Delete(ctx, key); err != nil {
+	if err := retryWrite(ctx, func(ctx context.Context, _ bool) error { return kv.Delete(ctx, key) }); err != nil {
 		return fmt.Errorf("bucket %s: %w", s.bucket, err)
 	}
 	return nil

@@ -24,8 +24,9 @@ type Replica interface {
 // ErrReadOnly says the store cannot be changed here (a standby site's copy).
 var ErrReadOnly = errors.New("silences are read-only here")
 
-// replicaTimeout bounds one write to the replica.
-const replicaTimeout = 10 * time.Second
+// replicaTimeout bounds one write to the replica; in cluster mode it outlasts
+// a stream leader election (see clusterstate's changeTimeout).
+const replicaTimeout = 20 * time.Second
 
 // Keys of the items in a replica: "silence.<id>" and "ack.<fingerprint in
 // base64url>" (a bucket's keys take only [-/_=.a-zA-Z0-9]).
