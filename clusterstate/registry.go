@@ -139,7 +139,7 @@ func (r *Registry) List() []devices.Device { return r.reg.List() }
 func (r *Registry) Get(id string) (devices.Device, bool) { return r.reg.Get(id) }
 
 // changeTimeout bounds a change's round trip to the bucket. It outlasts a
-// stream leader election (retryUnheard): nats-server's followers wait 4-9 s
+// stream leader election (retryWrite): nats-server's followers wait 4-9 s
 // (minElectionTimeoutDefault..maxElectionTimeoutDefault in server/raft.go)
 // for a lost leader before they campaign, so 20 s allows one full timeout, a
 // second round and the answer.
