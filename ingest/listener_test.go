@@ -51,7 +51,13 @@ func TestBrokerKeepsAcceptingAfterRunningOutOfFiles(t *testing.T) {
 
 	c := newClient(b.Addr().String(), "pipe-0001", "secret-pipe-0001")
 	tok := c.Connect()
-	require.False(t, tok.WaitTimeout(300*time.Millisecond), "no CONNACK while the server cannot accept")
+	if tok.WaitTimeout(300*time.Millisecond) {
+		// done: either the server accepted (the failure this test is for) or
+		// the client itself found no descriptor (another goroutine of the
+		// test binary took the one left): then the server was not exercised
+		require.Error(t, tok.Error(), "no CONNACK while the server cannot accept")
+		t.Skipf("the client could not dial while out of descriptors (%v): the server was not exercised", tok.Error())
+	}
 
 	release()
 	require.NoError(t, syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old))
