@@ -51,7 +51,7 @@ func TestBrokerKeepsAcceptingAfterRunningOutOfFiles(t *testing.T) {
 
 	c := newClient(b.Addr().String(), "pipe-0001", "secret-pipe-0001")
 	tok := c.Connect()
-	if tok.WaitTimeout(300*time.Millisecond) {
+	if tok.WaitTimeout(300 * time.Millisecond) {
 		// done: either the server accepted (the failure this test is for) or
 		// the client itself found no descriptor (another goroutine of the
 		// test binary took the one left): then the server was not exercised
