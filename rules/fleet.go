@@ -107,7 +107,8 @@ func (e *Engine) FleetCounts(now time.Time, part func(device string) int) map[in
 			if out[p] == nil {
 				out[p] = FleetCounts{}
 			}
-			out[p].add(r.Name, d.District, e.fleetCount(d, r, now))
+			silence, _ := e.silentFor(d, now)
+			out[p].add(r.Name, d.District, fleetCount(silence, r, d))
 		}
 	}
 	return out
@@ -151,11 +152,7 @@ func (e *Engine) FleetCountsSince(now time.Time, sel func(device string) bool, s
 		}
 		for _, r := range fleet {
 			if r.Select.Matches(string(d.Kind), "", d.District, d.ID) {
-				x := FleetCount{Devices: 1}
-				if now.Sub(last) > time.Duration(r.Factor*float64(d.Interval)) {
-					x.Silent = 1
-				}
-				out.add(r.Name, d.District, x)
+				out.add(r.Name, d.District, fleetCount(now.Sub(last), r, d))
 			}
 		}
 	}
@@ -178,11 +175,11 @@ func (e *Engine) JudgeFleet(c FleetCounts, now time.Time) {
 	}
 }
 
-// fleetCount is device d's count for rule r: one device, silent or not.
-// The caller holds the shard locks.
-func (e *Engine) fleetCount(d devices.Device, r *Rule, now time.Time) FleetCount {
+// fleetCount is device d's count for rule r, silent for silence: one
+// device, silent past the rule's window or not.
+func fleetCount(silence time.Duration, r *Rule, d devices.Device) FleetCount {
 	x := FleetCount{Devices: 1}
-	if e.isSilent(d, r.Factor, now) {
+	if silentPast(silence, r.Factor, d) {
 		x.Silent = 1
 	}
 	return x

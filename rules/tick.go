@@ -97,11 +97,7 @@ func (e *Engine) tickDevice(s *ruleShard, d devices.Device, listed map[string]ti
 	}
 	for _, r := range fleet {
 		if r.Select.Matches(string(d.Kind), "", d.District, d.ID) {
-			x := FleetCount{Devices: 1}
-			if silentPast(silence, r.Factor, d) {
-				x.Silent = 1
-			}
-			counts.add(r.Name, d.District, x)
+			counts.add(r.Name, d.District, fleetCount(silence, r, d))
 		}
 	}
 }
@@ -135,12 +131,6 @@ func (e *Engine) silence(last time.Time, seen bool, first, now time.Time) time.D
 	default:
 		return now.Sub(e.started)
 	}
-}
-
-// isSilent reports whether d has been silent for more than factor × its interval.
-func (e *Engine) isSilent(d devices.Device, factor float64, now time.Time) bool {
-	silence, _ := e.silentFor(d, now)
-	return silentPast(silence, factor, d)
 }
 
 // stepDeadman raises or resolves deadman rule r's alert of device d, in
